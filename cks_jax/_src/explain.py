@@ -1,0 +1,154 @@
+"""``cks_jax.explain``: which algorithm and backend a convolution runs on, and what it saves."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from cks_jax._src import api, ffi, shapes
+from cks_jax._src.primitive import cks_conv_p
+
+
+@dataclass(frozen=True)
+class Explanation:
+  """How one ``cks_conv`` call executes.
+
+  Attributes:
+    algorithm: ``"ConvV2"`` (trimmed borders), ``"KS-deconv"`` (lhs dilation),
+      ``"Sk-dilated"`` (rhs dilation) or a ``+``-joined mix.
+    backend: ``"cks-cpu"`` (the C-K-S FFI kernel) or ``"xla"`` (XLA's own
+      convolution, on platforms without a cks kernel).
+    reason: why that backend was chosen.
+    phases: residue classes of outputs (the product over spatial dimensions).
+    subproblems: dense, zero-free sub-problems with work.
+    zero_subproblems: sub-problems whose outputs are all zeros (no tap meets
+      a real input); they are written without a multiply.
+    cks_macs: multiply-adds executed (products of real elements only).
+    direct_macs: multiply-adds of the direct method on the dilated, padded input.
+    zeros_avoided: ``1 - cks_macs / direct_macs``.
+    shapes: ``(lhs, rhs, out)`` shapes.
+    gradients: for ``explain(..., gradients=True)``, ``(name, Explanation)``
+      pairs for the convolutions that the VJP runs (``"d lhs"``, ``"d rhs"``).
+  """
+  algorithm: str
+  backend: str
+  reason: str
+  phases: int
+  subproblems: int
+  zero_subproblems: int
+  cks_macs: float
+  direct_macs: float
+  zeros_avoided: float
+  shapes: tuple
+  params: dict = field(repr=False, default_factory=dict)
+  gradients: tuple = ()
+
+  def __str__(self) -> str:
+    lhs, rhs, out = self.shapes
+    lines = [
+        f"{self.algorithm} on {self.backend}: lhs {lhs} * rhs {rhs} -> {out}",
+        f"  {self.phases} phase(s), {self.subproblems} dense sub-problem(s)"
+        + (f" + {self.zero_subproblems} all-zero" if self.zero_subproblems else ""),
+        f"  {self.cks_macs:.4g} multiply-adds vs {self.direct_macs:.4g} direct: "
+        f"{100 * self.zeros_avoided:.1f}% on zeros avoided",
+        f"  backend: {self.reason}",
+    ]
+    for name, g in self.gradients:
+      lines.append(f"  {name}: " + str(g).replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def _algorithm(params) -> str:
+  parts = []
+  if any(a > 1 for a in params["lhs_dilation"]):
+    parts.append("KS-deconv")
+  if any(d > 1 for d in params["rhs_dilation"]):
+    parts.append("Sk-dilated")
+  return "+".join(parts) if parts else "ConvV2"
+
+
+def _backend(platform: str) -> tuple[str, str]:
+  if platform in ffi.kernel_platforms():
+    return f"cks-{platform}", f"cks FFI kernel registered for platform {platform!r}"
+  return "xla", (f"no cks kernel for platform {platform!r}: lowered to XLA's own "
+                 "convolution (same semantics, computes on zeros)")
+
+
+def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) -> Explanation:
+  """Explains one ``cks_conv`` primitive application given its shapes and params."""
+  spec = shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
+                         params["rhs_dilation"], params["dimension_numbers"],
+                         params["feature_group_count"], params["batch_group_count"])
+  out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
+  lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+  ins = [lhs_shape[d] for d in lhs_spec[2:]]
+  ks = [rhs_shape[d] for d in rhs_spec[2:]]
+  outs = [out_shape[d] for d in out_spec[2:]]
+  if min(ins + ks + outs + [out_shape[out_spec[0]], rhs_shape[rhs_spec[0]],
+                            rhs_shape[rhs_spec[1]]]) == 0:
+    stats = (1, 0, 0, 0.0, 0.0)
+  else:
+    stats = ffi.extension().plan_stats(
+        ins, ks, outs, list(spec.window_strides), list(spec.lhs_dilation),
+        list(spec.rhs_dilation), [lo for lo, _ in spec.padding], out_shape[out_spec[0]],
+        rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]])
+  phases, subs, zero_subs, cks_macs, direct_macs = stats
+  backend, reason = _backend(platform or jax.default_backend())
+  return Explanation(
+      algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
+      subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),
+      direct_macs=float(direct_macs),
+      zeros_avoided=(1.0 - cks_macs / direct_macs) if direct_macs else 0.0,
+      shapes=(tuple(lhs_shape), tuple(rhs_shape), tuple(out_shape)), params=dict(params))
+
+
+def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
+            lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+            dimension_numbers: Any = None, feature_group_count: int = 1,
+            batch_group_count: int = 1, *, dtype: Any = np.float32, gradients: bool = False,
+            platform: str | None = None) -> Explanation:
+  """Explains how ``cks_jax.conv_general_dilated`` with these arguments runs.
+
+  Takes the same arguments as ``conv_general_dilated``; ``lhs`` and ``rhs`` may
+  be arrays, ``jax.ShapeDtypeStruct``s or plain shape tuples (then ``dtype``
+  is used). Nothing is computed.
+
+  Args:
+    gradients: also explain the two convolutions of the VJP (d lhs, d rhs).
+    platform: the platform to report for (default: ``jax.default_backend()``).
+
+  Returns:
+    An :class:`Explanation`; ``print`` it for a summary.
+  """
+  def as_struct(x):
+    if isinstance(x, (tuple, list)):
+      return jax.ShapeDtypeStruct(tuple(x), dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+  lhs_s, rhs_s = as_struct(lhs), as_struct(rhs)
+
+  def f(l, r):
+    return api.conv_general_dilated(l, r, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count)
+
+  fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
+  (eqn,) = [e for e in fwd.eqns if e.primitive is cks_conv_p]
+  main = explain_params(lhs_s.shape, rhs_s.shape, eqn.params, platform)
+  if not gradients:
+    return main
+
+  def vjp(l, r, ct):
+    return jax.vjp(f, l, r)[1](ct)
+
+  out_s = jax.eval_shape(f, lhs_s, rhs_s)
+  jpr = jax.make_jaxpr(vjp)(lhs_s, rhs_s, out_s).jaxpr
+  grads = []
+  for e in [e for e in jpr.eqns if e.primitive is cks_conv_p][1:]:
+    name = "d lhs" if tuple(e.outvars[0].aval.shape) == tuple(lhs_s.shape) else "d rhs"
+    grads.append((name, explain_params(e.invars[0].aval.shape, e.invars[1].aval.shape,
+                                       e.params, platform)))
+  grads.sort(key=lambda t: t[0] != "d lhs")
+  grads = tuple(grads)
+  return Explanation(**{**main.__dict__, "gradients": grads})

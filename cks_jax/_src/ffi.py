@@ -1,0 +1,34 @@
+"""Loading the compiled extension and registering its FFI targets with XLA."""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+CPU_TARGET = "cks_conv_cpu"
+
+
+@functools.cache
+def extension():
+  """The compiled ``cks_jax._cks`` module (raises ImportError with advice if missing)."""
+  try:
+    from cks_jax import _cks  # type: ignore[attr-defined]
+  except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        "cks_jax's compiled extension is missing; install the package with "
+        "`pip install .` (it builds the C++ kernels) rather than importing it from the "
+        "source tree") from e
+  return _cks
+
+
+@functools.cache
+def register() -> frozenset[str]:
+  """Registers every compiled FFI target; returns the platforms that have a kernel."""
+  regs = extension().registrations()
+  jax.ffi.register_ffi_target(CPU_TARGET, regs[CPU_TARGET], platform="cpu")
+  return frozenset({"cpu"})
+
+
+def kernel_platforms() -> frozenset[str]:
+  """Platforms on which the op runs on cks kernels (others lower to XLA's convolution)."""
+  return register()

@@ -1,0 +1,267 @@
+"""The ``cks_conv`` primitive: jax.lax.conv_general_dilated semantics, C-K-S kernels.
+
+One primitive, closed under differentiation (DESIGN.md section 2): its JVP is
+bilinear, and both transposes are the same primitive with the roles of window
+stride, lhs dilation and rhs dilation permuted, so derivatives of every order
+run on the C-K-S kernels. The batching rule folds the vmapped axis into the
+batch, feature or group dimensions, as lax does.
+
+Params (all hashable): ``window_strides``, ``padding``, ``lhs_dilation``,
+``rhs_dilation``, ``dimension_numbers`` (a ``lax.ConvDimensionNumbers``),
+``feature_group_count``, ``batch_group_count``, ``precision`` and
+``out_dtype`` (a concrete numpy dtype; the wrappers in ``api.py`` only bind
+dtype combinations the kernels support).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+from cks_jax._src import ffi, shapes
+
+cks_conv_p = jex_core.Primitive("cks_conv")
+
+
+def _spec(params) -> shapes.ConvSpec:
+  return shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
+                         params["rhs_dilation"], params["dimension_numbers"],
+                         params["feature_group_count"], params["batch_group_count"])
+
+
+def bind(lhs, rhs, **params):
+  return cks_conv_p.bind(lhs, rhs, **params)
+
+
+# ------------------------------------------------------------------ eval rules
+@functools.lru_cache(maxsize=512)
+def _jitted(params_items):
+  params = dict(params_items)
+  return jax.jit(functools.partial(cks_conv_p.bind, **params))
+
+
+def _impl(lhs, rhs, **params):
+  return _jitted(tuple(sorted(params.items())))(lhs, rhs)
+
+
+def _abstract_eval(lhs, rhs, **params):
+  shape = shapes.out_shape(lhs.shape, rhs.shape, _spec(params))
+  return jax.core.ShapedArray(shape, params["out_dtype"])
+
+
+cks_conv_p.def_impl(_impl)
+cks_conv_p.def_abstract_eval(_abstract_eval)
+
+
+# ------------------------------------------------------------------ lowering
+def _reference(lhs, rhs, **params):
+  """XLA's own convolution with the same semantics (platforms without a cks kernel)."""
+  out = lax.conv_general_dilated(
+      lhs, rhs, params["window_strides"], params["padding"], params["lhs_dilation"],
+      params["rhs_dilation"], params["dimension_numbers"], params["feature_group_count"],
+      params["batch_group_count"], precision=params["precision"],
+      preferred_element_type=params["out_dtype"])
+  return out.astype(params["out_dtype"])
+
+
+def _zeros(lhs, rhs, **params):
+  shape = shapes.out_shape(lhs.shape, rhs.shape, _spec(params))
+  return jax.numpy.zeros(shape, params["out_dtype"])
+
+
+def _is_empty(lhs_aval, rhs_aval, out_aval) -> bool:
+  return lhs_aval.size == 0 or rhs_aval.size == 0 or out_aval.size == 0
+
+
+def _lower_cpu(ctx, lhs, rhs, **params):
+  lhs_aval, rhs_aval = ctx.avals_in
+  (out_aval,) = ctx.avals_out
+  if _is_empty(lhs_aval, rhs_aval, out_aval):
+    return mlir.lower_fun(functools.partial(_zeros, **params), multiple_results=False)(
+        ctx, lhs, rhs)
+  ffi.register()
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  i64 = lambda xs: np.asarray(xs, dtype=np.int64)
+  rule = jax.ffi.ffi_lowering(ffi.CPU_TARGET)
+  return rule(ctx, lhs, rhs,
+              window_strides=i64(params["window_strides"]),
+              lhs_dilation=i64(params["lhs_dilation"]),
+              rhs_dilation=i64(params["rhs_dilation"]),
+              padding_lo=i64([lo for lo, _ in params["padding"]]),
+              lhs_spec=i64(lhs_spec), rhs_spec=i64(rhs_spec), out_spec=i64(out_spec),
+              feature_group_count=np.int64(params["feature_group_count"]),
+              batch_group_count=np.int64(params["batch_group_count"]))
+
+
+mlir.register_lowering(cks_conv_p, _lower_cpu, platform="cpu")
+# No cks kernel elsewhere yet: lower explicitly to XLA's convolution (reported
+# by cks_jax.explain as backend "xla").
+mlir.register_lowering(
+    cks_conv_p, mlir.lower_fun(_reference, multiple_results=False))
+
+
+# ------------------------------------------------------------------ transposes
+def _reshape_axis_into(src, dst, x):
+  # `dst` indexes the dimensions of x after `src` is removed.
+  perm = [i for i in range(x.ndim) if i != src]
+  perm.insert(dst, src)
+  new_shape = list(np.delete(x.shape, src))
+  new_shape[dst] *= x.shape[src]
+  return lax.reshape(x, new_shape, perm)
+
+
+def _reshape_axis_out_of(src, size1, x):
+  shape = list(x.shape)
+  size2, ragged = divmod(shape[src], size1)
+  assert not ragged
+  shape[src:src + 1] = [size1, size2]
+  return lax.reshape(x, shape)
+
+
+def _swap_io(spec):
+  return (spec[1], spec[0]) + tuple(spec[2:])
+
+
+def _with_dtype(x, dtype):
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def _transpose_lhs(g, lhs, rhs, **params):
+  """d lhs: a convolution of the cotangent with the flipped kernel, window
+  stride and lhs dilation swapped (a KS-deconv for strided forward convs)."""
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  G, B = params["feature_group_count"], params["batch_group_count"]
+  lhs_shape = lhs.aval.shape
+  nd = len(lhs_spec) - 2
+  if G > 1:
+    rhs = _reshape_axis_out_of(rhs_spec[0], G, rhs)
+    rhs = _reshape_axis_into(rhs_spec[0], rhs_spec[1], rhs)
+  elif B > 1:
+    rhs = _reshape_axis_out_of(rhs_spec[0], B, rhs)
+    rhs = _reshape_axis_into(rhs_spec[0], rhs_spec[1], rhs)
+    G = B
+  in_sp = [lhs_shape[d] for d in lhs_spec[2:]]
+  k_sp = [rhs.shape[d] for d in rhs_spec[2:]]
+  o_sp = [g.shape[d] for d in out_spec[2:]]
+  padding = []
+  for d in range(nd):
+    lhs_dil = shapes.dilate_dim(in_sp[d], params["lhs_dilation"][d])
+    rhs_dil = shapes.dilate_dim(k_sp[d], params["rhs_dilation"][d])
+    out_dil = shapes.dilate_dim(o_sp[d], params["window_strides"][d])
+    before = rhs_dil - params["padding"][d][0] - 1
+    after = lhs_dil + rhs_dil - 1 - out_dil - before
+    padding.append((int(before), int(after)))
+  rev = lax.rev(rhs, tuple(rhs_spec[2:]))
+  rev = _with_dtype(rev, g.dtype)
+  out = bind(g, rev,
+             window_strides=params["lhs_dilation"], padding=tuple(padding),
+             lhs_dilation=params["window_strides"], rhs_dilation=params["rhs_dilation"],
+             dimension_numbers=lax.ConvDimensionNumbers(out_spec, _swap_io(rhs_spec), lhs_spec),
+             feature_group_count=G, batch_group_count=1, precision=params["precision"],
+             out_dtype=np.dtype(g.dtype))
+  out = _with_dtype(out, lhs.aval.dtype)
+  if params["batch_group_count"] > 1:
+    out = _reshape_axis_out_of(lhs_spec[1], params["batch_group_count"], out)
+    out = _reshape_axis_into(lhs_spec[1], lhs_spec[0], out)
+  return out
+
+
+def _transpose_rhs(g, lhs, rhs, **params):
+  """d rhs: a convolution of lhs with the cotangent as filter, dilated by the
+  forward window stride (an Sk-dilated conv for strided forward convs)."""
+  if np.size(g) == 0:
+    return ad.Zero(rhs.aval)
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  G, B = params["feature_group_count"], params["batch_group_count"]
+  if B > 1:
+    G, B = B, 1
+  elif G > 1:
+    G, B = 1, G
+  rhs_shape = rhs.aval.shape
+  nd = len(lhs_spec) - 2
+  in_sp = [lhs.shape[d] for d in lhs_spec[2:]]
+  k_sp = [rhs_shape[d] for d in rhs_spec[2:]]
+  o_sp = [g.shape[d] for d in out_spec[2:]]
+  padding = []
+  for d in range(nd):
+    lhs_dil = shapes.dilate_dim(in_sp[d], params["lhs_dilation"][d])
+    rhs_dil = shapes.dilate_dim(k_sp[d], params["rhs_dilation"][d])
+    out_dil = shapes.dilate_dim(o_sp[d], params["window_strides"][d])
+    lo = params["padding"][d][0]
+    padding.append((int(lo), int(out_dil - lhs_dil + rhs_dil - lo - 1)))
+  lhs = _with_dtype(lhs, g.dtype)
+  out = bind(lhs, g,
+             window_strides=params["rhs_dilation"], padding=tuple(padding),
+             lhs_dilation=params["lhs_dilation"], rhs_dilation=params["window_strides"],
+             dimension_numbers=lax.ConvDimensionNumbers(
+                 _swap_io(lhs_spec), _swap_io(out_spec), _swap_io(rhs_spec)),
+             feature_group_count=G, batch_group_count=B, precision=params["precision"],
+             out_dtype=np.dtype(g.dtype))
+  return _with_dtype(out, rhs.aval.dtype)
+
+
+ad.defbilinear(cks_conv_p, _transpose_lhs, _transpose_rhs)
+
+
+# ------------------------------------------------------------------ batching
+def _batch_rule(batched_args, batch_dims, **params):
+  lhs, rhs = batched_args
+  lhs_bdim, rhs_bdim = batch_dims
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  G, B = params["feature_group_count"], params["batch_group_count"]
+  if lhs_bdim is None and rhs_bdim is None:
+    return bind(lhs, rhs, **params), None
+
+  if ((lhs_bdim is not None and lhs.shape[lhs_bdim] == 0) or
+      (rhs_bdim is not None and rhs.shape[rhs_bdim] == 0)):
+    lshape = [s for i, s in enumerate(lhs.shape) if i != lhs_bdim]
+    rshape = [s for i, s in enumerate(rhs.shape) if i != rhs_bdim]
+    shape = shapes.out_shape(lshape, rshape, _spec(params))
+    return jax.numpy.zeros((0,) + shape, params["out_dtype"]), 0
+
+  if lhs_bdim is not None and rhs_bdim is not None:
+    size = lhs.shape[lhs_bdim]
+    if B > 1:
+      new_lhs = _reshape_axis_into(lhs_bdim, lhs_spec[0], lhs)
+      new_params = dict(params, batch_group_count=B * size)
+    else:
+      new_lhs = _reshape_axis_into(lhs_bdim, lhs_spec[1], lhs)
+      new_params = dict(params, feature_group_count=G * size)
+    new_rhs = _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs)
+    out = bind(new_lhs, new_rhs, **new_params)
+    return _reshape_axis_out_of(out_spec[1], size, out), out_spec[1]
+
+  if lhs_bdim is not None:
+    size = lhs.shape[lhs_bdim]
+    if B == 1:
+      new_lhs = _reshape_axis_into(lhs_bdim, lhs_spec[0], lhs)
+    else:
+      new_lhs = _reshape_axis_out_of(lhs_spec[0] + int(lhs_bdim <= lhs_spec[0]), B, lhs)
+      new_lhs = _reshape_axis_into(lhs_bdim + int(lhs_spec[0] < lhs_bdim), lhs_spec[0] + 1,
+                                   new_lhs)
+      new_lhs = _reshape_axis_into(lhs_spec[0], lhs_spec[0], new_lhs)
+    out = bind(new_lhs, rhs, **params)
+    return _reshape_axis_out_of(out_spec[0], size, out), out_spec[0]
+
+  size = rhs.shape[rhs_bdim]
+  if G == 1 and B == 1:
+    new_rhs = _reshape_axis_into(rhs_bdim, rhs_spec[0], rhs)
+    out = bind(lhs, new_rhs, **params)
+    return _reshape_axis_out_of(out_spec[1], size, out), out_spec[1]
+  # Groups must stay outermost in the output-feature dimension.
+  groups = G if G > 1 else B
+  new_rhs = _reshape_axis_out_of(rhs_spec[0] + int(rhs_bdim <= rhs_spec[0]), groups, rhs)
+  new_rhs = _reshape_axis_into(rhs_bdim + int(rhs_spec[0] < rhs_bdim), rhs_spec[0] + 1, new_rhs)
+  new_rhs = _reshape_axis_into(rhs_spec[0], rhs_spec[0], new_rhs)
+  out = bind(lhs, new_rhs, **params)
+  out = _reshape_axis_out_of(out_spec[1], groups, out)
+  out = _reshape_axis_out_of(out_spec[1] + 1, size, out)
+  out = _reshape_axis_into(out_spec[1], out_spec[1] + 1, out)
+  return out, out_spec[1]
+
+
+batching.primitive_batchers[cks_conv_p] = _batch_rule

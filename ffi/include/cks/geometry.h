@@ -1,0 +1,144 @@
+// C-K-S index geometry of one spatial dimension (DESIGN.md section 2).
+//
+// An output o and a filter tap k meet input element i when
+//     o*s + k*d - lo == i*a,   0 <= i < N,   0 <= k < K,
+// with window stride s, lhs dilation a, rhs dilation d and low padding lo
+// (which may be negative). The outputs split into P*Q residue classes
+// ("phases"); inside one phase the taps that can ever meet a real input form
+// an arithmetic progression (the phase's sub-kernel) and the input index is
+// affine in (output, tap):
+//     o = o0 + L*u,  k = k0 + kstep*t,  i = base + ustride*u + tstride*t.
+// For each u only a contiguous range of t reads inside the input (the trimmed
+// range); consecutive outputs with the same range form a segment, and every
+// segment is a dense, zero-free sub-problem.
+//
+// This header is the one place for that arithmetic. It is plain C++ with no
+// allocation in the per-element functions so CUDA kernels can share it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define CKS_HD __host__ __device__
+#else
+#define CKS_HD
+#endif
+
+namespace cks {
+
+CKS_HD inline int64_t gcd(int64_t x, int64_t y) {
+  while (y != 0) {
+    int64_t r = x % y;
+    x = y;
+    y = r;
+  }
+  return x < 0 ? -x : x;
+}
+// Division rounding towards -infinity / +infinity, for any sign of x (y > 0).
+CKS_HD inline int64_t floor_div(int64_t x, int64_t y) {
+  int64_t q = x / y;
+  return (q * y != x && x < 0) ? q - 1 : q;
+}
+CKS_HD inline int64_t ceil_div(int64_t x, int64_t y) { return -floor_div(-x, y); }
+CKS_HD inline int64_t pos_mod(int64_t x, int64_t y) { return x - floor_div(x, y) * y; }
+CKS_HD inline int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+CKS_HD inline int64_t max64(int64_t x, int64_t y) { return x > y ? x : y; }
+
+// The problem along one spatial dimension.
+struct Dim {
+  int64_t in_size;   // N: undilated input length
+  int64_t k_size;    // K: undilated filter length
+  int64_t out_size;  // O
+  int64_t stride;    // s (window stride)
+  int64_t lhs_dil;   // a (zeros inserted between inputs: deconvolution)
+  int64_t rhs_dil;   // d (zeros inserted between taps: dilated convolution)
+  int64_t pad_lo;    // lo (may be negative)
+};
+
+// One residue class of outputs and its sub-kernel.
+struct Phase {
+  int64_t o0, L;              // outputs o = o0 + L*u, u in [0, U)
+  int64_t U;
+  int64_t k0, kstep, T;       // sub-kernel taps k = k0 + kstep*t, t in [0, T)
+  int64_t base, ustride, tstride;  // input i = base + ustride*u + tstride*t
+};
+
+// The trimmed tap range [t_lo, t_hi) of output u of a phase: exactly the taps
+// that read a real input element. Empty ranges come back as [0, 0).
+struct TapRange {
+  int64_t t_lo, t_hi;
+};
+CKS_HD inline TapRange trimmed_range(const Phase& p, int64_t in_size, int64_t u) {
+  const int64_t x = p.base + p.ustride * u;
+  int64_t lo = max64(0, ceil_div(-x, p.tstride));
+  int64_t hi = min64(p.T, floor_div(in_size - 1 - x, p.tstride) + 1);
+  if (hi <= lo) return {0, 0};
+  return {lo, hi};
+}
+
+// The phases of one dimension: K split (P phases by lhs dilation) times
+// S split (Q polyphase sub-images by rhs dilation). Phases with no output are
+// dropped; phases with no tap are kept (their outputs are zeros).
+inline std::vector<Phase> phases(const Dim& dm) {
+  const int64_t s = dm.stride, a = dm.lhs_dil, d = dm.rhs_dil, lo = dm.pad_lo;
+  const int64_t g_as = gcd(a, s), P = a / g_as, s1 = s / g_as;
+  const int64_t g_ad = gcd(a, d), kstep = a / g_ad, d1 = d / g_ad;
+  const int64_t h = gcd(s1, d1), Q = d1 / h, s2 = s1 / h;
+  std::vector<Phase> out;
+  for (int64_t phi = 0; phi < P; ++phi) {
+    // k0: the first tap whose dilated position lands on a real input row.
+    int64_t k0 = -1;
+    for (int64_t k = 0; k < kstep; ++k) {
+      if (pos_mod(phi * s + k * d - lo, a) == 0) {
+        k0 = k;
+        break;
+      }
+    }
+    const int64_t T = (k0 < 0 || k0 >= dm.k_size) ? 0 : ceil_div(dm.k_size - k0, kstep);
+    const int64_t off = T > 0 ? (phi * s + k0 * d - lo) / a : 0;  // exact division
+    for (int64_t q = 0; q < Q; ++q) {
+      Phase p;
+      p.o0 = phi + P * q;
+      p.L = P * Q;
+      if (p.o0 >= dm.out_size) continue;
+      p.U = ceil_div(dm.out_size - p.o0, p.L);
+      p.k0 = T > 0 ? k0 : 0;
+      p.kstep = kstep;
+      p.T = T;
+      p.base = off + q * s1;
+      p.ustride = d1 * s2;  // == Q * s1
+      p.tstride = d1;
+      out.push_back(p);
+    }
+  }
+  return out;
+}
+
+// A run of consecutive outputs of one phase sharing one trimmed tap range.
+struct Segment {
+  int64_t phase;     // index into phases()
+  int64_t u0, count; // outputs u in [u0, u0 + count)
+  int64_t t_lo, t_hi;
+};
+
+// All segments of a dimension, phase by phase. Every output belongs to
+// exactly one segment, so the sub-problems write disjoint outputs.
+inline std::vector<Segment> segments(const Dim& dm, const std::vector<Phase>& ph) {
+  std::vector<Segment> out;
+  for (int64_t pi = 0; pi < static_cast<int64_t>(ph.size()); ++pi) {
+    const Phase& p = ph[pi];
+    for (int64_t u = 0; u < p.U; ++u) {
+      TapRange r = trimmed_range(p, dm.in_size, u);
+      if (!out.empty() && out.back().phase == pi && out.back().t_lo == r.t_lo &&
+          out.back().t_hi == r.t_hi && out.back().u0 + out.back().count == u) {
+        ++out.back().count;
+      } else {
+        out.push_back({pi, u, 1, r.t_lo, r.t_hi});
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace cks
