@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -21,6 +22,7 @@
 #include "cks/dtypes.h"
 #include "cks/ffi_problem.h"
 #include "cks/plan.h"
+#include "gemm.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace cks {
@@ -67,63 +69,11 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int
   st->cv.wait(lock, [&] { return st->done.load() == n; });
 }
 
-// ---------------------------------------------------------------- GEMM core
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CKS_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define CKS_CLONES
-#endif
-
-template <typename T>
-struct Tile;
-template <>
-struct Tile<float> {
-  static constexpr int MR = 6, NR = 16;
-};
-template <>
-struct Tile<double> {
-  static constexpr int MR = 6, NR = 8;
-};
-
-constexpr int64_t kMC = 96;   // rows per task (multiple of MR)
-constexpr int64_t kKC = 256;  // reduction block
-constexpr int64_t kNC = 256;  // column block (multiple of NR)
-
-// C[mc_pad x nc_pad] += Ap * Bp. Ap: MR-row panels, each [kc][MR]; Bp:
-// NR-column panels, each [kc][NR]; C row stride ldc.
-template <typename T>
-inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, int64_t kc,
-                                                        const T* Ap, const T* Bp, T* C,
-                                                        int64_t ldc) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  for (int64_t jr = 0; jr < nc; jr += NR) {
-    const T* b = Bp + jr * kc;
-    for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* a = Ap + ir * kc;
-      T acc[MR][NR] = {};
-      for (int64_t p = 0; p < kc; ++p) {
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-          const T ai = a[p * MR + i];
-#pragma GCC unroll 16
-          for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[p * NR + j];
-        }
-      }
-      T* c = C + ir * ldc + jr;
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
-    }
-  }
-}
-
-CKS_CLONES void gemm_block(int64_t mc, int64_t nc, int64_t kc, const float* Ap, const float* Bp,
-                           float* C, int64_t ldc) {
-  macro_kernel<float>(mc, nc, kc, Ap, Bp, C, ldc);
-}
-CKS_CLONES void gemm_block(int64_t mc, int64_t nc, int64_t kc, const double* Ap, const double* Bp,
-                           double* C, int64_t ldc) {
-  macro_kernel<double>(mc, nc, kc, Ap, Bp, C, ldc);
-}
+using gemm::gemm_block;
+using gemm::kKC;
+using gemm::kMC;
+using gemm::kNC;
+using gemm::Tile;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
