@@ -78,18 +78,24 @@ def check(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, ora
   lhs, rhs = random(lhs_shape, dtype, seed), random(rhs_shape, dtype, seed + 1)
   ref_dtype = np.float64
   f_cks = lambda l, r: cks_jax.conv_general_dilated(l, r, *args, **kwargs)
-  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs)
-  f_ref = f_lax if oracle == "lax" else (lambda l, r: direct_conv(l, r, *args, **kwargs))
+  # References run in float64 (a preferred type must not be narrower).
+  ref_kwargs = dict(kwargs)
+  pet = ref_kwargs.pop("preferred_element_type", None)
+  if pet is not None:
+    ref_kwargs["preferred_element_type"] = np.float64
+  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args, **ref_kwargs)
+  f_ref = f_lax if oracle == "lax" else (lambda l, r: direct_conv(l, r, *args, **ref_kwargs))
   out = jax.jit(f_cks)(lhs, rhs)
   ref = f_lax(lhs.astype(ref_dtype), rhs.astype(ref_dtype))
-  assert out.dtype == f_lax(lhs, rhs).dtype
+  assert out.dtype == jax.eval_shape(
+      lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs), lhs, rhs).dtype
   assert_close(out, ref, dtype, "value")
   if oracle != "lax":
     assert_close(jax.jit(f_ref)(lhs.astype(ref_dtype), rhs.astype(ref_dtype)), ref, ref_dtype,
                  "direct oracle")
   if not grads:
     return out
-  ct = random(ref.shape, dtype, seed + 2)
+  ct = random(ref.shape, out.dtype, seed + 2)
   g_cks = jax.jit(lambda l, r, c: jax.vjp(f_cks, l, r)[1](c))(lhs, rhs, ct)
   g_ref = jax.jit(lambda l, r, c: jax.vjp(f_ref, l, r)[1](c))(
       lhs.astype(ref_dtype), rhs.astype(ref_dtype), ct.astype(ref_dtype))

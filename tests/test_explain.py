@@ -1,0 +1,56 @@
+"""cks_jax.explain: algorithm, sub-problems and zeros avoided."""
+import jax
+import numpy as np
+import pytest
+
+import cks_jax
+
+
+def test_transposed_conv_stride2_k4():
+  # DCGAN layer: 3/4 of the direct method's products hit inserted zeros.
+  e = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert e.algorithm == "KS-deconv" and e.backend == "cks-cpu"
+  assert e.phases == 4
+  assert e.shapes[2] == (16, 32, 32, 64)
+  # Per dimension 62 real (output, tap) pairs: 2 per output, less one at
+  # each border (brute-force count: 14 inputs x 4 taps + 2 x 3).
+  assert e.cks_macs == 16 * 62**2 * 128 * 64
+  assert e.direct_macs == 16 * (32 * 4) ** 2 * 128 * 64
+  assert 0.75 < e.zeros_avoided < 0.77
+  assert "KS-deconv" in str(e)
+
+
+def test_dilated_conv():
+  e = cks_jax.explain((8, 64, 64, 64), (3, 3, 64, 64), (1, 1), "SAME", rhs_dilation=(2, 2),
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert e.algorithm == "Sk-dilated" and e.phases == 4
+
+
+def test_valid_conv_has_nothing_to_avoid():
+  e = cks_jax.explain((1, 3, 8, 8), (4, 3, 3, 3), (1, 1), "VALID")
+  assert e.algorithm == "ConvV2" and e.subproblems == 1 and e.zeros_avoided == 0.0
+
+
+def test_padding_zeros_avoided_exactly():
+  # 1x1 map, 3x3 kernel, SAME: only the centre tap is real.
+  e = cks_jax.explain((1, 4, 1, 1), (2, 4, 3, 3), (1, 1), "SAME")
+  assert e.cks_macs == 4 * 2 and e.direct_macs == 9 * 4 * 2
+  assert np.isclose(e.zeros_avoided, 8 / 9)
+
+
+def test_gradients_are_explained():
+  e = cks_jax.explain((2, 8, 8, 4), (4, 4, 4, 3), (2, 2), "SAME",
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"), gradients=True)
+  names = [n for n, _ in e.gradients]
+  assert names == ["d lhs", "d rhs"]
+  d_lhs, d_rhs = e.gradients[0][1], e.gradients[1][1]
+  assert d_lhs.algorithm == "KS-deconv"   # input gradient of a strided conv
+  assert d_rhs.algorithm == "Sk-dilated"  # filter gradient: the cotangent is dilated
+  assert d_lhs.shapes[2] == (2, 8, 8, 4) and d_rhs.shapes[2] == (4, 4, 4, 3)
+
+
+def test_accepts_arrays_and_structs():
+  a = jax.ShapeDtypeStruct((1, 2, 5), np.float32)
+  e = cks_jax.explain(a, np.zeros((3, 2, 2), np.float32), (1,), "SAME")
+  assert e.shapes == ((1, 2, 5), (3, 2, 2), (1, 3, 5))
