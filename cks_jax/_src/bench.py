@@ -1,0 +1,305 @@
+"""Side-by-side benchmark of cks-jax, XLA's convolution and (if installed) PyTorch.
+
+Every layer is timed for forward, d-lhs and d-rhs, each backend in the same
+process, as the median of repeated runs after a warm-up. Useful GFLOP/s count
+only products of real elements (zeros of padding or dilation excluded), so
+the same useful work is credited to every backend.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cks_jax._src import api, explain
+
+OPS = ("fwd", "dlhs", "drhs")
+
+
+def load_layers(path: str | None = None) -> list[dict]:
+  """The benchmark layer set (the package's copy of bench_shapes.json by default)."""
+  if path is None:
+    text = resources.files("cks_jax").joinpath("data/bench_shapes.json").read_text()
+  else:
+    with open(path) as f:
+      text = f.read()
+  return json.loads(text)["layers"]
+
+
+def conv_kwargs(layer: dict) -> dict:
+  return dict(window_strides=tuple(layer["window_strides"]),
+              padding=tuple(tuple(p) for p in layer["padding"]),
+              lhs_dilation=tuple(layer["lhs_dilation"]),
+              rhs_dilation=tuple(layer["rhs_dilation"]),
+              dimension_numbers=tuple(layer["dimension_numbers"]),
+              feature_group_count=layer.get("feature_group_count", 1))
+
+
+def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
+  """Median wall time in ms of ``fn`` (blocking), after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  start = time.perf_counter()
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s:
+      break
+  return 1e3 * statistics.median(times)
+
+
+def _jax_ops(conv: Callable, lhs, rhs) -> dict[str, Callable[[], object]]:
+  fwd = jax.jit(conv)
+  out = jax.eval_shape(conv, lhs, rhs)
+  ct = jnp.ones(out.shape, out.dtype)
+  dlhs = jax.jit(lambda l, r, c: jax.vjp(lambda x: conv(x, r), l)[1](c)[0])
+  drhs = jax.jit(lambda l, r, c: jax.vjp(lambda w: conv(l, w), r)[1](c)[0])
+  return {"fwd": lambda: fwd(lhs, rhs), "dlhs": lambda: dlhs(lhs, rhs, ct),
+          "drhs": lambda: drhs(lhs, rhs, ct)}
+
+
+# ---------------------------------------------------------------- PyTorch
+def _torch():
+  try:
+    import torch  # noqa: F401
+    return torch
+  except Exception:  # noqa: BLE001 - torch is optional
+    return None
+
+
+def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray):
+  """PyTorch equivalents (channels-last) of a layer, or None where none is simple.
+
+  An lhs-dilated layer is a conv_transpose with stride = lhs_dilation and the
+  kernel flipped; other layers are plain convs with explicit padding.
+  """
+  torch = _torch()
+  if torch is None:
+    return None
+  import torch.nn.functional as F
+  nd = lhs.ndim - 2
+  lhs_spec, rhs_spec, _ = layer["dimension_numbers"]
+  if lhs_spec[0] != "N" or lhs_spec[-1] != "C" or rhs_spec[-2:] != "IO":
+    return None
+  kw = conv_kwargs(layer)
+  groups = kw["feature_group_count"]
+  x = torch.from_numpy(np.moveaxis(lhs, -1, 1).copy())
+  w = np.moveaxis(np.moveaxis(rhs, -1, 0), -1, 1)  # O, I, spatial
+  fmt = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}[nd]
+  if fmt is not None:
+    x = x.contiguous(memory_format=fmt)
+  a, d, s, pads = kw["lhs_dilation"], kw["rhs_dilation"], kw["window_strides"], kw["padding"]
+  ks = w.shape[2:]
+  if any(v > 1 for v in a):
+    if any(v > 1 for v in s) or any(v > 1 for v in d) or any(lo != hi for lo, hi in pads):
+      return None
+    # conv_transpose: weight [I, O/groups, k], flipped relative to lax.
+    wt = np.flip(w, axis=tuple(range(2, 2 + nd)))
+    o = wt.shape[0]
+    wt = wt.reshape(groups, o // groups, *wt.shape[1:]).swapaxes(1, 2)
+    wt = wt.reshape(groups * wt.shape[1], o // groups, *ks)
+    pad = [k - 1 - lo for k, (lo, _) in zip(ks, pads)]
+    if any(p < 0 for p in pad):
+      return None
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+    weight = torch.from_numpy(np.ascontiguousarray(wt))
+    conv = lambda x, w: fn(x, w, stride=a, padding=pad, groups=groups)
+  else:
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    weight = torch.from_numpy(np.ascontiguousarray(w))
+    flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+    if all(lo == hi for lo, hi in pads):
+      conv = lambda x, w: fn(x, w, stride=s, padding=[lo for lo, _ in pads], dilation=d,
+                             groups=groups)
+    else:
+      conv = lambda x, w: fn(F.pad(x, flat), w, stride=s, dilation=d, groups=groups)
+  if fmt is not None:
+    weight = weight.contiguous(memory_format=fmt)
+  with torch.no_grad():
+    out = conv(x, weight)
+  ct = torch.ones_like(out)
+  xg, wg = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+
+  def fwd():
+    with torch.no_grad():
+      return conv(x, weight)
+
+  def grad(wrt):
+    y = conv(xg, wg)
+    return torch.autograd.grad(y, wrt, ct)[0]
+
+  return {"fwd": fwd, "dlhs": lambda: grad(xg), "drhs": lambda: grad(wg)}, out
+
+
+def _torch_time(fn, repeats, budget_s):
+  fn()
+  times, start = [], time.perf_counter()
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s:
+      break
+  return 1e3 * statistics.median(times)
+
+
+# ---------------------------------------------------------------- driver
+@dataclass
+class Row:
+  layer: str
+  family: str
+  op: str
+  gflop: float  # useful work
+  cks_ms: float
+  xla_ms: float
+  torch_ms: float | None = None
+
+  @property
+  def speedup_vs_xla(self) -> float:
+    return self.xla_ms / self.cks_ms
+
+  @property
+  def speedup_vs_torch(self) -> float | None:
+    return None if self.torch_ms is None else self.torch_ms / self.cks_ms
+
+
+@dataclass
+class Report:
+  machine: dict
+  rows: list[Row] = field(default_factory=list)
+
+  def to_json(self) -> dict:
+    return {"machine": self.machine,
+            "rows": [dict(asdict(r), speedup_vs_xla=r.speedup_vs_xla,
+                          speedup_vs_torch=r.speedup_vs_torch) for r in self.rows]}
+
+
+def machine_info() -> dict:
+  info = {"platform": platform.platform(), "python": sys.version.split()[0],
+          "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+          "backend": jax.default_backend(), "cpu_count": _cpu_count()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  torch = _torch()
+  if torch is not None:
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+  return info
+
+
+def _cpu_count() -> int:
+  import os
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover
+    return os.cpu_count() or 1
+
+
+def gemm_gflops(n: int = 1024) -> float:
+  """The same-run fp32 GEMM rate of XLA (the practical peak of this machine)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  ms = time_fn(lambda: f(a), 5, 5.0)
+  return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
+        with_torch: bool = True, progress: Callable[[str], None] | None = None) -> Report:
+  """Benchmarks each layer's fwd, d-lhs and d-rhs on cks-jax, XLA and PyTorch."""
+  report = Report(machine=machine_info())
+  if with_torch and _torch() is not None:
+    _torch().set_num_threads(report.machine["cpu_count"])
+  rng = np.random.default_rng(0)
+  for layer in layers:
+    kw = conv_kwargs(layer)
+    lhs_np = rng.standard_normal(layer["lhs_shape"]).astype(np.float32)
+    rhs_np = rng.standard_normal(layer["rhs_shape"]).astype(np.float32)
+    lhs, rhs = jnp.asarray(lhs_np), jnp.asarray(rhs_np)
+    ex = explain.explain(lhs, rhs, **kw)
+    gflop = 2 * ex.cks_macs / 1e9
+    ops_cks = _jax_ops(lambda l, r: api.conv_general_dilated(l, r, **kw), lhs, rhs)
+    ops_xla = _jax_ops(lambda l, r: lax.conv_general_dilated(l, r, **kw), lhs, rhs)
+    torch_ops = _torch_ops(layer, lhs_np, rhs_np) if with_torch else None
+    if torch_ops is not None:
+      ref = np.asarray(ops_xla["fwd"]())
+      got = np.moveaxis(torch_ops[1].numpy(), 1, -1)
+      if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-2):
+        torch_ops = None  # never time a mismatched equivalent
+    for op in OPS:
+      if progress:
+        progress(f"{layer['name']} {op}")
+      row = Row(layer["name"], layer["family"], op, gflop,
+                cks_ms=time_fn(ops_cks[op], repeats, budget_s),
+                xla_ms=time_fn(ops_xla[op], repeats, budget_s))
+      if torch_ops is not None:
+        row.torch_ms = _torch_time(torch_ops[0][op], repeats, budget_s)
+      report.rows.append(row)
+  return report
+
+
+def format_table(report: Report, gemm: float | None = None) -> str:
+  has_torch = any(r.torch_ms is not None for r in report.rows)
+  head = f"{'layer':24s} {'op':5s} {'GFLOP':>6s} {'cks ms':>8s} {'GF/s':>6s} {'xla ms':>8s} {'vs xla':>7s}"
+  if has_torch:
+    head += f" {'torch ms':>9s} {'vs torch':>8s}"
+  lines = [head, "-" * len(head)]
+  for r in report.rows:
+    line = (f"{r.layer:24s} {r.op:5s} {r.gflop:6.3f} {r.cks_ms:8.2f} "
+            f"{r.gflop / r.cks_ms * 1e3:6.1f} {r.xla_ms:8.2f} {r.speedup_vs_xla:6.2f}x")
+    if has_torch:
+      line += (f" {r.torch_ms:9.2f} {r.speedup_vs_torch:7.2f}x" if r.torch_ms is not None
+               else f" {'-':>9s} {'-':>8s}")
+    lines.append(line)
+  ratios = [r.speedup_vs_xla for r in report.rows]
+  lines.append("-" * len(head))
+  lines.append(f"geometric mean speed-up vs XLA: "
+               f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x over {len(ratios)} ops"
+               + (f"; same-run XLA fp32 GEMM rate {gemm:.0f} GFLOP/s" if gemm else ""))
+  m = report.machine
+  lines.append(f"machine: {m.get('cpu', m['platform'])}, {m['cpu_count']} cores, "
+               f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else ""))
+  return "\n".join(lines)
+
+
+def plot(report: Report, path: str) -> None:
+  """Bar chart of the speed-up over XLA (and PyTorch) per layer and op (log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = report.rows
+  labels = [f"{r.layer} {r.op}" for r in rows]
+  y = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
+  ax.barh(y - 0.2, [r.speedup_vs_xla for r in rows], height=0.4, label="vs XLA")
+  if any(r.torch_ms for r in rows):
+    ax.barh(y + 0.2, [r.speedup_vs_torch or 0 for r in rows], height=0.4, label="vs PyTorch")
+  ax.axvline(1.0, color="k", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_yticks(y, labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel("speed-up of cks-jax (time of other / time of cks-jax)")
+  m = report.machine
+  ax.set_title(f"cks-jax vs XLA{' and PyTorch' if 'torch' in m else ''}: "
+               f"{m.get('cpu', '')} ({m['cpu_count']} cores)", fontsize=9)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

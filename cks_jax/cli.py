@@ -1,0 +1,151 @@
+"""The ``cks-jax`` command line: ``bench``, ``explain`` and ``demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+QUICK_LAYERS = ("dcgan_g_16to32", "unet_up_32to64", "grouped_deconv_16to32",
+                "audio_up1d_2048to4096", "atrous_64_c64_d2", "wavenet_1d_d8", "resnet_3x3_56",
+                "vnet_up3d_8to16")
+
+
+class Progress:
+  """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+  def __init__(self, total: int, width: int = 28):
+    self.total, self.n, self.width, self.t0 = total, 0, width, time.perf_counter()
+    self.tty = sys.stderr.isatty()
+
+  def __call__(self, label: str) -> None:
+    self.n += 1
+    done = int(self.width * (self.n - 1) / max(1, self.total))
+    bar = "#" * done + "." * (self.width - done)
+    msg = f"[{bar}] {self.n}/{self.total} {time.perf_counter() - self.t0:5.0f}s {label}"
+    if self.tty:
+      sys.stderr.write("\r" + msg[:110].ljust(110))
+    else:
+      sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.tty:
+      sys.stderr.write("\r" + " " * 110 + "\r")
+      sys.stderr.flush()
+
+
+def _select(layers, pattern: str | None, quick: bool):
+  if quick and not pattern:
+    layers = [l for l in layers if l["name"] in QUICK_LAYERS]
+  if pattern:
+    rx = re.compile(pattern)
+    layers = [l for l in layers if rx.search(l["name"]) or rx.search(l["family"])]
+  return layers
+
+
+def cmd_bench(args) -> int:
+  from cks_jax._src import bench
+  layers = _select(bench.load_layers(args.shapes), args.layers, args.quick)
+  if not layers:
+    print("no layer matches --layers", file=sys.stderr)
+    return 2
+  repeats = args.repeats or (3 if args.quick else 7)
+  budget = 1.5 if args.quick else 5.0
+  progress = Progress(3 * len(layers))
+  report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
+                     progress=progress)
+  progress.close()
+  gemm = bench.gemm_gflops()
+  report.machine["xla_gemm_gflops"] = gemm
+  print(bench.format_table(report, gemm))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report.to_json(), f, indent=1)
+    print(f"wrote {args.json}")
+  if args.plot:
+    try:
+      bench.plot(report, args.plot)
+      print(f"wrote {args.plot}")
+    except ImportError:
+      print("--plot needs matplotlib: pip install 'cks-jax[bench]'", file=sys.stderr)
+      return 1
+  return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def _padding(text: str):
+  if text.upper() in ("SAME", "VALID", "SAME_LOWER"):
+    return text.upper()
+  vals = _ints(text)
+  if len(vals) % 2:
+    raise argparse.ArgumentTypeError("explicit padding is lo,hi pairs, e.g. 1,1,2,2")
+  return tuple(zip(vals[::2], vals[1::2]))
+
+
+def cmd_explain(args) -> int:
+  import cks_jax
+  e = cks_jax.explain(_ints(args.lhs), _ints(args.rhs), _ints(args.strides) if args.strides
+                      else (1,) * (len(_ints(args.lhs)) - 2), _padding(args.padding),
+                      _ints(args.lhs_dilation) if args.lhs_dilation else None,
+                      _ints(args.rhs_dilation) if args.rhs_dilation else None,
+                      tuple(args.dimension_numbers.split(",")) if args.dimension_numbers
+                      else None, args.groups, gradients=True)
+  print(e)
+  return 0
+
+
+def cmd_demo(args) -> int:
+  """A quick tour: explain one layer, then the quick benchmark."""
+  import cks_jax
+  print("cks-jax demo: C-K-S convolutions vs XLA on this machine\n")
+  print("A DCGAN generator layer (stride-2 4x4 transposed conv, 16x16x128 -> 32x32x64):")
+  print(cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                        dimension_numbers=("NHWC", "HWIO", "NHWC"), gradients=True))
+  print()
+  ns = argparse.Namespace(shapes=None, layers=None, quick=True, repeats=None,
+                          no_torch=args.no_torch, json=args.json, plot=args.plot)
+  return cmd_bench(ns)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="cks-jax", description=__doc__)
+  sub = p.add_subparsers(dest="cmd", required=True)
+
+  b = sub.add_parser("bench", help="benchmark fwd / d-lhs / d-rhs against XLA (and PyTorch)")
+  b.add_argument("--layers", help="regex on layer name or family (e.g. 'dcgan|atrous')")
+  b.add_argument("--quick", action="store_true", help="a representative subset, ~1 minute")
+  b.add_argument("--repeats", type=int, help="timed runs per op (median is reported)")
+  b.add_argument("--shapes", help="a bench_shapes.json of your own")
+  b.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+  b.add_argument("--json", help="write the results as JSON")
+  b.add_argument("--plot", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
+  b.set_defaults(fn=cmd_bench)
+
+  e = sub.add_parser("explain", help="which C-K-S algorithm a layer runs, and zeros avoided")
+  e.add_argument("--lhs", required=True, help="lhs shape, e.g. 16,16,16,128")
+  e.add_argument("--rhs", required=True, help="rhs shape, e.g. 4,4,128,64")
+  e.add_argument("--strides", help="window strides, e.g. 1,1")
+  e.add_argument("--padding", default="VALID", help="SAME, VALID, SAME_LOWER or lo,hi,lo,hi")
+  e.add_argument("--lhs-dilation", help="e.g. 2,2 (transposed convolution)")
+  e.add_argument("--rhs-dilation", help="e.g. 2,2 (atrous convolution)")
+  e.add_argument("--dimension-numbers", help="e.g. NHWC,HWIO,NHWC")
+  e.add_argument("--groups", type=int, default=1, help="feature_group_count")
+  e.set_defaults(fn=cmd_explain)
+
+  d = sub.add_parser("demo", help="explain a layer and run the quick benchmark")
+  d.add_argument("--no-torch", action="store_true")
+  d.add_argument("--json")
+  d.add_argument("--plot")
+  d.set_defaults(fn=cmd_demo)
+
+  args = p.parse_args(argv)
+  return args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
