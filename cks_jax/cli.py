@@ -1,4 +1,4 @@
-"""The ``cks-jax`` command line: ``bench``, ``explain`` and ``demo``."""
+"""The ``cks-jax`` command line: ``bench``, ``explain``, ``train`` and ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import json
 import re
 import sys
 import time
+
+import numpy as np
 
 QUICK_LAYERS = ("dcgan_g_16to32", "unet_up_32to64", "grouped_deconv_16to32",
                 "audio_up1d_2048to4096", "atrous_64_c64_d2", "wavenet_1d_d8", "resnet_3x3_56",
@@ -99,17 +101,63 @@ def cmd_explain(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  from cks_jax._src import train
+  try:
+    import sklearn  # noqa: F401
+  except ImportError:
+    print("train needs scikit-learn (for its bundled digits): pip install 'cks-jax[demo]'",
+          file=sys.stderr)
+    return 1
+  progress = Progress(2 * 2 * ((args.steps + 9) // 10))
+  results = train.train_both(steps=args.steps, batch=args.batch, seed=args.seed,
+                             progress=progress)
+  progress.close()
+  cks, ref = results["cks"], results["lax"]
+  print(f"{'model':22s} {'cks ms/step':>12s} {'lax ms/step':>12s} {'speed-up':>9s} "
+        f"{'final loss cks':>15s} {'final loss lax':>15s}")
+  for model, keys in (("DCGAN (D + G step)", ("gan", "gan_d")),
+                      ("dilated classifier", ("dilated", "dilated"))):
+    t, k = keys
+    fc, fr = np.mean(cks.losses[k][-20:]), np.mean(ref.losses[k][-20:])
+    print(f"{model:22s} {cks.step_ms[t]:12.2f} {ref.step_ms[t]:12.2f} "
+          f"{ref.step_ms[t] / cks.step_ms[t]:8.2f}x {fc:15.4f} {fr:15.4f}")
+  print(f"dilated classifier held-out accuracy: cks {cks.accuracy:.3f}, lax {ref.accuracy:.3f}")
+  out = {name: {"losses": r.losses, "step_ms": r.step_ms, "accuracy": r.accuracy}
+         for name, r in results.items()}
+  with open(args.json, "w") as f:
+    json.dump(out, f)
+  print(f"wrote {args.json}")
+  try:
+    train.plot(results, args.plot)
+    print(f"wrote {args.plot}")
+  except ImportError:
+    print("the plot needs matplotlib: pip install 'cks-jax[demo]'", file=sys.stderr)
+  return 0
+
+
 def cmd_demo(args) -> int:
-  """A quick tour: explain one layer, then the quick benchmark."""
+  """A quick tour: explain one layer, the quick benchmark, a short training run."""
   import cks_jax
   print("cks-jax demo: C-K-S convolutions vs XLA on this machine\n")
   print("A DCGAN generator layer (stride-2 4x4 transposed conv, 16x16x128 -> 32x32x64):")
   print(cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
                         dimension_numbers=("NHWC", "HWIO", "NHWC"), gradients=True))
   print()
+  try:
+    import matplotlib  # noqa: F401
+    bench_plot = args.bench_plot
+  except ImportError:
+    print("(no matplotlib: skipping plots; pip install 'cks-jax[demo]')", file=sys.stderr)
+    bench_plot = None
   ns = argparse.Namespace(shapes=None, layers=None, quick=True, repeats=None,
-                          no_torch=args.no_torch, json=args.json, plot=args.plot)
-  return cmd_bench(ns)
+                          no_torch=args.no_torch, json=args.bench_json, plot=bench_plot)
+  rc = cmd_bench(ns)
+  if rc:
+    return rc
+  print("\nTraining on scikit-learn's digits, once on cks-jax and once on jax.lax:")
+  return cmd_train(argparse.Namespace(steps=args.steps, batch=64, seed=0, json=args.train_json,
+                                      plot=args.train_plot))
 
 
 def main(argv=None) -> int:
@@ -137,10 +185,21 @@ def main(argv=None) -> int:
   e.add_argument("--groups", type=int, default=1, help="feature_group_count")
   e.set_defaults(fn=cmd_explain)
 
-  d = sub.add_parser("demo", help="explain a layer and run the quick benchmark")
+  t = sub.add_parser("train", help="train a DCGAN and a dilated net on cks-jax and on lax")
+  t.add_argument("--steps", type=int, default=400, help="training steps per model and backend")
+  t.add_argument("--batch", type=int, default=64)
+  t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--json", default="cks_train.json", help="losses and step times")
+  t.add_argument("--plot", default="cks_train.png", help="loss curves and samples (PNG)")
+  t.set_defaults(fn=cmd_train)
+
+  d = sub.add_parser("demo", help="explain a layer, quick benchmark, short training run")
   d.add_argument("--no-torch", action="store_true")
-  d.add_argument("--json")
-  d.add_argument("--plot")
+  d.add_argument("--steps", type=int, default=300)
+  d.add_argument("--bench-json", default="cks_bench.json")
+  d.add_argument("--bench-plot", default="cks_bench.png")
+  d.add_argument("--train-json", default="cks_train.json")
+  d.add_argument("--train-plot", default="cks_train.png")
   d.set_defaults(fn=cmd_demo)
 
   args = p.parse_args(argv)
