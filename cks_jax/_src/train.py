@@ -48,7 +48,7 @@ def _deconv(mod: ModuleType):
 
 
 def _he(key, shape, fan_in):
-  return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
+  return jax.random.normal(key, shape, jnp.float32) * float(np.sqrt(2.0 / fan_in))
 
 
 def gan_init(key, latent: int = 32):
