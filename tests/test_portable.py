@@ -1,0 +1,218 @@
+"""The portable backend (C-K-S in plain lax ops) against jax.lax: values, VJPs,
+geometry equal to the C++ header's, and lowering free of dilated convolutions."""
+import functools
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from cks_jax._src import ffi, geometry, shapes
+from cks_jax._src.portable import conv_portable
+from oracle import assert_close, direct_conv, random
+from test_conv import DN, GRID_1D, conv_case, shapes_for
+
+
+def portable_fn(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
+                rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                batch_group_count=1, out_dtype=None, dtype=np.float64):
+  spec = shapes.canonicalize(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
+                             rhs_dilation, dimension_numbers, feature_group_count,
+                             batch_group_count)
+  return functools.partial(
+      conv_portable, window_strides=spec.window_strides, padding=spec.padding,
+      lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
+      dimension_numbers=spec.dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=None,
+      out_dtype=np.dtype(out_dtype or dtype))
+
+
+def check(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, oracle="lax",
+          **kwargs):
+  """Values equal lax's; VJPs of both operands equal lax's (or the direct method's)."""
+  lhs, rhs = random(lhs_shape, dtype, seed), random(rhs_shape, dtype, seed + 1)
+  f = portable_fn(lhs_shape, rhs_shape, *args, dtype=dtype, **kwargs)
+  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs)
+  f_ref = f_lax if oracle == "lax" else (lambda l, r: direct_conv(l, r, *args, **kwargs))
+  out = jax.jit(f)(lhs, rhs)
+  ref = f_lax(lhs.astype(np.float64), rhs.astype(np.float64))
+  assert out.dtype == np.dtype(dtype)
+  assert_close(out, ref, dtype, "value")
+  if not grads:
+    return
+  ct = random(ref.shape, out.dtype, seed + 2)
+  g = jax.jit(lambda l, r, c: jax.vjp(f, l, r)[1](c))(lhs, rhs, ct)
+  g_ref = jax.jit(lambda l, r, c: jax.vjp(f_ref, l, r)[1](c))(
+      lhs.astype(np.float64), rhs.astype(np.float64), ct.astype(np.float64))
+  for name, a, b, x in zip(("d lhs", "d rhs"), g, g_ref, (lhs, rhs)):
+    assert a.dtype == x.dtype, f"{name}: dtype {a.dtype} != {x.dtype}"
+    assert_close(a, b, dtype, name)
+
+
+# --- values and gradients ----------------------------------------------------
+@pytest.mark.parametrize("s,a,d,k", GRID_1D)
+def test_1d_grid(s, a, d, k):
+  for i, pad in enumerate([(k // 2, k - 1 - k // 2), (-1, 2), (3, 0), (6, -3)]):
+    check((2, 3, 11), (4, 3, k), (s,), (pad,), (a,), (d,), seed=i)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("s,d", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("k", [(1, 1), (3, 3), (7, 4)])
+def test_2d_strided_dilated(padding, s, d, k):
+  check((2, 3, 13, 10), (5, 3) + k, (s, s + 1), padding, rhs_dilation=(d, 1))
+
+
+@pytest.mark.parametrize("a", [(2, 2), (3, 2), (4, 1)])
+@pytest.mark.parametrize("pad", [((0, 0), (0, 0)), ((2, 1), (3, 3)), ((-2, 1), (1, -3))])
+@pytest.mark.parametrize("k", [(3, 3), (4, 4), (2, 5)])
+def test_2d_transposed(a, pad, k):
+  check((2, 4, 7, 6), (3, 4) + k, (1, 1), pad, lhs_dilation=a)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_dimension_numbers(nd, which):
+  dn = DN[nd][which]
+  lhs, rhs = shapes_for(nd, dn, 2, 4, 3, (7, 6, 5)[:nd], (3, 2, 4)[:nd])
+  # XLA:CPU aborts compiling its own 3D gradient with strides and dilations.
+  check(lhs, rhs, (2,) * nd, [(1, 2)] * nd, (2,) + (1,) * (nd - 1), (1,) * (nd - 1) + (2,),
+        dimension_numbers=dn, oracle="direct" if nd == 3 else "lax")
+
+
+@pytest.mark.parametrize("case", [
+    dict(lhs=(2, 3, 6, 5, 4), rhs=(4, 3, 3, 3, 3), args=((1, 1, 1), "SAME")),
+    dict(lhs=(2, 3, 4, 5, 3), rhs=(4, 3, 4, 2, 3),
+         args=((1, 1, 1), [(3, 3), (1, 2), (2, 2)], (2, 2, 2))),
+    dict(lhs=(1, 4, 7, 6, 5), rhs=(2, 4, 3, 3, 2),
+         args=((2, 1, 2), [(2, 1), (0, -1), (1, 1)], (1, 1, 1), (2, 2, 1))),
+    dict(lhs=(2, 4, 5, 4, 4), rhs=(4, 2, 2, 2, 2), args=((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
+         kw=dict(feature_group_count=2)),
+])
+def test_3d(case):
+  check(case["lhs"], case["rhs"], *case["args"], oracle="direct", **case.get("kw", {}))
+
+
+@pytest.mark.parametrize("groups", [2, 3, 6])
+@pytest.mark.parametrize("a,s,d", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 3)])
+def test_feature_groups(groups, a, s, d):
+  check((2, 6, 9, 8), (6, 6 // groups, 3, 3), (s, s), [(1, 1), (2, 0)], (a, a), (d, 1),
+        feature_group_count=groups)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("a,s,d", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_batch_groups(groups, a, s, d):
+  check((4, 3, 9, 8), (8, 3, 3, 2), (s, 1), [(1, 1), (0, 2)], (a, 1), (1, d),
+        batch_group_count=groups)
+
+
+def test_zero_size_and_empty_phases():
+  check((0, 3, 8, 8), (4, 3, 3, 3), (1, 1), "SAME")
+  check((2, 0, 8, 8), (4, 0, 3, 3), (1, 1), "SAME")
+  check((2, 3, 8, 8), (0, 3, 3, 3), (1, 1), "SAME")
+  check((2, 3, 0, 8), (4, 3, 3, 3), (1, 1), "SAME")
+  check((2, 3, 2, 8), (4, 3, 5, 3), (1, 1), "VALID")  # empty output
+  # Outputs far from the input have no real tap; phases with no tap at all.
+  check((1, 2, 3), (2, 2, 2), (1,), [(6, 6)], (3,), (2,))
+  check((1, 2, 4, 4), (2, 2, 2, 2), (3, 3), [(5, 7), (6, 5)], (2, 3))
+  check((1, 2, 5), (2, 2, 1), (1,), [(1, 1)], (4,))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, jnp.float16])
+def test_dtypes(dtype):
+  check((2, 4, 7, 6), (3, 4, 4, 4), (1, 1), [(2, 2), (2, 1)], (2, 2), (1, 1), dtype=dtype,
+        grads=dtype == np.float32)
+  # A 16-bit input with a float32 result, as lax's preferred_element_type.
+  lhs, rhs = random((2, 4, 7, 6), dtype, 0), random((3, 4, 3, 3), dtype, 1)
+  f = portable_fn(lhs.shape, rhs.shape, (2, 1), [(1, 1)] * 2, (1, 2), dtype=dtype,
+                  out_dtype=np.float32)
+  ref = lax.conv_general_dilated(lhs, rhs, (2, 1), [(1, 1)] * 2, (1, 2),
+                                 preferred_element_type=np.float32)
+  out = jax.jit(f)(lhs, rhs)
+  assert out.dtype == np.float32
+  assert_close(out, ref, np.float32 if dtype == np.float32 else dtype, "preferred f32")
+
+
+def test_forward_mode_and_second_order():
+  lhs, rhs = random((1, 2, 6, 5), np.float64, 0), random((3, 2, 3, 2), np.float64, 1)
+  args = ((2, 1), [(1, 2), (0, 1)], (1, 2), (2, 1))
+  f = portable_fn(lhs.shape, rhs.shape, *args)
+  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args)
+  tl, tr = random(lhs.shape, np.float64, 2), random(rhs.shape, np.float64, 3)
+  for a, b in zip(jax.jvp(f, (lhs, rhs), (tl, tr)), jax.jvp(f_lax, (lhs, rhs), (tl, tr))):
+    assert_close(a, b, np.float64, "jvp")
+  h = lambda fn: jax.grad(lambda l: jnp.sum(jnp.sin(fn(l, rhs))))(lhs)
+  assert_close(jax.jacfwd(lambda l: h(f))(lhs), jax.jacfwd(lambda l: h(f_lax))(lhs),
+               np.float64, "hessian")
+
+
+@settings(max_examples=80, deadline=None)
+@given(conv_case())
+def test_property_against_lax(case):
+  s, pad, a, d, dn, g, bg = case["args"]
+  check(case["lhs"], case["rhs"], s, pad, a, d, dn, g, bg)
+
+
+# --- geometry: the Python mirror equals the C++ header ---------------------------
+@st.composite
+def dim_case(draw):
+  N, K = draw(st.integers(0, 12)), draw(st.integers(0, 6))
+  s, a, d = (draw(st.integers(1, 5)) for _ in range(3))
+  lo, hi = draw(st.integers(-4, 8)), draw(st.integers(-4, 8))
+  n = shapes.dilate_dim(N, a) + lo + hi
+  return N, K, shapes.stride_dim(max(n, 0), shapes.dilate_dim(K, d), s), s, a, d, lo
+
+
+@settings(max_examples=400, deadline=None)
+@given(dim_case())
+def test_geometry_matches_cpp(dm):
+  dm = geometry.Dim(*dm)
+  phases = geometry.phases(dm)
+  cpp_phases, cpp_segments = ffi.extension().geometry_1d(*dm)
+  assert [tuple(p) for p in phases] == [tuple(p) for p in cpp_phases]
+  assert [tuple(s) for s in geometry.segments(dm, phases)] == [tuple(s) for s in cpp_segments]
+
+
+# --- lowering: no dilated convolution, forward or backward -------------------
+def _conv_dilations(text):
+  """(lhs_dilate, rhs_dilate) of every stablehlo.convolution in the text."""
+  out = []
+  for line in text.splitlines():
+    if "stablehlo.convolution" not in line:
+      continue
+    dil = {}
+    for name in ("lhs_dilate", "rhs_dilate"):
+      m = re.search(name + r"\s*=\s*\[([^\]]*)\]", line)
+      dil[name] = tuple(int(v) for v in m.group(1).split(",")) if m else ()
+    out.append((dil["lhs_dilate"], dil["rhs_dilate"]))
+  return out
+
+
+@pytest.mark.parametrize("args", [
+    ((1, 1), [(2, 2), (2, 2)], (2, 2), (1, 1)),   # transposed (KS-deconv)
+    ((2, 2), [(1, 1), (1, 1)], (1, 1), (1, 1)),   # strided (d rhs is dilated in lax)
+    ((1, 1), [(2, 2), (2, 2)], (1, 1), (2, 2)),   # atrous (Sk-dilated)
+    ((2, 3), [(1, -1), (3, 2)], (3, 2), (2, 3)),  # everything at once
+])
+def test_lowering_has_no_dilated_convolution(args):
+  lhs, rhs = jnp.ones((2, 9, 8, 4), jnp.float32), jnp.ones((4, 4, 4, 3), jnp.float32)
+  f = portable_fn(lhs.shape, rhs.shape, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                  dtype=np.float32)
+  loss = lambda l, r: jnp.sum(f(l, r) ** 2)
+  for fn in (f, jax.grad(loss, (0, 1)), jax.grad(lambda l, r: jnp.sum(jax.grad(loss)(l, r))),
+             lambda l, r: jax.jvp(f, (l, r), (l, r))):
+    text = jax.jit(fn).trace(lhs, rhs).lower(lowering_platforms=("tpu",)).as_text()
+    convs = _conv_dilations(text)
+    assert convs, "expected convolutions in the lowering"
+    for lhs_dil, rhs_dil in convs:
+      assert set(lhs_dil) <= {1} and set(rhs_dil) <= {1}, (lhs_dil, rhs_dil)
+  # The reference does have them, so the parse is not vacuous.
+  ref = jax.jit(jax.grad(lambda l, r: jnp.sum(lax.conv_general_dilated(
+      l, r, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), (0, 1)))
+  text = ref.trace(lhs, rhs).lower(lowering_platforms=("tpu",)).as_text()
+  assert any(set(a) - {1} or set(b) - {1} for a, b in _conv_dilations(text))
