@@ -66,6 +66,7 @@ nb::tuple plan_stats(std::vector<int64_t> in_sizes, std::vector<int64_t> k_sizes
 }  // namespace
 
 NB_MODULE(_cks, m) {
+  m.attr("__version__") = CKS_VERSION;
   m.def("registrations", []() {
     nb::dict d;
     d["cks_conv_cpu"] = nb::capsule(reinterpret_cast<void*>(&CksConvCpuHandler));

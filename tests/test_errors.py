@@ -87,3 +87,16 @@ def test_kernel_rejects_inconsistent_custom_call():
   bad_rhs = jnp.zeros((6, 2, 3, 3), jnp.float32)  # 2 input features, lhs has 4
   with pytest.raises(Exception, match="inconsistent"):
     jax.block_until_ready(jax.jit(lambda l, r: primitive.bind(l, r, **params))(L, bad_rhs))
+
+
+def test_jax_version_check():
+  from cks_jax._src import compat
+  compat.check_jax_version("0.10.2")
+  compat.check_jax_version("0.12.0.1")
+  with pytest.raises(ImportError, match="needs jax >= 0.10"):
+    compat.check_jax_version("0.4.30")
+
+
+def test_extension_version_matches_package():
+  from cks_jax._src import ffi
+  assert ffi.extension().__version__ == cks_jax.__version__

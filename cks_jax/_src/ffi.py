@@ -18,6 +18,11 @@ def extension():
         "cks_jax's compiled extension is missing; install the package with "
         "`pip install .` (it builds the C++ kernels) rather than importing it from the "
         "source tree") from e
+  from cks_jax import __version__
+  if _cks.__version__ != __version__:
+    raise ImportError(
+        f"cks_jax {__version__} found a compiled extension of version {_cks.__version__}; "
+        "reinstall the package (`pip install --force-reinstall --no-deps .`)")
   return _cks
 
 
