@@ -18,7 +18,7 @@ class Explanation:
   Attributes:
     algorithm: ``"ConvV2"`` (trimmed borders), ``"KS-deconv"`` (lhs dilation),
       ``"Sk-dilated"`` (rhs dilation) or a ``+``-joined mix.
-    backend: ``"cks-cpu"`` (the C-K-S FFI kernel) or ``"xla"`` (XLA's own
+    backend: ``"cks-cpu"`` or ``"cks-cuda"`` (a C-K-S FFI kernel) or ``"xla"`` (XLA's own
       convolution, on platforms without a cks kernel).
     reason: why that backend was chosen.
     phases: residue classes of outputs (the product over spatial dimensions).
@@ -70,10 +70,12 @@ def _algorithm(params) -> str:
 
 
 def _backend(platform: str) -> tuple[str, str]:
+  platform = {"gpu": "cuda"}.get(platform, platform)
   if platform in ffi.kernel_platforms():
     return f"cks-{platform}", f"cks FFI kernel registered for platform {platform!r}"
-  return "xla", (f"no cks kernel for platform {platform!r}: lowered to XLA's own "
-                 "convolution (same semantics, computes on zeros)")
+  why = ("the CUDA library was not built (no nvcc at install time)" if platform == "cuda"
+         else f"no cks kernel for platform {platform!r}")
+  return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) -> Explanation:

@@ -6,6 +6,7 @@ import functools
 import jax
 
 CPU_TARGET = "cks_conv_cpu"
+CUDA_TARGET = "cks_conv_cuda"
 
 
 @functools.cache
@@ -29,11 +30,19 @@ def extension():
 @functools.cache
 def register() -> frozenset[str]:
   """Registers every compiled FFI target; returns the platforms that have a kernel."""
+  from cks_jax._src import cuda
   regs = extension().registrations()
   jax.ffi.register_ffi_target(CPU_TARGET, regs[CPU_TARGET], platform="cpu")
-  return frozenset({"cpu"})
+  platforms = {"cpu"}
+  if cuda.available():
+    jax.ffi.register_ffi_target(CUDA_TARGET, cuda.handler_capsule(), platform="CUDA")
+    platforms.add("cuda")
+  return frozenset(platforms)
 
 
 def kernel_platforms() -> frozenset[str]:
-  """Platforms on which the op runs on cks kernels (others lower to XLA's convolution)."""
+  """Platforms on which the op runs on cks kernels (others lower to XLA's convolution).
+
+  ``"cuda"`` is listed when the CUDA library was built (nvcc at install time).
+  """
   return register()

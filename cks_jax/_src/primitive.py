@@ -77,7 +77,7 @@ def _is_empty(lhs_aval, rhs_aval, out_aval) -> bool:
   return lhs_aval.size == 0 or rhs_aval.size == 0 or out_aval.size == 0
 
 
-def _lower_cpu(ctx, lhs, rhs, **params):
+def _lower_ffi(target: str, ctx, lhs, rhs, **params):
   lhs_aval, rhs_aval = ctx.avals_in
   (out_aval,) = ctx.avals_out
   if _is_empty(lhs_aval, rhs_aval, out_aval):
@@ -86,7 +86,7 @@ def _lower_cpu(ctx, lhs, rhs, **params):
   ffi.register()
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   i64 = lambda xs: np.asarray(xs, dtype=np.int64)
-  rule = jax.ffi.ffi_lowering(ffi.CPU_TARGET)
+  rule = jax.ffi.ffi_lowering(target)
   return rule(ctx, lhs, rhs,
               window_strides=i64(params["window_strides"]),
               lhs_dilation=i64(params["lhs_dilation"]),
@@ -97,11 +97,23 @@ def _lower_cpu(ctx, lhs, rhs, **params):
               batch_group_count=np.int64(params["batch_group_count"]))
 
 
-mlir.register_lowering(cks_conv_p, _lower_cpu, platform="cpu")
+_lower_xla = mlir.lower_fun(_reference, multiple_results=False)
+
+
+def _lower_cuda(ctx, lhs, rhs, **params):
+  # Without the CUDA library (no nvcc at install time) the op lowers to XLA's
+  # own convolution on GPUs; cks_jax.explain reports it.
+  if "cuda" in ffi.kernel_platforms():
+    return _lower_ffi(ffi.CUDA_TARGET, ctx, lhs, rhs, **params)
+  return _lower_xla(ctx, lhs, rhs, **params)
+
+
+mlir.register_lowering(cks_conv_p, functools.partial(_lower_ffi, ffi.CPU_TARGET),
+                       platform="cpu")
+mlir.register_lowering(cks_conv_p, _lower_cuda, platform="cuda")
 # No cks kernel elsewhere yet: lower explicitly to XLA's convolution (reported
 # by cks_jax.explain as backend "xla").
-mlir.register_lowering(
-    cks_conv_p, mlir.lower_fun(_reference, multiple_results=False))
+mlir.register_lowering(cks_conv_p, _lower_xla)
 
 
 # ------------------------------------------------------------------ transposes

@@ -30,10 +30,10 @@ struct ConvProblem {
   int64_t rhs_o = 0, rhs_i = 0, rhs_sp[kMaxSpatial] = {0, 0, 0};
   int64_t out_n = 0, out_c = 0, out_sp[kMaxSpatial] = {0, 0, 0};
 
-  int64_t groups() const { return feature_groups > 1 ? feature_groups : batch_groups; }
-  int64_t group_in() const { return in_feat / feature_groups; }    // Cg
-  int64_t group_out() const { return out_feat / groups(); }        // Fg
-  int64_t out_batch() const { return batch / batch_groups; }       // Nb
+  CKS_HD int64_t groups() const { return feature_groups > 1 ? feature_groups : batch_groups; }
+  CKS_HD int64_t group_in() const { return in_feat / feature_groups; }  // Cg
+  CKS_HD int64_t group_out() const { return out_feat / groups(); }      // Fg
+  CKS_HD int64_t out_batch() const { return batch / batch_groups; }     // Nb
 };
 
 // One dense sub-problem: a segment per spatial dimension. Its GEMM is

@@ -1,0 +1,236 @@
+"""The CUDA op, verified without a GPU (DESIGN.md section 4), and on one when present.
+
+1. It compiles: the library exists whenever nvcc was found at install time.
+2. It lowers: every public function, its grad, vmap and jvp, cross-lowered for
+   platform "cuda", is made of cks CUDA custom calls and no convolution.
+3. Its kernel bodies run on the CPU: the host harness runs the CUDA kernel's
+   phases block by block, thread by thread, barrier by barrier, against lax.
+"""
+import itertools
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import cks_jax
+from cks_jax._src import cuda, shapes
+from oracle import assert_close, random
+
+needs_lib = pytest.mark.skipif(not cuda.available(),
+                               reason="CUDA library not built (no nvcc at install time)")
+has_gpu = any(d.platform == "gpu" for d in jax.devices()) if jax.default_backend() == "gpu" \
+    else False
+needs_gpu = pytest.mark.skipif(not has_gpu, reason="no GPU on this machine")
+
+
+def test_library_built_when_nvcc_present():
+  if shutil.which("nvcc") is None:
+    pytest.skip("no nvcc on this machine: the CPU-only package is expected")
+  assert cuda.available(), "nvcc is present but libcks_cuda.so was not built"
+  assert "cuda" in cks_jax.kernel_platforms()
+
+
+# ---------------------------------------------------------------- 3. harness
+def harness(lhs_shape, rhs_shape, ws, padding, ld=None, rd=None, dn=None, g=1, bg=1,
+            dtype=np.float64, out_dtype=None):
+  nd = len(lhs_shape) - 2
+  lhs, rhs = random(lhs_shape, dtype, 0), random(rhs_shape, dtype, 1)
+  spec = shapes.canonicalize(lhs.shape, rhs.shape, ws, padding, ld, rd, dn, g, bg)
+  kw = dict(window_strides=spec.window_strides, padding=spec.padding,
+            lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
+            dimension_numbers=spec.dimension_numbers, feature_group_count=g,
+            batch_group_count=bg)
+  out_dtype = np.dtype(out_dtype or dtype)
+  ref = lax.conv_general_dilated(lhs.astype(np.float64), rhs.astype(np.float64), **kw)
+  out = cuda.emulate(np.asarray(lhs), np.asarray(rhs), ref.shape, out_dtype, **kw)
+  assert_close(out, ref, dtype, f"harness {lhs_shape} {rhs_shape} {kw}")
+  del nd
+
+
+@needs_lib
+@pytest.mark.parametrize("s,a,d", list(itertools.product([1, 2, 3], [1, 2, 4], [1, 2, 3])))
+def test_harness_1d_grid(s, a, d):
+  for k, pad in [(1, (0, 0)), (3, (1, 2)), (4, (-1, 3)), (9, (4, 4))]:
+    harness((2, 3, 11), (4, 3, k), (s,), [pad], (a,), (d,))
+
+
+@needs_lib
+@pytest.mark.parametrize("case", [
+    dict(lhs=(2, 3, 13, 10), rhs=(5, 3, 3, 3), ws=(1, 1), padding="SAME"),
+    dict(lhs=(2, 3, 13, 10), rhs=(5, 3, 2, 5), ws=(2, 3), padding="VALID", rd=(2, 1)),
+    dict(lhs=(2, 4, 7, 6), rhs=(3, 4, 4, 4), ws=(1, 1), padding=[(2, 2), (2, 2)], ld=(2, 2)),
+    dict(lhs=(2, 4, 7, 6), rhs=(3, 4, 3, 2), ws=(1, 1), padding=[(-2, 1), (1, -3)], ld=(3, 2)),
+    dict(lhs=(2, 6, 9, 8), rhs=(6, 2, 3, 3), ws=(2, 2), padding=[(1, 1), (2, 0)], ld=(2, 2),
+         rd=(2, 1), g=3),
+    dict(lhs=(4, 3, 9, 8), rhs=(8, 3, 3, 2), ws=(2, 1), padding=[(1, 1), (0, 2)], ld=(2, 1),
+         bg=2),
+    dict(lhs=(2, 9, 8, 4), rhs=(3, 2, 4, 5), ws=(2, 1), padding=[(2, 3), (1, -1)], ld=(2, 3),
+         rd=(3, 2), dn=("NHWC", "HWIO", "NHWC")),
+    dict(lhs=(4, 9, 8, 2), rhs=(5, 3, 2, 4), ws=(1, 2), padding=[(1, 2), (0, 1)], ld=(1, 2),
+         dn=("CHWN", "OHWI", "NWHC")),
+    # several row, column and reduction tiles
+    dict(lhs=(3, 70, 9, 8), rhs=(130, 70, 3, 3), ws=(1, 1), padding="SAME"),
+    dict(lhs=(2, 3, 6, 5, 4), rhs=(4, 3, 3, 3, 3), ws=(1, 1, 1), padding="SAME"),
+    dict(lhs=(2, 3, 4, 5, 3), rhs=(4, 3, 4, 2, 3), ws=(1, 1, 1),
+         padding=[(3, 3), (1, 2), (2, 2)], ld=(2, 2, 2)),
+    dict(lhs=(1, 4, 7, 6, 5), rhs=(2, 4, 3, 3, 2), ws=(2, 1, 2),
+         padding=[(2, 1), (0, 0), (1, 1)], rd=(2, 2, 1)),
+])
+def test_harness_configurations(case):
+  harness(case["lhs"], case["rhs"], case["ws"], case["padding"], case.get("ld"), case.get("rd"),
+          case.get("dn"), case.get("g", 1), case.get("bg", 1))
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype,out", [(np.float32, None), (jnp.bfloat16, None),
+                                       (jnp.float16, None), (jnp.bfloat16, np.float32),
+                                       (jnp.float16, np.float32)])
+def test_harness_dtypes(dtype, out):
+  harness((2, 40, 7, 6), (6, 40, 4, 3), (1, 1), [(2, 2), (1, 1)], (2, 2), None, dtype=dtype,
+          out_dtype=out)
+
+
+def _eval_with_harness(jaxpr, consts, *args):
+  """Evaluates a jaxpr, running every cks_conv through the CUDA host harness."""
+  from cks_jax._src.primitive import cks_conv_p
+  env = {}
+  from jax.extend.core import Literal
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  count = 0
+  for e in jaxpr.eqns:
+    ins = [read(v) for v in e.invars]
+    if e.primitive is cks_conv_p:
+      aval = e.outvars[0].aval
+      params = {k: v for k, v in e.params.items() if k != "out_dtype"}
+      outs = [jnp.asarray(cuda.emulate(np.asarray(ins[0]), np.asarray(ins[1]), aval.shape,
+                                       aval.dtype, **params))]
+      count += 1
+    elif "jaxpr" in e.params:  # pjit / closed_call: recurse
+      sub = e.params["jaxpr"]
+      outs, n = _eval_with_harness(sub.jaxpr, sub.consts, *ins)
+      count += n
+    else:
+      outs = e.primitive.bind(*ins, **e.params)
+      outs = outs if e.primitive.multiple_results else [outs]
+    for v, x in zip(e.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars], count
+
+
+@needs_lib
+@pytest.mark.parametrize("kind", ["strided", "transposed", "dilated"])
+def test_harness_runs_the_gradient_convolutions(kind):
+  # The convolutions jax.grad emits (KS-deconv d-lhs, Sk-dilated d-rhs, ...)
+  # go through the harness too: a whole VJP evaluated on the CUDA kernel body.
+  dn = ("NHWC", "HWIO", "NHWC")
+  kw = {"strided": dict(window_strides=(2, 2), padding="SAME"),
+        "transposed": dict(window_strides=(1, 1), padding=[(2, 2), (2, 2)], lhs_dilation=(2, 2)),
+        "dilated": dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 3))}[kind]
+  l, r = random((2, 8, 9, 4), np.float64, 0), random((4, 4, 4, 3), np.float64, 1)
+  f = lambda l, r: cks_jax.conv_general_dilated(l, r, dimension_numbers=dn, **kw)
+  g = lambda l, r: lax.conv_general_dilated(l, r, dimension_numbers=dn, **kw)
+  ct = random(jax.eval_shape(f, l, r).shape, np.float64, 2)
+  vjp = lambda l, r, c: (f(l, r),) + tuple(jax.vjp(f, l, r)[1](c))
+  closed = jax.make_jaxpr(vjp)(l, r, ct)
+  outs, n = _eval_with_harness(closed.jaxpr, closed.consts, l, r, ct)
+  assert n == 4  # the value twice (our f and the vjp's forward), d lhs, d rhs
+  refs = (g(l, r),) + tuple(jax.vjp(g, l, r)[1](ct))
+  for name, a, b in zip(("value", "d lhs", "d rhs"), outs, refs):
+    assert_close(a, b, np.float64, f"harness {name}")
+
+
+# ---------------------------------------------------------------- 2. lowering
+DN = ("NHWC", "HWIO", "NHWC")
+PUBLIC = {
+    "conv_general_dilated": (lambda l, r: cks_jax.conv_general_dilated(
+        l, r, (1, 1), [(2, 2), (2, 2)], (2, 2), (1, 1), DN), (2, 8, 8, 4), (4, 4, 4, 6)),
+    "conv": (lambda l, r: cks_jax.conv(l, r, (2, 2), "SAME"), (2, 4, 8, 8), (6, 4, 3, 3)),
+    "conv_with_general_padding": (lambda l, r: cks_jax.conv_with_general_padding(
+        l, r, (1, 1), [(1, 1), (2, 2)], (1, 1), (2, 2)), (2, 4, 8, 8), (6, 4, 3, 3)),
+    "conv_transpose": (lambda l, r: cks_jax.conv_transpose(l, r, (2, 2), "SAME"),
+                       (2, 8, 8, 4), (4, 4, 4, 6)),
+}
+
+
+def _transforms(f, lhs_shape, rhs_shape):
+  l, r = jnp.ones(lhs_shape, jnp.float32), jnp.ones(rhs_shape, jnp.float32)
+  loss = lambda l, r: jnp.sum(f(l, r) ** 2)
+  return {
+      "fwd": (f, (l, r)),
+      "grad": (jax.grad(loss, (0, 1)), (l, r)),
+      "vmap": (jax.vmap(f, (0, None)), (jnp.stack([l, l]), r)),
+      "vmap_grad": (jax.vmap(jax.grad(loss), (None, 0)), (l, jnp.stack([r, r]))),
+      "jvp": (lambda l, r: jax.jvp(f, (l, r), (l, r)), (l, r)),
+  }
+
+
+def _convolutions(text):
+  return re.findall(r"stablehlo\.convolution", text)
+
+
+@needs_lib
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_cross_lowering_for_cuda(name):
+  f, ls, rs = PUBLIC[name]
+  for tname, (fn, args) in _transforms(f, ls, rs).items():
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "cks_conv_cuda" in text, f"{name}/{tname}: no cks CUDA custom call"
+    assert not _convolutions(text), f"{name}/{tname}: an XLA convolution survived"
+    assert "cks_conv_cpu" not in text
+
+
+@needs_lib
+def test_export_for_cpu_and_cuda_together():
+  f, ls, rs = PUBLIC["conv_transpose"]
+  g = jax.grad(lambda l, r: jnp.sum(f(l, r) ** 2), (0, 1))
+  # cks custom calls carry no cross-version compatibility guarantee, as for
+  # any FFI extension: the export says so explicitly.
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t)
+            for t in ("cks_conv_cpu", "cks_conv_cuda")]
+  exp = jax.export.export(jax.jit(g), platforms=("cpu", "cuda"), disabled_checks=checks)(
+      jax.ShapeDtypeStruct(ls, jnp.float32), jax.ShapeDtypeStruct(rs, jnp.float32))
+  text = exp.mlir_module()
+  assert "cks_conv_cuda" in text and "cks_conv_cpu" in text and not _convolutions(text)
+  # The exported artifact runs here on the CPU and matches lax.
+  l, r = random(ls, np.float32, 0), random(rs, np.float32, 1)
+  ref = jax.grad(lambda l, r: jnp.sum(lax.conv_transpose(l, r, (2, 2), "SAME") ** 2), (0, 1))(
+      l, r)
+  for a, b in zip(exp.call(l, r), ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-3)
+
+
+def test_explain_reports_the_cuda_backend():
+  e = cks_jax.explain((2, 8, 8, 4), (4, 4, 4, 6), (1, 1), "SAME", dimension_numbers=DN,
+                      platform="cuda")
+  if cuda.available():
+    assert e.backend == "cks-cuda"
+  else:
+    assert e.backend == "xla" and "not built" in e.reason
+
+
+# ---------------------------------------------------------------- on a GPU
+@needs_gpu
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_gpu_values_and_gradients(name):
+  f, ls, rs = PUBLIC[name]
+  l, r = random(ls, np.float32, 0), random(rs, np.float32, 1)
+  ref_f = {"conv_general_dilated": lambda l, r: lax.conv_general_dilated(
+      l, r, (1, 1), [(2, 2), (2, 2)], (2, 2), (1, 1), DN),
+           "conv": lambda l, r: lax.conv(l, r, (2, 2), "SAME"),
+           "conv_with_general_padding": lambda l, r: lax.conv_with_general_padding(
+               l, r, (1, 1), [(1, 1), (2, 2)], (1, 1), (2, 2)),
+           "conv_transpose": lambda l, r: lax.conv_transpose(l, r, (2, 2), "SAME")}[name]
+  hlo = jax.jit(f).lower(l, r).compile().as_text()
+  assert "cks_conv_cuda" in hlo
+  assert_close(jax.jit(f)(l, r), ref_f(l, r), np.float32, "gpu value")
+  loss = lambda fn: (lambda l, r: jnp.sum(fn(l, r) ** 2))
+  for a, b in zip(jax.grad(loss(f), (0, 1))(l, r), jax.grad(loss(ref_f), (0, 1))(l, r)):
+    assert_close(a, b, np.float32, "gpu gradient")
