@@ -95,7 +95,9 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray):
     return None
   kw = conv_kwargs(layer)
   groups = kw["feature_group_count"]
-  x = torch.from_numpy(np.moveaxis(lhs, -1, 1).copy())
+  # Same device as jax: a GPU when jax runs on one and torch sees CUDA.
+  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  x = torch.from_numpy(np.moveaxis(lhs, -1, 1).copy()).to(dev)
   w = np.moveaxis(np.moveaxis(rhs, -1, 0), -1, 1)  # O, I, spatial
   fmt = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}[nd]
   if fmt is not None:
@@ -114,11 +116,11 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray):
     if any(p < 0 for p in pad):
       return None
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
-    weight = torch.from_numpy(np.ascontiguousarray(wt))
+    weight = torch.from_numpy(np.ascontiguousarray(wt)).to(dev)
     conv = lambda x, w: fn(x, w, stride=a, padding=pad, groups=groups)
   else:
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    weight = torch.from_numpy(np.ascontiguousarray(w))
+    weight = torch.from_numpy(np.ascontiguousarray(w)).to(dev)
     flat = [p for lo_hi in reversed(pads) for p in lo_hi]
     if all(lo == hi for lo, hi in pads):
       conv = lambda x, w: fn(x, w, stride=s, padding=[lo for lo, _ in pads], dilation=d,
@@ -140,7 +142,10 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray):
     y = conv(xg, wg)
     return torch.autograd.grad(y, wrt, ct)[0]
 
-  return {"fwd": fwd, "dlhs": lambda: grad(xg), "drhs": lambda: grad(wg)}, out
+  ops = {"fwd": fwd, "dlhs": lambda: grad(xg), "drhs": lambda: grad(wg)}
+  if dev == "cuda":  # time whole kernels, not launches
+    ops = {k: (lambda f: lambda: (f(), torch.cuda.synchronize()))(f) for k, f in ops.items()}
+  return ops, out.cpu()
 
 
 def _torch_time(fn, repeats, budget_s):
