@@ -16,6 +16,7 @@ from cks_jax._src.api import (  # noqa: E402
     conv_transpose,
     conv_with_general_padding,
 )
+from cks_jax._src.backends import BACKENDS, use_backend  # noqa: E402
 from cks_jax._src.explain import Explanation, explain  # noqa: E402
 from cks_jax._src.ffi import kernel_platforms  # noqa: E402
 
@@ -27,4 +28,6 @@ __all__ = [
     "explain",
     "Explanation",
     "kernel_platforms",
+    "use_backend",
+    "BACKENDS",
 ]

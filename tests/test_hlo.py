@@ -59,12 +59,13 @@ def test_training_step_learns():
   assert float(loss(p, x)) < 0.8 * l0
 
 
-def test_other_platforms_lower_to_xla_explicitly():
-  # No cks kernel for TPU yet: the op lowers (cross-lowering works on a CPU
-  # machine) to XLA's own convolution, and explain says so.
+def test_other_platforms_lower_without_cks_custom_calls():
+  # No cks kernel for TPU: the op lowers (cross-lowering works on a CPU
+  # machine) to the portable decomposition or XLA's own convolution, and
+  # explain says which.
   p, x = init(jax.random.PRNGKey(0)), jnp.ones((2, 16, 16, 3), jnp.float32)
   text = jax.jit(jax.grad(loss)).trace(p, x).lower(lowering_platforms=("tpu",)).as_text()
-  assert "stablehlo.convolution" in text and "cks_conv" not in text
+  assert "stablehlo.convolution" in text and "cks_conv_cpu" not in text
   e = cks_jax.explain((2, 16, 16, 3), (4, 4, 3, 8), (2, 2), "SAME", dimension_numbers=DN,
                       platform="tpu")
   assert e.backend == "xla" and "no cks kernel" in e.reason

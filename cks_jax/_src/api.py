@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cks_jax._src import shapes
+from cks_jax._src import backends, shapes
 from cks_jax._src.primitive import bind
 
 Array = jax.Array
@@ -53,7 +53,8 @@ def conv_general_dilated(
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: DimensionNumbers = None, feature_group_count: int = 1,
     batch_group_count: int = 1, precision: Any = None,
-    preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    preferred_element_type: Any = None, out_sharding: Any = None, *,
+    backend: str | None = None) -> Array:
   """General n-dimensional convolution, as ``jax.lax.conv_general_dilated``, on C-K-S kernels.
 
   Computes, per spatial dimension with stride ``s``, lhs dilation ``a``, rhs
@@ -83,6 +84,10 @@ def conv_general_dilated(
     preferred_element_type: output (and accumulation) dtype; 16-bit inputs
       always accumulate in float32.
     out_sharding: not supported; must be ``None``.
+    backend: ``"auto"`` (default: the cks kernel where one exists, else the
+      portable decomposition for transposed/dilated convolutions, else XLA),
+      ``"ffi"``, ``"portable"`` or ``"xla"``; ``None`` takes the one set by
+      ``cks_jax.use_backend``. ``cks_jax.explain`` tells which one runs.
 
   Returns:
     The output, shaped as ``jax.lax.conv_general_dilated``'s, e.g. ``[N, O, H', W']``.
@@ -96,6 +101,7 @@ def conv_general_dilated(
     raise NotImplementedError(
         "out_sharding is not supported by cks_jax; shard the inputs (or use "
         "jax.lax.with_sharding_constraint on the result) instead")
+  backend = backends.check(backends.current() if backend is None else backend)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   spec = shapes.canonicalize(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
                              rhs_dilation, dimension_numbers, feature_group_count,
@@ -117,12 +123,14 @@ def conv_general_dilated(
              dimension_numbers=spec.dimension_numbers,
              feature_group_count=spec.feature_group_count,
              batch_group_count=spec.batch_group_count,
-             precision=_canonical_precision(precision), out_dtype=np.dtype(compute_out))
+             precision=_canonical_precision(precision), out_dtype=np.dtype(compute_out),
+             backend=backend)
   return out.astype(out_dtype)
 
 
 def conv(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: str,
-         precision: Any = None, preferred_element_type: Any = None) -> Array:
+         precision: Any = None, preferred_element_type: Any = None, *,
+         backend: str | None = None) -> Array:
   """``jax.lax.conv``: NCHW/OIHW convolution with string padding, on C-K-S kernels.
 
   Args:
@@ -135,17 +143,18 @@ def conv(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: str,
     ``[N, O, *out_spatial]``.
   """
   return conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision,
-                              preferred_element_type=preferred_element_type)
+                              preferred_element_type=preferred_element_type, backend=backend)
 
 
 def conv_with_general_padding(lhs: Array, rhs: Array, window_strides: Sequence[int],
                               padding: Padding, lhs_dilation: Sequence[int] | None,
                               rhs_dilation: Sequence[int] | None, precision: Any = None,
-                              preferred_element_type: Any = None) -> Array:
+                              preferred_element_type: Any = None, *,
+                              backend: str | None = None) -> Array:
   """``jax.lax.conv_with_general_padding`` (NCHW/OIHW) on C-K-S kernels."""
   return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                               rhs_dilation=rhs_dilation, precision=precision,
-                              preferred_element_type=preferred_element_type)
+                              preferred_element_type=preferred_element_type, backend=backend)
 
 
 def _conv_transpose_padding(k: int, s: int, padding) -> tuple[int, int]:
@@ -172,7 +181,8 @@ def conv_transpose(lhs: Array, rhs: Array, strides: Sequence[int], padding: Padd
                    rhs_dilation: Sequence[int] | None = None,
                    dimension_numbers: DimensionNumbers = None, transpose_kernel: bool = False,
                    precision: Any = None, preferred_element_type: Any = None,
-                   use_consistent_padding: bool = False) -> Array:
+                   use_consistent_padding: bool = False, *,
+                   backend: str | None = None) -> Array:
   """Transposed convolution, as ``jax.lax.conv_transpose``, on KS-deconv kernels.
 
   The input is never zero-inserted: each output phase is a dense convolution
@@ -220,4 +230,4 @@ def conv_transpose(lhs: Array, rhs: Array, strides: Sequence[int], padding: Padd
     rhs = jnp.swapaxes(rhs, dn.rhs_spec[0], dn.rhs_spec[1])
   return conv_general_dilated(lhs, rhs, (1,) * nd, pads, strides, rhs_dilation, dn,
                               precision=precision,
-                              preferred_element_type=preferred_element_type)
+                              preferred_element_type=preferred_element_type, backend=backend)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from cks_jax._src import api, ffi, shapes
+from cks_jax._src import api, backends, ffi, shapes
 from cks_jax._src.primitive import cks_conv_p
 
 
@@ -18,8 +18,8 @@ class Explanation:
   Attributes:
     algorithm: ``"ConvV2"`` (trimmed borders), ``"KS-deconv"`` (lhs dilation),
       ``"Sk-dilated"`` (rhs dilation) or a ``+``-joined mix.
-    backend: ``"cks-cpu"`` or ``"cks-cuda"`` (a C-K-S FFI kernel) or ``"xla"`` (XLA's own
-      convolution, on platforms without a cks kernel).
+    backend: ``"cks-cpu"`` or ``"cks-cuda"`` (a C-K-S FFI kernel), ``"portable"``
+      (the decomposition in lax ops) or ``"xla"`` (XLA's own convolution).
     reason: why that backend was chosen.
     phases: residue classes of outputs (the product over spatial dimensions).
     subproblems: dense, zero-free sub-problems with work.
@@ -69,12 +69,25 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
-def _backend(platform: str) -> tuple[str, str]:
+def _backend(platform: str, params) -> tuple[str, str]:
   platform = {"gpu": "cuda"}.get(platform, platform)
-  if platform in ffi.kernel_platforms():
+  requested = params.get("backend", "auto")
+  kernels = ffi.kernel_platforms()
+  try:
+    chosen = backends.choose(requested, platform, kernels, params)
+  except NotImplementedError as e:
+    return "unavailable", str(e)
+  if chosen == "ffi":
     return f"cks-{platform}", f"cks FFI kernel registered for platform {platform!r}"
-  why = ("the CUDA library was not built (no nvcc at install time)" if platform == "cuda"
-         else f"no cks kernel for platform {platform!r}")
+  if requested != "auto":
+    why = f"backend={requested!r} requested"
+  elif platform == "cuda":
+    why = "the CUDA library was not built (no nvcc at install time)"
+  else:
+    why = f"no cks kernel for platform {platform!r}"
+  if chosen == "portable":
+    return "portable", (f"{why}: the C-K-S decomposition as dense, undilated lax "
+                        "convolutions (no zero-inserted tensor)")
   return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
@@ -97,7 +110,7 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) ->
         list(spec.rhs_dilation), [lo for lo, _ in spec.padding], out_shape[out_spec[0]],
         rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]])
   phases, subs, zero_subs, cks_macs, direct_macs = stats
-  backend, reason = _backend(platform or jax.default_backend())
+  backend, reason = _backend(platform or jax.default_backend(), params)
   return Explanation(
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),
@@ -110,7 +123,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
             lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
             dimension_numbers: Any = None, feature_group_count: int = 1,
             batch_group_count: int = 1, *, dtype: Any = np.float32, gradients: bool = False,
-            platform: str | None = None) -> Explanation:
+            platform: str | None = None, backend: str | None = None) -> Explanation:
   """Explains how ``cks_jax.conv_general_dilated`` with these arguments runs.
 
   Takes the same arguments as ``conv_general_dilated``; ``lhs`` and ``rhs`` may
@@ -120,6 +133,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
   Args:
     gradients: also explain the two convolutions of the VJP (d lhs, d rhs).
     platform: the platform to report for (default: ``jax.default_backend()``).
+    backend: as ``conv_general_dilated``'s ``backend``.
 
   Returns:
     An :class:`Explanation`; ``print`` it for a summary.
@@ -133,7 +147,8 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
 
   def f(l, r):
     return api.conv_general_dilated(l, r, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, batch_group_count)
+                                    dimension_numbers, feature_group_count, batch_group_count,
+                                    backend=backend)
 
   fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
   (eqn,) = [e for e in fwd.eqns if e.primitive is cks_conv_p]

@@ -8,9 +8,10 @@ batch, feature or group dimensions, as lax does.
 
 Params (all hashable): ``window_strides``, ``padding``, ``lhs_dilation``,
 ``rhs_dilation``, ``dimension_numbers`` (a ``lax.ConvDimensionNumbers``),
-``feature_group_count``, ``batch_group_count``, ``precision`` and
+``feature_group_count``, ``batch_group_count``, ``precision``,
 ``out_dtype`` (a concrete numpy dtype; the wrappers in ``api.py`` only bind
-dtype combinations the kernels support).
+dtype combinations the kernels support) and ``backend`` (the requested
+backend, see ``backends.py``; resolved per platform at lowering).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from cks_jax._src import ffi, shapes
+from cks_jax._src import backends, ffi, portable, shapes
 
 cks_conv_p = jex_core.Primitive("cks_conv")
 
@@ -58,8 +59,12 @@ cks_conv_p.def_abstract_eval(_abstract_eval)
 
 
 # ------------------------------------------------------------------ lowering
+def _conv_params(params):
+  return {k: v for k, v in params.items() if k != "backend"}
+
+
 def _reference(lhs, rhs, **params):
-  """XLA's own convolution with the same semantics (platforms without a cks kernel)."""
+  """XLA's own convolution with the same semantics (backend "xla")."""
   out = lax.conv_general_dilated(
       lhs, rhs, params["window_strides"], params["padding"], params["lhs_dilation"],
       params["rhs_dilation"], params["dimension_numbers"], params["feature_group_count"],
@@ -100,20 +105,31 @@ def _lower_ffi(target: str, ctx, lhs, rhs, **params):
 _lower_xla = mlir.lower_fun(_reference, multiple_results=False)
 
 
-def _lower_cuda(ctx, lhs, rhs, **params):
-  # Without the CUDA library (no nvcc at install time) the op lowers to XLA's
-  # own convolution on GPUs; cks_jax.explain reports it.
-  if "cuda" in ffi.kernel_platforms():
-    return _lower_ffi(ffi.CUDA_TARGET, ctx, lhs, rhs, **params)
-  return _lower_xla(ctx, lhs, rhs, **params)
+def _portable(lhs, rhs, **params):
+  return portable.conv_portable(lhs, rhs, **_conv_params(params))
 
 
-mlir.register_lowering(cks_conv_p, functools.partial(_lower_ffi, ffi.CPU_TARGET),
-                       platform="cpu")
-mlir.register_lowering(cks_conv_p, _lower_cuda, platform="cuda")
-# No cks kernel elsewhere yet: lower explicitly to XLA's convolution (reported
-# by cks_jax.explain as backend "xla").
-mlir.register_lowering(cks_conv_p, _lower_xla)
+_lower_portable = mlir.lower_fun(_portable, multiple_results=False)
+
+
+def _lowering(platform: str):
+  """The lowering of cks_conv for one platform: FFI kernel, portable or XLA."""
+  target = {"cpu": ffi.CPU_TARGET, "cuda": ffi.CUDA_TARGET}.get(platform)
+
+  def lower(ctx, lhs, rhs, **params):
+    chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params)
+    if chosen == "ffi":
+      return _lower_ffi(target, ctx, lhs, rhs, **params)
+    if chosen == "portable":
+      return _lower_portable(ctx, lhs, rhs, **params)
+    return _lower_xla(ctx, lhs, rhs, **params)
+  return lower
+
+
+for _platform in ("cpu", "cuda", "rocm", "tpu"):
+  mlir.register_lowering(cks_conv_p, _lowering(_platform), platform=_platform)
+# Any other platform (plugins): no kernel, so portable or XLA as "auto" says.
+mlir.register_lowering(cks_conv_p, _lowering("other"))
 
 
 # ------------------------------------------------------------------ transposes
@@ -174,7 +190,7 @@ def _transpose_lhs(g, lhs, rhs, **params):
              lhs_dilation=params["window_strides"], rhs_dilation=params["rhs_dilation"],
              dimension_numbers=lax.ConvDimensionNumbers(out_spec, _swap_io(rhs_spec), lhs_spec),
              feature_group_count=G, batch_group_count=1, precision=params["precision"],
-             out_dtype=np.dtype(g.dtype))
+             out_dtype=np.dtype(g.dtype), backend=params["backend"])
   out = _with_dtype(out, lhs.aval.dtype)
   if params["batch_group_count"] > 1:
     out = _reshape_axis_out_of(lhs_spec[1], params["batch_group_count"], out)
@@ -212,7 +228,7 @@ def _transpose_rhs(g, lhs, rhs, **params):
              dimension_numbers=lax.ConvDimensionNumbers(
                  _swap_io(lhs_spec), _swap_io(out_spec), _swap_io(rhs_spec)),
              feature_group_count=G, batch_group_count=B, precision=params["precision"],
-             out_dtype=np.dtype(g.dtype))
+             out_dtype=np.dtype(g.dtype), backend=params["backend"])
   return _with_dtype(out, rhs.aval.dtype)
 
 
