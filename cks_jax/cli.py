@@ -57,7 +57,7 @@ def cmd_bench(args) -> int:
   budget = 1.5 if args.quick else 5.0
   progress = Progress(3 * len(layers))
   report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
-                     progress=progress)
+                     with_portable=not getattr(args, "no_portable", False), progress=progress)
   progress.close()
   gemm = bench.gemm_gflops()
   report.machine["xla_gemm_gflops"] = gemm
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
   b.add_argument("--repeats", type=int, help="timed runs per op (median is reported)")
   b.add_argument("--shapes", help="a bench_shapes.json of your own")
   b.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+  b.add_argument("--no-portable", action="store_true",
+                 help="skip the portable (lax ops) C-K-S column")
   b.add_argument("--json", help="write the results as JSON")
   b.add_argument("--plot", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
   b.set_defaults(fn=cmd_bench)

@@ -83,7 +83,7 @@ def test_kernel_rejects_inconsistent_custom_call():
                 rhs_dilation=(1, 1), dimension_numbers=lax.ConvDimensionNumbers(
                     (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3)),
                 feature_group_count=1, batch_group_count=1, precision=None,
-                out_dtype=np.dtype(np.float32))
+                out_dtype=np.dtype(np.float32), backend="auto")
   bad_rhs = jnp.zeros((6, 2, 3, 3), jnp.float32)  # 2 input features, lhs has 4
   with pytest.raises(Exception, match="inconsistent"):
     jax.block_until_ready(jax.jit(lambda l, r: primitive.bind(l, r, **params))(L, bad_rhs))

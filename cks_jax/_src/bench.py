@@ -170,10 +170,15 @@ class Row:
   cks_ms: float
   xla_ms: float
   torch_ms: float | None = None
+  portable_ms: float | None = None
 
   @property
   def speedup_vs_xla(self) -> float:
     return self.xla_ms / self.cks_ms
+
+  @property
+  def portable_vs_xla(self) -> float | None:
+    return None if self.portable_ms is None else self.xla_ms / self.portable_ms
 
   @property
   def speedup_vs_torch(self) -> float | None:
@@ -188,7 +193,8 @@ class Report:
   def to_json(self) -> dict:
     return {"machine": self.machine,
             "rows": [dict(asdict(r), speedup_vs_xla=r.speedup_vs_xla,
-                          speedup_vs_torch=r.speedup_vs_torch) for r in self.rows]}
+                          speedup_vs_torch=r.speedup_vs_torch,
+                          portable_vs_xla=r.portable_vs_xla) for r in self.rows]}
 
 
 def machine_info() -> dict:
@@ -227,8 +233,10 @@ def gemm_gflops(n: int = 1024) -> float:
 
 
 def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
-        with_torch: bool = True, progress: Callable[[str], None] | None = None) -> Report:
-  """Benchmarks each layer's fwd, d-lhs and d-rhs on cks-jax, XLA and PyTorch."""
+        with_torch: bool = True, with_portable: bool = True,
+        progress: Callable[[str], None] | None = None) -> Report:
+  """Benchmarks each layer's fwd, d-lhs and d-rhs on cks-jax (FFI kernel and
+  portable lax decomposition), XLA and PyTorch."""
   report = Report(machine=machine_info())
   if with_torch and _torch() is not None:
     _torch().set_num_threads(report.machine["cpu_count"])
@@ -241,6 +249,8 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
     ex = explain.explain(lhs, rhs, **kw)
     gflop = 2 * ex.cks_macs / 1e9
     ops_cks = _jax_ops(lambda l, r: api.conv_general_dilated(l, r, **kw), lhs, rhs)
+    ops_port = _jax_ops(lambda l, r: api.conv_general_dilated(l, r, backend="portable", **kw),
+                        lhs, rhs) if with_portable else None
     ops_xla = _jax_ops(lambda l, r: lax.conv_general_dilated(l, r, **kw), lhs, rhs)
     torch_ops = _torch_ops(layer, lhs_np, rhs_np) if with_torch else None
     if torch_ops is not None:
@@ -254,6 +264,8 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       row = Row(layer["name"], layer["family"], op, gflop,
                 cks_ms=time_fn(ops_cks[op], repeats, budget_s),
                 xla_ms=time_fn(ops_xla[op], repeats, budget_s))
+      if ops_port is not None:
+        row.portable_ms = time_fn(ops_port[op], repeats, budget_s)
       if torch_ops is not None:
         row.torch_ms = _torch_time(torch_ops[0][op], repeats, budget_s)
       report.rows.append(row)
@@ -262,13 +274,19 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
 
 def format_table(report: Report, gemm: float | None = None) -> str:
   has_torch = any(r.torch_ms is not None for r in report.rows)
+  has_port = any(r.portable_ms is not None for r in report.rows)
   head = f"{'layer':24s} {'op':5s} {'GFLOP':>6s} {'cks ms':>8s} {'GF/s':>6s} {'xla ms':>8s} {'vs xla':>7s}"
+  if has_port:
+    head += f" {'port ms':>8s} {'port/xla':>8s}"
   if has_torch:
     head += f" {'torch ms':>9s} {'vs torch':>8s}"
   lines = [head, "-" * len(head)]
   for r in report.rows:
     line = (f"{r.layer:24s} {r.op:5s} {r.gflop:6.3f} {r.cks_ms:8.2f} "
             f"{r.gflop / r.cks_ms * 1e3:6.1f} {r.xla_ms:8.2f} {r.speedup_vs_xla:6.2f}x")
+    if has_port:
+      line += (f" {r.portable_ms:8.2f} {r.portable_vs_xla:7.2f}x" if r.portable_ms is not None
+               else f" {'-':>8s} {'-':>8s}")
     if has_torch:
       line += (f" {r.torch_ms:9.2f} {r.speedup_vs_torch:7.2f}x" if r.torch_ms is not None
                else f" {'-':>9s} {'-':>8s}")
@@ -293,14 +311,18 @@ def plot(report: Report, path: str) -> None:
   labels = [f"{r.layer} {r.op}" for r in rows]
   y = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
-  ax.barh(y - 0.2, [r.speedup_vs_xla for r in rows], height=0.4, label="vs XLA")
+  ax.barh(y - 0.27, [r.speedup_vs_xla for r in rows], height=0.27, label="cks kernel vs XLA")
+  if any(r.portable_ms for r in rows):
+    ax.barh(y, [r.portable_vs_xla or 0 for r in rows], height=0.27,
+            label="portable (lax ops) vs XLA")
   if any(r.torch_ms for r in rows):
-    ax.barh(y + 0.2, [r.speedup_vs_torch or 0 for r in rows], height=0.4, label="vs PyTorch")
+    ax.barh(y + 0.27, [r.speedup_vs_torch or 0 for r in rows], height=0.27,
+            label="cks kernel vs PyTorch")
   ax.axvline(1.0, color="k", lw=0.8)
   ax.set_xscale("log")
   ax.set_yticks(y, labels, fontsize=7)
   ax.invert_yaxis()
-  ax.set_xlabel("speed-up of cks-jax (time of other / time of cks-jax)")
+  ax.set_xlabel("speed-up (time of the baseline / time of cks-jax); > 1 is faster")
   m = report.machine
   ax.set_title(f"cks-jax vs XLA{' and PyTorch' if 'torch' in m else ''}: "
                f"{m.get('cpu', '')} ({m['cpu_count']} cores)", fontsize=9)
