@@ -27,9 +27,9 @@ cks::Dim make_dim(int64_t in_size, int64_t k_size, int64_t out_size, int64_t str
 // Per-dimension plan: phases as (o0, L, U, k0, kstep, T, base, ustride,
 // tstride) and segments as (phase, u0, count, t_lo, t_hi).
 nb::tuple geometry_1d(int64_t in_size, int64_t k_size, int64_t out_size, int64_t stride,
-                      int64_t lhs_dil, int64_t rhs_dil, int64_t pad_lo) {
+                      int64_t lhs_dil, int64_t rhs_dil, int64_t pad_lo, bool split_dilation) {
   const cks::Dim dm = make_dim(in_size, k_size, out_size, stride, lhs_dil, rhs_dil, pad_lo);
-  const auto ph = cks::phases(dm);
+  const auto ph = cks::phases(dm, split_dilation);
   const auto sg = cks::segments(dm, ph);
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                          int64_t>>
@@ -73,6 +73,7 @@ NB_MODULE(_cks, m) {
     return d;
   });
   m.def("geometry_1d", &geometry_1d, nb::arg("in_size"), nb::arg("k_size"), nb::arg("out_size"),
-        nb::arg("stride"), nb::arg("lhs_dil"), nb::arg("rhs_dil"), nb::arg("pad_lo"));
+        nb::arg("stride"), nb::arg("lhs_dil"), nb::arg("rhs_dil"), nb::arg("pad_lo"),
+        nb::arg("split_dilation") = true);
   m.def("plan_stats", &plan_stats);
 }

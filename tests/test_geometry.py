@@ -19,8 +19,8 @@ def brute_force(N, K, O, s, a, d, lo):
   return out
 
 
-def from_plan(N, K, O, s, a, d, lo):
-  phases, segments = ffi.extension().geometry_1d(N, K, O, s, a, d, lo)
+def from_plan(N, K, O, s, a, d, lo, split=True):
+  phases, segments = ffi.extension().geometry_1d(N, K, O, s, a, d, lo, split)
   triples, owner = set(), {}
   for ph, u0, count, t_lo, t_hi in segments:
     o0, L, U, k0, kstep, T, base, ustride, tstride = phases[ph]
@@ -46,8 +46,9 @@ def out_size(N, K, s, a, d, lo, hi):
 def test_exhaustive_small(s, a, d):
   for N, K, lo, hi in itertools.product([1, 2, 5, 8], [1, 2, 3, 5], [-3, 0, 1, 4, 7], [-2, 0, 3]):
     O = out_size(N, K, s, a, d, lo, hi)
-    triples, _ = from_plan(N, K, O, s, a, d, lo)
-    assert triples == brute_force(N, K, O, s, a, d, lo)
+    for split in (True, False):  # with the S split, and with it left to the reader
+      triples, _ = from_plan(N, K, O, s, a, d, lo, split)
+      assert triples == brute_force(N, K, O, s, a, d, lo)
 
 
 @settings(max_examples=300, deadline=None)
@@ -56,8 +57,9 @@ def test_exhaustive_small(s, a, d):
 def test_property(N, K, s, a, d, lo, extra):
   # Any output length, including outputs past the natural end.
   O = max(0, out_size(N, K, s, a, d, lo, 0) + extra)
-  triples, _ = from_plan(N, K, O, s, a, d, lo)
-  assert triples == brute_force(N, K, O, s, a, d, lo)
+  for split in (True, False):
+    triples, _ = from_plan(N, K, O, s, a, d, lo, split)
+    assert triples == brute_force(N, K, O, s, a, d, lo)
 
 
 def test_phase_counts():
@@ -68,3 +70,6 @@ def test_phase_counts():
   # read densely: consecutive outputs and taps step by one sub-image element.
   phases, _ = ffi.extension().geometry_1d(16, 3, 12, 1, 1, 2, 0)
   assert len(phases) == 2 and all(p[5] == 3 and p[7] == p[8] == 2 for p in phases)
+  # Without the split: one phase whose taps step by 2 inputs (the same reads).
+  phases, _ = ffi.extension().geometry_1d(16, 3, 12, 1, 1, 2, 0, False)
+  assert len(phases) == 1 and phases[0][5] == 3 and phases[0][7:] == (1, 2)

@@ -80,11 +80,17 @@ CKS_HD inline TapRange trimmed_range(const Phase& p, int64_t in_size, int64_t u)
 // The phases of one dimension: K split (P phases by lhs dilation) times
 // S split (Q polyphase sub-images by rhs dilation). Phases with no output are
 // dropped; phases with no tap are kept (their outputs are zeros).
-inline std::vector<Phase> phases(const Dim& dm) {
+//
+// With split_dilation = false the S split is left to the reader: each K phase
+// reads its input with stride tstride = d1 directly (that *is* reading the
+// polyphase sub-images, without cutting the outputs into Q classes). A
+// gathering kernel (the CPU one) then runs Q times fewer, Q times larger
+// GEMMs, which matters when the dilation is large and the map small.
+inline std::vector<Phase> phases(const Dim& dm, bool split_dilation = true) {
   const int64_t s = dm.stride, a = dm.lhs_dil, d = dm.rhs_dil, lo = dm.pad_lo;
   const int64_t g_as = gcd(a, s), P = a / g_as, s1 = s / g_as;
   const int64_t g_ad = gcd(a, d), kstep = a / g_ad, d1 = d / g_ad;
-  const int64_t h = gcd(s1, d1), Q = d1 / h, s2 = s1 / h;
+  const int64_t h = gcd(s1, d1), Q = split_dilation ? d1 / h : 1;
   std::vector<Phase> out;
   for (int64_t phi = 0; phi < P; ++phi) {
     // k0: the first tap whose dilated position lands on a real input row.
@@ -107,7 +113,7 @@ inline std::vector<Phase> phases(const Dim& dm) {
       p.kstep = kstep;
       p.T = T;
       p.base = off + q * s1;
-      p.ustride = d1 * s2;  // == Q * s1
+      p.ustride = Q * s1;  // == d1 * s2 with the S split (s2 = s1 / h)
       p.tstride = d1;
       out.push_back(p);
     }

@@ -51,10 +51,12 @@ struct Plan {
   std::vector<SubProblem> subproblems;  // every output in exactly one
 };
 
-inline Plan make_plan(const ConvProblem& pb) {
+// The CPU plan: K phases with the S split read through strides (see
+// phases()), cut into trimmed segments.
+inline Plan make_plan(const ConvProblem& pb, bool split_dilation = false) {
   Plan plan;
   for (int d = 0; d < pb.nd; ++d) {
-    plan.phases[d] = phases(pb.dim[d]);
+    plan.phases[d] = phases(pb.dim[d], split_dilation);
     plan.segments[d] = segments(pb.dim[d], plan.phases[d]);
   }
   int64_t idx[kMaxSpatial] = {0, 0, 0};
@@ -82,7 +84,7 @@ inline Plan make_plan(const ConvProblem& pb) {
 // elements only) and what the direct method over the dilated, padded input
 // executes (every tap of every output).
 struct PlanStats {
-  int64_t phases = 1;          // product of per-dimension phase counts
+  int64_t phases = 1;          // C-K-S phases (K x S split), product over dims
   int64_t subproblems = 0;     // dense sub-problems with work
   int64_t zero_subproblems = 0;  // sub-problems whose outputs are all zero
   double cks_macs = 0;
@@ -92,7 +94,7 @@ struct PlanStats {
 inline PlanStats plan_stats(const ConvProblem& pb, const Plan& plan) {
   PlanStats st;
   const double per_tap = static_cast<double>(pb.group_in()) * pb.out_feat;
-  for (int d = 0; d < pb.nd; ++d) st.phases *= static_cast<int64_t>(plan.phases[d].size());
+  for (int d = 0; d < pb.nd; ++d) st.phases *= static_cast<int64_t>(phases(pb.dim[d]).size());
   for (const SubProblem& sp : plan.subproblems) {
     if (sp.taps == 0) {
       ++st.zero_subproblems;
