@@ -5,9 +5,13 @@
 - ``"portable"``: the same C-K-S decomposition written as dense, undilated
   ``lax`` convolutions over strided slices (any XLA backend).
 - ``"xla"``: XLA's own convolution (computes on the zeros).
-- ``"auto"`` (default): the FFI kernel where one is registered; elsewhere the
-  portable path when the convolution has lhs or rhs dilation (where it avoids
-  zeros and was measured faster than XLA), else XLA.
+- ``"auto"`` (default): the FFI kernel where one is registered. Elsewhere the
+  portable path for convolutions with lhs dilation and no batch groups: those
+  are transposed convolutions and the filter gradients of transposed ones,
+  where it was measured 5-50x faster than XLA on gradients. Everything else
+  goes to XLA. Atrous (rhs-dilated) convolutions go to XLA too: the portable
+  path was 0.8-1.2x XLA at dilations 2-8, and far slower at 12-18
+  (``benchmarks/results/``).
 """
 from __future__ import annotations
 
@@ -62,6 +66,5 @@ def choose(requested: str, platform: str, kernel_platforms, params) -> str:
     return requested
   if has_kernel:
     return "ffi"
-  dilated = any(a > 1 for a in params["lhs_dilation"]) or any(
-      d > 1 for d in params["rhs_dilation"])
-  return "portable" if dilated else "xla"
+  deconv = any(a > 1 for a in params["lhs_dilation"]) and params["batch_group_count"] == 1
+  return "portable" if deconv else "xla"
