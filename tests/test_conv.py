@@ -12,18 +12,6 @@ DN = {1: [None, ("NHC", "HIO", "NHC"), ("CNH", "IHO", "HNC")],
       3: [None, ("NDHWC", "DHWIO", "NDHWC"), ("CDNHW", "WDHIO", "NWDHC")]}
 
 
-def layout(nd, dn, n, c, sp):
-  """Shape of an operand given its spec string (None: N, C, spatial)."""
-  if dn is None:
-    return (n, c) + tuple(sp)
-  sizes, spatial = {}, iter(sp)
-  letters = {"N": n, "C": c, "O": n, "I": c}
-  out = []
-  for ch in dn:
-    out.append(letters[ch] if ch in letters else next(spatial))
-  return tuple(out)
-
-
 def shapes_for(nd, dn, n, c, f, in_sp, k_sp):
   # Spatial characters follow the rhs spec's order (lax's convention).
   if dn is None:

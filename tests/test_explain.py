@@ -1,7 +1,6 @@
 """cks_jax.explain: algorithm, sub-problems and zeros avoided."""
 import jax
 import numpy as np
-import pytest
 
 import cks_jax
 

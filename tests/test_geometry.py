@@ -1,7 +1,6 @@
 """The per-dimension C-K-S decomposition against brute-force enumeration."""
 import itertools
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -1,7 +1,6 @@
 """The portable backend (C-K-S in plain lax ops) against jax.lax: values, VJPs,
 geometry equal to the C++ header's, and lowering free of dilated convolutions."""
 import functools
-import itertools
 import re
 
 import jax

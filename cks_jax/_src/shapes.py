@@ -162,7 +162,6 @@ def out_shape(lhs_shape, rhs_shape, spec: ConvSpec) -> tuple[int, ...]:
   return tuple(shape)
 
 
-INT32_MAX = 2**31 - 1
 INT64_LIMIT = 2**62
 
 
