@@ -200,6 +200,14 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
   parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) { conv.run(ts[i]); });
 }
 
+template <typename Tin, typename Acc, typename Tout>
+struct RunConv {
+  static void run(const ConvProblem& pb, const void* lhs, const void* rhs, void* out,
+                  ffi::ThreadPool* pool) {
+    run_conv<Tin, Acc, Tout>(pb, lhs, rhs, out, pool);
+  }
+};
+
 ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                       ffi::Result<ffi::AnyBuffer> out, I64Span window_strides,
                       I64Span lhs_dilation, I64Span rhs_dilation, I64Span padding_lo,
@@ -211,30 +219,12 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
                                   batch_group_count, &pb);
   if (err.failure()) return err;
   if (out->element_count() == 0) return ffi::Error::Success();
-  if (lhs.element_type() != rhs.element_type())
-    return ffi::Error::InvalidArgument("cks: lhs and rhs must have the same dtype");
-  using DT = ffi::DataType;
-  const DT in = lhs.element_type(), ot = out->element_type();
-  const void* l = lhs.untyped_data();
-  const void* r = rhs.untyped_data();
-  void* o = out->untyped_data();
-  if (in == DT::F32 && ot == DT::F32) {
-    run_conv<float, float, float>(pb, l, r, o, &pool);
-  } else if (in == DT::F64 && ot == DT::F64) {
-    run_conv<double, double, double>(pb, l, r, o, &pool);
-  } else if (in == DT::BF16 && ot == DT::BF16) {
-    run_conv<bf16, float, bf16>(pb, l, r, o, &pool);
-  } else if (in == DT::F16 && ot == DT::F16) {
-    run_conv<f16, float, f16>(pb, l, r, o, &pool);
-  } else if (in == DT::BF16 && ot == DT::F32) {
-    run_conv<bf16, float, float>(pb, l, r, o, &pool);
-  } else if (in == DT::F16 && ot == DT::F32) {
-    run_conv<f16, float, float>(pb, l, r, o, &pool);
-  } else {
+  if (!dispatch_dtypes<RunConv>(dtype_code(lhs.element_type()), dtype_code(out->element_type()),
+                                pb, lhs.untyped_data(), rhs.untyped_data(), out->untyped_data(),
+                                &pool))
     return ffi::Error::InvalidArgument(
         "cks: unsupported dtype combination (inputs f32/f64/bf16/f16; output the input dtype, "
         "or f32 for 16-bit inputs)");
-  }
   return ffi::Error::Success();
 }
 

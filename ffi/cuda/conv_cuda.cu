@@ -129,20 +129,6 @@ void emulate(const ConvProblem& pb, const void* lhs_v, const void* rhs_v, void* 
   }
 }
 
-// dtype codes shared with cks_jax/_src/cuda.py
-enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
-
-template <template <typename, typename, typename> class Fn, typename... Args>
-bool dispatch(int in, int outt, Args&&... args) {
-  if (in == kF32 && outt == kF32) return Fn<float, float, float>::run(args...), true;
-  if (in == kF64 && outt == kF64) return Fn<double, double, double>::run(args...), true;
-  if (in == kBF16 && outt == kBF16) return Fn<bf16, float, bf16>::run(args...), true;
-  if (in == kF16 && outt == kF16) return Fn<f16, float, f16>::run(args...), true;
-  if (in == kBF16 && outt == kF32) return Fn<bf16, float, float>::run(args...), true;
-  if (in == kF16 && outt == kF32) return Fn<f16, float, float>::run(args...), true;
-  return false;
-}
-
 template <typename Tin, typename Acc, typename Tout>
 struct Emulate {
   static void run(const ConvProblem& pb, const void* l, const void* r, void* o) {
@@ -158,16 +144,6 @@ struct Launch {
   }
 };
 
-int dtype_code(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return kF32;
-    case ffi::DataType::F64: return kF64;
-    case ffi::DataType::BF16: return kBF16;
-    case ffi::DataType::F16: return kF16;
-    default: return -1;
-  }
-}
-
 ffi::Error CksConvCuda(cudaStream_t stream, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                        ffi::Result<ffi::AnyBuffer> out, I64Span window_strides,
                        I64Span lhs_dilation, I64Span rhs_dilation, I64Span padding_lo,
@@ -179,10 +155,8 @@ ffi::Error CksConvCuda(cudaStream_t stream, ffi::AnyBuffer lhs, ffi::AnyBuffer r
                                 batch_group_count, &pb);
   if (e.failure()) return e;
   if (out->element_count() == 0) return ffi::Error::Success();
-  if (lhs.element_type() != rhs.element_type())
-    return ffi::Error::InvalidArgument("cks: lhs and rhs must have the same dtype");
   cudaError_t err = cudaSuccess;
-  if (!dispatch<Launch>(dtype_code(lhs.element_type()), dtype_code(out->element_type()), &err,
+  if (!dispatch_dtypes<Launch>(dtype_code(lhs.element_type()), dtype_code(out->element_type()), &err,
                         stream, pb, lhs.untyped_data(), rhs.untyped_data(),
                         out->untyped_data()))
     return ffi::Error::InvalidArgument("cks: unsupported dtype combination");
@@ -231,7 +205,7 @@ extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void*
   if (err != nullptr) return err;
   for (int64_t i = 0; i < rank; ++i)
     if (out_dims[i] == 0) return nullptr;
-  if (!cks::cuda::dispatch<cks::cuda::Emulate>(in_dtype, out_dtype, pb, lhs, rhs, out))
+  if (!cks::dispatch_dtypes<cks::cuda::Emulate>(in_dtype, out_dtype, pb, lhs, rhs, out))
     return "cks: unsupported dtype combination";
   return nullptr;
 }

@@ -98,4 +98,22 @@ CKS_HD inline f16 store<f16, float>(float x) {
   return f16{float_to_f16(x)};
 }
 
+// The dtype combinations every kernel supports, as (input, accumulation,
+// output): equal input and output, or 16-bit input with a float32 output.
+// Codes match cks_jax/_src/cuda.py.
+enum DTypeCode : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kUnsupported = -1 };
+
+// Calls Fn<Tin, Acc, Tout>::run(args...) for the combination; false if the
+// combination is unsupported.
+template <template <typename, typename, typename> class Fn, typename... Args>
+bool dispatch_dtypes(int in, int out, Args&&... args) {
+  if (in == kF32 && out == kF32) return Fn<float, float, float>::run(args...), true;
+  if (in == kF64 && out == kF64) return Fn<double, double, double>::run(args...), true;
+  if (in == kBF16 && out == kBF16) return Fn<bf16, float, bf16>::run(args...), true;
+  if (in == kF16 && out == kF16) return Fn<f16, float, f16>::run(args...), true;
+  if (in == kBF16 && out == kF32) return Fn<bf16, float, float>::run(args...), true;
+  if (in == kF16 && out == kF32) return Fn<f16, float, float>::run(args...), true;
+  return false;
+}
+
 }  // namespace cks

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cks/dtypes.h"
 #include "cks/plan.h"
 #include "cks/problem.h"
 #include "xla/ffi/api/ffi.h"
@@ -41,7 +42,19 @@ inline ffi::Error decode_problem(const ffi::AnyBuffer& lhs, const ffi::AnyBuffer
                                  lhs_spec.begin(), rhs_spec.begin(), out_spec.begin(),
                                  feature_group_count, batch_group_count, pb);
   if (err != nullptr) return ffi::Error::InvalidArgument(err);
+  if (lhs.element_type() != rhs.element_type())
+    return ffi::Error::InvalidArgument("cks: lhs and rhs must have the same dtype");
   return ffi::Error::Success();
+}
+
+inline int dtype_code(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return kF32;
+    case ffi::DataType::F64: return kF64;
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F16: return kF16;
+    default: return kUnsupported;
+  }
 }
 
 }  // namespace cks
