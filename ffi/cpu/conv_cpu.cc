@@ -78,6 +78,11 @@ using gemm::Tile;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- the conv
+// Packed B of every (sub-problem, group) is built once, in a first parallel
+// pass, and shared by that sub-problem's row-block tasks; above this size it
+// is packed per task instead (d-rhs sub-problems have very long reductions).
+constexpr int64_t kSharedBBytes = int64_t{256} << 20;
+
 template <typename Tin, typename Acc, typename Tout>
 struct CksConv {
   const ConvProblem& pb;
@@ -85,14 +90,26 @@ struct CksConv {
   const Tin* lhs;
   const Tin* rhs;
   Tout* out;
+  static constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
 
   struct Task {
     int64_t sp, group, row0, row1;
   };
 
+  int64_t nsp() const { return static_cast<int64_t>(plan.subproblems.size()); }
+  int64_t red_size(int64_t sp) const { return plan.subproblems[sp].taps * pb.group_in(); }
+  // Packed B of one (sub-problem, group): all its column blocks and
+  // reduction blocks, NR-column panels, zero-filled past Fg.
+  int64_t packed_b_size(int64_t sp) const {
+    return round_up(pb.group_out(), NR) * red_size(sp);
+  }
+
+  // Worth packing B once: the sub-problem has several row blocks.
+  bool shares_b(int64_t sp) const { return plan.subproblems[sp].rows > kMC; }
+
   std::vector<Task> tasks() const {
     std::vector<Task> ts;
-    for (int64_t s = 0; s < static_cast<int64_t>(plan.subproblems.size()); ++s) {
+    for (int64_t s = 0; s < nsp(); ++s) {
       const int64_t rows = plan.subproblems[s].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
         for (int64_t r = 0; r < rows; r += kMC) ts.push_back({s, g, r, std::min(rows, r + kMC)});
@@ -100,26 +117,21 @@ struct CksConv {
     return ts;
   }
 
-  void run(const Task& t) const {
-    constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
+  // lhs and out element offsets of rows [row0, row1) of a sub-problem; rows
+  // are (n, j_0, ..., j_{nd-1}) row-major. Padding rows up to a multiple of
+  // MR get -1 (read as zeros).
+  void row_offsets(const Task& t, std::vector<int64_t>& lhs_row,
+                   std::vector<int64_t>& out_row) const {
     const SubProblem& sp = plan.subproblems[t.sp];
-    const int nd = pb.nd;
-    const int64_t Cg = pb.group_in(), Fg = pb.group_out();
     const int64_t mc = t.row1 - t.row0;
-    const int64_t red = sp.taps * Cg;
-    // Group offsets: feature groups pick an lhs channel block, batch groups
-    // an lhs batch block.
-    const int64_t lhs_group = pb.feature_groups > 1 ? t.group * Cg * pb.lhs_c
+    // Feature groups pick an lhs channel block, batch groups an lhs batch block.
+    const int64_t lhs_group = pb.feature_groups > 1 ? t.group * pb.group_in() * pb.lhs_c
                                                     : t.group * pb.out_batch() * pb.lhs_n;
-
-    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red;
-    thread_local std::vector<Acc> Ap, Bp, Cbuf;
     lhs_row.assign(round_up(mc, MR), -1);
     out_row.resize(mc);
-    // Rows: (n, j_0, ..., j_{nd-1}) row-major.
     for (int64_t r = 0; r < mc; ++r) {
       int64_t rem = t.row0 + r, lo = lhs_group, oo = 0;
-      for (int d = nd - 1; d >= 0; --d) {
+      for (int d = pb.nd - 1; d >= 0; --d) {
         const int64_t cnt = sp.seg[d].count, j = rem % cnt;
         rem /= cnt;
         const Phase& ph = *sp.phase[d];
@@ -130,55 +142,105 @@ struct CksConv {
       lhs_row[r] = lo + rem * pb.lhs_n;
       out_row[r] = oo + rem * pb.out_n;
     }
-    // Reduction: (t_0, ..., t_{nd-1}, c) row-major, relative to t_lo.
-    lhs_red.resize(red);
-    rhs_red.resize(red);
+  }
+
+  // lhs (relative to a row's offset) and rhs element offsets of the
+  // reduction index k = (t_0, ..., t_{nd-1}, c) row-major, taps relative to
+  // t_lo. Either output may be null.
+  void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
+    const SubProblem& sp = plan.subproblems[s];
+    const int64_t Cg = pb.group_in(), red = red_size(s);
+    if (lhs_red) lhs_red->resize(red);
+    if (rhs_red) rhs_red->resize(red);
     for (int64_t k = 0; k < red; ++k) {
       int64_t rem = k / Cg, li = (k % Cg) * pb.lhs_c, ri = (k % Cg) * pb.rhs_i;
-      for (int d = nd - 1; d >= 0; --d) {
+      for (int d = pb.nd - 1; d >= 0; --d) {
         const int64_t cnt = sp.seg[d].t_hi - sp.seg[d].t_lo, tt = rem % cnt;
         rem /= cnt;
         const Phase& ph = *sp.phase[d];
         li += ph.tstride * tt * pb.lhs_sp[d];
         ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt)) * pb.rhs_sp[d];
       }
-      lhs_red[k] = li;
-      rhs_red[k] = ri;
+      if (lhs_red) (*lhs_red)[k] = li;
+      if (rhs_red) (*rhs_red)[k] = ri;
     }
-    const int64_t mc_pad = round_up(mc, MR);
+  }
+
+  // Packs column block [nc0, nc0 + nc) x reduction block [kc0, kc0 + kc)
+  // of B of group g into NR-column panels [kc][NR], zero-filled past nc.
+  void pack_b_block(const std::vector<int64_t>& rhs_red, int64_t g, int64_t nc0, int64_t nc,
+                    int64_t kc0, int64_t kc, Acc* dst) const {
+    const int64_t Fg = pb.group_out(), nc_pad = round_up(nc, NR);
+    for (int64_t jr = 0; jr < nc_pad; jr += NR) {
+      Acc* panel = dst + jr * kc;
+      for (int64_t p = 0; p < kc; ++p) {
+        const Tin* src = rhs + rhs_red[kc0 + p];
+        for (int j = 0; j < NR; ++j) {
+          const int64_t f = nc0 + jr + j;
+          panel[p * NR + j] = (jr + j < nc) ? load<Acc>(src[(g * Fg + f) * pb.rhs_o]) : Acc(0);
+        }
+      }
+    }
+  }
+
+  // Packs all of B of (sub-problem s, group g) into dst[packed_b_size(s)]:
+  // the block (nc0, kc0) starts at nc0 * red + kc0 * nc_pad.
+  void pack_b(int64_t s, int64_t g, Acc* dst) const {
+    thread_local std::vector<int64_t> rhs_red;
+    red_offsets(s, nullptr, &rhs_red);
+    const int64_t Fg = pb.group_out(), red = red_size(s);
+    for (int64_t nc0 = 0; nc0 < Fg; nc0 += kNC) {
+      const int64_t nc = std::min(kNC, Fg - nc0), nc_pad = round_up(nc, NR);
+      for (int64_t kc0 = 0; kc0 < red; kc0 += kKC)
+        pack_b_block(rhs_red, g, nc0, nc, kc0, std::min(kKC, red - kc0),
+                     dst + nc0 * red + kc0 * nc_pad);
+    }
+  }
+
+  // Packs rows [0, mc_pad) x reduction [kc0, kc0 + kc) of A into MR-row
+  // panels [kc][MR]; rows with offset -1 are zeros.
+  void pack_a(const std::vector<int64_t>& lhs_row, const std::vector<int64_t>& lhs_red,
+              int64_t kc0, int64_t kc, Acc* dst) const {
+    for (int64_t ir = 0; ir < static_cast<int64_t>(lhs_row.size()); ir += MR) {
+      Acc* panel = dst + ir * kc;
+      for (int i = 0; i < MR; ++i) {
+        const int64_t base = lhs_row[ir + i];
+        if (base < 0) {
+          for (int64_t p = 0; p < kc; ++p) panel[p * MR + i] = Acc(0);
+        } else {
+          const int64_t* ro = lhs_red.data() + kc0;
+          for (int64_t p = 0; p < kc; ++p) panel[p * MR + i] = load<Acc>(lhs[base + ro[p]]);
+        }
+      }
+    }
+  }
+
+  // One row block of one (sub-problem, group). `Bsp` is its packed B
+  // (pack_b), or null to pack each block of B here, just before its use.
+  void run(const Task& t, const Acc* Bsp) const {
+    const int64_t Fg = pb.group_out();
+    const int64_t mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
+    const int64_t red = red_size(t.sp);
+
+    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red;
+    thread_local std::vector<Acc> Ap, Bp, Cbuf;
+    row_offsets(t, lhs_row, out_row);
+    red_offsets(t.sp, &lhs_red, Bsp ? nullptr : &rhs_red);
     for (int64_t nc0 = 0; nc0 < Fg; nc0 += kNC) {
       const int64_t nc = std::min(kNC, Fg - nc0), nc_pad = round_up(nc, NR);
       Cbuf.assign(mc_pad * nc_pad, Acc(0));
       for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
         const int64_t kc = std::min(kKC, red - kc0);
-        // Pack B: NR-column panels [kc][NR], zero-filled past nc.
-        Bp.resize(nc_pad * kc);
-        for (int64_t jr = 0; jr < nc_pad; jr += NR) {
-          Acc* dst = Bp.data() + jr * kc;
-          for (int64_t p = 0; p < kc; ++p) {
-            const Tin* src = rhs + rhs_red[kc0 + p];
-            for (int j = 0; j < NR; ++j) {
-              const int64_t f = nc0 + jr + j;
-              dst[p * NR + j] =
-                  (jr + j < nc) ? load<Acc>(src[(t.group * Fg + f) * pb.rhs_o]) : Acc(0);
-            }
-          }
-        }
-        // Pack A: MR-row panels [kc][MR], zero-filled past mc.
         Ap.resize(mc_pad * kc);
-        for (int64_t ir = 0; ir < mc_pad; ir += MR) {
-          Acc* dst = Ap.data() + ir * kc;
-          for (int i = 0; i < MR; ++i) {
-            const int64_t base = lhs_row[ir + i];
-            if (base < 0) {
-              for (int64_t p = 0; p < kc; ++p) dst[p * MR + i] = Acc(0);
-            } else {
-              const int64_t* ro = lhs_red.data() + kc0;
-              for (int64_t p = 0; p < kc; ++p) dst[p * MR + i] = load<Acc>(lhs[base + ro[p]]);
-            }
-          }
+        const Acc* B = Bsp ? Bsp + nc0 * red + kc0 * nc_pad : nullptr;
+        if (B == nullptr) {
+          Bp.resize(nc_pad * kc);
+          pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
+          B = Bp.data();
         }
-        gemm_block(mc_pad, nc_pad, kc, Ap.data(), Bp.data(), Cbuf.data(), nc_pad);
+        Ap.resize(mc_pad * kc);
+        pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
+        gemm_block(mc_pad, nc_pad, kc, Ap.data(), B, Cbuf.data(), nc_pad);
       }
       for (int64_t r = 0; r < mc; ++r) {
         Tout* dst = out + out_row[r];
@@ -188,6 +250,30 @@ struct CksConv {
       }
     }
   }
+
+  void run_all(ffi::ThreadPool* pool) const {
+    const int64_t G = pb.groups();
+    // Pass 1: pack B once for every sub-problem with several row blocks, if
+    // they all fit. A single row block packs B block by block as it goes,
+    // which keeps each block in cache (d-rhs: few rows, long reductions).
+    std::vector<int64_t> b_off(nsp() * G + 1, 0);
+    for (int64_t i = 0; i < nsp() * G; ++i)
+      b_off[i + 1] = b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
+    std::unique_ptr<Acc[]> Bshared;
+    if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBBytes) {
+      Bshared.reset(new Acc[b_off.back()]);
+      parallel_for(pool, nsp() * G, [&](int64_t i) {
+        if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + b_off[i]);
+      });
+    }
+    // Pass 2: the row-block tasks.
+    const auto ts = tasks();
+    parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
+      const Task& t = ts[i];
+      const bool shared = Bshared && shares_b(t.sp);
+      run(t, shared ? Bshared.get() + b_off[t.sp * G + t.group] : nullptr);
+    });
+  }
 };
 
 template <typename Tin, typename Acc, typename Tout>
@@ -196,8 +282,7 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
   const Plan plan = make_plan(pb);
   CksConv<Tin, Acc, Tout> conv{pb, plan, static_cast<const Tin*>(lhs),
                                static_cast<const Tin*>(rhs), static_cast<Tout*>(out)};
-  const auto ts = conv.tasks();
-  parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) { conv.run(ts[i]); });
+  conv.run_all(pool);
 }
 
 template <typename Tin, typename Acc, typename Tout>
