@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cks/dtypes.h"
@@ -70,9 +71,11 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int
 }
 
 using gemm::gemm_block;
+using gemm::IndirectA;
 using gemm::kKC;
 using gemm::kMC;
 using gemm::kNC;
+using gemm::PackedA;
 using gemm::Tile;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -103,6 +106,11 @@ struct CksConv {
   int64_t packed_b_size(int64_t sp) const {
     return round_up(pb.group_out(), NR) * red_size(sp);
   }
+
+  // A is read in place (IndirectA) when no conversion is needed and each
+  // tap's channels are contiguous; otherwise it is gathered into panels.
+  bool reads_a_in_place() const { return std::is_same<Tin, Acc>::value && pb.lhs_c == 1; }
+  const Acc* lhs_in_acc() const { return reinterpret_cast<const Acc*>(lhs); }
 
   // Worth packing B once: the sub-problem has several row blocks.
   bool shares_b(int64_t sp) const { return plan.subproblems[sp].rows > kMC; }
@@ -226,6 +234,9 @@ struct CksConv {
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     row_offsets(t, lhs_row, out_row);
     red_offsets(t.sp, &lhs_red, Bsp ? nullptr : &rhs_red);
+    const bool indirect = reads_a_in_place();
+    if (indirect)  // padding rows re-read row 0; their results are dropped
+      for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
     for (int64_t nc0 = 0; nc0 < Fg; nc0 += kNC) {
       const int64_t nc = std::min(kNC, Fg - nc0), nc_pad = round_up(nc, NR);
       Cbuf.assign(mc_pad * nc_pad, Acc(0));
@@ -238,9 +249,14 @@ struct CksConv {
           pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
           B = Bp.data();
         }
-        Ap.resize(mc_pad * kc);
-        pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
-        gemm_block(mc_pad, nc_pad, kc, Ap.data(), B, Cbuf.data(), nc_pad);
+        if (indirect) {
+          const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
+          gemm_block(mc_pad, nc_pad, kc, A, B, Cbuf.data(), nc_pad);
+        } else {
+          Ap.resize(mc_pad * kc);
+          pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
+          gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, Cbuf.data(), nc_pad);
+        }
       }
       for (int64_t r = 0; r < mc; ++r) {
         Tout* dst = out + out_row[r];

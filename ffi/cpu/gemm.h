@@ -1,5 +1,7 @@
-// Packed GEMM block of the CPU kernels: C[mc x nc] += Ap * Bp.
-//   Ap: MR-row panels, each [kc][MR];  Bp: NR-column panels, each [kc][NR];
+// GEMM block of the CPU kernels: C[mc x nc] += A * Bp.
+//   A : read through an A source: PackedA (MR-row panels, each [kc][MR]) or
+//       IndirectA (in place, through row and reduction offsets);
+//   Bp: NR-column panels, each [kc][NR];
 //   C : row-major, row stride ldc;     mc, nc multiples of MR, NR.
 // x86-64 picks a hand-written micro-kernel at run time (no -march needed):
 //   AVX2+FMA : 6x16 float / 6x8 double tile in 12 ymm accumulators;
@@ -39,21 +41,54 @@ constexpr int64_t kMC = 96;   // rows per task (multiple of MR)
 constexpr int64_t kKC = 256;  // reduction block
 constexpr int64_t kNC = 256;  // column block (multiple of NR)
 
-// Portable kernel: C[mc x nc] += Ap * Bp (the compiler vectorises it as it can).
+// A sources. panel(ir) gives the MR rows starting at ir; at(p, i) points at
+// element (row i, reduction p) of that panel.
 template <typename T>
+struct PackedA {  // MR-row panels [kc][MR], contiguous
+  const T* Ap;
+  int64_t kc;
+  struct Panel {
+    const T* a;
+    const T* at(int64_t p, int i) const { return a + p * Tile<T>::MR + i; }
+  };
+  Panel panel(int64_t ir) const { return {Ap + ir * kc}; }
+};
+// Element (r, p) is base[rows[r] + red[p]]: A read in place with no packing
+// (indirection, as in XNNPACK). Pays when the reduction runs along
+// contiguous memory (channel stride 1), so every cache line read is used.
+template <typename T>
+struct IndirectA {
+  const T* base;
+  const int64_t* rows;  // mc entries, all valid offsets
+  const int64_t* red;   // kc entries
+  struct Panel {
+    const T* r[Tile<T>::MR];
+    const int64_t* red;
+    const T* at(int64_t p, int i) const { return r[i] + red[p]; }
+  };
+  Panel panel(int64_t ir) const {
+    Panel pn;
+    for (int i = 0; i < Tile<T>::MR; ++i) pn.r[i] = base + rows[ir + i];
+    pn.red = red;
+    return pn;
+  }
+};
+
+// Portable kernel: C[mc x nc] += A * Bp (the compiler vectorises it as it can).
+template <typename T, typename ASrc>
 inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, int64_t kc,
-                                                        const T* Ap, const T* Bp, T* C,
+                                                        const ASrc& A, const T* Bp, T* C,
                                                         int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   for (int64_t jr = 0; jr < nc; jr += NR) {
     const T* b = Bp + jr * kc;
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* a = Ap + ir * kc;
+      const auto a = A.panel(ir);
       T acc[MR][NR] = {};
       for (int64_t p = 0; p < kc; ++p) {
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
-          const T ai = a[p * MR + i];
+          const T ai = *a.at(p, i);
 #pragma GCC unroll 16
           for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[p * NR + j];
         }
@@ -80,26 +115,26 @@ CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_p
 
 // MR x NR tile = MR x 2 ymm: 12 accumulators + 2 B vectors + 1 broadcast
 // = 15 of 16 ymm registers, no spills (checked with objdump).
-template <typename T>
+template <typename T, typename ASrc>
 __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t kc,
-                                                           const T* Ap, const T* Bp, T* C,
+                                                           const ASrc& A, const T* Bp, T* C,
                                                            int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "tile is MR x 2 ymm");
-  using V = decltype(vload(Ap));
+  using V = decltype(vload(Bp));
   for (int64_t jr = 0; jr < nc; jr += NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* a = Ap + ir * kc;
+      const auto a = A.panel(ir);
       const T* b = Bp + jr * kc;
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
 #pragma GCC unroll 4
-      for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
+      for (int64_t p = 0; p < kc; ++p, b += NR) {
         const V b0 = vload(b), b1 = vload(b + W);
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          const V ai = vbcast(a + i);
+          const V ai = vbcast(a.at(p, i));
           acc[i][0] = vfma(ai, b0, acc[i][0]);
           acc[i][1] = vfma(ai, b1, acc[i][1]);
         }
@@ -128,28 +163,28 @@ CKS_Z512_FN __m512d zfma(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_
 CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(zload(p), v)); }
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
 
-template <typename T>
+template <typename T, typename ASrc>
 __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc, int64_t nc,
-                                                                     int64_t kc, const T* Ap,
+                                                                     int64_t kc, const ASrc& A,
                                                                      const T* Bp, T* C,
                                                                      int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
-  using V = decltype(zload(Ap));
+  using V = decltype(zload(Bp));
   int64_t jr = 0;
   for (; jr + 2 * NR <= nc; jr += 2 * NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* a = Ap + ir * kc;
+      const auto a = A.panel(ir);
       const T* b = Bp + jr * kc;  // panel jr; panel jr + NR starts NR * kc later
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
 #pragma GCC unroll 4
-      for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
+      for (int64_t p = 0; p < kc; ++p, b += NR) {
         const V b0 = zload(b), b1 = zload(b + NR * kc);
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          const V ai = zbcast(a + i);
+          const V ai = zbcast(a.at(p, i));
           acc[i][0] = zfma(ai, b0, acc[i][0]);
           acc[i][1] = zfma(ai, b1, acc[i][1]);
         }
@@ -162,7 +197,7 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc,
       }
     }
   }
-  if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, Ap, Bp + jr * kc, C + jr, ldc);
+  if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr * kc, C + jr, ldc);
 }
 #undef CKS_Z512_FN
 
@@ -174,25 +209,16 @@ inline int gemm_isa() {  // 2: AVX-512F, 1: AVX2+FMA, 0: portable
 }
 #endif  // CKS_X86_AVX2
 
-inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const float* Ap, const float* Bp, float* C,
-                int64_t ldc) {
+template <typename T, typename ASrc>
+inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp, T* C,
+                       int64_t ldc) {
 #ifdef CKS_X86_AVX2
   switch (gemm_isa()) {
-    case 2: return macro_kernel_avx512(mc, nc, kc, Ap, Bp, C, ldc);
-    case 1: return macro_kernel_avx2(mc, nc, kc, Ap, Bp, C, ldc);
+    case 2: return macro_kernel_avx512(mc, nc, kc, A, Bp, C, ldc);
+    case 1: return macro_kernel_avx2(mc, nc, kc, A, Bp, C, ldc);
   }
 #endif
-  macro_kernel<float>(mc, nc, kc, Ap, Bp, C, ldc);
-}
-inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const double* Ap, const double* Bp,
-                double* C, int64_t ldc) {
-#ifdef CKS_X86_AVX2
-  switch (gemm_isa()) {
-    case 2: return macro_kernel_avx512(mc, nc, kc, Ap, Bp, C, ldc);
-    case 1: return macro_kernel_avx2(mc, nc, kc, Ap, Bp, C, ldc);
-  }
-#endif
-  macro_kernel<double>(mc, nc, kc, Ap, Bp, C, ldc);
+  macro_kernel<T>(mc, nc, kc, A, Bp, C, ldc);
 }
 
 }  // namespace gemm
