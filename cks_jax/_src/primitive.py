@@ -23,7 +23,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from cks_jax._src import backends, ffi, portable, shapes
+from cks_jax._src import backends, ffi, portable, shapes, sharding
 
 cks_conv_p = jex_core.Primitive("cks_conv")
 
@@ -35,6 +35,7 @@ def _spec(params) -> shapes.ConvSpec:
 
 
 def bind(lhs, rhs, **params):
+  lhs, rhs = sharding.match_varying(lhs, rhs)
   return cks_conv_p.bind(lhs, rhs, **params)
 
 
@@ -51,7 +52,9 @@ def _impl(lhs, rhs, **params):
 
 def _abstract_eval(lhs, rhs, **params):
   shape = shapes.out_shape(lhs.shape, rhs.shape, _spec(params))
-  return jax.core.ShapedArray(shape, params["out_dtype"])
+  # update() keeps lhs's manual (shard_map) axes; bind matched rhs's to them.
+  return lhs.update(shape=shape, dtype=params["out_dtype"], weak_type=False,
+                    sharding=sharding.out_sharding(lhs, rhs, params))
 
 
 cks_conv_p.def_impl(_impl)
@@ -88,6 +91,9 @@ def _lower_ffi(target: str, ctx, lhs, rhs, **params):
   if _is_empty(lhs_aval, rhs_aval, out_aval):
     return mlir.lower_fun(functools.partial(_zeros, **params), multiple_results=False)(
         ctx, lhs, rhs)
+  if sharding.needs_partitioning(ctx):
+    # XLA cannot split a custom call: wrap it so it can (sharding.py).
+    return sharding.lower(ctx, lhs, rhs, bind=bind, params=params)
   ffi.register()
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   i64 = lambda xs: np.asarray(xs, dtype=np.int64)
@@ -130,6 +136,7 @@ for _platform in ("cpu", "cuda", "rocm", "tpu"):
   mlir.register_lowering(cks_conv_p, _lowering(_platform), platform=_platform)
 # Any other platform (plugins): no kernel, so portable or XLA as "auto" says.
 mlir.register_lowering(cks_conv_p, _lowering("other"))
+sharding.register(cks_conv_p)
 
 
 # ------------------------------------------------------------------ transposes
