@@ -5,6 +5,9 @@
    platform "cuda", is made of cks CUDA custom calls and no convolution.
 3. Its kernel bodies run on the CPU: the host harness runs the CUDA kernel's
    phases block by block, thread by thread, barrier by barrier, against lax.
+   bfloat16 and float16 take the tensor-core path, whose warp-level
+   mma.sync the harness runs through a host model of the instruction; the
+   fragment layout both rely on is checked against the PTX ISA's tables.
 """
 import itertools
 import re
@@ -46,16 +49,28 @@ def harness(lhs_shape, rhs_shape, ws, padding, ld=None, rd=None, dn=None, g=1, b
             batch_group_count=bg)
   out_dtype = np.dtype(out_dtype or dtype)
   ref = lax.conv_general_dilated(lhs.astype(np.float64), rhs.astype(np.float64), **kw)
-  out = cuda.emulate(np.asarray(lhs), np.asarray(rhs), ref.shape, out_dtype, **kw)
-  assert_close(out, ref, dtype, f"harness {lhs_shape} {rhs_shape} {kw}")
+  out, path = cuda.emulate(np.asarray(lhs), np.asarray(rhs), ref.shape, out_dtype,
+                           return_path=True, **kw)
+  what = f"harness {np.dtype(dtype).name} {lhs_shape} {rhs_shape} {kw}"
+  expected = "mma" if np.dtype(dtype) in TENSOR_CORE else "simt"
+  assert path == (expected if ref.size else None), what  # an empty output runs nothing
+  assert_close(out, ref, dtype, what)
   del nd
 
 
+# The input dtypes that run on tensor cores (mma.sync, float32 accumulation).
+TENSOR_CORE = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+HARNESS_DTYPES = [np.float64, jnp.bfloat16, jnp.float16]
+
+
 @needs_lib
+@pytest.mark.parametrize("dtype", HARNESS_DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("s,a,d", list(itertools.product([1, 2, 3], [1, 2, 4], [1, 2, 3])))
-def test_harness_1d_grid(s, a, d):
+def test_harness_1d_grid(s, a, d, dtype):
+  # Reductions of 3 * taps (never a multiple of 16) and 4 output features
+  # (not a multiple of 8): every tile has reduction and column tails.
   for k, pad in [(1, (0, 0)), (3, (1, 2)), (4, (-1, 3)), (9, (4, 4))]:
-    harness((2, 3, 11), (4, 3, k), (s,), [pad], (a,), (d,))
+    harness((2, 3, 11), (4, 3, k), (s,), [pad], (a,), (d,), dtype=dtype)
 
 
 @needs_lib
@@ -80,9 +95,10 @@ def test_harness_1d_grid(s, a, d):
     dict(lhs=(1, 4, 7, 6, 5), rhs=(2, 4, 3, 3, 2), ws=(2, 1, 2),
          padding=[(2, 1), (0, 0), (1, 1)], rd=(2, 2, 1)),
 ])
-def test_harness_configurations(case):
+@pytest.mark.parametrize("dtype", HARNESS_DTYPES, ids=lambda t: np.dtype(t).name)
+def test_harness_configurations(case, dtype):
   harness(case["lhs"], case["rhs"], case["ws"], case["padding"], case.get("ld"), case.get("rd"),
-          case.get("dn"), case.get("g", 1), case.get("bg", 1))
+          case.get("dn"), case.get("g", 1), case.get("bg", 1), dtype=dtype)
 
 
 @needs_lib
@@ -92,6 +108,87 @@ def test_harness_configurations(case):
 def test_harness_dtypes(dtype, out):
   harness((2, 40, 7, 6), (6, 40, 4, 3), (1, 1), [(2, 2), (1, 1)], (2, 2), None, dtype=dtype,
           out_dtype=out)
+
+
+# ---------------------------------------------------------------- 3b. tensor cores
+def isa_fragment(operand, lane, i):
+  """(row, col) of element i of a lane's m16n8k16 .f16/.bf16 fragment, as the
+  PTX ISA tables state it ("Matrix Fragments for mma.m16n8k16 with floating
+  point type"), written independently of ffi/cuda/mma_layout.cuh."""
+  group, tig = lane >> 2, lane % 4
+  if operand == "a":  # 16 x 16, a0..a7
+    row = group if (0 <= i < 2 or 4 <= i < 6) else group + 8
+    col = tig * 2 + (i & 1) if i < 4 else tig * 2 + (i & 1) + 8
+  elif operand == "b":  # 16 x 8, b0..b3
+    row = tig * 2 + (i & 1) if i < 2 else tig * 2 + (i & 1) + 8
+    col = group
+  else:  # C and D, 16 x 8, c0..c3
+    row = group if i < 2 else group + 8
+    col = tig * 2 + (i & 1)
+  return row, col
+
+
+FRAGMENTS = {"a": (8, (16, 16)), "b": (4, (16, 8)), "c": (4, (16, 8))}
+
+
+@needs_lib
+@pytest.mark.parametrize("operand", list(FRAGMENTS))
+def test_mma_fragment_layout_matches_the_ptx_isa(operand):
+  n, shape = FRAGMENTS[operand]
+  got = cuda.mma_layout(operand)
+  want = np.array([[isa_fragment(operand, lane, i) for i in range(n)] for lane in range(32)])
+  np.testing.assert_array_equal(got, want)
+  # The 32 lanes hold every element of the matrix exactly once.
+  cells = {tuple(rc) for rc in got.reshape(-1, 2)}
+  assert len(cells) == 32 * n == shape[0] * shape[1]
+  assert all(0 <= r < shape[0] and 0 <= c < shape[1] for r, c in cells)
+
+
+def _fragments(matrix, operand):
+  """The lanes' 32-bit registers for `matrix` (16-bit values), packed by the
+  ISA's rule: element 2r in the low half of register r, 2r+1 in the high."""
+  n, _ = FRAGMENTS[operand]
+  bits = np.asarray(matrix).view(np.uint16).astype(np.uint32)
+  regs = np.zeros((32, n // 2), np.uint32)
+  for lane in range(32):
+    for i in range(n):
+      regs[lane, i // 2] |= bits[isa_fragment(operand, lane, i)] << (16 * (i % 2))
+  return regs
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", TENSOR_CORE, ids=str)
+def test_mma_model_is_a_16x8x16_product(dtype):
+  # The host model of one instruction, fed registers built here from the ISA
+  # tables, computes D = A B + C in float32 and returns D in the C layout.
+  a, b = random((16, 16), dtype, 0), random((16, 8), dtype, 1)
+  c = np.asarray(random((16, 8), np.float32, 2))
+  c_regs = np.array([[c[isa_fragment("c", lane, i)] for i in range(4)] for lane in range(32)])
+  d_regs = cuda.mma_model(dtype, _fragments(a, "a"), _fragments(b, "b"), c_regs)
+  d = np.zeros((16, 8), np.float32)
+  for lane in range(32):
+    for i in range(4):
+      d[isa_fragment("c", lane, i)] = d_regs[lane, i]
+  ref = np.asarray(a, np.float64) @ np.asarray(b, np.float64) + c
+  assert_close(d, ref, np.float32, f"mma model {dtype}")
+  # It reads each half of a register: swapping them changes the product.
+  a_regs = _fragments(a, "a")
+  swapped = (a_regs >> 16) | (a_regs << 16)
+  assert np.abs(cuda.mma_model(dtype, swapped, _fragments(b, "b"), c_regs) - d_regs).max() > 0.1
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", TENSOR_CORE, ids=str)
+def test_mma_block_tile_through_fragment_loads(dtype):
+  # A whole block tile as the harness runs it: shared tiles (as load_tiles
+  # fills them), every warp's load_fragments, the model, and the
+  # accumulators read back through the output layout, equal A B + C.
+  bm, bn, bk = cuda.block_tile()
+  a, b = np.asarray(random((bm, bk), dtype, 3)), np.asarray(random((bk, bn), dtype, 4))
+  c = np.asarray(random((bm, bn), np.float32, 5))
+  d = cuda.mma_block(a, b, c)
+  ref = a.astype(np.float64) @ b.astype(np.float64) + c
+  assert_close(d, ref, np.float32, f"mma block tile {dtype}")
 
 
 def _eval_with_harness(jaxpr, consts, *args):
@@ -234,3 +331,15 @@ def test_gpu_values_and_gradients(name):
   loss = lambda fn: (lambda l, r: jnp.sum(fn(l, r) ** 2))
   for a, b in zip(jax.grad(loss(f), (0, 1))(l, r), jax.grad(loss(ref_f), (0, 1))(l, r)):
     assert_close(a, b, np.float32, "gpu gradient")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", TENSOR_CORE, ids=str)
+def test_gpu_tensor_core_dtypes(dtype):
+  # The tensor-core path on the real instruction, against lax in float64.
+  f, ls, rs = PUBLIC["conv_general_dilated"]
+  l, r = random(ls, dtype, 0), random(rs, dtype, 1)
+  assert "cks_conv_cuda" in jax.jit(f).lower(l, r).compile().as_text()
+  ref = lax.conv_general_dilated(np.asarray(l, np.float64), np.asarray(r, np.float64), (1, 1),
+                                 [(2, 2), (2, 2)], (2, 2), (1, 1), DN)
+  assert_close(jax.jit(f)(l, r), ref, dtype, "gpu tensor-core value")

@@ -29,7 +29,12 @@ def library() -> ctypes.CDLL | None:
   lib.cks_cuda_emulate.restype = ctypes.c_char_p
   p, i64 = ctypes.c_void_p, ctypes.c_int64
   lib.cks_cuda_emulate.argtypes = [ctypes.c_int, ctypes.c_int, p, p, p, p, p, p, i64,
-                                   p, p, p, p, p, p, p, i64, i64]
+                                   p, p, p, p, p, p, p, i64, i64, p]
+  ci, pi = ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+  lib.cks_cuda_mma_layout.argtypes = [ci, ci, ci, pi, pi]
+  lib.cks_cuda_mma_model.argtypes = [ci, p, p, p]
+  lib.cks_cuda_mma_block.argtypes = [ci, p, p, p]
+  lib.cks_cuda_block_tile.argtypes = [pi, pi, pi]
   return lib
 
 
@@ -47,16 +52,32 @@ def _i64(xs) -> ctypes.Array:
   return arr
 
 
-def emulate(lhs: np.ndarray, rhs: np.ndarray, out_shape, out_dtype, *, window_strides, padding,
-            lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-            batch_group_count, **_) -> np.ndarray:
-  """Runs the CUDA kernel's phases on the CPU (the host harness of DESIGN.md 4.3)."""
+# The kernel's phase-2 implementations, as cks_cuda_emulate reports them.
+PATHS = {0: "simt", 1: "mma"}
+
+
+def _lib() -> ctypes.CDLL:
   lib = library()
   if lib is None:
     raise RuntimeError("the CUDA library was not built (no nvcc at install time)")
+  return lib
+
+
+def emulate(lhs: np.ndarray, rhs: np.ndarray, out_shape, out_dtype, *, window_strides, padding,
+            lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, return_path: bool = False, **_):
+  """Runs the CUDA kernel's phases on the CPU (the host harness of DESIGN.md 4.3).
+
+  Returns the output of shape ``out_shape``, or ``(output, path)`` with
+  ``return_path``: the phase-2 implementation that ran, ``"simt"`` (float32,
+  float64) or ``"mma"`` (bfloat16, float16 on tensor cores, through the host
+  model of mma.sync), or None for an empty output.
+  """
+  lib = _lib()
   lhs, rhs = np.ascontiguousarray(lhs), np.ascontiguousarray(rhs)
   out = np.zeros(out_shape, out_dtype)
   lhs_spec, rhs_spec, out_spec = dimension_numbers
+  path = ctypes.c_int(-1)
   err = lib.cks_cuda_emulate(
       _DTYPE_CODES[lhs.dtype.name], _DTYPE_CODES[np.dtype(out_dtype).name],
       lhs.ctypes.data_as(ctypes.c_void_p), _i64(lhs.shape),
@@ -64,7 +85,73 @@ def emulate(lhs: np.ndarray, rhs: np.ndarray, out_shape, out_dtype, *, window_st
       out.ctypes.data_as(ctypes.c_void_p), _i64(out.shape), lhs.ndim,
       _i64(window_strides), _i64(lhs_dilation), _i64(rhs_dilation),
       _i64([lo for lo, _ in padding]), _i64(lhs_spec), _i64(rhs_spec), _i64(out_spec),
-      int(feature_group_count), int(batch_group_count))
+      int(feature_group_count), int(batch_group_count), ctypes.byref(path))
   if err is not None:
     raise ValueError(err.decode())
+  return (out, PATHS.get(path.value)) if return_path else out
+
+
+# ---------------------------------------------------------------- tensor-core pieces
+def _bits16(x) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(x)).view(np.uint16)
+
+
+def mma_layout(operand: str) -> np.ndarray:
+  """The m16n8k16 fragment layout the kernel uses (ffi/cuda/mma_layout.cuh).
+
+  ``operand`` is "a", "b" or "c"; returns int array [32 lanes, elements, 2]
+  of (row, col) for element i of each lane's fragment (8, 4 and 4 elements).
+  """
+  lib = _lib()
+  op = "abc".index(operand)
+  n = {"a": 8, "b": 4, "c": 4}[operand]
+  out = np.zeros((32, n, 2), np.int64)
+  row, col = ctypes.c_int(), ctypes.c_int()
+  for lane in range(32):
+    for i in range(n):
+      if not lib.cks_cuda_mma_layout(op, lane, i, ctypes.byref(row), ctypes.byref(col)):
+        raise ValueError(f"no element {i} in operand {operand}")
+      out[lane, i] = row.value, col.value
   return out
+
+
+def mma_model(dtype, a_regs: np.ndarray, b_regs: np.ndarray, c: np.ndarray) -> np.ndarray:
+  """The host model of one mma.sync.m16n8k16 on 32 lanes' registers.
+
+  a_regs: uint32 [32, 4], b_regs: uint32 [32, 2] (pairs of 16-bit ``dtype``
+  values, lower element in the low half), c: float32 [32, 4]. Returns d,
+  float32 [32, 4].
+  """
+  a = np.ascontiguousarray(a_regs, np.uint32)
+  b = np.ascontiguousarray(b_regs, np.uint32)
+  d = np.array(c, np.float32, order="C")
+  assert a.shape == (32, 4) and b.shape == (32, 2) and d.shape == (32, 4)
+  if not _lib().cks_cuda_mma_model(_DTYPE_CODES[np.dtype(dtype).name], a.ctypes.data,
+                                   b.ctypes.data, d.ctypes.data):
+    raise ValueError(f"no tensor-core path for {dtype}")
+  return d
+
+
+def block_tile() -> tuple[int, int, int]:
+  """The kernel's block tile (kBM, kBN, kBK)."""
+  bm, bn, bk = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+  _lib().cks_cuda_block_tile(ctypes.byref(bm), ctypes.byref(bn), ctypes.byref(bk))
+  return bm.value, bn.value, bk.value
+
+
+def mma_block(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+  """One block tile of the tensor-core product as the harness computes it.
+
+  a: [kBM, kBK], b: [kBK, kBN] (both bfloat16 or both float16), c: float32
+  [kBM, kBN]. Runs shared tiles -> every warp's fragment loads -> host model
+  of mma.sync -> accumulators, and returns a @ b + c, float32 [kBM, kBN].
+  """
+  bm, bn, bk = block_tile()
+  assert a.shape == (bm, bk) and b.shape == (bk, bn) and c.shape == (bm, bn)
+  assert a.dtype == b.dtype
+  ab, bb = _bits16(a), _bits16(b)
+  d = np.array(c, np.float32, order="C")
+  if not _lib().cks_cuda_mma_block(_DTYPE_CODES[np.dtype(a.dtype).name], ab.ctypes.data,
+                                   bb.ctypes.data, d.ctypes.data):
+    raise ValueError(f"no tensor-core path for {a.dtype}")
+  return d

@@ -12,6 +12,9 @@
 #include "cks/plan.h"
 #include "cks/problem.h"
 #include "kernel.cuh"
+#include "mma_layout.cuh"
+#include "mma_model.cuh"
+#include "mma_path.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace cks {
@@ -63,11 +66,13 @@ Grid grid_of(const LaunchParams& lp) {
 }
 
 // ---------------------------------------------------------------- device
+// Tiles picks the path: SimtTiles (f32, f64) or MmaTiles (bf16, f16).
 template <typename Tin, typename Acc, typename Tout>
 __global__ void __launch_bounds__(kThreads)
     cks_conv_kernel(const __grid_constant__ LaunchParams p, const Tin* lhs, const Tin* rhs,
                     Tout* out) {
-  __shared__ SharedTiles<Acc> s;
+  using Tiles = typename TilesFor<Tin, Acc>::type;
+  __shared__ Tiles s;
   const BlockIdx b = block_coords(p, blockIdx.x, blockIdx.y, blockIdx.z);
   if (!block_active(p, b)) return;
   const int tid = static_cast<int>(threadIdx.x);
@@ -79,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     multiply_tiles(tid, s, acc);
     __syncthreads();
   }
-  store_outputs(p, b, tid, acc, out);
+  store_outputs<typename Tiles::Layout>(p, b, tid, acc, out);
 }
 
 template <typename Tin, typename Acc, typename Tout>
@@ -100,15 +105,37 @@ cudaError_t launch(cudaStream_t stream, const ConvProblem& pb, const void* lhs, 
 }
 
 // ---------------------------------------------------------------- host harness
+// Phase 2 in the harness: the SIMT product thread by thread, the tensor-core
+// product warp by warp through the model of the instruction.
+template <typename Acc, typename AccOf>
+void emulate_multiply(const SimtTiles<Acc>& s, AccOf&& acc_of) {
+  for (int tid = 0; tid < kThreads; ++tid) multiply_tiles(tid, s, acc_of(tid));
+}
+template <typename Tin, typename AccOf>
+void emulate_multiply(const MmaTiles<Tin>& s, AccOf&& acc_of) {
+  multiply_tiles_model(s, acc_of);
+}
+
+// The accumulator files of a block's threads.
+template <typename Acc>
+struct BlockAccumulators {
+  std::vector<Acc> store = std::vector<Acc>(static_cast<size_t>(kThreads) * kTM * kTN);
+  Acc (&operator()(int tid))[kTM][kTN] {
+    return *reinterpret_cast<Acc(*)[kTM][kTN]>(store.data() + tid * kTM * kTN);
+  }
+};
+
 // Runs a whole grid on the CPU, block by block; inside a block every thread
-// finishes one phase before any thread starts the next (== __syncthreads).
+// (every warp, for the tensor-core product) finishes one phase before any
+// starts the next (== __syncthreads). Returns the path that ran (kPath).
 template <typename Tin, typename Acc, typename Tout>
-void emulate(const ConvProblem& pb, const void* lhs_v, const void* rhs_v, void* out_v) {
+int emulate(const ConvProblem& pb, const void* lhs_v, const void* rhs_v, void* out_v) {
+  using Tiles = typename TilesFor<Tin, Acc>::type;
   const Tin* lhs = static_cast<const Tin*>(lhs_v);
   const Tin* rhs = static_cast<const Tin*>(rhs_v);
   Tout* out = static_cast<Tout*>(out_v);
-  std::vector<Acc> acc_store(static_cast<size_t>(kThreads) * kTM * kTN);
-  SharedTiles<Acc> s;
+  BlockAccumulators<Acc> acc;
+  Tiles s;
   for (const LaunchParams& lp : make_launches(pb)) {
     const Grid g = grid_of(lp);
     for (int64_t bz = 0; bz < g.z; ++bz)
@@ -116,23 +143,22 @@ void emulate(const ConvProblem& pb, const void* lhs_v, const void* rhs_v, void* 
         for (int64_t bx = 0; bx < g.x; ++bx) {
           const BlockIdx b = block_coords(lp, bx, by, bz);
           if (!block_active(lp, b)) continue;
-          std::fill(acc_store.begin(), acc_store.end(), Acc(0));
-          auto acc_of = [&](int tid) -> Acc(&)[kTM][kTN] {
-            return *reinterpret_cast<Acc(*)[kTM][kTN]>(acc_store.data() + tid * kTM * kTN);
-          };
+          std::fill(acc.store.begin(), acc.store.end(), Acc(0));
           for (int64_t k0 = 0; k0 < lp.cls[b.cls].red; k0 += kBK) {
             for (int tid = 0; tid < kThreads; ++tid) load_tiles(lp, b, tid, k0, lhs, rhs, s);
-            for (int tid = 0; tid < kThreads; ++tid) multiply_tiles(tid, s, acc_of(tid));
+            emulate_multiply(s, acc);
           }
-          for (int tid = 0; tid < kThreads; ++tid) store_outputs(lp, b, tid, acc_of(tid), out);
+          for (int tid = 0; tid < kThreads; ++tid)
+            store_outputs<typename Tiles::Layout>(lp, b, tid, acc(tid), out);
         }
   }
+  return Tiles::kPath;
 }
 
 template <typename Tin, typename Acc, typename Tout>
 struct Emulate {
-  static void run(const ConvProblem& pb, const void* l, const void* r, void* o) {
-    emulate<Tin, Acc, Tout>(pb, l, r, o);
+  static void run(int* path, const ConvProblem& pb, const void* l, const void* r, void* o) {
+    *path = emulate<Tin, Acc, Tout>(pb, l, r, o);
   }
 };
 
@@ -186,7 +212,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CksConvCudaHandler, cks::cuda::CksConvCuda,
                                   .Attr<int64_t>("batch_group_count"));
 
 // Host harness entry point (ctypes): runs the CUDA kernel's phases on the
-// CPU. Returns nullptr or an error message.
+// CPU and sets *path to the path that ran (0 = SIMT, 1 = tensor cores).
+// Returns nullptr or an error message.
 extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void* lhs,
                                         const int64_t* lhs_dims, const void* rhs,
                                         const int64_t* rhs_dims, void* out,
@@ -196,7 +223,8 @@ extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void*
                                         const int64_t* rhs_dilation, const int64_t* padding_lo,
                                         const int64_t* lhs_spec, const int64_t* rhs_spec,
                                         const int64_t* out_spec, int64_t feature_group_count,
-                                        int64_t batch_group_count) {
+                                        int64_t batch_group_count, int* path) {
+  *path = -1;
   cks::ConvProblem pb;
   if (rank < 3 || rank > cks::kMaxSpatial + 2) return "cks: rank must be 3, 4 or 5";
   const char* err = cks::make_problem(lhs_dims, rhs_dims, out_dims, rank, window_strides,
@@ -205,7 +233,91 @@ extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void*
   if (err != nullptr) return err;
   for (int64_t i = 0; i < rank; ++i)
     if (out_dims[i] == 0) return nullptr;
-  if (!cks::dispatch_dtypes<cks::cuda::Emulate>(in_dtype, out_dtype, pb, lhs, rhs, out))
+  if (!cks::dispatch_dtypes<cks::cuda::Emulate>(in_dtype, out_dtype, path, pb, lhs, rhs, out))
     return "cks: unsupported dtype combination";
   return nullptr;
+}
+
+// ---------------------------------------------------------------- tensor-core checks
+// Test hooks (ctypes) for the tensor-core path's pieces, below the whole grid.
+
+// The ISA fragment layout as mma_layout.cuh writes it: operand 0 = A,
+// 1 = B, 2 = C/D; element i of lane `lane` -> (row, col). False when out of
+// range.
+extern "C" int cks_cuda_mma_layout(int operand, int lane, int i, int* row, int* col) {
+  namespace m = cks::cuda::mma;
+  if (lane < 0 || lane >= m::kWarp || i < 0) return 0;
+  if (operand == 0 && i < 2 * m::kARegs) {
+    *row = m::a_row(lane, i), *col = m::a_col(lane, i);
+  } else if (operand == 1 && i < 2 * m::kBRegs) {
+    *row = m::b_row(lane, i), *col = m::b_col(lane, i);
+  } else if (operand == 2 && i < m::kCRegs) {
+    *row = m::c_row(lane, i), *col = m::c_col(lane, i);
+  } else {
+    return 0;
+  }
+  return 1;
+}
+
+// The host model of one instruction on the 32 lanes' registers a[32][4],
+// b[32][2] (16-bit pairs) and c[32][4] (overwritten with d). False for a
+// dtype other than bfloat16 (2) or float16 (3).
+extern "C" int cks_cuda_mma_model(int in_dtype, const uint32_t* a, const uint32_t* b, float* c) {
+  using namespace cks::cuda;
+  WarpMma w;
+  std::copy(a, a + sizeof(w.a) / sizeof(uint32_t), &w.a[0][0]);
+  std::copy(b, b + sizeof(w.b) / sizeof(uint32_t), &w.b[0][0]);
+  std::copy(c, c + sizeof(w.c) / sizeof(float), &w.c[0][0]);
+  if (in_dtype == cks::kBF16)
+    mma_m16n8k16_model<cks::bf16>(w);
+  else if (in_dtype == cks::kF16)
+    mma_m16n8k16_model<cks::f16>(w);
+  else
+    return 0;
+  std::copy(&w.c[0][0], &w.c[0][0] + sizeof(w.c) / sizeof(float), c);
+  return 1;
+}
+
+namespace {
+template <typename Tin>
+void mma_block(const uint16_t* a, const uint16_t* b, float* c) {
+  using namespace cks::cuda;
+  MmaTiles<Tin> s;
+  for (int kq = 0; kq < kBK; kq += kLoadK)  // as load_tiles hands them over
+    for (int x = 0; x < kBM; ++x) {
+      Tin va[kLoadK], vb[kLoadK];
+      for (int j = 0; j < kLoadK; ++j) {
+        va[j] = Tin{a[x * kBK + kq + j]};
+        vb[j] = Tin{b[(kq + j) * kBN + x]};
+      }
+      s.put_a(kq, x, va);
+      s.put_b(kq, x, vb);
+    }
+  BlockAccumulators<float> acc;
+  for (int tid = 0; tid < kThreads; ++tid)
+    for (int i = 0; i < kTM; ++i)
+      for (int j = 0; j < kTN; ++j)
+        acc(tid)[i][j] = c[MmaLayout::row(tid, i) * kBN + MmaLayout::col(tid, j)];
+  multiply_tiles_model(s, acc);
+  for (int tid = 0; tid < kThreads; ++tid)
+    for (int i = 0; i < kTM; ++i)
+      for (int j = 0; j < kTN; ++j)
+        c[MmaLayout::row(tid, i) * kBN + MmaLayout::col(tid, j)] = acc(tid)[i][j];
+}
+}  // namespace
+
+// One block tile of the tensor-core product as the harness runs it: A
+// (kBM x kBK, row-major 16-bit bits) and B (kBK x kBN) through the shared
+// tiles, the warps' fragment loads and the instruction model, C (kBM x kBN
+// float32) in and out through MmaLayout. False for a dtype other than
+// bfloat16 or float16.
+extern "C" int cks_cuda_mma_block(int in_dtype, const uint16_t* a, const uint16_t* b, float* c) {
+  if (in_dtype == cks::kBF16) return mma_block<cks::bf16>(a, b, c), 1;
+  if (in_dtype == cks::kF16) return mma_block<cks::f16>(a, b, c), 1;
+  return 0;
+}
+
+// The block tile shape (kBM, kBN, kBK), for the tests.
+extern "C" void cks_cuda_block_tile(int* bm, int* bn, int* bk) {
+  *bm = cks::cuda::kBM, *bn = cks::cuda::kBN, *bk = cks::cuda::kBK;
 }

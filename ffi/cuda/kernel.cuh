@@ -13,6 +13,11 @@
 // the host harness (conv_cuda.cu) runs all threads of a block through one
 // phase before the next, which is exactly the barrier semantics. So the same
 // index math and tile logic are checked on machines without a GPU.
+//
+// Phase 2 has two implementations over the same block tile: a SIMT
+// register-blocked product (float32 and float64, here) and a tensor-core
+// product with mma.sync for bfloat16 and float16 (mma_path.cuh), whose
+// warp-level instruction the harness runs through a host model of it.
 #pragma once
 
 #include <cstdint>
@@ -43,10 +48,39 @@ struct LaunchParams {
   ClassDesc cls[kMaxClasses];
 };
 
+// Each thread of load_tiles fills kLoadK consecutive reduction indices of
+// one row of A and one column of B.
+constexpr int kLoadK = kBK * kBM / kThreads;  // 4
+static_assert(kBM == kBN && kLoadK * kThreads == kBK * kBM, "load_tiles covers the tiles");
+
+// Which accumulator of a thread holds which element of the block tile:
+// acc[i][j] is element (row(tid, i), col(tid, j)). The SIMT path gives each
+// thread a kTM x kTN register tile.
+struct SimtLayout {
+  CKS_HD static int row(int tid, int i) { return tid / (kBN / kTN) * kTM + i; }
+  CKS_HD static int col(int tid, int j) { return tid % (kBN / kTN) * kTN + j; }
+};
+
+// The shared tiles of the SIMT path: operands converted to the accumulation
+// type on load, stored k-major.
 template <typename Acc>
-struct SharedTiles {
+struct SimtTiles {
+  using Elem = Acc;
+  using Layout = SimtLayout;
+  static constexpr int kPath = 0;  // reported by the host harness
   Acc a[kBK][kBM];
   Acc b[kBK][kBN];
+
+  template <typename Tin>
+  CKS_HD static Acc from(Tin x) {
+    return load<Acc>(x);
+  }
+  CKS_HD void put_a(int kq, int m, const Acc (&v)[kLoadK]) {
+    for (int j = 0; j < kLoadK; ++j) a[kq + j][m] = v[j];
+  }
+  CKS_HD void put_b(int kq, int n, const Acc (&v)[kLoadK]) {
+    for (int j = 0; j < kLoadK; ++j) b[kq + j][n] = v[j];
+  }
 };
 
 // Block coordinates: x = row tile, y = (group, column tile), z = class.
@@ -88,15 +122,16 @@ CKS_HD inline int64_t decode_red(const LaunchParams& p, const ClassDesc& c, int6
   return ch;
 }
 
-// Phase 1: each thread loads kBM*kBK/kThreads elements of A and of B for the
-// reduction block starting at k0 (zeros outside the operands).
-template <typename Tin, typename Acc>
+// Phase 1: each thread loads kLoadK consecutive reduction indices of one row
+// of A and of one column of B, for the reduction block starting at k0 (zeros
+// outside the operands), and hands them to the path's shared tiles.
+template <typename Tin, typename Tiles>
 CKS_HD inline void load_tiles(const LaunchParams& p, const BlockIdx& b, int tid, int64_t k0,
-                              const Tin* lhs, const Tin* rhs, SharedTiles<Acc>& s) {
+                              const Tin* lhs, const Tin* rhs, Tiles& s) {
+  using Elem = typename Tiles::Elem;
   const ConvProblem& pb = p.pb;
   const ClassDesc& c = p.cls[b.cls];
-  constexpr int kPer = kBK * kBM / kThreads;  // 4 consecutive k per thread
-  const int lane = tid % kBM, kq = (tid / kBM) * kPer;
+  const int lane = tid % kBM, kq = (tid / kBM) * kLoadK;
   // A: row `lane` of the tile.
   {
     const int64_t r = b.row_tile * kBM + lane;
@@ -106,9 +141,10 @@ CKS_HD inline void load_tiles(const LaunchParams& p, const BlockIdx& b, int tid,
     const int64_t base = pb.feature_groups > 1
                              ? n * pb.lhs_n + b.group * pb.group_in() * pb.lhs_c
                              : (b.group * pb.out_batch() + n) * pb.lhs_n;
-    for (int j = 0; j < kPer; ++j) {
+    Elem v[kLoadK];
+    for (int j = 0; j < kLoadK; ++j) {
       const int64_t k = k0 + kq + j;
-      Acc v = Acc(0);
+      v[j] = Elem{};
       if (row_ok && k < c.red) {
         int64_t t[kMaxSpatial] = {0, 0, 0};
         const int64_t ch = decode_red(p, c, k, t);
@@ -120,61 +156,62 @@ CKS_HD inline void load_tiles(const LaunchParams& p, const BlockIdx& b, int tid,
           inside = inside && i >= 0 && i < pb.dim[d].in_size;  // trimmed (C)
           off += i * pb.lhs_sp[d];
         }
-        if (inside) v = load<Acc>(lhs[off]);
+        if (inside) v[j] = Tiles::from(lhs[off]);
       }
-      s.a[kq + j][lane] = v;
     }
+    s.put_a(kq, lane, v);
   }
   // B: column `lane` of the tile, from the class's sub-kernel.
   {
     const int64_t f = b.col_tile * kBN + lane;
     const bool col_ok = f < pb.group_out();
-    for (int j = 0; j < kPer; ++j) {
+    Elem v[kLoadK];
+    for (int j = 0; j < kLoadK; ++j) {
       const int64_t k = k0 + kq + j;
-      Acc v = Acc(0);
+      v[j] = Elem{};
       if (col_ok && k < c.red) {
         int64_t t[kMaxSpatial] = {0, 0, 0};
         const int64_t ch = decode_red(p, c, k, t);
         int64_t off = (b.group * pb.group_out() + f) * pb.rhs_o + ch * pb.rhs_i;
         for (int d = 0; d < pb.nd; ++d)
           off += (c.ph[d].k0 + c.ph[d].kstep * t[d]) * pb.rhs_sp[d];  // sub-kernel tap (K, S)
-        v = load<Acc>(rhs[off]);
+        v[j] = Tiles::from(rhs[off]);
       }
-      s.b[kq + j][lane] = v;
     }
+    s.put_b(kq, lane, v);
   }
 }
 
-// Phase 2: the register-blocked product of the two shared tiles.
+// Phase 2 (SIMT path): the register-blocked product of the two shared tiles.
+// The tensor-core path's phase 2 is in mma_path.cuh.
 template <typename Acc>
-CKS_HD inline void multiply_tiles(int tid, const SharedTiles<Acc>& s, Acc (&acc)[kTM][kTN]) {
-  const int ty = tid / (kBN / kTN), tx = tid % (kBN / kTN);
+CKS_HD inline void multiply_tiles(int tid, const SimtTiles<Acc>& s, Acc (&acc)[kTM][kTN]) {
   for (int kk = 0; kk < kBK; ++kk) {
     Acc a[kTM], bv[kTN];
-    for (int i = 0; i < kTM; ++i) a[i] = s.a[kk][ty * kTM + i];
-    for (int j = 0; j < kTN; ++j) bv[j] = s.b[kk][tx * kTN + j];
+    for (int i = 0; i < kTM; ++i) a[i] = s.a[kk][SimtLayout::row(tid, i)];
+    for (int j = 0; j < kTN; ++j) bv[j] = s.b[kk][SimtLayout::col(tid, j)];
     for (int i = 0; i < kTM; ++i)
       for (int j = 0; j < kTN; ++j) acc[i][j] += a[i] * bv[j];
   }
 }
 
 // Phase 3: write the thread's outputs straight to their strided positions
-// (no interleave pass): output o = o0 + L*u in every dimension.
-template <typename Acc, typename Tout>
+// (no interleave pass): output o = o0 + L*u in every dimension. Layout says
+// which tile element each accumulator holds (SimtLayout or MmaLayout).
+template <typename Layout, typename Acc, typename Tout>
 CKS_HD inline void store_outputs(const LaunchParams& p, const BlockIdx& b, int tid,
                                  const Acc (&acc)[kTM][kTN], Tout* out) {
   const ConvProblem& pb = p.pb;
   const ClassDesc& c = p.cls[b.cls];
-  const int ty = tid / (kBN / kTN), tx = tid % (kBN / kTN);
   for (int i = 0; i < kTM; ++i) {
-    const int64_t r = b.row_tile * kBM + ty * kTM + i;
+    const int64_t r = b.row_tile * kBM + Layout::row(tid, i);
     if (r >= c.rows) continue;
     int64_t u[kMaxSpatial] = {0, 0, 0};
     const int64_t n = decode_row(p, c, r, u);
     int64_t off = n * pb.out_n;
     for (int d = 0; d < pb.nd; ++d) off += (c.ph[d].o0 + c.ph[d].L * u[d]) * pb.out_sp[d];
     for (int j = 0; j < kTN; ++j) {
-      const int64_t f = b.col_tile * kBN + tx * kTN + j;
+      const int64_t f = b.col_tile * kBN + Layout::col(tid, j);
       if (f < pb.group_out())
         out[off + (b.group * pb.group_out() + f) * pb.out_c] = store<Tout, Acc>(acc[i][j]);
     }
