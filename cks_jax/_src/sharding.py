@@ -60,9 +60,13 @@ def register(primitive) -> None:
   dispatch.prim_requires_devices_during_lowering.add(primitive)
 
 
+# jax 0.10.0 calls it standard_insert_pvary, 0.10.2 auto_insert_reshard.
+_insert_pvary = getattr(core, "auto_insert_reshard", None) or core.standard_insert_pvary
+
+
 def match_varying(lhs, rhs):
   """Under ``shard_map``: cast both operands to the union of their varying manual axes."""
-  return tuple(core.auto_insert_reshard(lhs, rhs))
+  return tuple(_insert_pvary(lhs, rhs))
 
 
 def out_sharding(lhs, rhs, params: dict):
