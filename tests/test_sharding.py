@@ -18,7 +18,7 @@ import time
 import pytest
 
 CHECKS = ("transposed_stride2", "dilated", "grouped", "explicit_mesh", "mesh_2d",
-          "batch_over_two_axes", "not_divisible", "gspmd", "shard_map", "flax_data_parallel")
+          "batch_over_two_axes", "model_parallel_filter", "not_divisible", "gspmd", "shard_map", "flax_data_parallel")
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +194,39 @@ def check_batch_over_two_axes(_):
   return _data_parallel(lambda x, w: cks_jax.conv_general_dilated(x, w, (1, 1), "SAME", **kw),
                         lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", **kw),
                         (16, 7, 7, 3), (3, 3, 3, 4), mesh, ("data", "model"))
+
+
+def check_model_parallel_filter(_):
+  """Batch on 'data', filter output features on 'model': the forward output is
+  sharded both ways; d-lhs contracts the sharded features (all-reduce over
+  'model'), d-rhs the batch (all-reduce over 'data'); nothing is gathered."""
+  import jax
+  import numpy as np
+  import cks_jax
+  from jax import lax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  conv = lambda f: lambda x, w: f(x, w, (2, 2), "SAME", dimension_numbers=DN)
+  k = jax.random.split(jax.random.PRNGKey(5), 3)
+  x, w = jax.random.normal(k[0], (8, 6, 6, 4)), jax.random.normal(k[1], (4, 4, 4, 6))
+  ct = jax.random.normal(k[2], (8, 12, 12, 6))
+  put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+  args = put(x, "data"), put(w, None, None, None, "model"), put(ct, "data", None, None, "model")
+  compiled = _value_and_grads(conv(cks_jax.conv_transpose)).lower(*args).compile()
+  got = compiled(*args)
+  want = _value_and_grads(conv(lax.conv_transpose))(x, w, ct)
+  for name, a, b in zip(("y", "dx", "dw"), got, want):
+    _close(a, b, name)
+  specs = [tuple(a.sharding.spec) + (None,) * (4 - len(a.sharding.spec)) for a in got]
+  assert specs == [("data", None, None, "model"), ("data", None, None, None),
+                   (None, None, None, "model")], specs
+  hlo = compiled.as_text()
+  coll = _collectives(hlo)
+  assert coll["all-gather"] == 0 and coll["all-to-all"] == 0, coll
+  assert coll["all-reduce"] == 2, coll
+  calls = sorted(c.split("{")[0] for c in _cks_calls(hlo))
+  assert calls == ["f32[2,12,12,3]", "f32[2,6,6,4]", "f32[4,4,4,3]"], calls
+  return {"collectives": coll, "cks_calls": calls}
 
 
 def check_not_divisible(mesh):
