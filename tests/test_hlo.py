@@ -1,5 +1,8 @@
-"""Routing: every convolution of a training step, forward and backward, is a cks custom call."""
+"""Routing: every convolution of a training step, forward and backward, is a cks custom call,
+and "auto" on the CPU routes narrow outputs as explain says."""
 import re
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +42,11 @@ def compiled_hlo(fn, *args):
 
 
 def test_training_step_has_no_xla_convolution():
+  # backend "ffi": the kernel covers every convolution ("auto" sends the
+  # 2-feature grouped layer to XLA, tested below).
   p, x = init(jax.random.PRNGKey(0)), jnp.ones((2, 16, 16, 3), jnp.float32)
-  hlo = compiled_hlo(jax.grad(loss), p, x)
+  with cks_jax.use_backend("ffi"):
+    hlo = compiled_hlo(jax.grad(loss), p, x)
   assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
   calls = re.findall(r'custom_call_target="cks_conv_cpu"', hlo)
   # 4 forward convolutions + d lhs of the last 3 + d rhs of all 4.
@@ -67,3 +73,30 @@ def test_other_platforms_lower_without_cks_custom_calls():
   e = cks_jax.explain((2, 16, 16, 3), (4, 4, 3, 8), (2, 2), "SAME", dimension_numbers=DN,
                       platform="tpu")
   assert e.backend == "xla" and "no cks kernel" in e.reason
+
+
+def test_auto_on_cpu_routes_narrow_outputs():
+  # A 1-feature transposed convolution (FSRCNN's last layer): the forward goes
+  # to XLA, the filter gradient to the portable path, the input gradient (16
+  # features) stays on the kernel; explain and the compiled HLO agree.
+  x, w = jnp.ones((2, 8, 8, 16), jnp.float32), jnp.ones((4, 4, 16, 1), jnp.float32)
+  args = ((1, 1), [(2, 2), (2, 2)], (2, 2))
+  f = lambda x, w: cks_jax.conv_general_dilated(x, w, *args, dimension_numbers=DN)
+  e = cks_jax.explain(x, w, *args, dimension_numbers=DN, gradients=True, platform="cpu")
+  assert e.backend == "xla" and "output features" in e.reason, e.reason
+  routes = dict((name, g.backend) for name, g in e.gradients)
+  assert routes == {"d lhs": "cks-cpu", "d rhs": "portable"}, routes
+  hlo = compiled_hlo(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)), x, w)
+  assert len(re.findall(r'custom_call_target="cks_conv_cpu"', hlo)) == 1
+  assert len(re.findall(r"=\s*\S+\s+convolution\(", hlo)) >= 1  # XLA's forward
+  # Values and gradients are the same either way.
+  ref = lambda x, w: lax_conv(x, w, *args)
+  rng = np.random.default_rng(0)
+  xr, wr = (jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in (x, w))
+  for a, b in zip(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(xr, wr),
+                  jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(xr, wr)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3)
+
+
+def lax_conv(x, w, *args):
+  return jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=DN)

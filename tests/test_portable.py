@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
+import cks_jax
 from cks_jax._src import ffi, geometry, shapes
-from cks_jax._src.portable import conv_portable
 from oracle import assert_close, direct_conv, random
 from test_conv import DN, GRID_1D, conv_case, shapes_for
 
@@ -19,15 +19,15 @@ from test_conv import DN, GRID_1D, conv_case, shapes_for
 def portable_fn(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
                 rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                 batch_group_count=1, out_dtype=None, dtype=np.float64):
-  spec = shapes.canonicalize(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
-                             rhs_dilation, dimension_numbers, feature_group_count,
-                             batch_group_count)
+  """The public op on the portable backend: its derivatives are the primitive's
+  transposes, each again lowered to the portable decomposition."""
+  del lhs_shape, rhs_shape, dtype
   return functools.partial(
-      conv_portable, window_strides=spec.window_strides, padding=spec.padding,
-      lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
-      dimension_numbers=spec.dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=None,
-      out_dtype=np.dtype(out_dtype or dtype))
+      cks_jax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, preferred_element_type=out_dtype,
+      backend="portable")
 
 
 def check(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, oracle="lax",

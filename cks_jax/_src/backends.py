@@ -5,10 +5,13 @@
 - ``"portable"``: the same C-K-S decomposition written as dense, undilated
   ``lax`` convolutions over strided slices (any XLA backend).
 - ``"xla"``: XLA's own convolution (computes on the zeros).
-- ``"auto"`` (default): the FFI kernel where one is registered. Elsewhere the
-  portable path for convolutions with lhs dilation and no batch groups: those
-  are transposed convolutions and the filter gradients of transposed ones,
-  where it was measured 5-50x faster than XLA on gradients. Everything else
+- ``"auto"`` (default): the FFI kernel where one is registered, except on
+  the CPU for outputs with fewer than ``CPU_MIN_FEATURES`` features per group
+  (see :func:`cpu_alternative`). Elsewhere the
+  portable path for convolutions with lhs dilation: those are transposed
+  convolutions and the filter gradients of transposed ones (batch-grouped for
+  grouped layers), where the whole gradient was measured 5-36x faster than
+  XLA's (``benchmarks/results/portable_grad_cpu.txt``). Everything else
   goes to XLA. Atrous (rhs-dilated) convolutions go to XLA too: the portable
   path was 0.8-1.2x XLA at dilations 2-8, and far slower at 12-18
   (``benchmarks/results/``).
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 BACKENDS = ("auto", "ffi", "portable", "xla")
@@ -38,6 +42,9 @@ def current() -> str:
 def use_backend(name: str):
   """Context manager: run the cks convolutions traced inside on ``name``.
 
+  The backend is read when a function is traced. ``jax.jit`` caches traces
+  per function, so a function already traced outside keeps its backend.
+
   Example::
 
       with cks_jax.use_backend("portable"):
@@ -51,8 +58,44 @@ def use_backend(name: str):
     _state.backend = prev
 
 
-def choose(requested: str, platform: str, kernel_platforms, params) -> str:
-  """The backend that actually runs for ``requested`` on ``platform``."""
+# On the CPU the kernel's GEMM pads its columns (output features per group) to
+# 16. With fewer than this many, measured in benchmarks/results/
+# cpu_epyc_2core.json: forward 6.2 ms (XLA 0.73) and filter gradient 10.1 ms
+# (portable 2.6) for DCGAN's 3-channel layer, 13.4 (1.2) and 17.0 (3.5) for
+# FSRCNN's 1-channel layer.
+CPU_MIN_FEATURES = 4
+
+
+def cpu_alternative(params, lhs_shape, rhs_shape) -> str | None:
+  """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
+
+  A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) goes to
+  the portable path when it has the shape of a filter gradient (fewer output
+  positions than kernel taps) with lhs dilation, else to XLA's convolution.
+  """
+  from cks_jax._src import shapes  # the primitive imports this module
+
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  groups = params["feature_group_count"] * params["batch_group_count"]
+  if rhs_shape[rhs_spec[0]] // groups >= CPU_MIN_FEATURES:
+    return None
+  spec = shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
+                         params["rhs_dilation"], params["dimension_numbers"],
+                         params["feature_group_count"], params["batch_group_count"])
+  out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
+  positions = math.prod(out_shape[d] for d in out_spec[2:])
+  taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
+  if positions <= taps and any(a > 1 for a in params["lhs_dilation"]):
+    return "portable"
+  return "xla"
+
+
+def choose(requested: str, platform: str, kernel_platforms, params,
+           shapes: tuple | None = None) -> str:
+  """The backend that actually runs for ``requested`` on ``platform``.
+
+  ``shapes``, the (lhs, rhs) shapes, lets ``"auto"`` pick per configuration.
+  """
   platform = {"gpu": "cuda"}.get(platform, platform)
   has_kernel = platform in kernel_platforms
   if requested == "ffi":
@@ -65,6 +108,8 @@ def choose(requested: str, platform: str, kernel_platforms, params) -> str:
   if requested in ("portable", "xla"):
     return requested
   if has_kernel:
+    if platform == "cpu" and shapes is not None:
+      return cpu_alternative(params, *shapes) or "ffi"
     return "ffi"
-  deconv = any(a > 1 for a in params["lhs_dilation"]) and params["batch_group_count"] == 1
+  deconv = any(a > 1 for a in params["lhs_dilation"])
   return "portable" if deconv else "xla"

@@ -69,25 +69,28 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
-def _backend(platform: str, params) -> tuple[str, str]:
+def _backend(platform: str, params, lhs_shape, rhs_shape) -> tuple[str, str]:
   platform = {"gpu": "cuda"}.get(platform, platform)
   requested = params.get("backend", "auto")
   kernels = ffi.kernel_platforms()
   try:
-    chosen = backends.choose(requested, platform, kernels, params)
+    chosen = backends.choose(requested, platform, kernels, params, (lhs_shape, rhs_shape))
   except NotImplementedError as e:
     return "unavailable", str(e)
   if chosen == "ffi":
     return f"cks-{platform}", f"cks FFI kernel registered for platform {platform!r}"
   if requested != "auto":
     why = f"backend={requested!r} requested"
+  elif platform in kernels:
+    why = (f"fewer than {backends.CPU_MIN_FEATURES} output features per group, where the "
+           "CPU kernel was measured slower")
   elif platform == "cuda":
     why = "the CUDA library was not built (no nvcc at install time)"
   else:
     why = f"no cks kernel for platform {platform!r}"
   if chosen == "portable":
     return "portable", (f"{why}: the C-K-S decomposition as dense, undilated lax "
-                        "convolutions (no zero-inserted tensor)")
+                        "convolutions and dot_generals (no zero-inserted tensor)")
   return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
@@ -110,7 +113,7 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) ->
         list(spec.rhs_dilation), [lo for lo, _ in spec.padding], out_shape[out_spec[0]],
         rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]])
   phases, subs, zero_subs, cks_macs, direct_macs = stats
-  backend, reason = _backend(platform or jax.default_backend(), params)
+  backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape)
   return Explanation(
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),

@@ -10,10 +10,24 @@ and rhs dilation 1 of a strided slice of the original input, with at most a
 few zeros of explicit padding at its borders (the trimmed border), and the
 phase outputs are interleaved with stack + reshape.
 
-Because no piece has a stride or a dilation, plain JAX autodiff of this
-function is again made of stride-1, undilated convolutions (the transposes of
-slices and interleaves are pads and slices), to any order: it needs no
-custom rule and no zero-inserted tensor ever reaches a convolution.
+Derivatives do not differentiate this function: the primitive's transpose
+rules emit cks_conv again (a filter gradient is a convolution with lhs or rhs
+dilation), and each is lowered here, so no zero-inserted tensor ever reaches
+a convolution, to any order.
+
+Four shapes of problem are emitted differently, each because it was
+measured faster on XLA:CPU (``benchmarks/portable_grad.py``):
+
+- a convolution with neither lhs nor rhs dilation has no inserted zeros, and
+  XLA's own convolution computes only the strided outputs: it is emitted as is;
+- a piece with few output positions and a large, narrow kernel (the shape of
+  a filter gradient: the cotangent is the kernel) is one ``dot_general`` of
+  the input with the kernel shifted to every output position, instead of a
+  convolution that XLA runs at a few GFLOP/s;
+- batch groups (the filter gradient of a grouped convolution) are rewritten as
+  feature groups by moving the batch groups into the feature dimension;
+- the phases of a transposed convolution with one or two output features per
+  group are merged into one convolution (:func:`_merged_phases`).
 """
 from __future__ import annotations
 
@@ -47,6 +61,19 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
   acc_dtype = np.dtype(np.float32) if out_dtype.itemsize < 4 else out_dtype
   if 0 in out_shape:
     return jnp.zeros(out_shape, out_dtype)
+  if batch_group_count > 1:
+    lhs, dimension_numbers = _batch_groups_to_features(lhs, dimension_numbers,
+                                                       batch_group_count)
+    return conv_portable(lhs, rhs, window_strides=window_strides, padding=padding,
+                         lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                         dimension_numbers=dimension_numbers,
+                         feature_group_count=batch_group_count, batch_group_count=1,
+                         precision=precision, out_dtype=out_dtype)
+  if all(a == 1 for a in lhs_dilation) and all(d == 1 for d in rhs_dilation):
+    out = lax.conv_general_dilated(lhs, rhs, window_strides, padding, None, None,
+                                   dimension_numbers, feature_group_count,
+                                   precision=precision, preferred_element_type=acc_dtype)
+    return out.astype(out_dtype)
 
   dims = [geometry.Dim(lhs.shape[lhs_spec[2 + i]], rhs.shape[rhs_spec[2 + i]],
                        out_shape[out_spec[2 + i]], window_strides[i], lhs_dilation[i],
@@ -81,9 +108,14 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
                   p.kstep * s2)
     return lhs_slice, sub_kernel, (start - j0, need - stop)
 
+  merged = _merged_phases(lhs, rhs, dims, phase_lists, dimension_numbers,
+                          feature_group_count, precision, acc_dtype)
+
   def phase_output(chosen):
     """Output of one combination of phases (one per dimension)."""
     sizes = [p.U for p in chosen]
+    if merged is not None:
+      return merged(chosen)
     total = None
     for taus in itertools.product(*[range(p.ustride // p.tstride) for p in chosen]):
       pieces = [piece(dm, p, t) for dm, p, t in zip(dims, chosen, taus)]
@@ -93,10 +125,8 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
       for i, (ls, ks, _) in enumerate(pieces):
         x = lax.slice_in_dim(x, *ls, axis=lhs_spec[2 + i])
         w = lax.slice_in_dim(w, *ks, axis=rhs_spec[2 + i])
-      y = lax.conv_general_dilated(
-          x, w, (1,) * nd, [pc[2] for pc in pieces], None, None, dimension_numbers,
-          feature_group_count, batch_group_count, precision=precision,
-          preferred_element_type=acc_dtype)
+      y = _dense_conv(x, w, [pc[2] for pc in pieces], dimension_numbers,
+                      feature_group_count, precision, acc_dtype)
       total = y if total is None else total + y
     return zeros(sizes) if total is None else total
 
@@ -129,3 +159,181 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
 
   out = build([])
   return out if out.dtype == out_dtype else out.astype(out_dtype)
+
+
+# A piece with at most this many output positions, each reading a window of at
+# least as many taps (the shape of a filter gradient, whose kernel is the
+# cotangent), runs as one GEMM: XLA:CPU runs such convolutions at a few GFLOP/s.
+_MAX_SHIFTS = 64
+
+
+def _dense_conv(x, w, pads, dimension_numbers, feature_group_count, precision, acc_dtype):
+  """A stride-1, undilated convolution with zero ``pads`` (feature groups only)."""
+  lhs_spec, rhs_spec, _ = dimension_numbers
+  nd = len(lhs_spec) - 2
+  taps = [w.shape[rhs_spec[2 + i]] for i in range(nd)]
+  sizes = [x.shape[lhs_spec[2 + i]] + lo + hi for i, (lo, hi) in enumerate(pads)]
+  shifts = int(np.prod([s - t + 1 for s, t in zip(sizes, taps)]))
+  # The stacked shifted kernel must stay near the input's size: measured,
+  # fsrcnn's filter gradient (1.6x) gains 5x, a grouped one (9x) loses 2x.
+  batch, features = x.shape[lhs_spec[0]], w.shape[rhs_spec[0]]
+  if (shifts <= min(_MAX_SHIFTS, int(np.prod(taps)))
+      and features * shifts * np.prod(sizes) <= 2 * batch * np.prod(taps)):
+    return _shifted_kernel_dot(x, w, pads, dimension_numbers, feature_group_count, precision,
+                               acc_dtype)
+  return lax.conv_general_dilated(x, w, (1,) * nd, pads, None, None, dimension_numbers,
+                                  feature_group_count, precision=precision,
+                                  preferred_element_type=acc_dtype)
+
+
+def _shifted_kernel_dot(x, w, pads, dimension_numbers, feature_group_count, precision,
+                        acc_dtype):
+  """The convolution of :func:`_dense_conv` as one GEMM that reads x once.
+
+  out[b, f, u] = sum_{c, i} x[b, c, i] w[f, c, i - u]: the kernel, shifted by
+  each of the P output positions u and zero-extended to the input's extent
+  (border zeros only), is stacked next to its output features, and the
+  padded input is contracted with it over (features, spatial).
+  """
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  pad_cfg = [(0, 0, 0)] * x.ndim
+  for i, (lo, hi) in enumerate(pads):
+    pad_cfg[lhs_spec[2 + i]] = (lo, hi, 0)
+  x = lax.pad(x, jnp.zeros((), x.dtype), pad_cfg)
+  sizes = [x.shape[lhs_spec[2 + i]] for i in range(nd)]
+  taps = [w.shape[rhs_spec[2 + i]] for i in range(nd)]
+  outs = [s - t + 1 for s, t in zip(sizes, taps)]
+  shifted = []
+  for u in itertools.product(*[range(o) for o in outs]):
+    cfg = [(0, 0, 0)] * w.ndim
+    for i in range(nd):
+      cfg[rhs_spec[2 + i]] = (u[i], outs[i] - 1 - u[i], 0)
+    shifted.append(lax.pad(w, jnp.zeros((), w.dtype), cfg))
+  ws = jnp.stack(shifted, axis=rhs_spec[0] + 1)  # P next to the output features
+  g = feature_group_count
+  ws = _split_dim(ws, rhs_spec[0], g)  # [.., G, Fg, P, ..]
+  xg = _split_dim(x, lhs_spec[1], g)   # [.., G, Cg, ..]
+  xmap = lambda d: d + (d > lhs_spec[1])                        # x dim -> xg axis
+  wmap = lambda d: d + (d > rhs_spec[0]) + (d > rhs_spec[0])    # w dim -> ws axis
+  x_red = [xmap(lhs_spec[1]) + 1] + [xmap(d) for d in lhs_spec[2:]]
+  w_red = [wmap(rhs_spec[1])] + [wmap(d) for d in rhs_spec[2:]]
+  # The kernel operand first: with the input as the right-hand [K, B] operand,
+  # XLA:CPU reads it in place instead of transposing it (measured 2x).
+  y = lax.dot_general(ws, xg, ((w_red, x_red), ([wmap(rhs_spec[0])], [xmap(lhs_spec[1])])),
+                      precision=precision, preferred_element_type=acc_dtype)
+  # y: [G, Fg, P, B] (the dot's order: batch, kernel free, input free)
+  fg, b = y.shape[1], y.shape[3]
+  y = jnp.moveaxis(y.reshape((g * fg, -1, b)), 2, 0)  # [B, F, P]
+  y = y.reshape([b, g * fg] + outs)  # [B, F, spatial...]
+  return jnp.transpose(y, np.argsort(out_spec))
+
+
+def _split_dim(a, axis: int, groups: int):
+  """Reshapes dimension ``axis`` of size G*k into adjacent (G, k)."""
+  return a.reshape(a.shape[:axis] + (groups, a.shape[axis] // groups) + a.shape[axis + 1:])
+
+
+# Phases are merged into one convolution when each phase's GEMM is this narrow
+# (output features per group) and the union of the windows multiplies at most
+# this many times the useful products. Measured on XLA:CPU: fsrcnn (1 feature)
+# 4.5 -> 2.8 ms; DCGAN's last layer (3 features) 2.5 -> 4.5 ms, U-Net k2 s2
+# (no waste) unchanged.
+_MERGE_MAX_FEATURES = 2
+_MERGE_MAX_WASTE = 2.5
+
+
+def _merged_phases(lhs, rhs, dims, phase_lists, dimension_numbers, feature_group_count,
+                   precision, acc_dtype):
+  """All phases as ONE dense convolution, or None where that does not pay.
+
+  When every phase of a dimension reads the same polyphase sub-image with
+  unit steps (transposed convolutions: the K split alone), phase p reads
+  sub-image index j_p + u + t. Each sub-kernel, shifted by j_p - min(j) inside
+  the union of the windows, becomes its own block of output features: the
+  sub-pixel form of the deconvolution. It multiplies border zeros of the
+  shifted sub-kernels (at most ``_MERGE_MAX_WASTE`` times the useful work)
+  but turns many very narrow GEMMs (e.g. one output channel) into one wider.
+  Returns a function: the phase combination -> its output (as ``phase_output``).
+  """
+  lhs_spec, rhs_spec, _ = dimension_numbers
+  nd = len(dims)
+  if np.prod([len(pl) for pl in phase_lists]) == 1:
+    return None
+  plan = []
+  for dm, pl in zip(dims, phase_lists):
+    D = pl[0].ustride
+    if any(p.ustride != D or p.tstride != D or p.T <= 0 for p in pl):
+      return None
+    if len({p.base % D for p in pl}) != 1:
+      return None
+    c = pl[0].base % D
+    j = [p.base // D for p in pl]
+    jmin = min(j)
+    Tu = max(jj - jmin + p.T for jj, p in zip(j, pl))
+    Umax = max(p.U for p in pl)
+    real = _ceil_div(dm.in_size - c, D) if dm.in_size > c else 0
+    need = jmin + Umax + Tu - 1
+    start, stop = max(jmin, 0), min(need, real)
+    if stop <= start:
+      return None
+    plan.append((c, D, jmin, Tu, Umax, [jj - jmin for jj in j], start, stop, need))
+  useful = sum(np.prod([p.U * p.T for p in combo]) for combo in itertools.product(*phase_lists))
+  done = np.prod([len(pl) * Umax * Tu for pl, (_, _, _, Tu, Umax, *_) in zip(phase_lists, plan)])
+  fg = rhs.shape[rhs_spec[0]] // feature_group_count
+  if fg > _MERGE_MAX_FEATURES or done > _MERGE_MAX_WASTE * useful:
+    return None
+
+  x = lhs
+  for i, (c, D, jmin, Tu, Umax, offs, start, stop, need) in enumerate(plan):
+    x = lax.slice_in_dim(x, c + D * start, c + D * (stop - 1) + 1, D, axis=lhs_spec[2 + i])
+  pads = [(start - jmin, need - stop) for (_, _, jmin, _, _, _, start, stop, need) in plan]
+  kernels = []
+  combos = list(itertools.product(*[range(len(pl)) for pl in phase_lists]))
+  for combo in combos:
+    w = rhs
+    for i, q in enumerate(combo):
+      p, (_, _, _, Tu, _, offs, *_) = phase_lists[i][q], plan[i]
+      ax = rhs_spec[2 + i]
+      w = lax.slice_in_dim(w, p.k0, p.k0 + p.kstep * (p.T - 1) + 1, p.kstep, axis=ax)
+      cfg = [(0, 0, 0)] * w.ndim
+      cfg[ax] = (offs[q], Tu - offs[q] - p.T, 0)
+      w = lax.pad(w, jnp.zeros((), w.dtype), cfg)
+    kernels.append(w)
+  # Output features ordered (group, phase combination, feature in group).
+  o = rhs_spec[0]
+  g, ncomb = feature_group_count, len(combos)
+  w = jnp.stack([_split_dim(k, o, g) for k in kernels], axis=o + 1)
+  w = w.reshape(w.shape[:o] + (g * ncomb * fg,) + w.shape[o + 3:])
+  y = _dense_conv(x, w, pads, dimension_numbers, feature_group_count, precision, acc_dtype)
+  ofeat = dimension_numbers[2][1]
+  y = y.reshape(y.shape[:ofeat] + (g, ncomb, fg) + y.shape[ofeat + 1:])
+  index = {combo: n for n, combo in enumerate(combos)}
+  positions = [{p.o0: q for q, p in enumerate(pl)} for pl in phase_lists]
+
+  def output(chosen):
+    q = index[tuple(pos[p.o0] for pos, p in zip(positions, chosen))]
+    part = lax.index_in_dim(y, q, axis=ofeat + 1, keepdims=False)
+    part = part.reshape(part.shape[:ofeat] + (g * fg,) + part.shape[ofeat + 2:])
+    for i, p in enumerate(chosen):
+      ax = dimension_numbers[2][2 + i]
+      part = lax.slice_in_dim(part, 0, p.U, axis=ax)
+    return part
+
+  return output
+
+
+def _batch_groups_to_features(lhs, dimension_numbers, groups):
+  """lhs with batch groups -> the same lhs with those groups as feature groups.
+
+  The lhs batch splits group-major, (G, N/G); output feature group g reads
+  batch group g. Moved next to the features, (N/G, G*C), group g reads feature
+  group g: the same products.
+  """
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  x = jnp.transpose(lhs, lhs_spec)  # [N, C, spatial...]
+  n, c = x.shape[:2]
+  x = x.reshape((groups, n // groups, c) + x.shape[2:])
+  x = jnp.swapaxes(x, 0, 1).reshape((n // groups, groups * c) + x.shape[3:])
+  canonical = tuple(range(len(lhs_spec)))
+  return x, lax.ConvDimensionNumbers(canonical, rhs_spec, out_spec)

@@ -123,7 +123,9 @@ def _lowering(platform: str):
   target = {"cpu": ffi.CPU_TARGET, "cuda": ffi.CUDA_TARGET}.get(platform)
 
   def lower(ctx, lhs, rhs, **params):
-    chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params)
+    shapes_in = tuple(a.shape for a in ctx.avals_in)
+    chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params,
+                             shapes_in)
     if chosen == "ffi":
       return _lower_ffi(target, ctx, lhs, rhs, **params)
     if chosen == "portable":
