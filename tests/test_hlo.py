@@ -76,14 +76,18 @@ def test_other_platforms_lower_without_cks_custom_calls():
 
 
 def test_auto_on_cpu_routes_narrow_outputs():
-  # A 1-feature transposed convolution (FSRCNN's last layer): the forward goes
-  # to XLA, the filter gradient to the portable path, the input gradient (16
+  # A 1-feature transposed convolution (FSRCNN's last layer with 32 input
+  # channels: above CPU_MIN_MACS): the forward goes
+  # to XLA, the filter gradient to the portable path, the input gradient (32
   # features) stays on the kernel; explain and the compiled HLO agree.
-  x, w = jnp.ones((2, 8, 8, 16), jnp.float32), jnp.ones((4, 4, 16, 1), jnp.float32)
-  args = ((1, 1), [(2, 2), (2, 2)], (2, 2))
+  x, w = jnp.ones((8, 32, 32, 32), jnp.float32), jnp.ones((9, 9, 32, 1), jnp.float32)
+  args = ((1, 1), [(4, 6), (4, 6)], (3, 3))
   f = lambda x, w: cks_jax.conv_general_dilated(x, w, *args, dimension_numbers=DN)
   e = cks_jax.explain(x, w, *args, dimension_numbers=DN, gradients=True, platform="cpu")
   assert e.backend == "xla" and "output features" in e.reason, e.reason
+  small = cks_jax.explain((1, 8, 8, 32), (9, 9, 32, 1), *args, dimension_numbers=DN,
+                          platform="cpu")
+  assert small.backend == "cks-cpu"  # below CPU_MIN_MACS
   routes = dict((name, g.backend) for name, g in e.gradients)
   assert routes == {"d lhs": "cks-cpu", "d rhs": "portable"}, routes
   hlo = compiled_hlo(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)), x, w)

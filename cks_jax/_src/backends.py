@@ -64,13 +64,16 @@ def use_backend(name: str):
 # (portable 2.6) for DCGAN's 3-channel layer, 13.4 (1.2) and 17.0 (3.5) for
 # FSRCNN's 1-channel layer.
 CPU_MIN_FEATURES = 4
+# ... and only for problems worth it (useful multiply-adds): below this the
+# call overhead dominates and the kernel is as good as anything.
+CPU_MIN_MACS = 2**24
 
 
 def cpu_alternative(params, lhs_shape, rhs_shape) -> str | None:
   """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
 
-  A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) goes to
-  the portable path when it has the shape of a filter gradient (fewer output
+  A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) of at
+  least ``CPU_MIN_MACS`` multiply-adds goes to the portable path when it has the shape of a filter gradient (fewer output
   positions than kernel taps) with lhs dilation, else to XLA's convolution.
   """
   from cks_jax._src import shapes  # the primitive imports this module
@@ -85,6 +88,10 @@ def cpu_alternative(params, lhs_shape, rhs_shape) -> str | None:
   out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
   positions = math.prod(out_shape[d] for d in out_spec[2:])
   taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
+  macs = (math.prod(out_shape) * rhs_shape[rhs_spec[1]] * taps
+          // math.prod(params["lhs_dilation"]))
+  if macs < CPU_MIN_MACS:
+    return None
   if positions <= taps and any(a > 1 for a in params["lhs_dilation"]):
     return "portable"
   return "xla"

@@ -69,14 +69,13 @@ def phases(dm: Dim) -> list[Phase]:
   h = gcd(s1, d1)
   Q, s2 = d1 // h, s1 // h
   out = []
-  for phi in range(P):
-    k0 = next((k for k in range(kstep) if (phi * s + k * d - lo) % a == 0), -1)
+  # Bounded by the sizes, not by a: huge dilations stay O(out_size * k_size).
+  for phi in range(min(P, dm.out_size)):
+    k0 = next((k for k in range(min(kstep, dm.k_size)) if (phi * s + k * d - lo) % a == 0), -1)
     T = 0 if (k0 < 0 or k0 >= dm.k_size) else _ceil_div(dm.k_size - k0, kstep)
     off = (phi * s + k0 * d - lo) // a if T > 0 else 0  # exact division
-    for q in range(Q):
+    for q in range(min(Q, _ceil_div(dm.out_size - phi, P))):
       o0, L = phi + P * q, P * Q
-      if o0 >= dm.out_size:
-        continue
       out.append(Phase(o0, L, _ceil_div(dm.out_size - o0, L), k0 if T > 0 else 0, kstep, T,
                        off + q * s1, d1 * s2, d1))
   return out

@@ -123,6 +123,9 @@ def _lowering(platform: str):
   target = {"cpu": ffi.CPU_TARGET, "cuda": ffi.CUDA_TARGET}.get(platform)
 
   def lower(ctx, lhs, rhs, **params):
+    if _is_empty(*ctx.avals_in, *ctx.avals_out):  # zeros; XLA rejects empty windows
+      return mlir.lower_fun(functools.partial(_zeros, **params), multiple_results=False)(
+          ctx, lhs, rhs)
     shapes_in = tuple(a.shape for a in ctx.avals_in)
     chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params,
                              shapes_in)

@@ -69,12 +69,19 @@ struct Phase {
 struct TapRange {
   int64_t t_lo, t_hi;
 };
+CKS_HD inline __int128 floor_div128(__int128 x, __int128 y) {
+  const __int128 q = x / y;
+  return (x % y != 0 && ((x < 0) != (y < 0))) ? q - 1 : q;
+}
 CKS_HD inline TapRange trimmed_range(const Phase& p, int64_t in_size, int64_t u) {
-  const int64_t x = p.base + p.ustride * u;
-  int64_t lo = max64(0, ceil_div(-x, p.tstride));
-  int64_t hi = min64(p.T, floor_div(in_size - 1 - x, p.tstride) + 1);
-  if (hi <= lo) return {0, 0};
-  return {lo, hi};
+  // In 128 bits: with huge strides and paddings, ustride * u alone passes
+  // 2^63 even where base + ustride * u does not.
+  const __int128 x = __int128(p.base) + __int128(p.ustride) * u;
+  const __int128 lo = -floor_div128(x, p.tstride);  // ceil((0 - x) / tstride)
+  const __int128 hi = floor_div128(__int128(in_size) - 1 - x, p.tstride) + 1;
+  const __int128 t_lo = lo > 0 ? lo : 0, t_hi = hi < p.T ? hi : p.T;
+  if (t_hi <= t_lo) return {0, 0};
+  return {static_cast<int64_t>(t_lo), static_cast<int64_t>(t_hi)};
 }
 
 // The phases of one dimension: K split (P phases by lhs dilation) times
@@ -92,10 +99,12 @@ inline std::vector<Phase> phases(const Dim& dm, bool split_dilation = true) {
   const int64_t g_ad = gcd(a, d), kstep = a / g_ad, d1 = d / g_ad;
   const int64_t h = gcd(s1, d1), Q = split_dilation ? d1 / h : 1;
   std::vector<Phase> out;
-  for (int64_t phi = 0; phi < P; ++phi) {
+  // Phase phi's outputs start at o0 >= phi and its taps at k0: bounding both
+  // loops by the sizes keeps huge dilations O(out_size * k_size), not O(a).
+  for (int64_t phi = 0; phi < min64(P, dm.out_size); ++phi) {
     // k0: the first tap whose dilated position lands on a real input row.
     int64_t k0 = -1;
-    for (int64_t k = 0; k < kstep; ++k) {
+    for (int64_t k = 0; k < min64(kstep, dm.k_size); ++k) {
       if (pos_mod(phi * s + k * d - lo, a) == 0) {
         k0 = k;
         break;
@@ -103,11 +112,10 @@ inline std::vector<Phase> phases(const Dim& dm, bool split_dilation = true) {
     }
     const int64_t T = (k0 < 0 || k0 >= dm.k_size) ? 0 : ceil_div(dm.k_size - k0, kstep);
     const int64_t off = T > 0 ? (phi * s + k0 * d - lo) / a : 0;  // exact division
-    for (int64_t q = 0; q < Q; ++q) {
+    for (int64_t q = 0; q < Q && q < ceil_div(dm.out_size - phi, P); ++q) {
       Phase p;
       p.o0 = phi + P * q;
       p.L = P * Q;
-      if (p.o0 >= dm.out_size) continue;
       p.U = ceil_div(dm.out_size - p.o0, p.L);
       p.k0 = T > 0 ? k0 : 0;
       p.kstep = kstep;
