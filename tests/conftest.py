@@ -1,4 +1,20 @@
-"""Test configuration: float64 enabled so index errors cannot hide behind rounding."""
+"""Test configuration.
+
+- float64 enabled so index errors cannot hide behind rounding.
+- Hypothesis profiles: "ci" (default) is derandomized, so every run draws the
+  same examples; "long" draws fresh ones (HYPOTHESIS_PROFILE=long). The
+  number of examples is CKS_FUZZ_EXAMPLES, or the profile's default.
+"""
+import os
+
 import jax
+from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
+
+_examples = os.environ.get("CKS_FUZZ_EXAMPLES")
+_common = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=int(_examples or 120), **_common)
+settings.register_profile("long", max_examples=int(_examples or 20000), **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
