@@ -304,7 +304,7 @@ def test_huge_strides_dilations_and_padding_index_in_64_bits(s, pad, a, d):
   assert np.count_nonzero(want) or want.size == 0
 
 
-def test_huge_lhs_dilation_with_coprime_stride_finishes():
+def test_huge_lhs_dilation_with_coprime_stride_finishes(tmp_path):
   # Regression: phases() looped over all a/gcd(a, s) phases and a/gcd(a, d)
   # taps (a = 2^62, s = 3: it never returned). In a child process, so a
   # regression fails the test instead of hanging the suite.
@@ -318,7 +318,7 @@ def test_huge_lhs_dilation_with_coprime_stride_finishes():
       assert out.tolist() == [[[2.0]]], out  # only element 1 is left after the crop
   """)
   try:
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=15)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=15, cwd=tmp_path)
   except subprocess.TimeoutExpired:
     pytest.fail("the kernel did not finish in 15 s")
 
