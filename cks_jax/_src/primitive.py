@@ -86,11 +86,6 @@ def _is_empty(lhs_aval, rhs_aval, out_aval) -> bool:
 
 
 def _lower_ffi(target: str, ctx, lhs, rhs, **params):
-  lhs_aval, rhs_aval = ctx.avals_in
-  (out_aval,) = ctx.avals_out
-  if _is_empty(lhs_aval, rhs_aval, out_aval):
-    return mlir.lower_fun(functools.partial(_zeros, **params), multiple_results=False)(
-        ctx, lhs, rhs)
   if sharding.needs_partitioning(ctx):
     # XLA cannot split a custom call: wrap it so it can (sharding.py).
     return sharding.lower(ctx, lhs, rhs, bind=bind, params=params)
