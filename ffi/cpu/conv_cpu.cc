@@ -144,7 +144,7 @@ struct CksConv {
         rem /= cnt;
         const Phase& ph = *sp.phase[d];
         const int64_t u = sp.seg[d].u0 + j;
-        lo += (ph.base + ph.ustride * u + ph.tstride * sp.seg[d].t_lo) * pb.lhs_sp[d];
+        lo += input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d];
         oo += (ph.o0 + ph.L * u) * pb.out_sp[d];
       }
       lhs_row[r] = lo + rem * pb.lhs_n;

@@ -152,7 +152,7 @@ CKS_HD inline void load_tiles(const LaunchParams& p, const BlockIdx& b, int tid,
         bool inside = true;
         for (int d = 0; d < pb.nd; ++d) {
           const Phase& ph = c.ph[d];
-          const int64_t i = ph.base + ph.ustride * u[d] + ph.tstride * t[d];
+          const int64_t i = input_index(ph, u[d], t[d]);
           inside = inside && i >= 0 && i < pb.dim[d].in_size;  // trimmed (C)
           off += i * pb.lhs_sp[d];
         }

@@ -64,6 +64,15 @@ struct Phase {
   int64_t base, ustride, tstride;  // input i = base + ustride*u + tstride*t
 };
 
+// The input row i = base + ustride*u + tstride*t read by output u, tap t.
+// Wherever it is read, i is a real index, yet ustride*u alone can pass 2^63
+// at huge strides: unsigned arithmetic wraps back to the exact value.
+CKS_HD inline int64_t input_index(const Phase& p, int64_t u, int64_t t) {
+  return static_cast<int64_t>(static_cast<uint64_t>(p.base) +
+                              static_cast<uint64_t>(p.ustride) * static_cast<uint64_t>(u) +
+                              static_cast<uint64_t>(p.tstride) * static_cast<uint64_t>(t));
+}
+
 // The trimmed tap range [t_lo, t_hi) of output u of a phase: exactly the taps
 // that read a real input element. Empty ranges come back as [0, 0).
 struct TapRange {
