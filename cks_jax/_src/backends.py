@@ -22,6 +22,8 @@ import contextlib
 import math
 import threading
 
+from cks_jax._src import shapes
+
 BACKENDS = ("auto", "ffi", "portable", "xla")
 
 _state = threading.local()
@@ -76,16 +78,11 @@ def cpu_alternative(params, lhs_shape, rhs_shape) -> str | None:
   least ``CPU_MIN_MACS`` multiply-adds goes to the portable path when it has the shape of a filter gradient (fewer output
   positions than kernel taps) with lhs dilation, else to XLA's convolution.
   """
-  from cks_jax._src import shapes  # the primitive imports this module
-
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   groups = params["feature_group_count"] * params["batch_group_count"]
   if rhs_shape[rhs_spec[0]] // groups >= CPU_MIN_FEATURES:
     return None
-  spec = shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
-                         params["rhs_dilation"], params["dimension_numbers"],
-                         params["feature_group_count"], params["batch_group_count"])
-  out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
+  out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
   positions = math.prod(out_shape[d] for d in out_spec[2:])
   taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
   macs = (math.prod(out_shape) * rhs_shape[rhs_spec[1]] * taps

@@ -96,9 +96,7 @@ def _backend(platform: str, params, lhs_shape, rhs_shape) -> tuple[str, str]:
 
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) -> Explanation:
   """Explains one ``cks_conv`` primitive application given its shapes and params."""
-  spec = shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
-                         params["rhs_dilation"], params["dimension_numbers"],
-                         params["feature_group_count"], params["batch_group_count"])
+  spec = shapes.spec_of(params)
   out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
   lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
   ins = [lhs_shape[d] for d in lhs_spec[2:]]

@@ -44,6 +44,18 @@ def _ceil_div(x: int, y: int) -> int:
   return -(-x // y)
 
 
+def _read_window(in_size: int, D: int, c: int, j0: int, length: int):
+  """Elements j0 .. j0 + length - 1 of the polyphase sub-image x[c::D] of a
+  dimension of size ``in_size``: the strided slice (start, stop, step) of the
+  real ones and the zero padding (lo, hi) around it, or None if none is real."""
+  real = _ceil_div(in_size - c, D) if in_size > c else 0
+  need = j0 + length
+  start, stop = max(j0, 0), min(need, real)
+  if stop <= start:
+    return None
+  return (c + D * start, c + D * (stop - 1) + 1, D), (start - j0, need - stop)
+
+
 def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
                   dimension_numbers, feature_group_count, batch_group_count, precision,
                   out_dtype):
@@ -97,25 +109,22 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
     # Output u, tap t' read input i = e + D*(u + t'): a dense stride-1 conv of
     # the polyphase sub-image x[c::D] starting at its element j0.
     D, e = p.ustride, p.base + p.tstride * tau
-    c, j0 = e % D, e // D
-    real = _ceil_div(dm.in_size - c, D) if dm.in_size > c else 0
-    need = j0 + p.U + T - 1
-    start, stop = max(j0, 0), min(need, real)
-    if stop <= start:
+    window = _read_window(dm.in_size, D, e % D, e // D, p.U + T - 1)
+    if window is None:
       return None
-    lhs_slice = (c + D * start, c + D * (stop - 1) + 1, D)
+    lhs_slice, pads = window
     sub_kernel = (p.k0 + p.kstep * tau, p.k0 + p.kstep * (tau + s2 * (T - 1)) + 1,
                   p.kstep * s2)
-    return lhs_slice, sub_kernel, (start - j0, need - stop)
+    return lhs_slice, sub_kernel, pads
 
   merged = _merged_phases(lhs, rhs, dims, phase_lists, dimension_numbers,
                           feature_group_count, precision, acc_dtype)
 
   def phase_output(chosen):
     """Output of one combination of phases (one per dimension)."""
-    sizes = [p.U for p in chosen]
     if merged is not None:
       return merged(chosen)
+    sizes = [p.U for p in chosen]
     total = None
     for taus in itertools.product(*[range(p.ustride // p.tstride) for p in chosen]):
       pieces = [piece(dm, p, t) for dm, p, t in zip(dims, chosen, taus)]
@@ -272,28 +281,26 @@ def _merged_phases(lhs, rhs, dims, phase_lists, dimension_numbers, feature_group
     jmin = min(j)
     Tu = max(jj - jmin + p.T for jj, p in zip(j, pl))
     Umax = max(p.U for p in pl)
-    real = _ceil_div(dm.in_size - c, D) if dm.in_size > c else 0
-    need = jmin + Umax + Tu - 1
-    start, stop = max(jmin, 0), min(need, real)
-    if stop <= start:
+    window = _read_window(dm.in_size, D, c, jmin, Umax + Tu - 1)
+    if window is None:
       return None
-    plan.append((c, D, jmin, Tu, Umax, [jj - jmin for jj in j], start, stop, need))
+    plan.append((Tu, Umax, [jj - jmin for jj in j], window))
   useful = sum(np.prod([p.U * p.T for p in combo]) for combo in itertools.product(*phase_lists))
-  done = np.prod([len(pl) * Umax * Tu for pl, (_, _, _, Tu, Umax, *_) in zip(phase_lists, plan)])
+  done = np.prod([len(pl) * Umax * Tu for pl, (Tu, Umax, _, _) in zip(phase_lists, plan)])
   fg = rhs.shape[rhs_spec[0]] // feature_group_count
   if fg > _MERGE_MAX_FEATURES or done > _MERGE_MAX_WASTE * useful:
     return None
 
   x = lhs
-  for i, (c, D, jmin, Tu, Umax, offs, start, stop, need) in enumerate(plan):
-    x = lax.slice_in_dim(x, c + D * start, c + D * (stop - 1) + 1, D, axis=lhs_spec[2 + i])
-  pads = [(start - jmin, need - stop) for (_, _, jmin, _, _, _, start, stop, need) in plan]
+  for i, (_, _, _, (lhs_slice, _)) in enumerate(plan):
+    x = lax.slice_in_dim(x, *lhs_slice, axis=lhs_spec[2 + i])
+  pads = [pads for (_, _, _, (_, pads)) in plan]
   kernels = []
   combos = list(itertools.product(*[range(len(pl)) for pl in phase_lists]))
   for combo in combos:
     w = rhs
     for i, q in enumerate(combo):
-      p, (_, _, _, Tu, _, offs, *_) = phase_lists[i][q], plan[i]
+      p, (Tu, _, offs, _) = phase_lists[i][q], plan[i]
       ax = rhs_spec[2 + i]
       w = lax.slice_in_dim(w, p.k0, p.k0 + p.kstep * (p.T - 1) + 1, p.kstep, axis=ax)
       cfg = [(0, 0, 0)] * w.ndim

@@ -28,12 +28,6 @@ from cks_jax._src import backends, ffi, portable, shapes, sharding
 cks_conv_p = jex_core.Primitive("cks_conv")
 
 
-def _spec(params) -> shapes.ConvSpec:
-  return shapes.ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
-                         params["rhs_dilation"], params["dimension_numbers"],
-                         params["feature_group_count"], params["batch_group_count"])
-
-
 def bind(lhs, rhs, **params):
   lhs, rhs = sharding.match_varying(lhs, rhs)
   return cks_conv_p.bind(lhs, rhs, **params)
@@ -51,7 +45,7 @@ def _impl(lhs, rhs, **params):
 
 
 def _abstract_eval(lhs, rhs, **params):
-  shape = shapes.out_shape(lhs.shape, rhs.shape, _spec(params))
+  shape = shapes.out_shape(lhs.shape, rhs.shape, shapes.spec_of(params))
   # update() keeps lhs's manual (shard_map) axes; bind matched rhs's to them.
   return lhs.update(shape=shape, dtype=params["out_dtype"], weak_type=False,
                     sharding=sharding.out_sharding(lhs, rhs, params))
@@ -77,7 +71,7 @@ def _reference(lhs, rhs, **params):
 
 
 def _zeros(lhs, rhs, **params):
-  shape = shapes.out_shape(lhs.shape, rhs.shape, _spec(params))
+  shape = shapes.out_shape(lhs.shape, rhs.shape, shapes.spec_of(params))
   return jax.numpy.zeros(shape, params["out_dtype"])
 
 
@@ -255,7 +249,7 @@ def _batch_rule(batched_args, batch_dims, **params):
       (rhs_bdim is not None and rhs.shape[rhs_bdim] == 0)):
     lshape = [s for i, s in enumerate(lhs.shape) if i != lhs_bdim]
     rshape = [s for i, s in enumerate(rhs.shape) if i != rhs_bdim]
-    shape = shapes.out_shape(lshape, rshape, _spec(params))
+    shape = shapes.out_shape(lshape, rshape, shapes.spec_of(params))
     return jax.numpy.zeros((0,) + shape, params["out_dtype"]), 0
 
   if lhs_bdim is not None and rhs_bdim is not None:

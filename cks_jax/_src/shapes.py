@@ -58,6 +58,13 @@ class ConvSpec:
   batch_group_count: int
 
 
+def spec_of(params: dict) -> ConvSpec:
+  """The ConvSpec in a ``cks_conv`` primitive's params."""
+  return ConvSpec(params["window_strides"], params["padding"], params["lhs_dilation"],
+                  params["rhs_dilation"], params["dimension_numbers"],
+                  params["feature_group_count"], params["batch_group_count"])
+
+
 def canonicalize(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides, padding,
                  lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count: int,
                  batch_group_count: int) -> ConvSpec:
