@@ -215,3 +215,30 @@ def test_lowering_has_no_dilated_convolution(args):
       l, r, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), (0, 1)))
   text = ref.trace(lhs, rhs).lower(lowering_platforms=("tpu",)).as_text()
   assert any(set(a) - {1} or set(b) - {1} for a, b in _conv_dilations(text))
+
+
+# --- the shape-specific emissions of portable.py ------------------------------
+def test_special_emissions_match_lax(monkeypatch):
+  # Each special path (merged phases, shifted-kernel GEMM, batch groups as
+  # feature groups) runs for these configurations, and values and VJPs still
+  # match lax. Shapes are unique to this test so no cached lowering hides a path.
+  from cks_jax._src import portable
+  ran = {name: 0 for name in ("_merged_phases", "_shifted_kernel_dot",
+                              "_batch_groups_to_features")}
+  for name in ran:
+    real = getattr(portable, name)
+
+    def spy(*args, _real=real, _name=name, **kwargs):
+      out = _real(*args, **kwargs)
+      ran[_name] += out is not None
+      return out
+    monkeypatch.setattr(portable, name, spy)
+  # A 1-feature k4 s2 transposed conv: merged phases forward, and its filter
+  # gradient (a 4x4 output from 10x9 windows) as one shifted-kernel GEMM.
+  check((2, 16, 10, 9), (1, 16, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2))
+  # Feature groups of 2 features each: merged phases with groups.
+  check((2, 4, 6, 7), (4, 2, 3, 4), (1, 1), [(1, 2), (2, 1)], (2, 2),
+        feature_group_count=2)
+  # Batch groups with lhs dilation (the filter gradient of a grouped deconv).
+  check((4, 3, 7, 5), (4, 3, 3, 2), (1, 1), [(1, 1), (2, 0)], (2, 2), batch_group_count=2)
+  assert all(ran.values()), ran
