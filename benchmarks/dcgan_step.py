@@ -1,8 +1,10 @@
-"""DCGAN generator training step (the CPU performance issue's workload), cks-jax vs XLA.
+"""DCGAN generator training step (the CPU performance issue's workload): cks-jax, XLA, PyTorch.
 
 N16, latent 100 (1x1) -> ConvTranspose k4 s1 p0 -> 4x4x256 -> k4 s2 p1 -> 8x8x128 -> 16x16x64
 -> 32x32x32 -> 64x64x3; ReLU between, tanh last, no bias, MSE loss, SGD; jitted; fp32, NHWC.
-Run: python benchmarks/dcgan_step.py  (prints median step times and the ratio).
+PyTorch (if installed) runs the same model from the same weights, channels-last, with
+ConvTranspose2d; its first loss is checked against cks-jax's before it is timed.
+Run: python benchmarks/dcgan_step.py  (prints median step times and the ratios).
 """
 import statistics
 import time
@@ -58,6 +60,56 @@ def bench(step, ws, z, y, n=10):
   return 1e3 * statistics.median(times)
 
 
+def torch_step(ws, z, y):
+  """The same step in PyTorch (CPU, channels-last), or None without torch.
+
+  Returns (step, first_loss): ``step()`` runs forward, backward and the SGD
+  update in place.
+  """
+  try:
+    import torch
+  except ImportError:
+    return None
+  import os
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  # lax's lhs-dilated conv with kernel w (HWIO) is conv_transpose with the
+  # kernel flipped, as [I, O, H, W].
+  tw = [torch.tensor(np.ascontiguousarray(np.flip(np.asarray(w), (0, 1)).transpose(2, 3, 0, 1)),
+                     requires_grad=True) for w in ws]
+  tz = torch.tensor(np.asarray(z).transpose(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+  ty = torch.tensor(np.asarray(y).transpose(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+  F = torch.nn.functional
+
+  def loss():
+    h = tz
+    for i, w in enumerate(tw):
+      h = F.conv_transpose2d(h, w, stride=1 if i == 0 else 2, padding=0 if i == 0 else 1)
+      h = torch.tanh(h) if i == len(tw) - 1 else torch.relu(h)
+    return torch.mean((h - ty) ** 2)
+
+  def step():
+    val = loss()
+    grads = torch.autograd.grad(val, tw)
+    with torch.no_grad():
+      for w, g in zip(tw, grads):
+        w -= 0.01 * g
+    return val
+
+  with torch.no_grad():
+    first = float(loss())
+  return step, first
+
+
+def bench_torch(step, n=10):
+  step()
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
 if __name__ == "__main__":
   ws = init(jax.random.PRNGKey(0))
   z = jnp.asarray(np.random.default_rng(0).standard_normal((16, 1, 1, 100)), jnp.float32)
@@ -65,5 +117,12 @@ if __name__ == "__main__":
   assert generator(cks_jax, ws, z).shape == (16, 64, 64, 3)
   t_cks = bench(make_step(cks_jax), ws, z, y)
   t_xla = bench(make_step(lax), ws, z, y, n=5)
-  print(f"DCGAN generator step: cks-jax {t_cks:.1f} ms, XLA {t_xla:.1f} ms, "
-        f"speed-up {t_xla / t_cks:.1f}x  ({jax.devices()[0].device_kind})")
+  line = (f"DCGAN generator step: cks-jax {t_cks:.1f} ms, XLA {t_xla:.1f} ms "
+          f"(cks {t_xla / t_cks:.1f}x XLA)")
+  tstep = torch_step(ws, z, y)
+  if tstep is not None:
+    jax_loss = float(jnp.mean((generator(cks_jax, ws, z) - y) ** 2))
+    assert abs(tstep[1] - jax_loss) <= 1e-4 * abs(jax_loss), (tstep[1], jax_loss)
+    t_torch = bench_torch(tstep[0])
+    line += f", PyTorch {t_torch:.1f} ms (cks {t_torch / t_cks:.2f}x PyTorch)"
+  print(line + f"  ({jax.devices()[0].device_kind}, {len(__import__('os').sched_getaffinity(0))} cores)")

@@ -81,10 +81,14 @@ using gemm::Tile;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- the conv
-// Packed B of every (sub-problem, group) is built once, in a first parallel
-// pass, and shared by that sub-problem's row-block tasks; above this size it
-// is packed per task instead (d-rhs sub-problems have very long reductions).
-constexpr int64_t kSharedBBytes = int64_t{256} << 20;
+// Packed B of a (sub-problem, group) is built once, in a first parallel pass,
+// and shared by that sub-problem's row-block tasks, if it is at most
+// kSharedBBytes per sub-problem and kSharedBTotal in all. A larger B (the long
+// reductions of filter gradients) is packed block by block inside each task,
+// where each block is used while it is in cache: allocating and filling
+// hundreds of MB of panels cost more than packing twice (measured).
+constexpr int64_t kSharedBBytes = int64_t{4} << 20;
+constexpr int64_t kSharedBTotal = int64_t{256} << 20;
 
 template <typename Tin, typename Acc, typename Tout>
 struct CksConv {
@@ -95,8 +99,9 @@ struct CksConv {
   Tout* out;
   static constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
 
+  // Rows [row0, row1) x columns [col0, col1) of one (sub-problem, group).
   struct Task {
-    int64_t sp, group, row0, row1;
+    int64_t sp, group, row0, row1, col0, col1;
   };
 
   int64_t nsp() const { return static_cast<int64_t>(plan.subproblems.size()); }
@@ -107,20 +112,44 @@ struct CksConv {
     return round_up(pb.group_out(), NR) * red_size(sp);
   }
 
-  // A is read in place (IndirectA) when no conversion is needed and each
-  // tap's channels are contiguous; otherwise it is gathered into panels.
-  bool reads_a_in_place() const { return std::is_same<Tin, Acc>::value && pb.lhs_c == 1; }
+  // A is read in place (IndirectA) when no conversion is needed and either
+  // each tap's channels or the rows' batch entries are contiguous (a filter
+  // gradient's batch is the original channels); else it is gathered into panels.
+  bool reads_a_in_place() const {
+    return std::is_same<Tin, Acc>::value && (pb.lhs_c == 1 || pb.lhs_n == 1);
+  }
   const Acc* lhs_in_acc() const { return reinterpret_cast<const Acc*>(lhs); }
 
-  // Worth packing B once: the sub-problem has several row blocks.
-  bool shares_b(int64_t sp) const { return plan.subproblems[sp].rows > kMC; }
+  // Worth packing B once: the sub-problem has three row blocks or more (with
+  // two, packing twice in cache beat one shared copy through memory).
+  bool shares_b(int64_t sp) const {
+    return plan.subproblems[sp].rows > 2 * kMC &&
+           packed_b_size(sp) * static_cast<int64_t>(sizeof(Acc)) <= kSharedBBytes;
+  }
 
-  std::vector<Task> tasks() const {
+  // Row blocks of kMC rows. With fewer than kTasksPerWorker of them per
+  // worker (filter gradients: few rows, long reductions) the columns are
+  // split too, in whole AVX-512 tiles (2 NR). Splitting columns does not
+  // change any element's sum, so the bits do not depend on the thread count.
+  static constexpr int64_t kTasksPerWorker = 4;
+  std::vector<Task> tasks(int64_t workers) const {
+    const int64_t Fg = pb.group_out();
+    int64_t row_blocks = 0;
+    for (int64_t s = 0; s < nsp(); ++s) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
+    row_blocks *= pb.groups();
+    int64_t width = Fg;
+    const int64_t want = kTasksPerWorker * workers;
+    if (row_blocks > 0 && row_blocks < want && Fg > 2 * NR) {
+      const int64_t splits = std::min((want + row_blocks - 1) / row_blocks, Fg / (2 * NR));
+      width = round_up((Fg + splits - 1) / splits, 2 * NR);
+    }
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
       const int64_t rows = plan.subproblems[s].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
-        for (int64_t r = 0; r < rows; r += kMC) ts.push_back({s, g, r, std::min(rows, r + kMC)});
+        for (int64_t r = 0; r < rows; r += kMC)
+          for (int64_t c = 0; c < Fg; c += width)
+            ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
     }
     return ts;
   }
@@ -152,16 +181,23 @@ struct CksConv {
     }
   }
 
+  // The reduction index k runs over (taps, c) with c innermost when the lhs
+  // channels are its contiguous dimension, else over (c, taps), so that
+  // successive k step through memory as little as possible (a filter
+  // gradient's "channels" are the original batch, the largest stride).
+  bool channels_inner() const { return pb.lhs_c <= pb.lhs_sp[pb.nd - 1]; }
+
   // lhs (relative to a row's offset) and rhs element offsets of the
-  // reduction index k = (t_0, ..., t_{nd-1}, c) row-major, taps relative to
-  // t_lo. Either output may be null.
+  // reduction index k, taps relative to t_lo. Either output may be null.
   void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
     const SubProblem& sp = plan.subproblems[s];
-    const int64_t Cg = pb.group_in(), red = red_size(s);
+    const int64_t Cg = pb.group_in(), red = red_size(s), taps = sp.taps;
+    const bool c_inner = channels_inner();
     if (lhs_red) lhs_red->resize(red);
     if (rhs_red) rhs_red->resize(red);
     for (int64_t k = 0; k < red; ++k) {
-      int64_t rem = k / Cg, li = (k % Cg) * pb.lhs_c, ri = (k % Cg) * pb.rhs_i;
+      const int64_t c = c_inner ? k % Cg : k / taps;
+      int64_t rem = c_inner ? k / Cg : k % taps, li = c * pb.lhs_c, ri = c * pb.rhs_i;
       for (int d = pb.nd - 1; d >= 0; --d) {
         const int64_t cnt = sp.seg[d].t_hi - sp.seg[d].t_lo, tt = rem % cnt;
         rem /= cnt;
@@ -178,16 +214,23 @@ struct CksConv {
   // of B of group g into NR-column panels [kc][NR], zero-filled past nc.
   void pack_b_block(const std::vector<int64_t>& rhs_red, int64_t g, int64_t nc0, int64_t nc,
                     int64_t kc0, int64_t kc, Acc* dst) const {
-    const int64_t Fg = pb.group_out(), nc_pad = round_up(nc, NR);
-    for (int64_t jr = 0; jr < nc_pad; jr += NR) {
-      Acc* panel = dst + jr * kc;
-      for (int64_t p = 0; p < kc; ++p) {
-        const Tin* src = rhs + rhs_red[kc0 + p];
-        for (int j = 0; j < NR; ++j) {
-          const int64_t f = nc0 + jr + j;
-          panel[p * NR + j] = (jr + j < nc) ? load<Acc>(src[(g * Fg + f) * pb.rhs_o]) : Acc(0);
-        }
+    const int64_t nc_pad = round_up(nc, NR), full = nc / NR * NR;
+    const Tin* cols = rhs + (g * pb.group_out() + nc0) * pb.rhs_o;
+    // Row p of the block is one reduction index: read it once, across all
+    // panels. Contiguous columns (rhs_o == 1) copy as whole vectors.
+    for (int64_t p = 0; p < kc; ++p) {
+      const Tin* src = cols + rhs_red[kc0 + p];
+      Acc* row = dst + p * NR;
+      if (pb.rhs_o == 1) {
+        for (int64_t jr = 0; jr < full; jr += NR)
+          for (int j = 0; j < NR; ++j) row[jr * kc + j] = load<Acc>(src[jr + j]);
+      } else {
+        for (int64_t jr = 0; jr < full; jr += NR)
+          for (int j = 0; j < NR; ++j) row[jr * kc + j] = load<Acc>(src[(jr + j) * pb.rhs_o]);
       }
+      if (full < nc_pad)  // the last, partial panel: zero-filled past nc
+        for (int j = 0; j < NR; ++j)
+          row[full * kc + j] = full + j < nc ? load<Acc>(src[(full + j) * pb.rhs_o]) : Acc(0);
     }
   }
 
@@ -237,13 +280,15 @@ struct CksConv {
     const bool indirect = reads_a_in_place();
     if (indirect)  // padding rows re-read row 0; their results are dropped
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
-    for (int64_t nc0 = 0; nc0 < Fg; nc0 += kNC) {
-      const int64_t nc = std::min(kNC, Fg - nc0), nc_pad = round_up(nc, NR);
+    // Column blocks of at most kNC, cut at multiples of kNC so that a shared
+    // B's block (pack_b) is found at blk0: panel (nc0 - blk0) / NR of it.
+    for (int64_t nc0 = t.col0; nc0 < t.col1;) {
+      const int64_t blk0 = nc0 / kNC * kNC, blk_pad = round_up(std::min(kNC, Fg - blk0), NR);
+      const int64_t nc = std::min(blk0 + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
       Cbuf.assign(mc_pad * nc_pad, Acc(0));
       for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
         const int64_t kc = std::min(kKC, red - kc0);
-        Ap.resize(mc_pad * kc);
-        const Acc* B = Bsp ? Bsp + nc0 * red + kc0 * nc_pad : nullptr;
+        const Acc* B = Bsp ? Bsp + blk0 * red + kc0 * blk_pad + (nc0 - blk0) * kc : nullptr;
         if (B == nullptr) {
           Bp.resize(nc_pad * kc);
           pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
@@ -264,6 +309,7 @@ struct CksConv {
         for (int64_t j = 0; j < nc; ++j)
           dst[(t.group * Fg + nc0 + j) * pb.out_c] = store<Tout, Acc>(src[j]);
       }
+      nc0 += nc;
     }
   }
 
@@ -276,14 +322,14 @@ struct CksConv {
     for (int64_t i = 0; i < nsp() * G; ++i)
       b_off[i + 1] = b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
     std::unique_ptr<Acc[]> Bshared;
-    if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBBytes) {
+    if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
       Bshared.reset(new Acc[b_off.back()]);
       parallel_for(pool, nsp() * G, [&](int64_t i) {
         if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + b_off[i]);
       });
     }
     // Pass 2: the row-block tasks.
-    const auto ts = tasks();
+    const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
     parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
       const Task& t = ts[i];
       const bool shared = Bshared && shares_b(t.sp);
