@@ -3,6 +3,7 @@ and "auto" on the CPU routes narrow outputs as explain says."""
 import re
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -75,23 +76,28 @@ def test_other_platforms_lower_without_cks_custom_calls():
   assert e.backend == "xla" and "no cks kernel" in e.reason
 
 
-def test_auto_on_cpu_routes_narrow_outputs():
-  # A 1-feature transposed convolution (FSRCNN's last layer with 32 input
-  # channels: above CPU_MIN_MACS): the forward goes
-  # to XLA, the filter gradient to the portable path, the input gradient (32
-  # features) stays on the kernel; explain and the compiled HLO agree.
-  x, w = jnp.ones((8, 32, 32, 32), jnp.float32), jnp.ones((9, 9, 32, 1), jnp.float32)
+@pytest.mark.parametrize("cin, drhs", [(32, "cks-cpu"), (28, "portable")])
+def test_auto_on_cpu_routes_narrow_outputs(cin, drhs):
+  # A 1-feature transposed convolution (FSRCNN's last layer; above
+  # CPU_MIN_MACS). The forward goes to XLA. The filter gradient stays on the
+  # kernel's narrow path when its batch (the cin input channels, contiguous in
+  # NHWC) fills a strip of 32 floats, else goes to the portable path. The input
+  # gradient (cin features) stays on the kernel. explain and the HLO agree.
+  x, w = jnp.ones((8, 32, 32, cin), jnp.float32), jnp.ones((9, 9, cin, 1), jnp.float32)
   args = ((1, 1), [(4, 6), (4, 6)], (3, 3))
   f = lambda x, w: cks_jax.conv_general_dilated(x, w, *args, dimension_numbers=DN)
   e = cks_jax.explain(x, w, *args, dimension_numbers=DN, gradients=True, platform="cpu")
   assert e.backend == "xla" and "output features" in e.reason, e.reason
-  small = cks_jax.explain((1, 8, 8, 32), (9, 9, 32, 1), *args, dimension_numbers=DN,
+  small = cks_jax.explain((1, 8, 8, cin), (9, 9, cin, 1), *args, dimension_numbers=DN,
                           platform="cpu")
   assert small.backend == "cks-cpu"  # below CPU_MIN_MACS
   routes = dict((name, g.backend) for name, g in e.gradients)
-  assert routes == {"d lhs": "cks-cpu", "d rhs": "portable"}, routes
+  assert routes == {"d lhs": "cks-cpu", "d rhs": drhs}, routes
+  if drhs == "cks-cpu":
+    assert "narrow" in dict(e.gradients)["d rhs"].reason
   hlo = compiled_hlo(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)), x, w)
-  assert len(re.findall(r'custom_call_target="cks_conv_cpu"', hlo)) == 1
+  kernels = 2 if drhs == "cks-cpu" else 1
+  assert len(re.findall(r'custom_call_target="cks_conv_cpu"', hlo)) == kernels
   assert len(re.findall(r"=\s*\S+\s+convolution\(", hlo)) >= 1  # XLA's forward
   # Values and gradients are the same either way.
   ref = lambda x, w: lax_conv(x, w, *args)

@@ -69,16 +69,19 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
-def _backend(platform: str, params, lhs_shape, rhs_shape) -> tuple[str, str]:
+def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, str]:
   platform = {"gpu": "cuda"}.get(platform, platform)
   requested = params.get("backend", "auto")
   kernels = ffi.kernel_platforms()
   try:
-    chosen = backends.choose(requested, platform, kernels, params, (lhs_shape, rhs_shape))
+    chosen = backends.choose(requested, platform, kernels, params, (lhs_shape, rhs_shape), dtype)
   except NotImplementedError as e:
     return "unavailable", str(e)
   if chosen == "ffi":
-    return f"cks-{platform}", f"cks FFI kernel registered for platform {platform!r}"
+    why = f"cks FFI kernel registered for platform {platform!r}"
+    if platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+      why += " (narrow path: vectorised over the contiguous batch, not the few features)"
+    return f"cks-{platform}", why
   if requested != "auto":
     why = f"backend={requested!r} requested"
   elif platform in kernels:
@@ -94,8 +97,9 @@ def _backend(platform: str, params, lhs_shape, rhs_shape) -> tuple[str, str]:
   return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
-def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) -> Explanation:
-  """Explains one ``cks_conv`` primitive application given its shapes and params."""
+def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
+                   dtype=np.float32) -> Explanation:
+  """Explains one ``cks_conv`` primitive application given its shapes, params and lhs dtype."""
   spec = shapes.spec_of(params)
   out_shape = shapes.out_shape(lhs_shape, rhs_shape, spec)
   lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
@@ -111,7 +115,8 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None) ->
         list(spec.rhs_dilation), [lo for lo, _ in spec.padding], out_shape[out_spec[0]],
         rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]])
   phases, subs, zero_subs, cks_macs, direct_macs = stats
-  backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape)
+  backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape,
+                             dtype)
   return Explanation(
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),
@@ -153,7 +158,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
 
   fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
   (eqn,) = [e for e in fwd.eqns if e.primitive is cks_conv_p]
-  main = explain_params(lhs_s.shape, rhs_s.shape, eqn.params, platform)
+  main = explain_params(lhs_s.shape, rhs_s.shape, eqn.params, platform, lhs_s.dtype)
   if not gradients:
     return main
 
@@ -166,7 +171,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
   for e in [e for e in jpr.eqns if e.primitive is cks_conv_p][1:]:
     name = "d lhs" if tuple(e.outvars[0].aval.shape) == tuple(lhs_s.shape) else "d rhs"
     grads.append((name, explain_params(e.invars[0].aval.shape, e.invars[1].aval.shape,
-                                       e.params, platform)))
+                                       e.params, platform, e.invars[0].aval.dtype)))
   grads.sort(key=lambda t: t[0] != "d lhs")
   grads = tuple(grads)
   return Explanation(**{**main.__dict__, "gradients": grads})

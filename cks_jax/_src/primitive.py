@@ -117,7 +117,7 @@ def _lowering(platform: str):
           ctx, lhs, rhs)
     shapes_in = tuple(a.shape for a in ctx.avals_in)
     chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params,
-                             shapes_in)
+                             shapes_in, ctx.avals_in[0].dtype)
     if chosen == "ffi":
       return _lower_ffi(target, ctx, lhs, rhs, **params)
     if chosen == "portable":

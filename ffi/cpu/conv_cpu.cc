@@ -123,11 +123,26 @@ struct CksConv {
   // Worth packing B once: the sub-problem has three row blocks or more (with
   // two, packing twice in cache beat one shared copy through memory).
   bool shares_b(int64_t sp) const {
-    return plan.subproblems[sp].rows > 2 * kMC &&
+    return !narrow() && plan.subproblems[sp].rows > 2 * kMC &&
            packed_b_size(sp) * static_cast<int64_t>(sizeof(Acc)) <= kSharedBBytes;
   }
 
-  // Row blocks of kMC rows. With fewer than kTasksPerWorker of them per
+  // Narrow outputs (Fg <= kNarrowF) whose batch entries are contiguous (the
+  // filter gradient of a layer with few output channels) run on the
+  // row-vectorised kernel: see run_narrow.
+  bool narrow() const {
+    return std::is_same<Tin, Acc>::value && pb.lhs_n == 1 &&
+           pb.group_out() <= gemm::kNarrowF && pb.out_batch() >= gemm::kStrip<Acc>;
+  }
+  // Rows per task of sub-problem sp: kMC, or for the narrow kernel whole
+  // strips of every position (rows are (n, position), position fastest).
+  int64_t row_block(int64_t sp) const {
+    if (!narrow()) return kMC;
+    const int64_t strip = plan.subproblems[sp].rows / pb.out_batch() * gemm::kStrip<Acc>;
+    return strip * std::max<int64_t>(1, kMC / strip);
+  }
+
+  // Row blocks of row_block() rows. With fewer than kTasksPerWorker of them per
   // worker (filter gradients: few rows, long reductions) the columns are
   // split too, in whole AVX-512 tiles (2 NR). Splitting columns does not
   // change any element's sum, so the bits do not depend on the thread count.
@@ -135,7 +150,8 @@ struct CksConv {
   std::vector<Task> tasks(int64_t workers) const {
     const int64_t Fg = pb.group_out();
     int64_t row_blocks = 0;
-    for (int64_t s = 0; s < nsp(); ++s) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
+    for (int64_t s = 0; s < nsp(); ++s)
+      row_blocks += (plan.subproblems[s].rows + row_block(s) - 1) / row_block(s);
     row_blocks *= pb.groups();
     int64_t width = Fg;
     const int64_t want = kTasksPerWorker * workers;
@@ -145,11 +161,11 @@ struct CksConv {
     }
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
-      const int64_t rows = plan.subproblems[s].rows;
+      const int64_t rows = plan.subproblems[s].rows, mc = row_block(s);
       for (int64_t g = 0; g < pb.groups(); ++g)
-        for (int64_t r = 0; r < rows; r += kMC)
+        for (int64_t r = 0; r < rows; r += mc)
           for (int64_t c = 0; c < Fg; c += width)
-            ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
+            ts.push_back({s, g, r, std::min(rows, r + mc), c, std::min(Fg, c + width)});
     }
     return ts;
   }
@@ -192,21 +208,37 @@ struct CksConv {
   void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
     const SubProblem& sp = plan.subproblems[s];
     const int64_t Cg = pb.group_in(), red = red_size(s), taps = sp.taps;
-    const bool c_inner = channels_inner();
-    if (lhs_red) lhs_red->resize(red);
-    if (rhs_red) rhs_red->resize(red);
-    for (int64_t k = 0; k < red; ++k) {
-      const int64_t c = c_inner ? k % Cg : k / taps;
-      int64_t rem = c_inner ? k / Cg : k % taps, li = c * pb.lhs_c, ri = c * pb.rhs_i;
-      for (int d = pb.nd - 1; d >= 0; --d) {
-        const int64_t cnt = sp.seg[d].t_hi - sp.seg[d].t_lo, tt = rem % cnt;
-        rem /= cnt;
+    // Tap offsets first (an odometer over the taps, last dimension fastest),
+    // then the channels: no division per reduction index.
+    thread_local std::vector<int64_t> tap_l, tap_r;
+    tap_l.resize(taps);
+    tap_r.resize(taps);
+    int64_t tt[kMaxSpatial] = {0, 0, 0};
+    for (int64_t i = 0; i < taps; ++i) {
+      int64_t li = 0, ri = 0;
+      for (int d = 0; d < pb.nd; ++d) {
         const Phase& ph = *sp.phase[d];
-        li += ph.tstride * tt * pb.lhs_sp[d];
-        ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt)) * pb.rhs_sp[d];
+        li += ph.tstride * tt[d] * pb.lhs_sp[d];
+        ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt[d])) * pb.rhs_sp[d];
       }
-      if (lhs_red) (*lhs_red)[k] = li;
-      if (rhs_red) (*rhs_red)[k] = ri;
+      tap_l[i] = li;
+      tap_r[i] = ri;
+      for (int d = pb.nd - 1; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
+    }
+    const bool c_inner = channels_inner();
+    // k = tap * Cg + c (channels inner) or c * taps + tap.
+    const int64_t tap_step = c_inner ? Cg : 1, c_step = c_inner ? 1 : taps;
+    if (lhs_red) {
+      lhs_red->resize(red);
+      for (int64_t i = 0; i < taps; ++i)
+        for (int64_t c = 0; c < Cg; ++c)
+          (*lhs_red)[i * tap_step + c * c_step] = tap_l[i] + c * pb.lhs_c;
+    }
+    if (rhs_red) {
+      rhs_red->resize(red);
+      for (int64_t i = 0; i < taps; ++i)
+        for (int64_t c = 0; c < Cg; ++c)
+          (*rhs_red)[i * tap_step + c * c_step] = tap_r[i] + c * pb.rhs_i;
     }
   }
 
@@ -313,6 +345,55 @@ struct CksConv {
     }
   }
 
+  // The narrow kernel on one task: strips of kStrip consecutive batch entries
+  // n at one position j (local row n * P + j - row0), B^T packed once for
+  // the whole reduction ([red][Fg], a few hundred KB at most). Fewer than
+  // kStrip batch entries at a position are summed one row at a time.
+  void run_narrow(const Task& t) const {
+    constexpr int W = gemm::kStrip<Acc>;
+    const int64_t Fg = pb.group_out(), red = red_size(t.sp);
+    const int64_t P = plan.subproblems[t.sp].rows / pb.out_batch();  // positions
+    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red;
+    thread_local std::vector<Acc> Bt;
+    row_offsets(t, lhs_row, out_row);
+    red_offsets(t.sp, &lhs_red, &rhs_red);
+    Bt.resize(red * Fg);
+    for (int64_t p = 0; p < red; ++p)
+      for (int64_t f = 0; f < Fg; ++f)
+        Bt[p * Fg + f] = load<Acc>(rhs[rhs_red[p] + (t.group * Fg + f) * pb.rhs_o]);
+    Acc Cs[gemm::kNarrowF * W];
+    auto put = [&](int64_t l, int64_t f, Acc v) {
+      out[out_row[l] + (t.group * Fg + f) * pb.out_c] = store<Tout, Acc>(v);
+    };
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t n0 = t.row0 <= j ? 0 : (t.row0 - j + P - 1) / P;
+      const int64_t n1 = t.row1 <= j ? 0 : (t.row1 - 1 - j) / P + 1;
+      if (n1 - n0 >= W) {
+        // The last strip ends at n1, overlapping the one before: the overlap
+        // is computed twice, to identical bits.
+        for (int64_t n = n0;; n = std::min(n + W, n1 - W)) {
+          const int64_t l = n * P + j - t.row0;  // batch n + i is local row l + i * P
+          std::fill(Cs, Cs + Fg * W, Acc(0));
+          gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + lhs_row[l], lhs_red.data(),
+                             red, Bt.data(), Cs, W);
+          for (int64_t f = 0; f < Fg; ++f)
+            for (int i = 0; i < W; ++i) put(l + i * P, f, Cs[f * W + i]);
+          if (n + W >= n1) break;
+        }
+        continue;
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t l = n * P + j - t.row0;
+        const Acc* a = lhs_in_acc() + lhs_row[l];
+        for (int64_t f = 0; f < Fg; ++f) {
+          Acc acc(0);
+          for (int64_t p = 0; p < red; ++p) acc += a[lhs_red[p]] * Bt[p * Fg + f];
+          put(l, f, acc);
+        }
+      }
+    }
+  }
+
   void run_all(ffi::ThreadPool* pool) const {
     const int64_t G = pb.groups();
     // Pass 1: pack B once for every sub-problem with several row blocks, if
@@ -332,6 +413,7 @@ struct CksConv {
     const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
     parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
       const Task& t = ts[i];
+      if (narrow()) return run_narrow(t);
       const bool shared = Bshared && shares_b(t.sp);
       run(t, shared ? Bshared.get() + b_off[t.sp * G + t.group] : nullptr);
     });

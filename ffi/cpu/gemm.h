@@ -221,5 +221,86 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const 
   macro_kernel<T>(mc, nc, kc, A, Bp, C, ldc);
 }
 
+
+// ---------------------------------------------------------------- narrow
+// Narrow GEMM (FG <= kNarrowF columns) vectorised over rows instead of
+// columns, for rows whose A entries are contiguous (A(i, p) = a[red[p] + i]:
+// a filter gradient's rows are the original channels). The column-vectorised
+// kernel would pad FG to NR and waste most of its lanes.
+//   C[f * ldc + i] += sum_p a[red[p] + i] * Bt[p * FG + f],  i < kStrip<T>.
+// Every element is summed over p in order, as in the portable loop below.
+constexpr int kNarrowF = 8;
+template <typename T>
+constexpr int kStrip = 128 / sizeof(T);  // two zmm of rows
+
+template <int FG, typename T>
+inline void narrow_strip_portable(const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
+                                  int64_t ldc) {
+  constexpr int W = kStrip<T>;
+  T acc[FG][W] = {};
+  for (int64_t p = 0; p < kc; ++p) {
+    const T* ap = a + red[p];
+    for (int f = 0; f < FG; ++f)
+      for (int i = 0; i < W; ++i) acc[f][i] += ap[i] * Bt[p * FG + f];
+  }
+  for (int f = 0; f < FG; ++f)
+    for (int i = 0; i < W; ++i) C[f * ldc + i] += acc[f][i];
+}
+
+#ifdef CKS_X86_AVX2
+template <int FG, typename T>
+__attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
+                                                                     const int64_t* red,
+                                                                     int64_t kc, const T* Bt,
+                                                                     T* C, int64_t ldc) {
+  constexpr int L = 64 / sizeof(T);  // lanes per zmm
+  using V = decltype(zload(a));
+  V acc[FG][2];
+#pragma GCC unroll 8
+  for (int f = 0; f < FG; ++f) acc[f][0] = acc[f][1] = V{};
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p) {
+    const T* ap = a + red[p];
+    const V a0 = zload(ap), a1 = zload(ap + L);
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) {
+      const V b = zbcast(Bt + p * FG + f);
+      acc[f][0] = zfma(a0, b, acc[f][0]);
+      acc[f][1] = zfma(a1, b, acc[f][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int f = 0; f < FG; ++f) {
+    zaddto(C + f * ldc, acc[f][0]);
+    zaddto(C + f * ldc + L, acc[f][1]);
+  }
+}
+#endif
+
+template <int FG, typename T>
+inline void narrow_strip_fg(const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
+                            int64_t ldc) {
+#ifdef CKS_X86_AVX2
+  if (gemm_isa() == 2) return narrow_strip_avx512<FG>(a, red, kc, Bt, C, ldc);
+#endif
+  narrow_strip_portable<FG>(a, red, kc, Bt, C, ldc);
+}
+
+// One strip of kStrip<T> rows for fg = 1..kNarrowF columns.
+template <typename T>
+inline void narrow_strip(int fg, const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
+                         int64_t ldc) {
+  switch (fg) {
+    case 1: return narrow_strip_fg<1>(a, red, kc, Bt, C, ldc);
+    case 2: return narrow_strip_fg<2>(a, red, kc, Bt, C, ldc);
+    case 3: return narrow_strip_fg<3>(a, red, kc, Bt, C, ldc);
+    case 4: return narrow_strip_fg<4>(a, red, kc, Bt, C, ldc);
+    case 5: return narrow_strip_fg<5>(a, red, kc, Bt, C, ldc);
+    case 6: return narrow_strip_fg<6>(a, red, kc, Bt, C, ldc);
+    case 7: return narrow_strip_fg<7>(a, red, kc, Bt, C, ldc);
+    default: return narrow_strip_fg<8>(a, red, kc, Bt, C, ldc);
+  }
+}
+
 }  // namespace gemm
 }  // namespace cks

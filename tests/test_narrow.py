@@ -1,0 +1,85 @@
+"""The CPU kernel's narrow path (conv_cpu.cc, run_narrow): outputs with at most 8 features
+per group whose lhs batch is contiguous, vectorised over strips of the batch. It is what runs
+the filter gradient of a layer with few output channels (NHWC: the batch of that gradient is
+the layer's input channels). Values and both VJPs against lax, float32 and float64, around
+the strip boundaries (32 floats, 16 doubles: exact, overlapping last strip, one-row tails)."""
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+import cks_jax
+from cks_jax._src import backends
+
+from oracle import check
+
+DN2 = ("NHWC", "HWIO", "NHWC")
+
+
+def narrow_here(lhs_shape, rhs_shape, dtype, *args, **kw):
+  """Whether explain (the Python mirror of CksConv::narrow) puts the d-rhs on the narrow path."""
+  e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                      gradients=True, platform="cpu", backend="ffi", **kw)
+  return "narrow" in dict(e.gradients)["d rhs"].reason
+
+
+# (lhs shape, rhs shape, conv args, kwargs): the d-rhs of each runs on the narrow path.
+CASES = [
+    # transposed k4 s2 (DCGAN's last layer), exactly one strip of floats
+    ((4, 6, 6, 32), (4, 4, 32, 3), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # an overlapping last strip (45 = 32 + 13) and one feature
+    ((3, 7, 5, 45), (3, 3, 45, 1), ((1, 1), "SAME"), {}),
+    # VALID: every tap has the same range, so each sub-problem has 9 positions
+    ((2, 9, 9, 70), (3, 3, 70, 8), ((1, 1), "VALID"), {}),
+    # stride and dilation (the Sk-dilated d-rhs) and 5 features
+    ((2, 12, 11, 33), (3, 3, 33, 5), ((2, 2), [(1, 2), (0, 1)], (1, 1), (2, 1)), {}),
+    # feature groups: the d-rhs is batch-grouped, 32 channels per group
+    ((2, 8, 8, 64), (3, 3, 32, 4), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # 1D (WaveNet-like, dilated) and 3D (a volumetric transposed conv)
+    ((3, 40, 36), (3, 36, 2), ((1,), [(2, 2)], (1,), (2,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    ((1, 4, 4, 4, 34), (2, 2, 2, 34, 3), ((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_narrow_filter_gradient(case, dtype):
+  lhs_shape, rhs_shape, args, kw = CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  assert narrow_here(lhs_shape, rhs_shape, dtype, *args, **kw)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=case, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_narrow_forward_with_batch_last(dtype):
+  # A forward pass whose lhs is laid out batch-last ("HWCN"): the narrow path
+  # directly, at an odd batch (37 floats / 37 doubles: strips + overlap).
+  kw = {"dimension_numbers": ("HWCN", "HWIO", "NHWC")}
+  args = ((1, 1), "SAME")
+  e = cks_jax.explain(jnp.zeros((6, 5, 9, 37), dtype), jnp.zeros((3, 3, 9, 2), dtype), *args,
+                      platform="cpu", backend="ffi", **kw)
+  assert "narrow" in e.reason
+  with cks_jax.use_backend("ffi"):
+    check((6, 5, 9, 37), (3, 3, 9, 2), *args, dtype=dtype, **kw)
+
+
+def test_narrow_needs_a_full_strip():
+  # Fewer batch entries than one strip, 16-bit inputs, or more than 8
+  # features: the ordinary GEMM path (no narrow claim), still correct.
+  p = lambda fgc=1, bgc=1, dn=(0, 3, 1, 2): {
+      "dimension_numbers": (dn, (3, 2, 0, 1), (0, 3, 1, 2)),
+      "feature_group_count": fgc, "batch_group_count": bgc}
+  hwcn = (3, 2, 0, 1)  # HWCN: the lhs batch is the last (contiguous) dimension
+  assert backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 3), np.float32)
+  assert backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 16), (3, 3, 9, 3), np.float64)
+  assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 31), (3, 3, 9, 3), np.float32)
+  assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 3), jnp.bfloat16)
+  assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 9), np.float32)
+  assert not backends.kernel_narrow(p(dn=hwcn, bgc=2), (5, 5, 9, 32), (3, 3, 9, 4), np.float32)
+  assert not backends.kernel_narrow(p(), (32, 5, 5, 9), (3, 3, 9, 3), np.float32)  # NHWC
+  with cks_jax.use_backend("ffi"):
+    check((5, 5, 9, 31), (3, 3, 9, 3), (1, 1), "SAME", dtype=np.float32,
+          dimension_numbers=("HWCN", "HWIO", "NHWC"))
