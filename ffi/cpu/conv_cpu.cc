@@ -142,6 +142,89 @@ struct CksConv {
     return strip * std::max<int64_t>(1, kMC / strip);
   }
 
+  // B packed once per phase ("phase B"). Sub-problems of one phase (one
+  // Phase per dimension) read the same sub-kernel, each trimmed to its own
+  // tap ranges. When the channels are the inner reduction index and there are
+  // at least kPhaseBMinC of them, the whole sub-kernel of each phase is packed
+  // once, as [panel][full tap][Cg][NR]: a sub-problem's reduction is then runs
+  // of consecutive full taps (its trimmed range in the last dimension), each
+  // run contiguous in that layout, and no sub-problem packs B again.
+  static constexpr int64_t kPhaseBMinC = 32;
+  bool phase_b() const { return !narrow() && channels_inner() && pb.group_in() >= kPhaseBMinC; }
+  int64_t ncombos() const {
+    int64_t n = 1;
+    for (int d = 0; d < pb.nd; ++d) n *= static_cast<int64_t>(plan.phases[d].size());
+    return n;
+  }
+  int64_t combo_of(const SubProblem& sp) const {
+    int64_t c = 0;
+    for (int d = 0; d < pb.nd; ++d)
+      c = c * static_cast<int64_t>(plan.phases[d].size()) + sp.seg[d].phase;
+    return c;
+  }
+  void combo_phases(int64_t c, const Phase* ph[kMaxSpatial]) const {
+    for (int d = pb.nd - 1; d >= 0; --d) {
+      const int64_t n = static_cast<int64_t>(plan.phases[d].size());
+      ph[d] = &plan.phases[d][c % n];
+      c /= n;
+    }
+  }
+  // Full taps of a phase combination and the element stride between its panels.
+  int64_t combo_taps(int64_t c) const {
+    const Phase* ph[kMaxSpatial];
+    combo_phases(c, ph);
+    int64_t t = 1;
+    for (int d = 0; d < pb.nd; ++d) t *= ph[d]->T;
+    return t;
+  }
+  int64_t phase_ldb(int64_t c) const { return combo_taps(c) * pb.group_in() * NR; }
+  int64_t phase_b_size(int64_t c) const {
+    return round_up(pb.group_out(), NR) / NR * phase_ldb(c);
+  }
+
+  void pack_phase_b(int64_t c, int64_t g, Acc* dst) const {
+    const Phase* ph[kMaxSpatial];
+    combo_phases(c, ph);
+    const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = phase_ldb(c);
+    const int64_t panels = round_up(Fg, NR) / NR, taps = combo_taps(c);
+    int64_t tt[kMaxSpatial] = {0, 0, 0};
+    for (int64_t f = 0; f < taps; ++f) {
+      int64_t roff = g * Fg * pb.rhs_o;
+      for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
+      for (int64_t ci = 0; ci < Cg; ++ci) {
+        const Tin* src = rhs + roff + ci * pb.rhs_i;
+        for (int64_t q = 0; q < panels; ++q) {
+          Acc* row = dst + q * ldb + (f * Cg + ci) * NR;
+          for (int j = 0; j < NR; ++j) {
+            const int64_t col = q * NR + j;
+            row[j] = col < Fg ? load<Acc>(src[col * pb.rhs_o]) : Acc(0);
+          }
+        }
+      }
+      for (int d = pb.nd - 1; d >= 0 && ++tt[d] == ph[d]->T; --d) tt[d] = 0;
+    }
+  }
+
+  // Full tap index of the first tap of each run (the trimmed last-dimension
+  // range at fixed outer taps) of sub-problem sp, runs in reduction order.
+  void run_starts(const SubProblem& sp, std::vector<int64_t>& f0) const {
+    int64_t cnt[kMaxSpatial], tt[kMaxSpatial] = {0, 0, 0}, ts[kMaxSpatial];
+    int64_t stride = 1;
+    for (int d = pb.nd - 1; d >= 0; --d) {
+      cnt[d] = sp.seg[d].t_hi - sp.seg[d].t_lo;
+      ts[d] = stride;
+      stride *= sp.phase[d]->T;
+    }
+    const int64_t last = pb.nd - 1, runs = cnt[last] > 0 ? sp.taps / cnt[last] : 0;
+    f0.resize(runs);
+    for (int64_t r = 0; r < runs; ++r) {
+      int64_t f = 0;
+      for (int d = 0; d < pb.nd; ++d) f += (sp.seg[d].t_lo + tt[d]) * ts[d];
+      f0[r] = f;
+      for (int d = last - 1; d >= 0 && ++tt[d] == cnt[d]; --d) tt[d] = 0;
+    }
+  }
+
   // Row blocks of row_block() rows. With fewer than kTasksPerWorker of them per
   // worker (filter gradients: few rows, long reductions) the columns are
   // split too, in whole AVX-512 tiles (2 NR). Splitting columns does not
@@ -298,41 +381,58 @@ struct CksConv {
     }
   }
 
-  // One row block of one (sub-problem, group). `Bsp` is its packed B
-  // (pack_b), or null to pack each block of B here, just before its use.
-  void run(const Task& t, const Acc* Bsp) const {
+  // One task: rows x columns of one (sub-problem, group). B comes from
+  // `Bph`, the phase B of its phase (pack_phase_b), else from `Bsp`, its own
+  // packed B (pack_b), else it is packed here block by block, just before use.
+  void run(const Task& t, const Acc* Bph, const Acc* Bsp) const {
     const int64_t Fg = pb.group_out();
     const int64_t mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
     const int64_t red = red_size(t.sp);
+    const SubProblem& sp = plan.subproblems[t.sp];
 
-    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red;
+    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, f0;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     row_offsets(t, lhs_row, out_row);
-    red_offsets(t.sp, &lhs_red, Bsp ? nullptr : &rhs_red);
+    red_offsets(t.sp, &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
     const bool indirect = reads_a_in_place();
     if (indirect)  // padding rows re-read row 0; their results are dropped
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
+    // C += A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
+    auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad) {
+      if (indirect) {
+        const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
+        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, Cbuf.data(), nc_pad);
+      } else {
+        Ap.resize(mc_pad * kc);
+        pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
+        gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, Cbuf.data(), nc_pad);
+      }
+    };
+    const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
+    const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
+    if (Bph) run_starts(sp, f0);
     // Column blocks of at most kNC, cut at multiples of kNC so that a shared
     // B's block (pack_b) is found at blk0: panel (nc0 - blk0) / NR of it.
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
       const int64_t blk0 = nc0 / kNC * kNC, blk_pad = round_up(std::min(kNC, Fg - blk0), NR);
       const int64_t nc = std::min(blk0 + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
       Cbuf.assign(mc_pad * nc_pad, Acc(0));
-      for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
-        const int64_t kc = std::min(kKC, red - kc0);
-        const Acc* B = Bsp ? Bsp + blk0 * red + kc0 * blk_pad + (nc0 - blk0) * kc : nullptr;
-        if (B == nullptr) {
-          Bp.resize(nc_pad * kc);
-          pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
-          B = Bp.data();
-        }
-        if (indirect) {
-          const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
-          gemm_block(mc_pad, nc_pad, kc, A, B, Cbuf.data(), nc_pad);
-        } else {
-          Ap.resize(mc_pad * kc);
-          pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
-          gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, Cbuf.data(), nc_pad);
+      if (Bph) {  // run by run: each is contiguous in the phase B
+        const Acc* Bcols = Bph + nc0 / NR * ph_ldb;
+        for (int64_t r = 0; r < static_cast<int64_t>(f0.size()); ++r)
+          for (int64_t q = 0; q < run_len; q += kKC)
+            multiply(r * run_len + q, std::min(kKC, run_len - q), Bcols + (f0[r] * Cg + q) * NR,
+                     ph_ldb, nc_pad);
+      } else {
+        for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
+          const int64_t kc = std::min(kKC, red - kc0);
+          const Acc* B = Bsp ? Bsp + blk0 * red + kc0 * blk_pad + (nc0 - blk0) * kc : nullptr;
+          if (B == nullptr) {
+            Bp.resize(nc_pad * kc);
+            pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
+            B = Bp.data();
+          }
+          multiply(kc0, kc, B, kc * NR, nc_pad);
         }
       }
       for (int64_t r = 0; r < mc; ++r) {
@@ -396,26 +496,43 @@ struct CksConv {
 
   void run_all(ffi::ThreadPool* pool) const {
     const int64_t G = pb.groups();
-    // Pass 1: pack B once for every sub-problem with several row blocks, if
-    // they all fit. A single row block packs B block by block as it goes,
-    // which keeps each block in cache (d-rhs: few rows, long reductions).
-    std::vector<int64_t> b_off(nsp() * G + 1, 0);
-    for (int64_t i = 0; i < nsp() * G; ++i)
-      b_off[i + 1] = b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
-    std::unique_ptr<Acc[]> Bshared;
-    if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
-      Bshared.reset(new Acc[b_off.back()]);
-      parallel_for(pool, nsp() * G, [&](int64_t i) {
-        if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + b_off[i]);
-      });
+    // Pass 1: pack B once per phase (phase_b), or else once per sub-problem
+    // with three row blocks or more (shares_b), if it all fits. Other tasks
+    // pack B block by block as they go, which keeps each block in cache
+    // (d-rhs: few rows, long reductions).
+    std::vector<int64_t> ph_off(ncombos() * G + 1, 0), b_off(nsp() * G + 1, 0);
+    std::unique_ptr<Acc[]> Bphase, Bshared;
+    if (phase_b()) {
+      std::vector<char> used(ncombos(), 0);
+      for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
+      for (int64_t i = 0; i < ncombos() * G; ++i)
+        ph_off[i + 1] = ph_off[i] + (used[i / G] ? phase_b_size(i / G) : 0);
+      if (ph_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
+        Bphase.reset(new Acc[ph_off.back()]);
+        parallel_for(pool, ncombos() * G, [&](int64_t i) {
+          if (used[i / G]) pack_phase_b(i / G, i % G, Bphase.get() + ph_off[i]);
+        });
+      }
     }
-    // Pass 2: the row-block tasks.
+    if (!Bphase) {
+      for (int64_t i = 0; i < nsp() * G; ++i)
+        b_off[i + 1] = b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
+      if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
+        Bshared.reset(new Acc[b_off.back()]);
+        parallel_for(pool, nsp() * G, [&](int64_t i) {
+          if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + b_off[i]);
+        });
+      }
+    }
+    // Pass 2: the tasks.
     const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
     parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
       const Task& t = ts[i];
       if (narrow()) return run_narrow(t);
+      const Acc* Bph = nullptr;
+      if (Bphase) Bph = Bphase.get() + ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
       const bool shared = Bshared && shares_b(t.sp);
-      run(t, shared ? Bshared.get() + b_off[t.sp * G + t.group] : nullptr);
+      run(t, Bph, shared ? Bshared.get() + b_off[t.sp * G + t.group] : nullptr);
     });
   }
 };

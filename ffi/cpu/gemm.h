@@ -1,7 +1,9 @@
 // GEMM block of the CPU kernels: C[mc x nc] += A * Bp.
 //   A : read through an A source: PackedA (MR-row panels, each [kc][MR]) or
 //       IndirectA (in place, through row and reduction offsets);
-//   Bp: NR-column panels, each [kc][NR];
+//   Bp: NR-column panels, each [kc][NR], ldb elements apart (kc * NR when
+//       packed block by block; more when a block is a window of a larger
+//       packed B);
 //   C : row-major, row stride ldc;     mc, nc multiples of MR, NR.
 // x86-64 picks a hand-written micro-kernel at run time (no -march needed):
 //   AVX2+FMA : 6x16 float / 6x8 double tile in 12 ymm accumulators;
@@ -77,11 +79,11 @@ struct IndirectA {
 // Portable kernel: C[mc x nc] += A * Bp (the compiler vectorises it as it can).
 template <typename T, typename ASrc>
 inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, int64_t kc,
-                                                        const ASrc& A, const T* Bp, T* C,
-                                                        int64_t ldc) {
+                                                        const ASrc& A, const T* Bp, int64_t ldb,
+                                                        T* C, int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   for (int64_t jr = 0; jr < nc; jr += NR) {
-    const T* b = Bp + jr * kc;
+    const T* b = Bp + jr / NR * ldb;
     for (int64_t ir = 0; ir < mc; ir += MR) {
       const auto a = A.panel(ir);
       T acc[MR][NR] = {};
@@ -117,15 +119,15 @@ CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_p
 // = 15 of 16 ymm registers, no spills (checked with objdump).
 template <typename T, typename ASrc>
 __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t kc,
-                                                           const ASrc& A, const T* Bp, T* C,
-                                                           int64_t ldc) {
+                                                           const ASrc& A, const T* Bp,
+                                                           int64_t ldb, T* C, int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "tile is MR x 2 ymm");
   using V = decltype(vload(Bp));
   for (int64_t jr = 0; jr < nc; jr += NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
       const auto a = A.panel(ir);
-      const T* b = Bp + jr * kc;
+      const T* b = Bp + jr / NR * ldb;
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
@@ -166,8 +168,8 @@ CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_p
 template <typename T, typename ASrc>
 __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc, int64_t nc,
                                                                      int64_t kc, const ASrc& A,
-                                                                     const T* Bp, T* C,
-                                                                     int64_t ldc) {
+                                                                     const T* Bp, int64_t ldb,
+                                                                     T* C, int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   using V = decltype(zload(Bp));
@@ -175,13 +177,13 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc,
   for (; jr + 2 * NR <= nc; jr += 2 * NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
       const auto a = A.panel(ir);
-      const T* b = Bp + jr * kc;  // panel jr; panel jr + NR starts NR * kc later
+      const T* b = Bp + jr / NR * ldb;  // panel jr; panel jr + NR starts ldb later
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
 #pragma GCC unroll 4
       for (int64_t p = 0; p < kc; ++p, b += NR) {
-        const V b0 = zload(b), b1 = zload(b + NR * kc);
+        const V b0 = zload(b), b1 = zload(b + ldb);
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
           const V ai = zbcast(a.at(p, i));
@@ -197,7 +199,7 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc,
       }
     }
   }
-  if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr * kc, C + jr, ldc);
+  if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr / NR * ldb, ldb, C + jr, ldc);
 }
 #undef CKS_Z512_FN
 
@@ -210,15 +212,15 @@ inline int gemm_isa() {  // 2: AVX-512F, 1: AVX2+FMA, 0: portable
 #endif  // CKS_X86_AVX2
 
 template <typename T, typename ASrc>
-inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp, T* C,
-                       int64_t ldc) {
+inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
+                       int64_t ldb, T* C, int64_t ldc) {
 #ifdef CKS_X86_AVX2
   switch (gemm_isa()) {
-    case 2: return macro_kernel_avx512(mc, nc, kc, A, Bp, C, ldc);
-    case 1: return macro_kernel_avx2(mc, nc, kc, A, Bp, C, ldc);
+    case 2: return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C, ldc);
+    case 1: return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C, ldc);
   }
 #endif
-  macro_kernel<T>(mc, nc, kc, A, Bp, C, ldc);
+  macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C, ldc);
 }
 
 

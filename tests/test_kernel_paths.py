@@ -1,8 +1,14 @@
-"""The CPU kernel's narrow path (conv_cpu.cc, run_narrow): outputs with at most 8 features
-per group whose lhs batch is contiguous, vectorised over strips of the batch. It is what runs
-the filter gradient of a layer with few output channels (NHWC: the batch of that gradient is
-the layer's input channels). Values and both VJPs against lax, float32 and float64, around
-the strip boundaries (32 floats, 16 doubles: exact, overlapping last strip, one-row tails)."""
+"""The CPU kernel's special paths (ffi/cpu/conv_cpu.cc), against lax, values and both VJPs.
+
+- The narrow path (run_narrow): outputs with at most 8 features per group whose lhs batch is
+  contiguous, vectorised over strips of the batch. It runs the filter gradient of a layer with
+  few output channels (NHWC: the batch of that gradient is the layer's input channels). Tested
+  around the strip boundaries (32 floats, 16 doubles: exact, overlapping last strip, tails).
+- The phase B (pack_phase_b): with 32 or more channels per group read innermost, each phase's
+  sub-kernel is packed once, and every trimmed sub-problem of that phase reads runs of it.
+  Tested where sub-problems trim differently (small maps, big kernels, several phases,
+  groups, 1D/3D, several column panels).
+"""
 import numpy as np
 import pytest
 
@@ -83,3 +89,30 @@ def test_narrow_needs_a_full_strip():
   with cks_jax.use_backend("ffi"):
     check((5, 5, 9, 31), (3, 3, 9, 3), (1, 1), "SAME", dtype=np.float32,
           dimension_numbers=("HWCN", "HWIO", "NHWC"))
+
+
+# (lhs shape, rhs shape, conv args, kwargs) with >= 32 channels per group: the phase B.
+PHASE_B_CASES = [
+    # transposed k4 s2 on a 3x3 map: 4 phases, every output trims differently; 40 features
+    # (two AVX-512 panels plus a partial one)
+    ((2, 3, 3, 48), (4, 4, 48, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # a 7x7 kernel on a 5x5 map: 25 sub-problems of one phase, runs of 3-7 taps
+    ((3, 5, 5, 32), (7, 7, 32, 17), ((1, 1), [(3, 3), (3, 3)]), {}),
+    # strided, dilated, grouped (2 x 32 channels), asymmetric padding
+    ((2, 9, 10, 64), (3, 3, 32, 6), ((2, 1), [(2, 0), (1, 3)], (1, 1), (2, 3)),
+     {"feature_group_count": 2}),
+    # k8 s4 transposed 1D, and a 3D transposed conv
+    ((2, 5, 33), (8, 33, 9), ((1,), [(5, 5)], (4,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    ((1, 3, 3, 3, 32), (3, 3, 3, 32, 4), ((1, 1, 1), [(1, 2)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(PHASE_B_CASES)))
+def test_phase_b(case, dtype):
+  lhs_shape, rhs_shape, args, kw = PHASE_B_CASES[case]
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=10 + case,
+          **{"dimension_numbers": DN2, **kw})
