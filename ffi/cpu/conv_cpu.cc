@@ -2,12 +2,21 @@
 //
 // Every dense sub-problem of the plan (plan.h) is a GEMM
 //     out[rows, Fg] = A[rows, taps*Cg] * B[taps*Cg, Fg]
-// whose operands are gathered ("packed") straight from the unpadded,
-// undilated tensors. Row, reduction and column offsets are separable, so a
-// packed element is lhs[row_off[r] + red_off[k]]: no padded or zero-inserted
-// copy exists anywhere, and any layout (dimension_numbers) is read in place.
-// The GEMM is a classic packed, register-blocked one; tasks (sub-problem x
-// group x row block) run on XLA's intra-op thread pool.
+// whose operands come straight from the unpadded, undilated tensors. Row,
+// reduction and column offsets are separable, so an element of A is
+// lhs[row_off[r] + red_off[k]]: no padded or zero-inserted copy exists
+// anywhere, and any layout (dimension_numbers) is read in place.
+// - A is read in place (IndirectA) when its rows or its channels are
+//   contiguous, else gathered into MR-row panels.
+// - B is packed into NR-column panels: once per phase when the channels are
+//   the inner reduction index (pack_phase_b; trimmed sub-problems read runs
+//   of it), else once per sub-problem or block by block inside each task.
+// - Outputs with at most 8 features per group and a contiguous lhs batch
+//   (filter gradients of few-channel layers) take a narrow path vectorised
+//   over the batch instead of the features (run_narrow).
+// Tasks (sub-problem x group x row block x column block) run on XLA's
+// intra-op thread pool; each output element is summed by one task in a fixed
+// order, so results do not depend on the thread count.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
