@@ -57,7 +57,8 @@ def cmd_bench(args) -> int:
   budget = 1.5 if args.quick else 5.0
   progress = Progress(3 * len(layers))
   report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
-                     with_portable=not getattr(args, "no_portable", False), progress=progress)
+                     with_portable=not getattr(args, "no_portable", False), progress=progress,
+                     dtype=getattr(args, "dtype", "float32"))
   progress.close()
   gemm = bench.gemm_gflops()
   report.machine["xla_gemm_gflops"] = gemm
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
   b.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
   b.add_argument("--no-portable", action="store_true",
                  help="skip the portable (lax ops) C-K-S column")
+  b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="operand dtype of every backend (default float32)")
   b.add_argument("--json", help="write the results as JSON")
   b.add_argument("--plot", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
   b.set_defaults(fn=cmd_bench)

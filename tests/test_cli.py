@@ -25,6 +25,16 @@ def test_bench_json_and_table(tmp_path, capsys):
   assert all(r["cks_ms"] > 0 and r["xla_ms"] > 0 and r["gflop"] > 0 for r in rows)
 
 
+def test_bench_bfloat16(tmp_path, capsys):
+  path = tmp_path / "b.json"
+  assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--repeats", "1", "--no-torch",
+                   "--no-portable", "--dtype", "bfloat16", "--json", str(path)]) == 0
+  assert "bfloat16 operands" in capsys.readouterr().out
+  report = json.loads(path.read_text())
+  assert report["machine"]["dtype"] == "bfloat16"
+  assert all(r["cks_ms"] > 0 and r["xla_ms"] > 0 for r in report["rows"])
+
+
 def test_bench_rejects_unknown_layer(capsys):
   assert cli.main(["bench", "--layers", "no-such-layer"]) == 2
 

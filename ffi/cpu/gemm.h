@@ -164,6 +164,8 @@ CKS_Z512_FN __m512 zfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a
 CKS_Z512_FN __m512d zfma(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
 CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(zload(p), v)); }
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
+CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+CKS_Z512_FN __m512d zadd(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
 
 template <typename T, typename ASrc>
 __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc, int64_t nc,
@@ -230,51 +232,77 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const 
 // a filter gradient's rows are the original channels). The column-vectorised
 // kernel would pad FG to NR and waste most of its lanes.
 //   C[f * ldc + i] += sum_p a[red[p] + i] * Bt[p * FG + f],  i < kStrip<T>.
-// Every element is summed over p in order, as in the portable loop below.
+// With few columns one chain of FMAs per accumulator would wait on the FMA
+// latency, so the sum is split into kSplit<FG> partial sums over p modulo
+// kSplit, combined in order at the end; the portable loop does the same.
 constexpr int kNarrowF = 8;
 template <typename T>
 constexpr int kStrip = 128 / sizeof(T);  // two zmm of rows
+template <int FG>
+constexpr int kSplit = FG == 1 ? 4 : FG <= 4 ? 2 : 1;
 
 template <int FG, typename T>
 inline void narrow_strip_portable(const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
                                   int64_t ldc) {
-  constexpr int W = kStrip<T>;
-  T acc[FG][W] = {};
+  constexpr int W = kStrip<T>, S = kSplit<FG>;
+  T acc[S][FG][W] = {};
   for (int64_t p = 0; p < kc; ++p) {
     const T* ap = a + red[p];
     for (int f = 0; f < FG; ++f)
-      for (int i = 0; i < W; ++i) acc[f][i] += ap[i] * Bt[p * FG + f];
+      for (int i = 0; i < W; ++i) acc[p % S][f][i] += ap[i] * Bt[p * FG + f];
   }
   for (int f = 0; f < FG; ++f)
-    for (int i = 0; i < W; ++i) C[f * ldc + i] += acc[f][i];
+    for (int i = 0; i < W; ++i) {
+      T sum = acc[0][f][i];
+      for (int u = 1; u < S; ++u) sum += acc[u][f][i];
+      C[f * ldc + i] += sum;
+    }
 }
 
 #ifdef CKS_X86_AVX2
+// One reduction index p of a strip: ac[f] += a[p][0:2L] * Bt[p][f].
+template <int FG, typename T, typename V>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void narrow_step(
+    const T* ap, const T* bp, V (&ac)[FG][2]) {
+  constexpr int L = 64 / sizeof(T);
+  const V a0 = zload(ap), a1 = zload(ap + L);
+#pragma GCC unroll 8
+  for (int f = 0; f < FG; ++f) {
+    const V b = zbcast(bp + f);
+    ac[f][0] = zfma(a0, b, ac[f][0]);
+    ac[f][1] = zfma(a1, b, ac[f][1]);
+  }
+}
+
 template <int FG, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
                                                                      const int64_t* red,
                                                                      int64_t kc, const T* Bt,
                                                                      T* C, int64_t ldc) {
-  constexpr int L = 64 / sizeof(T);  // lanes per zmm
+  constexpr int L = 64 / sizeof(T), S = kSplit<FG>;  // lanes per zmm, partial sums
   using V = decltype(zload(a));
-  V acc[FG][2];
+  V acc[S][FG][2];
+#pragma GCC unroll 4
+  for (int u = 0; u < S; ++u)
 #pragma GCC unroll 8
-  for (int f = 0; f < FG; ++f) acc[f][0] = acc[f][1] = V{};
-#pragma GCC unroll 2
-  for (int64_t p = 0; p < kc; ++p) {
-    const T* ap = a + red[p];
-    const V a0 = zload(ap), a1 = zload(ap + L);
-#pragma GCC unroll 8
-    for (int f = 0; f < FG; ++f) {
-      const V b = zbcast(Bt + p * FG + f);
-      acc[f][0] = zfma(a0, b, acc[f][0]);
-      acc[f][1] = zfma(a1, b, acc[f][1]);
-    }
+    for (int f = 0; f < FG; ++f) acc[u][f][0] = acc[u][f][1] = V{};
+  int64_t p = 0;
+  for (; p + S <= kc; p += S) {
+#pragma GCC unroll 4
+    for (int u = 0; u < S; ++u) narrow_step<FG>(a + red[p + u], Bt + (p + u) * FG, acc[u]);
   }
+#pragma GCC unroll 4
+  for (int u = 0; u < S; ++u)  // the tail: p + u is still in partial sum u
+    if (p + u < kc) narrow_step<FG>(a + red[p + u], Bt + (p + u) * FG, acc[u]);
 #pragma GCC unroll 8
   for (int f = 0; f < FG; ++f) {
-    zaddto(C + f * ldc, acc[f][0]);
-    zaddto(C + f * ldc + L, acc[f][1]);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      V sum = acc[0][f][h];
+#pragma GCC unroll 4
+      for (int u = 1; u < S; ++u) sum = zadd(sum, acc[u][f][h]);
+      zaddto(C + f * ldc + h * L, sum);
+    }
   }
 }
 #endif
