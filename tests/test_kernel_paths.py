@@ -59,6 +59,14 @@ def test_narrow_filter_gradient(case, dtype):
     check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=case, **kw)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_filter_gradient_16bit(dtype):
+  lhs_shape, rhs_shape, args, kw = CASES[1]
+  assert narrow_here(lhs_shape, rhs_shape, dtype, *args, dimension_numbers=DN2)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, dimension_numbers=DN2, **kw)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_narrow_forward_with_batch_last(dtype):
   # A forward pass whose lhs is laid out batch-last ("HWCN"): the narrow path
@@ -73,8 +81,9 @@ def test_narrow_forward_with_batch_last(dtype):
 
 
 def test_narrow_needs_a_full_strip():
-  # Fewer batch entries than one strip, 16-bit inputs, or more than 8
-  # features: the ordinary GEMM path (no narrow claim), still correct.
+  # Fewer batch entries than one strip or more than 8 features: the ordinary
+  # GEMM path (no narrow claim), still correct. 16-bit inputs reach the kernel
+  # widened to float32 (primitive._widened), so they take float32's strips.
   p = lambda fgc=1, bgc=1, dn=(0, 3, 1, 2): {
       "dimension_numbers": (dn, (3, 2, 0, 1), (0, 3, 1, 2)),
       "feature_group_count": fgc, "batch_group_count": bgc}
@@ -82,7 +91,8 @@ def test_narrow_needs_a_full_strip():
   assert backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 3), np.float32)
   assert backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 16), (3, 3, 9, 3), np.float64)
   assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 31), (3, 3, 9, 3), np.float32)
-  assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 3), jnp.bfloat16)
+  assert backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 3), jnp.bfloat16)
+  assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 31), (3, 3, 9, 3), jnp.float16)
   assert not backends.kernel_narrow(p(dn=hwcn), (5, 5, 9, 32), (3, 3, 9, 9), np.float32)
   assert not backends.kernel_narrow(p(dn=hwcn, bgc=2), (5, 5, 9, 32), (3, 3, 9, 4), np.float32)
   assert not backends.kernel_narrow(p(), (32, 5, 5, 9), (3, 3, 9, 3), np.float32)  # NHWC

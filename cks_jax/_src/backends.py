@@ -87,7 +87,11 @@ def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
 
   Mirrors ``CksConv::narrow()`` in ``ffi/cpu/conv_cpu.cc``.
   """
-  if dtype is None or np.dtype(dtype) not in (np.float32, np.float64):
+  if dtype is None:
+    return False
+  if np.dtype(dtype).itemsize == 2:  # 16-bit floats run widened (primitive._widened)
+    dtype = np.float32
+  if np.dtype(dtype) not in (np.float32, np.float64):
     return False
   lhs_spec, rhs_spec, _ = params["dimension_numbers"]
   groups = params["feature_group_count"] * params["batch_group_count"]

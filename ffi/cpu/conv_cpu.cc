@@ -108,9 +108,10 @@ struct CksConv {
   Tout* out;
   static constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
 
-  // Rows [row0, row1) x columns [col0, col1) of one (sub-problem, group).
+  // Rows [row0, row1) x columns [col0, col1) of one (sub-problem, group); on
+  // the narrow path, positions [j0, j1) of rows [row0, row1).
   struct Task {
-    int64_t sp, group, row0, row1, col0, col1;
+    int64_t sp, group, row0, row1, col0, col1, j0 = 0, j1 = 0;
   };
 
   int64_t nsp() const { return static_cast<int64_t>(plan.subproblems.size()); }
@@ -142,13 +143,6 @@ struct CksConv {
   bool narrow() const {
     return std::is_same<Tin, Acc>::value && pb.lhs_n == 1 &&
            pb.group_out() <= gemm::kNarrowF && pb.out_batch() >= gemm::kStrip<Acc>;
-  }
-  // Rows per task of sub-problem sp: kMC, or for the narrow kernel whole
-  // strips of every position (rows are (n, position), position fastest).
-  int64_t row_block(int64_t sp) const {
-    if (!narrow()) return kMC;
-    const int64_t strip = plan.subproblems[sp].rows / pb.out_batch() * gemm::kStrip<Acc>;
-    return strip * std::max<int64_t>(1, kMC / strip);
   }
 
   // B packed once per phase ("phase B"). Sub-problems of one phase (one
@@ -234,16 +228,16 @@ struct CksConv {
     }
   }
 
-  // Row blocks of row_block() rows. With fewer than kTasksPerWorker of them per
+  // Row blocks of kMC rows. With fewer than kTasksPerWorker of them per
   // worker (filter gradients: few rows, long reductions) the columns are
   // split too, in whole AVX-512 tiles (2 NR). Splitting columns does not
   // change any element's sum, so the bits do not depend on the thread count.
   static constexpr int64_t kTasksPerWorker = 4;
   std::vector<Task> tasks(int64_t workers) const {
+    if (narrow()) return narrow_tasks(workers);
     const int64_t Fg = pb.group_out();
     int64_t row_blocks = 0;
-    for (int64_t s = 0; s < nsp(); ++s)
-      row_blocks += (plan.subproblems[s].rows + row_block(s) - 1) / row_block(s);
+    for (int64_t s = 0; s < nsp(); ++s) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
     row_blocks *= pb.groups();
     int64_t width = Fg;
     const int64_t want = kTasksPerWorker * workers;
@@ -253,11 +247,36 @@ struct CksConv {
     }
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
-      const int64_t rows = plan.subproblems[s].rows, mc = row_block(s);
+      const int64_t rows = plan.subproblems[s].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
-        for (int64_t r = 0; r < rows; r += mc)
+        for (int64_t r = 0; r < rows; r += kMC)
           for (int64_t c = 0; c < Fg; c += width)
-            ts.push_back({s, g, r, std::min(rows, r + mc), c, std::min(Fg, c + width)});
+            ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
+    }
+    return ts;
+  }
+
+  // Narrow tasks: batch chunks of [kStrip, 2 kStrip) entries (a chunk shorter
+  // than a strip would run one row at a time), and the positions split too
+  // when that leaves fewer than kTasksPerWorker tasks per worker. Rows are
+  // (n, position), position fastest, so a chunk [n0, n1) is rows [n0 P, n1 P).
+  std::vector<Task> narrow_tasks(int64_t workers) const {
+    const int64_t nb = pb.out_batch(), chunks = std::max<int64_t>(1, nb / gemm::kStrip<Acc>);
+    const int64_t want = kTasksPerWorker * workers;
+    int64_t used = 0;
+    for (int64_t s = 0; s < nsp(); ++s) used += plan.subproblems[s].rows > 0;
+    const int64_t base = std::max<int64_t>(1, used * pb.groups() * chunks);
+    const int64_t splits = (want + base - 1) / base;
+    std::vector<Task> ts;
+    for (int64_t s = 0; s < nsp(); ++s) {
+      const int64_t P = plan.subproblems[s].rows / nb;
+      if (P == 0) continue;
+      const int64_t ps = std::min(P, splits);
+      for (int64_t g = 0; g < pb.groups(); ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t q = 0; q < ps; ++q)
+            ts.push_back({s, g, c * nb / chunks * P, (c + 1) * nb / chunks * P, 0,
+                          pb.group_out(), q * P / ps, (q + 1) * P / ps});
     }
     return ts;
   }
@@ -474,9 +493,8 @@ struct CksConv {
     auto put = [&](int64_t l, int64_t f, Acc v) {
       out[out_row[l] + (t.group * Fg + f) * pb.out_c] = store<Tout, Acc>(v);
     };
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t n0 = t.row0 <= j ? 0 : (t.row0 - j + P - 1) / P;
-      const int64_t n1 = t.row1 <= j ? 0 : (t.row1 - 1 - j) / P + 1;
+    const int64_t n0 = t.row0 / P, n1 = t.row1 / P;  // narrow_tasks: whole batch chunks
+    for (int64_t j = t.j0; j < t.j1; ++j) {
       if (n1 - n0 >= W) {
         // The last strip ends at n1, overlapping the one before: the overlap
         // is computed twice, to identical bits.
