@@ -13,7 +13,8 @@
 //   of it), else once per sub-problem or block by block inside each task.
 // - Outputs with at most 8 features per group and a contiguous lhs batch
 //   (filter gradients of few-channel layers) take a narrow path vectorised
-//   over the batch instead of the features (run_narrow).
+//   over the batch instead of the features (run_narrow), its reduction
+//   walked as runs with constant steps (no offset tables, B read in place).
 // Tasks (sub-problem x group x row block x column block) run on XLA's
 // intra-op thread pool; each output element is summed by one task in a fixed
 // order, so results do not depend on the thread count.
@@ -314,18 +315,15 @@ struct CksConv {
   // gradient's "channels" are the original batch, the largest stride).
   bool channels_inner() const { return pb.lhs_c <= pb.lhs_sp[pb.nd - 1]; }
 
-  // lhs (relative to a row's offset) and rhs element offsets of the
-  // reduction index k, taps relative to t_lo. Either output may be null.
-  void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
-    const SubProblem& sp = plan.subproblems[s];
-    const int64_t Cg = pb.group_in(), red = red_size(s), taps = sp.taps;
-    // Tap offsets first (an odometer over the taps, last dimension fastest),
-    // then the channels: no division per reduction index.
-    thread_local std::vector<int64_t> tap_l, tap_r;
-    tap_l.resize(taps);
-    tap_r.resize(taps);
+  // lhs (relative to a row's offset) and rhs element offsets of each tap of
+  // sub-problem sp, taps relative to t_lo, last dimension fastest: an
+  // odometer, no division per tap.
+  void tap_offsets(const SubProblem& sp, std::vector<int64_t>& tap_l,
+                   std::vector<int64_t>& tap_r) const {
+    tap_l.resize(sp.taps);
+    tap_r.resize(sp.taps);
     int64_t tt[kMaxSpatial] = {0, 0, 0};
-    for (int64_t i = 0; i < taps; ++i) {
+    for (int64_t i = 0; i < sp.taps; ++i) {
       int64_t li = 0, ri = 0;
       for (int d = 0; d < pb.nd; ++d) {
         const Phase& ph = *sp.phase[d];
@@ -336,21 +334,30 @@ struct CksConv {
       tap_r[i] = ri;
       for (int d = pb.nd - 1; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
     }
-    const bool c_inner = channels_inner();
-    // k = tap * Cg + c (channels inner) or c * taps + tap.
-    const int64_t tap_step = c_inner ? Cg : 1, c_step = c_inner ? 1 : taps;
-    if (lhs_red) {
-      lhs_red->resize(red);
-      for (int64_t i = 0; i < taps; ++i)
+  }
+
+  // lhs (relative to a row's offset) and rhs element offsets of the
+  // reduction index k. Either output may be null.
+  void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
+    const SubProblem& sp = plan.subproblems[s];
+    const int64_t Cg = pb.group_in(), red = red_size(s), taps = sp.taps;
+    thread_local std::vector<int64_t> tap_l, tap_r;
+    tap_offsets(sp, tap_l, tap_r);
+    const bool c_inner = channels_inner();  // k = tap * Cg + c, else c * taps + tap
+    // Filled in reduction order (sequential stores).
+    auto fill = [&](std::vector<int64_t>& dst, const std::vector<int64_t>& tap, int64_t cs) {
+      dst.resize(red);
+      int64_t* d = dst.data();
+      if (c_inner) {
+        for (int64_t i = 0; i < taps; ++i)
+          for (int64_t c = 0; c < Cg; ++c) *d++ = tap[i] + c * cs;
+      } else {
         for (int64_t c = 0; c < Cg; ++c)
-          (*lhs_red)[i * tap_step + c * c_step] = tap_l[i] + c * pb.lhs_c;
-    }
-    if (rhs_red) {
-      rhs_red->resize(red);
-      for (int64_t i = 0; i < taps; ++i)
-        for (int64_t c = 0; c < Cg; ++c)
-          (*rhs_red)[i * tap_step + c * c_step] = tap_r[i] + c * pb.rhs_i;
-    }
+          for (int64_t i = 0; i < taps; ++i) *d++ = tap[i] + c * cs;
+      }
+    };
+    if (lhs_red) fill(*lhs_red, tap_l, pb.lhs_c);
+    if (rhs_red) fill(*rhs_red, tap_r, pb.rhs_i);
   }
 
   // Packs column block [nc0, nc0 + nc) x reduction block [kc0, kc0 + kc)
@@ -473,52 +480,59 @@ struct CksConv {
     }
   }
 
+  // The reduction of sub-problem s as runs for the narrow kernel, in the
+  // order of red_offsets: runs of the channels (channels inner) or of the last
+  // dimension's taps at fixed channel and outer taps (channels outer).
+  gemm::NarrowRuns narrow_runs(int64_t s, std::vector<int64_t>& ra,
+                               std::vector<int64_t>& rb) const {
+    const SubProblem& sp = plan.subproblems[s];
+    const int64_t Cg = pb.group_in(), last = pb.nd - 1;
+    thread_local std::vector<int64_t> tap_l, tap_r;
+    tap_offsets(sp, tap_l, tap_r);
+    if (channels_inner()) {
+      ra = tap_l;
+      rb = tap_r;
+      return {ra.data(), rb.data(), sp.taps, Cg, pb.lhs_c, pb.rhs_i, pb.rhs_o};
+    }
+    const Phase& ph = *sp.phase[last];
+    const int64_t R = sp.seg[last].t_hi - sp.seg[last].t_lo, outer = R > 0 ? sp.taps / R : 0;
+    ra.resize(Cg * outer);
+    rb.resize(Cg * outer);
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t o = 0; o < outer; ++o) {
+        ra[c * outer + o] = tap_l[o * R] + c * pb.lhs_c;
+        rb[c * outer + o] = tap_r[o * R] + c * pb.rhs_i;
+      }
+    return {ra.data(), rb.data(), Cg * outer, R, ph.tstride * pb.lhs_sp[last],
+            ph.kstep * pb.rhs_sp[last], pb.rhs_o};
+  }
+
   // The narrow kernel on one task: strips of kStrip consecutive batch entries
-  // n at one position j (local row n * P + j - row0), B^T packed once for
-  // the whole reduction ([red][Fg], a few hundred KB at most). Fewer than
-  // kStrip batch entries at a position are summed one row at a time.
+  // n at one position j (local row (n - n0) * P + j), the chunk [n0, n1) at
+  // least one strip long (narrow_tasks); B is read in place.
   void run_narrow(const Task& t) const {
     constexpr int W = gemm::kStrip<Acc>;
-    const int64_t Fg = pb.group_out(), red = red_size(t.sp);
+    const int64_t Fg = pb.group_out();
     const int64_t P = plan.subproblems[t.sp].rows / pb.out_batch();  // positions
-    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red;
-    thread_local std::vector<Acc> Bt;
+    thread_local std::vector<int64_t> lhs_row, out_row, ra, rb;
     row_offsets(t, lhs_row, out_row);
-    red_offsets(t.sp, &lhs_red, &rhs_red);
-    Bt.resize(red * Fg);
-    for (int64_t p = 0; p < red; ++p)
-      for (int64_t f = 0; f < Fg; ++f)
-        Bt[p * Fg + f] = load<Acc>(rhs[rhs_red[p] + (t.group * Fg + f) * pb.rhs_o]);
+    const gemm::NarrowRuns k = narrow_runs(t.sp, ra, rb);
+    const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
     Acc Cs[gemm::kNarrowF * W];
-    auto put = [&](int64_t l, int64_t f, Acc v) {
-      out[out_row[l] + (t.group * Fg + f) * pb.out_c] = store<Tout, Acc>(v);
-    };
-    const int64_t n0 = t.row0 / P, n1 = t.row1 / P;  // narrow_tasks: whole batch chunks
-    for (int64_t j = t.j0; j < t.j1; ++j) {
-      if (n1 - n0 >= W) {
-        // The last strip ends at n1, overlapping the one before: the overlap
-        // is computed twice, to identical bits.
-        for (int64_t n = n0;; n = std::min(n + W, n1 - W)) {
-          const int64_t l = n * P + j - t.row0;  // batch n + i is local row l + i * P
-          std::fill(Cs, Cs + Fg * W, Acc(0));
-          gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + lhs_row[l], lhs_red.data(),
-                             red, Bt.data(), Cs, W);
-          for (int64_t f = 0; f < Fg; ++f)
-            for (int i = 0; i < W; ++i) put(l + i * P, f, Cs[f * W + i]);
-          if (n + W >= n1) break;
-        }
-        continue;
+    const int64_t n0 = t.row0 / P, n1 = t.row1 / P;
+    for (int64_t j = t.j0; j < t.j1; ++j)
+      // The last strip ends at n1, overlapping the one before: the overlap is
+      // computed twice, to identical bits.
+      for (int64_t n = n0;; n = std::min(n + W, n1 - W)) {
+        const int64_t l = (n - n0) * P + j;  // batch n + i is local row l + i * P
+        std::fill(Cs, Cs + Fg * W, Acc(0));
+        gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + lhs_row[l], b, k, Cs, W);
+        for (int64_t f = 0; f < Fg; ++f)
+          for (int i = 0; i < W; ++i)
+            out[out_row[l + i * P] + (t.group * Fg + f) * pb.out_c] =
+                store<Tout, Acc>(Cs[f * W + i]);
+        if (n + W >= n1) break;
       }
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t l = n * P + j - t.row0;
-        const Acc* a = lhs_in_acc() + lhs_row[l];
-        for (int64_t f = 0; f < Fg; ++f) {
-          Acc acc(0);
-          for (int64_t p = 0; p < red; ++p) acc += a[lhs_red[p]] * Bt[p * Fg + f];
-          put(l, f, acc);
-        }
-      }
-    }
   }
 
   void run_all(ffi::ThreadPool* pool) const {

@@ -228,29 +228,41 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const 
 
 // ---------------------------------------------------------------- narrow
 // Narrow GEMM (FG <= kNarrowF columns) vectorised over rows instead of
-// columns, for rows whose A entries are contiguous (A(i, p) = a[red[p] + i]:
-// a filter gradient's rows are the original channels). The column-vectorised
-// kernel would pad FG to NR and waste most of its lanes.
-//   C[f * ldc + i] += sum_p a[red[p] + i] * Bt[p * FG + f],  i < kStrip<T>.
-// With few columns one chain of FMAs per accumulator would wait on the FMA
-// latency, so the sum is split into kSplit<FG> partial sums over p modulo
-// kSplit, combined in order at the end; the portable loop does the same.
+// columns, for rows whose A entries are contiguous (a filter gradient's rows
+// are the original channels). The column-vectorised kernel would pad FG to NR
+// and waste most of its lanes. The reduction is walked as runs of R indices
+// with constant steps (the channels, or the last kernel dimension's taps), so
+// no per-index offset table or transposed copy of B is built:
+//   C[f * ldc + i] += sum_{r, q < R} a[ra[r] + q * sa + i] * b[rb[r] + q * sb + f * so]
+// for i < kStrip<T>. With few columns one chain of FMAs per accumulator would
+// wait on the FMA latency, so the sum is split into kSplit<FG> partial sums
+// over q modulo kSplit, combined in order at the end; the portable loop does
+// the same.
 constexpr int kNarrowF = 8;
 template <typename T>
 constexpr int kStrip = 128 / sizeof(T);  // two zmm of rows
 template <int FG>
 constexpr int kSplit = FG == 1 ? 4 : FG <= 4 ? 2 : 1;
 
+// The reduction of a narrow strip: runs [0, nruns) of R indices.
+struct NarrowRuns {
+  const int64_t* ra;  // A offset of each run's first index
+  const int64_t* rb;  // B offset of each run's first index
+  int64_t nruns, R, sa, sb, so;
+};
+
 template <int FG, typename T>
-inline void narrow_strip_portable(const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
+inline void narrow_strip_portable(const T* a, const T* b, const NarrowRuns& k, T* C,
                                   int64_t ldc) {
   constexpr int W = kStrip<T>, S = kSplit<FG>;
   T acc[S][FG][W] = {};
-  for (int64_t p = 0; p < kc; ++p) {
-    const T* ap = a + red[p];
-    for (int f = 0; f < FG; ++f)
-      for (int i = 0; i < W; ++i) acc[p % S][f][i] += ap[i] * Bt[p * FG + f];
-  }
+  for (int64_t r = 0; r < k.nruns; ++r)
+    for (int64_t q = 0; q < k.R; ++q) {
+      const T* ap = a + k.ra[r] + q * k.sa;
+      const T* bp = b + k.rb[r] + q * k.sb;
+      for (int f = 0; f < FG; ++f)
+        for (int i = 0; i < W; ++i) acc[q % S][f][i] += ap[i] * bp[f * k.so];
+    }
   for (int f = 0; f < FG; ++f)
     for (int i = 0; i < W; ++i) {
       T sum = acc[0][f][i];
@@ -260,24 +272,23 @@ inline void narrow_strip_portable(const T* a, const int64_t* red, int64_t kc, co
 }
 
 #ifdef CKS_X86_AVX2
-// One reduction index p of a strip: ac[f] += a[p][0:2L] * Bt[p][f].
+// One reduction index of a strip: ac[f] += a[0:2L] * b[f * so].
 template <int FG, typename T, typename V>
 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void narrow_step(
-    const T* ap, const T* bp, V (&ac)[FG][2]) {
+    const T* ap, const T* bp, int64_t so, V (&ac)[FG][2]) {
   constexpr int L = 64 / sizeof(T);
   const V a0 = zload(ap), a1 = zload(ap + L);
 #pragma GCC unroll 8
   for (int f = 0; f < FG; ++f) {
-    const V b = zbcast(bp + f);
+    const V b = zbcast(bp + f * so);
     ac[f][0] = zfma(a0, b, ac[f][0]);
     ac[f][1] = zfma(a1, b, ac[f][1]);
   }
 }
 
 template <int FG, typename T>
-__attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
-                                                                     const int64_t* red,
-                                                                     int64_t kc, const T* Bt,
+__attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a, const T* b,
+                                                                     const NarrowRuns& k,
                                                                      T* C, int64_t ldc) {
   constexpr int L = 64 / sizeof(T), S = kSplit<FG>;  // lanes per zmm, partial sums
   using V = decltype(zload(a));
@@ -286,14 +297,20 @@ __attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
   for (int u = 0; u < S; ++u)
 #pragma GCC unroll 8
     for (int f = 0; f < FG; ++f) acc[u][f][0] = acc[u][f][1] = V{};
-  int64_t p = 0;
-  for (; p + S <= kc; p += S) {
+  const int64_t R = k.R, sa = k.sa, sb = k.sb, so = k.so;
+  for (int64_t r = 0; r < k.nruns; ++r) {
+    const T* ap = a + k.ra[r];
+    const T* bp = b + k.rb[r];
+    int64_t q = 0;
+    for (; q + S <= R; q += S) {
 #pragma GCC unroll 4
-    for (int u = 0; u < S; ++u) narrow_step<FG>(a + red[p + u], Bt + (p + u) * FG, acc[u]);
+      for (int u = 0; u < S; ++u)
+        narrow_step<FG>(ap + (q + u) * sa, bp + (q + u) * sb, so, acc[u]);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < S; ++u)  // the tail: q + u is still in partial sum u
+      if (q + u < R) narrow_step<FG>(ap + (q + u) * sa, bp + (q + u) * sb, so, acc[u]);
   }
-#pragma GCC unroll 4
-  for (int u = 0; u < S; ++u)  // the tail: p + u is still in partial sum u
-    if (p + u < kc) narrow_step<FG>(a + red[p + u], Bt + (p + u) * FG, acc[u]);
 #pragma GCC unroll 8
   for (int f = 0; f < FG; ++f) {
 #pragma GCC unroll 2
@@ -308,27 +325,27 @@ __attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
 #endif
 
 template <int FG, typename T>
-inline void narrow_strip_fg(const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
-                            int64_t ldc) {
+inline void narrow_strip_fg(const T* a, const T* b, const NarrowRuns& k, T* C, int64_t ldc) {
 #ifdef CKS_X86_AVX2
-  if (gemm_isa() == 2) return narrow_strip_avx512<FG>(a, red, kc, Bt, C, ldc);
+  if (gemm_isa() == 2) return narrow_strip_avx512<FG>(a, b, k, C, ldc);
 #endif
-  narrow_strip_portable<FG>(a, red, kc, Bt, C, ldc);
+  narrow_strip_portable<FG>(a, b, k, C, ldc);
 }
 
-// One strip of kStrip<T> rows for fg = 1..kNarrowF columns.
+// One strip of kStrip<T> rows starting at a, for fg = 1..kNarrowF columns
+// starting at b: C[f * ldc + i] += the reduction k.
 template <typename T>
-inline void narrow_strip(int fg, const T* a, const int64_t* red, int64_t kc, const T* Bt, T* C,
+inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T* C,
                          int64_t ldc) {
   switch (fg) {
-    case 1: return narrow_strip_fg<1>(a, red, kc, Bt, C, ldc);
-    case 2: return narrow_strip_fg<2>(a, red, kc, Bt, C, ldc);
-    case 3: return narrow_strip_fg<3>(a, red, kc, Bt, C, ldc);
-    case 4: return narrow_strip_fg<4>(a, red, kc, Bt, C, ldc);
-    case 5: return narrow_strip_fg<5>(a, red, kc, Bt, C, ldc);
-    case 6: return narrow_strip_fg<6>(a, red, kc, Bt, C, ldc);
-    case 7: return narrow_strip_fg<7>(a, red, kc, Bt, C, ldc);
-    default: return narrow_strip_fg<8>(a, red, kc, Bt, C, ldc);
+    case 1: return narrow_strip_fg<1>(a, b, k, C, ldc);
+    case 2: return narrow_strip_fg<2>(a, b, k, C, ldc);
+    case 3: return narrow_strip_fg<3>(a, b, k, C, ldc);
+    case 4: return narrow_strip_fg<4>(a, b, k, C, ldc);
+    case 5: return narrow_strip_fg<5>(a, b, k, C, ldc);
+    case 6: return narrow_strip_fg<6>(a, b, k, C, ldc);
+    case 7: return narrow_strip_fg<7>(a, b, k, C, ldc);
+    default: return narrow_strip_fg<8>(a, b, k, C, ldc);
   }
 }
 
