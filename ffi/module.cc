@@ -1,19 +1,29 @@
 // Python module `cks_jax._cks`: the FFI handler capsules and a read-only view
 // of the plan (used by `cks_jax.explain` and by the geometry tests), so the
 // index math exists once, in C++.
+#include <algorithm>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include "cks/geometry.h"
+#include "cks/dtypes.h"
 #include "cks/plan.h"
+#include "cks/problem.h"
 #include "xla/ffi/api/c_api.h"
 
 extern "C" XLA_FFI_Error* CksConvCpuHandler(XLA_FFI_CallFrame*);
+
+namespace cks {
+bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
+                       int64_t* shared, int64_t* per_thread);
+}
 
 namespace nb = nanobind;
 
@@ -63,6 +73,45 @@ nb::tuple plan_stats(std::vector<int64_t> in_sizes, std::vector<int64_t> k_sizes
                         st.direct_macs);
 }
 
+int dtype_code(const std::string& name) {
+  if (name == "float32") return cks::kF32;
+  if (name == "float64") return cks::kF64;
+  if (name == "bfloat16") return cks::kBF16;
+  if (name == "float16") return cks::kF16;
+  throw nb::value_error("dtype: float32, float64, bfloat16 or float16");
+}
+
+// Scratch bytes of one call of the CPU kernel, from the same code that
+// allocates it (conv_cpu.cc): (packed B shared by all tasks, buffers per
+// thread that runs tasks). Arguments as the FFI call's, shapes row-major.
+nb::tuple cpu_scratch(std::vector<int64_t> lhs_shape, std::vector<int64_t> rhs_shape,
+                      std::vector<int64_t> out_shape, std::vector<int64_t> window_strides,
+                      std::vector<int64_t> lhs_dilation, std::vector<int64_t> rhs_dilation,
+                      std::vector<int64_t> padding_lo, std::vector<int64_t> lhs_spec,
+                      std::vector<int64_t> rhs_spec, std::vector<int64_t> out_spec,
+                      int64_t feature_group_count, int64_t batch_group_count,
+                      const std::string& in_dtype, const std::string& out_dtype,
+                      int64_t workers) {
+  const size_t rank = lhs_shape.size(), nd = rank - 2;
+  if (rank < 3 || rhs_shape.size() != rank || out_shape.size() != rank ||
+      lhs_spec.size() != rank || rhs_spec.size() != rank || out_spec.size() != rank ||
+      window_strides.size() != nd || lhs_dilation.size() != nd || rhs_dilation.size() != nd ||
+      padding_lo.size() != nd)
+    throw nb::value_error("cpu_scratch: inconsistent ranks");
+  cks::ConvProblem pb;
+  const char* err = cks::make_problem(
+      lhs_shape.data(), rhs_shape.data(), out_shape.data(), static_cast<int64_t>(rank),
+      window_strides.data(), lhs_dilation.data(), rhs_dilation.data(), padding_lo.data(),
+      lhs_spec.data(), rhs_spec.data(), out_spec.data(), feature_group_count, batch_group_count,
+      &pb);
+  if (err != nullptr) throw nb::value_error(err);
+  int64_t shared = 0, per_thread = 0;
+  if (!cks::cpu_scratch_bytes(pb, dtype_code(in_dtype), dtype_code(out_dtype),
+                              std::max<int64_t>(1, workers), &shared, &per_thread))
+    throw nb::value_error("cpu_scratch: unsupported dtype combination");
+  return nb::make_tuple(shared, per_thread);
+}
+
 }  // namespace
 
 NB_MODULE(_cks, m) {
@@ -76,4 +125,5 @@ NB_MODULE(_cks, m) {
         nb::arg("stride"), nb::arg("lhs_dil"), nb::arg("rhs_dil"), nb::arg("pad_lo"),
         nb::arg("split_dilation") = true);
   m.def("plan_stats", &plan_stats);
+  m.def("cpu_scratch", &cpu_scratch);
 }

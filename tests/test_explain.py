@@ -53,3 +53,31 @@ def test_accepts_arrays_and_structs():
   a = jax.ShapeDtypeStruct((1, 2, 5), np.float32)
   e = cks_jax.explain(a, np.zeros((3, 2, 2), np.float32), (1,), "SAME")
   assert e.shapes == ((1, 2, 5), (3, 2, 2), (1, 3, 5))
+
+
+def test_cpu_scratch_is_packed_panels_not_padded_copies():
+  # DCGAN layer: 128 channels read innermost, so each phase's sub-kernel is
+  # packed once (phase B): all of B, once, padded to whole 16-column panels.
+  dn = ("NHWC", "HWIO", "NHWC")
+  e = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                      dimension_numbers=dn, platform="cpu", backend="ffi", gradients=True)
+  sc = e.scratch
+  assert sc["packed_b"] == 4 * 4 * 128 * 64 * 4
+  assert sc["widened"] == 0 and sc["threads"] >= 2
+  assert sc["total"] == sc["packed_b"] + sc["threads"] * sc["per_thread"]
+  assert 0 < sc["per_thread"] < 2**20
+  zero_inserted_lhs = 16 * 31 * 31 * 128 * 4  # what a dilate-then-convolve would allocate
+  out_bytes = 16 * 32 * 32 * 64 * 4
+  assert sc["total"] < min(zero_inserted_lhs, out_bytes)
+  for _, g in e.gradients:
+    assert g.scratch is not None and g.scratch["total"] < out_bytes
+  assert "scratch:" in str(e)
+  # 16-bit operands: the float32 copies around the kernel count too.
+  b = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                      dimension_numbers=dn, platform="cpu", backend="ffi", dtype=jax.numpy.bfloat16)
+  assert b.scratch["widened"] == 4 * (16 * 16 * 16 * 128 + 4 * 4 * 128 * 64 + 16 * 32 * 32 * 64)
+  assert "float32 copies" in str(b)
+  # Other backends: no kernel, no scratch to report.
+  x = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                      dimension_numbers=dn, platform="cpu", backend="xla")
+  assert x.scratch is None

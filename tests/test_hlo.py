@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import cks_jax
+from oracle import assert_close
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -123,7 +124,9 @@ def test_auto_on_cpu_routes_narrow_outputs(cin, drhs):
   xr, wr = (jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in (x, w))
   for a, b in zip(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(xr, wr),
                   jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(xr, wr)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3)
+    # Relative to the gradient's scale (8192-term float32 sums of terms up to
+    # ~6e4: XLA's own result is 0.17 off a float64 reference there, ours 0.04).
+    assert_close(a, b, np.float32, "gradient")
 
 
 def lax_conv(x, w, *args):

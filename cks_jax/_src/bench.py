@@ -178,6 +178,8 @@ class Row:
   xla_ms: float
   torch_ms: float | None = None
   portable_ms: float | None = None
+  scratch_mb: float | None = None  # the CPU kernel's extra memory (explain's scratch)
+  out_mb: float | None = None  # the op's output, for scale
 
   @property
   def speedup_vs_xla(self) -> float:
@@ -255,8 +257,9 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
     lhs_np = rng.standard_normal(layer["lhs_shape"]).astype(np.float32)
     rhs_np = rng.standard_normal(layer["rhs_shape"]).astype(np.float32)
     lhs, rhs = jnp.asarray(lhs_np, dtype), jnp.asarray(rhs_np, dtype)
-    ex = explain.explain(lhs, rhs, **kw)
+    ex = explain.explain(lhs, rhs, gradients=True, **kw)
     gflop = 2 * ex.cks_macs / 1e9
+    per_op = {"fwd": ex, **{"d" + n[2:]: g for n, g in ex.gradients}}  # "d lhs" -> "dlhs"
     ops_cks = _jax_ops(lambda l, r: api.conv_general_dilated(l, r, **kw), lhs, rhs)
     ops_port = _jax_ops(lambda l, r: api.conv_general_dilated(l, r, backend="portable", **kw),
                         lhs, rhs) if with_portable else None
@@ -275,6 +278,10 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       row = Row(layer["name"], layer["family"], op, gflop,
                 cks_ms=time_fn(ops_cks[op], repeats, budget_s),
                 xla_ms=time_fn(ops_xla[op], repeats, budget_s))
+      e = per_op[op]
+      row.out_mb = math.prod(e.shapes[2]) * np.dtype(dtype).itemsize / 2**20
+      if e.scratch is not None:
+        row.scratch_mb = e.scratch["total"] / 2**20
       if ops_port is not None:
         row.portable_ms = time_fn(ops_port[op], repeats, budget_s)
       if torch_ops is not None:
@@ -307,6 +314,17 @@ def format_table(report: Report, gemm: float | None = None) -> str:
   lines.append(f"geometric mean speed-up vs XLA: "
                f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x over {len(ratios)} ops"
                + (f"; same-run XLA fp32 GEMM rate {gemm:.0f} GFLOP/s" if gemm else ""))
+  scr = [r for r in report.rows if r.scratch_mb is not None]
+  if scr:
+    worst = max(scr, key=lambda r: r.scratch_mb / r.out_mb)
+    lines.append(f"CPU kernel scratch (explain): at most {max(r.scratch_mb for r in scr):.1f} MB;"
+                 f" largest relative to the output: {worst.scratch_mb:.2f} MB for "
+                 f"{worst.out_mb:.2f} MB ({worst.layer} {worst.op})")
+  big = [r for r in report.rows if r.family in ("ks_deconv", "sk_dilated") and r.gflop >= 0.5]
+  if gemm and big:
+    ok = sum(r.gflop / r.cks_ms * 1e3 >= 0.75 * gemm for r in big)
+    lines.append(f"KS-deconv/Sk-dilated ops of >= 0.5 GFLOP at >= 75% of the GEMM rate "
+                 f"({0.75 * gemm:.0f} GFLOP/s): {ok} of {len(big)}")
   m = report.machine
   lines.append(f"{m.get('dtype', 'float32')} operands; "
                f"machine: {m.get('cpu', m['platform'])}, {m['cpu_count']} cores, "

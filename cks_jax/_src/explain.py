@@ -1,6 +1,7 @@
 """``cks_jax.explain``: which algorithm and backend a convolution runs on, and what it saves."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,6 +32,14 @@ class Explanation:
     shapes: ``(lhs, rhs, out)`` shapes.
     gradients: for ``explain(..., gradients=True)``, ``(name, Explanation)``
       pairs for the convolutions that the VJP runs (``"d lhs"``, ``"d rhs"``).
+    scratch: on the CPU kernel (backend ``"cks-cpu"``), the extra memory of
+      one call in bytes, as ``{"packed_b": ..., "per_thread": ..., "threads":
+      ..., "widened": ..., "total": ...}``: B packed once and shared by all
+      tasks, the buffers of each thread that runs tasks (offset tables, packed
+      A and B blocks, one output tile; they persist between calls), the
+      number of such threads (XLA's intra-op pool plus the caller), and the
+      float32 copies of 16-bit operands and output. None on other backends.
+      Never a padded or zero-inserted copy of any tensor.
   """
   algorithm: str
   backend: str
@@ -44,6 +53,7 @@ class Explanation:
   shapes: tuple
   params: dict = field(repr=False, default_factory=dict)
   gradients: tuple = ()
+  scratch: dict | None = None
 
   def __str__(self) -> str:
     lhs, rhs, out = self.shapes
@@ -55,6 +65,13 @@ class Explanation:
         f"{100 * self.zeros_avoided:.1f}% on zeros avoided",
         f"  backend: {self.reason}",
     ]
+    if self.scratch is not None:
+      sc, mb = self.scratch, lambda b: f"{b / 2**20:.2f} MB"
+      out_bytes = int(np.prod(out)) * np.dtype(self.params.get("out_dtype", np.float32)).itemsize
+      lines.append(f"  scratch: {mb(sc['total'])} (packed B {mb(sc['packed_b'])} + "
+                   f"{sc['threads']} threads x {mb(sc['per_thread'])}"
+                   + (f" + float32 copies {mb(sc['widened'])}" if sc["widened"] else "")
+                   + f"); output {mb(out_bytes)}")
     for name, g in self.gradients:
       lines.append(f"  {name}: " + str(g).replace("\n", "\n    "))
     return "\n".join(lines)
@@ -99,6 +116,26 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
+def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> dict:
+  """The CPU kernel's extra memory for one call (see ``Explanation.scratch``),
+  computed by the kernel's own code (``_cks.cpu_scratch``)."""
+  spec = shapes.spec_of(params)
+  lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+  widened = np.dtype(dtype).itemsize == 2  # primitive._widened
+  in_dt = "float32" if widened else np.dtype(dtype).name
+  out_dt = "float32" if widened else np.dtype(params["out_dtype"]).name
+  threads = os.cpu_count() or 1
+  packed_b, per_thread = ffi.extension().cpu_scratch(
+      list(lhs_shape), list(rhs_shape), list(out_shape), list(spec.window_strides),
+      list(spec.lhs_dilation), list(spec.rhs_dilation), [lo for lo, _ in spec.padding],
+      list(lhs_spec), list(rhs_spec), list(out_spec), params["feature_group_count"],
+      params["batch_group_count"], in_dt, out_dt, threads)
+  copies = 4 * sum(int(np.prod(s)) for s in (lhs_shape, rhs_shape, out_shape)) if widened else 0
+  total = packed_b + (threads + 1) * per_thread + copies
+  return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
+          "widened": copies, "total": total}
+
+
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
                    dtype=np.float32) -> Explanation:
   """Explains one ``cks_conv`` primitive application given its shapes, params and lhs dtype."""
@@ -119,7 +156,10 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
   phases, subs, zero_subs, cks_macs, direct_macs = stats
   backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape,
                              dtype)
-  return Explanation(
+  scratch = None
+  if backend == "cks-cpu" and min((*lhs_shape, *rhs_shape, *out_shape)) > 0:
+    scratch = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
+  return Explanation(scratch=scratch,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),
       direct_macs=float(direct_macs),

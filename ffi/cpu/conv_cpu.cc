@@ -535,35 +535,89 @@ struct CksConv {
       }
   }
 
+  // B packed once and shared by the tasks: per (phase combination, group)
+  // (phase_b), or else per (sub-problem, group) where shares_b, in one
+  // allocation at these offsets; neither when it would exceed kSharedBTotal.
+  struct SharedB {
+    std::vector<int64_t> ph_off, b_off;
+    bool phase = false, shared = false;
+    int64_t elements() const { return phase ? ph_off.back() : shared ? b_off.back() : 0; }
+  };
+  SharedB shared_b() const {
+    const int64_t G = pb.groups();
+    SharedB sb;
+    sb.ph_off.assign(ncombos() * G + 1, 0);
+    sb.b_off.assign(nsp() * G + 1, 0);
+    if (phase_b()) {
+      std::vector<char> used(ncombos(), 0);
+      for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
+      for (int64_t i = 0; i < ncombos() * G; ++i)
+        sb.ph_off[i + 1] = sb.ph_off[i] + (used[i / G] ? phase_b_size(i / G) : 0);
+      sb.phase = sb.ph_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal;
+    }
+    if (!sb.phase) {
+      for (int64_t i = 0; i < nsp() * G; ++i)
+        sb.b_off[i + 1] = sb.b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
+      sb.shared = sb.b_off.back() > 0 &&
+                  sb.b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal;
+    }
+    return sb;
+  }
+
+  // Bytes of the thread-local buffers of run / run_narrow on task t, buffer
+  // by buffer (each grows to the largest task its thread runs).
+  static constexpr int kBuffers = 9;
+  void task_buffers(const Task& t, const SharedB& sb, int64_t (&bytes)[kBuffers]) const {
+    constexpr int64_t I = sizeof(int64_t), A = sizeof(Acc);
+    const SubProblem& sp = plan.subproblems[t.sp];
+    const int64_t rows = t.row1 - t.row0, mc_pad = round_up(rows, MR), red = red_size(t.sp);
+    const int64_t last = pb.nd - 1, R = sp.seg[last].t_hi - sp.seg[last].t_lo;
+    const int64_t runs = channels_inner() ? sp.taps : R > 0 ? pb.group_in() * (sp.taps / R) : 0;
+    const bool own_b = !sb.phase && !(sb.shared && shares_b(t.sp));
+    const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
+    int64_t b[kBuffers] = {2 * sp.taps * I, mc_pad * I, rows * I};  // taps, lhs_row, out_row
+    if (narrow()) {
+      b[3] = 2 * runs * I;  // ra, rb
+    } else {
+      b[3] = red * I * (own_b ? 2 : 1);                              // lhs_red, rhs_red
+      b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;           // f0
+      b[5] = reads_a_in_place() ? 0 : mc_pad * std::min(kKC, red) * A;  // Ap
+      b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;            // Bp
+      b[7] = mc_pad * nc_pad * A;                                    // Cbuf
+    }
+    for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
+  }
+
+  // Scratch of one call on `workers` pool threads: the shared packed B, and
+  // the thread-local buffers of the largest tasks (on every thread that may
+  // run tasks: the pool's and the caller's).
+  void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
+    const SharedB sb = shared_b();
+    *shared = sb.elements() * static_cast<int64_t>(sizeof(Acc));
+    int64_t bytes[kBuffers] = {};
+    for (const Task& t : tasks(workers)) task_buffers(t, sb, bytes);
+    *per_thread = 0;
+    for (int64_t x : bytes) *per_thread += x;
+  }
+
   void run_all(ffi::ThreadPool* pool) const {
     const int64_t G = pb.groups();
     // Pass 1: pack B once per phase (phase_b), or else once per sub-problem
     // with three row blocks or more (shares_b), if it all fits. Other tasks
     // pack B block by block as they go, which keeps each block in cache
     // (d-rhs: few rows, long reductions).
-    std::vector<int64_t> ph_off(ncombos() * G + 1, 0), b_off(nsp() * G + 1, 0);
-    std::unique_ptr<Acc[]> Bphase, Bshared;
-    if (phase_b()) {
-      std::vector<char> used(ncombos(), 0);
-      for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
-      for (int64_t i = 0; i < ncombos() * G; ++i)
-        ph_off[i + 1] = ph_off[i] + (used[i / G] ? phase_b_size(i / G) : 0);
-      if (ph_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
-        Bphase.reset(new Acc[ph_off.back()]);
-        parallel_for(pool, ncombos() * G, [&](int64_t i) {
-          if (used[i / G]) pack_phase_b(i / G, i % G, Bphase.get() + ph_off[i]);
-        });
-      }
-    }
-    if (!Bphase) {
-      for (int64_t i = 0; i < nsp() * G; ++i)
-        b_off[i + 1] = b_off[i] + (shares_b(i / G) ? packed_b_size(i / G) : 0);
-      if (b_off.back() > 0 && b_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal) {
-        Bshared.reset(new Acc[b_off.back()]);
-        parallel_for(pool, nsp() * G, [&](int64_t i) {
-          if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + b_off[i]);
-        });
-      }
+    const SharedB sb = shared_b();
+    std::unique_ptr<Acc[]> Bshared;
+    if (sb.elements() > 0) Bshared.reset(new Acc[sb.elements()]);
+    if (sb.phase) {
+      parallel_for(pool, ncombos() * G, [&](int64_t i) {
+        if (sb.ph_off[i + 1] > sb.ph_off[i])
+          pack_phase_b(i / G, i % G, Bshared.get() + sb.ph_off[i]);
+      });
+    } else if (sb.shared) {
+      parallel_for(pool, nsp() * G, [&](int64_t i) {
+        if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + sb.b_off[i]);
+      });
     }
     // Pass 2: the tasks.
     const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
@@ -571,9 +625,10 @@ struct CksConv {
       const Task& t = ts[i];
       if (narrow()) return run_narrow(t);
       const Acc* Bph = nullptr;
-      if (Bphase) Bph = Bphase.get() + ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
-      const bool shared = Bshared && shares_b(t.sp);
-      run(t, Bph, shared ? Bshared.get() + b_off[t.sp * G + t.group] : nullptr);
+      if (sb.phase)
+        Bph = Bshared.get() + sb.ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
+      const bool shared = sb.shared && shares_b(t.sp);
+      run(t, Bph, shared ? Bshared.get() + sb.b_off[t.sp * G + t.group] : nullptr);
     });
   }
 };
@@ -592,6 +647,15 @@ struct RunConv {
   static void run(const ConvProblem& pb, const void* lhs, const void* rhs, void* out,
                   ffi::ThreadPool* pool) {
     run_conv<Tin, Acc, Tout>(pb, lhs, rhs, out, pool);
+  }
+};
+
+template <typename Tin, typename Acc, typename Tout>
+struct ScratchOf {
+  static void run(const ConvProblem& pb, int64_t workers, int64_t* shared, int64_t* per_thread) {
+    const Plan plan = make_plan(pb);
+    CksConv<Tin, Acc, Tout>{pb, plan, nullptr, nullptr, nullptr}.scratch(workers, shared,
+                                                                         per_thread);
   }
 };
 
@@ -616,6 +680,14 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
 }
 
 }  // namespace
+
+// Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
+// packed B shared by all tasks, and the buffers of each thread that runs tasks.
+bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
+                       int64_t* shared, int64_t* per_thread) {
+  return dispatch_dtypes<ScratchOf>(in_code, out_code, pb, workers, shared, per_thread);
+}
+
 }  // namespace cks
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CksConvCpuHandler, cks::CksConvCpu,
