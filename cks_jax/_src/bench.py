@@ -46,12 +46,19 @@ def conv_kwargs(layer: dict) -> dict:
               feature_group_count=layer.get("feature_group_count", 1))
 
 
+# Fast ops are repeated for at least this long (up to budget_s): a median of
+# 5 millisecond runs on a busy 2-core machine moved by 2x between runs.
+MIN_TIMED_S = 0.3
+
+
 def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
-  """Median wall time in ms of ``fn`` (blocking), after one warm-up call."""
+  """Median wall time in ms of ``fn`` (blocking), after one warm-up call: at
+  least ``repeats`` runs and at least ``MIN_TIMED_S`` seconds of them, stopping
+  early once ``budget_s`` is spent."""
   jax.block_until_ready(fn())
   times = []
   start = time.perf_counter()
-  for _ in range(repeats):
+  while len(times) < repeats or time.perf_counter() - start < min(MIN_TIMED_S, budget_s):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
@@ -156,15 +163,7 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray, dtype: str = "floa
 
 
 def _torch_time(fn, repeats, budget_s):
-  fn()
-  times, start = [], time.perf_counter()
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - start > budget_s:
-      break
-  return 1e3 * statistics.median(times)
+  return time_fn(lambda: (fn(), None)[1], repeats, budget_s)  # torch CPU calls are synchronous
 
 
 # ---------------------------------------------------------------- driver
