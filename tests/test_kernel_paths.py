@@ -8,6 +8,7 @@
   sub-kernel is packed once, and every trimmed sub-problem of that phase reads runs of it.
   Tested where sub-problems trim differently (small maps, big kernels, several phases,
   groups, 1D/3D, several column panels).
+- Outputs over 8 MB are written with non-temporal stores where rows are aligned vectors.
 """
 import numpy as np
 import pytest
@@ -126,3 +127,13 @@ def test_phase_b(case, dtype):
   with cks_jax.use_backend("ffi"):
     check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=10 + case,
           **{"dimension_numbers": DN2, **kw})
+
+
+def test_large_output_written_with_streaming_stores():
+  # An output over kStreamOutBytes (8 MB) is written with non-temporal stores
+  # where its rows are whole aligned vectors (32 features here), else copied.
+  with cks_jax.use_backend("ffi"):
+    check((8, 64, 64, 16), (2, 2, 16, 32), (1, 1), [(1, 1), (1, 1)], (2, 2), dtype=np.float32,
+          dimension_numbers=DN2, grads=False)
+    check((8, 64, 64, 16), (2, 2, 16, 40), (1, 1), [(1, 1), (1, 1)], (2, 2), dtype=np.float32,
+          dimension_numbers=DN2, grads=False)

@@ -361,6 +361,12 @@ struct CksConv {
   }
 
   static constexpr int64_t kPrefetchBytes = 4096;
+  static constexpr int64_t kStreamOutBytes = int64_t{8} << 20;
+  int64_t out_bytes() const {
+    int64_t n = pb.out_batch() * pb.out_feat * static_cast<int64_t>(sizeof(Tout));
+    for (int d = 0; d < pb.nd; ++d) n *= pb.dim[d].out_size;
+    return n;
+  }
   // Packs column block [nc0, nc0 + nc) x reduction block [kc0, kc0 + kc)
   // of B of group g into NR-column panels [kc][NR], zero-filled past nc.
   void pack_b_block(const std::vector<int64_t>& rhs_red, int64_t g, int64_t nc0, int64_t nc,
@@ -460,6 +466,8 @@ struct CksConv {
         gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, Cbuf.data(), nc_pad);
       }
     };
+    // Outputs far larger than the caches are written with non-temporal stores.
+    const bool stream_out = gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes;
     const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
     if (Bph) run_starts(sp, f0);
@@ -488,13 +496,27 @@ struct CksConv {
         }
       }
       for (int64_t r = 0; r < mc; ++r) {
-        Tout* dst = out + out_row[r];
+        Tout* dst = out + out_row[r] + (t.group * Fg + nc0) * pb.out_c;
         const Acc* src = Cbuf.data() + r * nc_pad;
-        for (int64_t j = 0; j < nc; ++j)
-          dst[(t.group * Fg + nc0 + j) * pb.out_c] = store<Tout, Acc>(src[j]);
+        if (std::is_same<Tout, Acc>::value && pb.out_c == 1) {  // features contiguous
+#ifdef CKS_X86_AVX2
+          if (stream_out && std::is_same<Acc, float>::value && nc % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+            gemm::stream_copy(reinterpret_cast<float*>(dst), reinterpret_cast<const float*>(src),
+                              nc);
+            continue;
+          }
+#endif
+          std::memcpy(dst, src, nc * sizeof(Acc));
+        } else {
+          for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
+        }
       }
       nc0 += nc;
     }
+#ifdef CKS_X86_AVX2
+    if (stream_out) _mm_sfence();
+#endif
   }
 
   // The reduction of sub-problem s as runs for the narrow kernel, in the

@@ -203,6 +203,13 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc,
   }
   if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr / NR * ldb, ldb, C + jr, ldc);
 }
+// n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
+// stores, which skip reading the destination lines first; fence before the
+// data is handed to another thread.
+__attribute__((target("avx512f"))) inline void stream_copy(float* dst, const float* src,
+                                                          int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+}
 #undef CKS_Z512_FN
 
 inline int gemm_isa() {  // 2: AVX-512F, 1: AVX2+FMA, 0: portable
