@@ -23,6 +23,7 @@ extern "C" XLA_FFI_Error* CksConvCpuHandler(XLA_FFI_CallFrame*);
 namespace cks {
 bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
                        int64_t* shared, int64_t* per_thread);
+int64_t cpu_pool_threads();
 }
 
 namespace nb = nanobind;
@@ -126,4 +127,6 @@ NB_MODULE(_cks, m) {
         nb::arg("split_dilation") = true);
   m.def("plan_stats", &plan_stats);
   m.def("cpu_scratch", &cpu_scratch);
+  // Threads of XLA's intra-op pool seen by the last CPU kernel call; 0 before one.
+  m.def("cpu_pool_threads", &cks::cpu_pool_threads);
 }

@@ -81,3 +81,18 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   x = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
                       dimension_numbers=dn, platform="cpu", backend="xla")
   assert x.scratch is None
+
+
+def test_cpu_scratch_counts_the_pool_the_kernel_saw():
+  # After a kernel call, the thread count is the intra-op pool's size as the
+  # kernel read it from XLA (plus the calling thread), not a guess.
+  from cks_jax._src import ffi
+  x, w = jax.numpy.ones((2, 5, 5, 32)), jax.numpy.ones((3, 3, 32, 16))
+  jax.block_until_ready(jax.jit(lambda a, b: cks_jax.conv_general_dilated(
+      a, b, (1, 1), [(1, 1), (1, 1)], (2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      backend="ffi"))(x, w))
+  seen = ffi.extension().cpu_pool_threads()
+  assert seen >= 1
+  e = cks_jax.explain(x.shape, w.shape, (1, 1), [(1, 1), (1, 1)], (2, 2),
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"), platform="cpu", backend="ffi")
+  assert e.scratch["threads"] == seen + 1

@@ -207,7 +207,8 @@ def test_lowering_has_no_dilated_convolution(args):
              lambda l, r: jax.jvp(f, (l, r), (l, r))):
     text = jax.jit(fn).trace(lhs, rhs).lower(lowering_platforms=("tpu",)).as_text()
     convs = _conv_dilations(text)
-    assert convs, "expected convolutions in the lowering"
+    # Transposed convolutions lower to GEMMs (the col2im and gathered forms).
+    assert convs or "stablehlo.dot_general" in text, "expected convolutions or GEMMs"
     for lhs_dil, rhs_dil in convs:
       assert set(lhs_dil) <= {1} and set(rhs_dil) <= {1}, (lhs_dil, rhs_dil)
   # The reference does have them, so the parse is not vacuous.
@@ -219,12 +220,13 @@ def test_lowering_has_no_dilated_convolution(args):
 
 # --- the shape-specific emissions of portable.py ------------------------------
 def test_special_emissions_match_lax(monkeypatch):
-  # Each special path (merged phases, shifted-kernel GEMM, batch groups as
-  # feature groups) runs for these configurations, and values and VJPs still
-  # match lax. Shapes are unique to this test so no cached lowering hides a path.
+  # Each special path (col2im tap GEMM, gathered GEMM, merged phases,
+  # shifted-kernel GEMM, batch groups as feature groups) runs for these
+  # configurations, and values and VJPs still match lax. Shapes are unique to
+  # this test so no cached lowering hides a path.
   from cks_jax._src import portable
-  ran = {name: 0 for name in ("_merged_phases", "_shifted_kernel_dot",
-                              "_batch_groups_to_features")}
+  ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_merged_phases",
+                              "_shifted_kernel_dot", "_batch_groups_to_features")}
   for name in ran:
     real = getattr(portable, name)
 
@@ -233,12 +235,27 @@ def test_special_emissions_match_lax(monkeypatch):
       ran[_name] += out is not None
       return out
     monkeypatch.setattr(portable, name, spy)
-  # A 1-feature k4 s2 transposed conv: merged phases forward, and its filter
-  # gradient (a 4x4 output from 10x9 windows) as one shifted-kernel GEMM.
-  check((2, 16, 10, 9), (1, 16, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2))
-  # Feature groups of 2 features each: merged phases with groups.
-  check((2, 4, 6, 7), (4, 2, 3, 4), (1, 1), [(1, 2), (2, 1)], (2, 2),
-        feature_group_count=2)
+
+  def check_runs(*args, paths, **kwargs):
+    before = dict(ran)
+    check(*args, **kwargs)
+    assert all(ran[p] > before[p] for p in paths), (args, kwargs, ran, before)
+
+  # A 1-feature k4 s2 transposed conv: the tap GEMM forward; its filter
+  # gradient (4x4 positions from 10x9 inputs) as the gathered GEMM.
+  check_runs((2, 16, 10, 9), (1, 16, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
+             paths=("_tap_gemm", "_gathered_gemm"))
+  # Its 1D form: the filter gradient phase by phase, merged, each a
+  # shifted-kernel GEMM.
+  check_runs((2, 16, 30), (1, 16, 4), (1,), [(2, 2)], (2,),
+             paths=("_tap_gemm", "_merged_phases", "_shifted_kernel_dot"))
+  # Feature groups: tap GEMM per group; the filter gradient has batch groups.
+  check_runs((2, 4, 6, 7), (4, 2, 3, 4), (1, 1), [(1, 2), (2, 1)], (2, 2),
+             feature_group_count=2,
+             paths=("_tap_gemm", "_gathered_gemm", "_batch_groups_to_features"))
+  # Lhs and rhs dilation at once (not a transposed conv): merged phases.
+  check_runs((4, 6, 10, 9), (1, 6, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2), (1, 2),
+             paths=("_merged_phases",))
   # Batch groups with lhs dilation (the filter gradient of a grouped deconv).
-  check((4, 3, 7, 5), (4, 3, 3, 2), (1, 1), [(1, 1), (2, 0)], (2, 2), batch_group_count=2)
-  assert all(ran.values()), ran
+  check_runs((4, 3, 7, 5), (4, 3, 3, 2), (1, 1), [(1, 1), (2, 0)], (2, 2),
+             batch_group_count=2, paths=("_batch_groups_to_features", "_merged_phases"))

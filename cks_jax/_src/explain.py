@@ -98,7 +98,7 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     why = f"cks FFI kernel registered for platform {platform!r}"
     if platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
       why += " (narrow path: vectorised over the contiguous batch, not the few features)"
-    if platform == "cpu" and dtype is not None and np.dtype(dtype).itemsize == 2:
+    if platform == "cpu" and backends.cpu_widened(dtype):
       why += "; 16-bit operands widened to float32 around it (float32 accumulation either way)"
     return f"cks-{platform}", why
   if requested != "auto":
@@ -116,15 +116,24 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
 
 
+def _pool_threads() -> int:
+  """Threads of XLA:CPU's intra-op pool: as the kernel last saw it, else as
+  XLA sizes it (the CPUs this process may run on)."""
+  seen = ffi.extension().cpu_pool_threads()
+  if seen > 0:
+    return seen
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> dict:
   """The CPU kernel's extra memory for one call (see ``Explanation.scratch``),
   computed by the kernel's own code (``_cks.cpu_scratch``)."""
   spec = shapes.spec_of(params)
   lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
-  widened = np.dtype(dtype).itemsize == 2  # primitive._widened
+  widened = backends.cpu_widened(dtype)
   in_dt = "float32" if widened else np.dtype(dtype).name
   out_dt = "float32" if widened else np.dtype(params["out_dtype"]).name
-  threads = os.cpu_count() or 1
+  threads = _pool_threads()
   packed_b, per_thread = ffi.extension().cpu_scratch(
       list(lhs_shape), list(rhs_shape), list(out_shape), list(spec.window_strides),
       list(spec.lhs_dilation), list(spec.rhs_dilation), [lo for lo, _ in spec.padding],

@@ -79,14 +79,6 @@ def _is_empty(lhs_aval, rhs_aval, out_aval) -> bool:
   return lhs_aval.size == 0 or rhs_aval.size == 0 or out_aval.size == 0
 
 
-# On the CPU, 16-bit operands are widened to float32 by XLA around the kernel,
-# which then reads its operands in place: measured faster than converting
-# inside the kernel's packing (the k8 s4 head's forward 23 -> 11 ms, the
-# grouped deconv's 6.5 -> 2.6 ms; benchmarks/results/, same machine). The
-# values are the same: the kernel accumulates 16-bit inputs in float32 anyway.
-_CPU_WIDENED = (np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
-
-
 def _widened(lhs, rhs, **params):
   wide = {**params, "out_dtype": np.dtype(np.float32), "backend": "ffi"}
   out = cks_conv_p.bind(lhs.astype(np.float32), rhs.astype(np.float32), **wide)
@@ -97,7 +89,7 @@ def _lower_ffi(target: str, ctx, lhs, rhs, **params):
   if sharding.needs_partitioning(ctx):
     # XLA cannot split a custom call: wrap it so it can (sharding.py).
     return sharding.lower(ctx, lhs, rhs, bind=bind, params=params)
-  if target == ffi.CPU_TARGET and ctx.avals_in[0].dtype in _CPU_WIDENED:
+  if target == ffi.CPU_TARGET and backends.cpu_widened(ctx.avals_in[0].dtype):
     return mlir.lower_fun(functools.partial(_widened, **params), multiple_results=False)(
         ctx, lhs, rhs)
   ffi.register()

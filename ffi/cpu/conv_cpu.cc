@@ -698,6 +698,10 @@ struct ScratchOf {
   }
 };
 
+// The intra-op pool's size at the last call (module.cc: cpu_pool_threads), so
+// that explain() reports the scratch of the threads XLA really lends.
+std::atomic<int64_t> g_pool_threads{0};
+
 ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                       ffi::Result<ffi::AnyBuffer> out, I64Span window_strides,
                       I64Span lhs_dilation, I64Span rhs_dilation, I64Span padding_lo,
@@ -709,6 +713,7 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
                                   batch_group_count, &pb);
   if (err.failure()) return err;
   if (out->element_count() == 0) return ffi::Error::Success();
+  g_pool_threads.store(pool.num_threads(), std::memory_order_relaxed);
   if (!dispatch_dtypes<RunConv>(dtype_code(lhs.element_type()), dtype_code(out->element_type()),
                                 pb, lhs.untyped_data(), rhs.untyped_data(), out->untyped_data(),
                                 &pool))
@@ -719,6 +724,8 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
 }
 
 }  // namespace
+
+int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
 // packed B shared by all tasks, and the buffers of each thread that runs tasks.
