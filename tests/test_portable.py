@@ -225,8 +225,9 @@ def test_special_emissions_match_lax(monkeypatch):
   # configurations, and values and VJPs still match lax. Shapes are unique to
   # this test so no cached lowering hides a path.
   from cks_jax._src import portable
-  ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_merged_phases",
-                              "_shifted_kernel_dot", "_batch_groups_to_features")}
+  ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_per_position_dot",
+                              "_stacked_kernel_dot", "_merged_phases", "_shifted_kernel_dot",
+                              "_batch_groups_to_features")}
   for name in ran:
     real = getattr(portable, name)
 
@@ -242,9 +243,16 @@ def test_special_emissions_match_lax(monkeypatch):
     assert all(ran[p] > before[p] for p in paths), (args, kwargs, ran, before)
 
   # A 1-feature k4 s2 transposed conv: the tap GEMM forward; its filter
-  # gradient (4x4 positions from 10x9 inputs) as the gathered GEMM.
+  # gradient (4x4 positions from 10x9 inputs) as the gathered GEMM, stacked.
   check_runs((2, 16, 10, 9), (1, 16, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
-             paths=("_tap_gemm", "_gathered_gemm"))
+             paths=("_tap_gemm", "_gathered_gemm", "_stacked_kernel_dot"))
+  # With 16 features the gathered GEMM runs one GEMM per position.
+  check_runs((2, 4, 10, 9), (16, 4, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
+             paths=("_gathered_gemm", "_per_position_dot"))
+  # The same with 2 groups of 16 (the filter gradient has batch groups).
+  check_runs((2, 4, 10, 9), (32, 2, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
+             feature_group_count=2,
+             paths=("_gathered_gemm", "_per_position_dot", "_batch_groups_to_features"))
   # Its 1D form: the filter gradient phase by phase, merged, each a
   # shifted-kernel GEMM.
   check_runs((2, 16, 30), (1, 16, 4), (1,), [(2, 2)], (2,),
