@@ -6,9 +6,15 @@
   number of examples is CKS_FUZZ_EXAMPLES, or the profile's default.
 """
 import os
+import sys
 
-import jax
-from hypothesis import HealthCheck, settings
+# pytest-xdist's workers put the repository root on sys.path, where the source
+# tree's cks_jax (without its compiled extension) would shadow the installed one.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
