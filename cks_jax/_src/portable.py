@@ -89,20 +89,18 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
 
   if _is_transposed(window_strides, lhs_dilation, rhs_dilation):
     positions = np.prod([out_shape[d] for d in dimension_numbers[2][2:]])
+    form = None
     if (positions <= _GATHER_MAX_POSITIONS and len(lhs_dilation) > 1
         and _gathered_waste(lhs.shape, rhs.shape, out_shape, dimension_numbers, padding,
                             lhs_dilation) <= _GATHER_MAX_WASTE):
-      return _gathered_gemm(lhs, rhs, padding=padding, lhs_dilation=lhs_dilation,
-                            out_shape=out_shape, dimension_numbers=dimension_numbers,
-                            feature_group_count=feature_group_count, precision=precision,
-                            acc_dtype=acc_dtype).astype(out_dtype)
-  if (_is_transposed(window_strides, lhs_dilation, rhs_dilation)
-      and _tap_gemm_size(lhs.shape, rhs.shape, dimension_numbers)
-      <= _TAP_GEMM_MAX_GROWTH * np.prod(out_shape)):
-    return _tap_gemm(lhs, rhs, padding=padding, lhs_dilation=lhs_dilation,
-                     out_shape=out_shape, dimension_numbers=dimension_numbers,
-                     feature_group_count=feature_group_count, precision=precision,
-                     acc_dtype=acc_dtype).astype(out_dtype)
+      form = _gathered_gemm
+    elif (_tap_gemm_size(lhs.shape, rhs.shape, dimension_numbers)
+          <= _TAP_GEMM_MAX_GROWTH * np.prod(out_shape)):
+      form = _tap_gemm
+    if form is not None:
+      return form(lhs, rhs, padding=padding, lhs_dilation=lhs_dilation, out_shape=out_shape,
+                  dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                  precision=precision, acc_dtype=acc_dtype).astype(out_dtype)
 
   dims = [geometry.Dim(lhs.shape[lhs_spec[2 + i]], rhs.shape[rhs_spec[2 + i]],
                        out_shape[out_spec[2 + i]], window_strides[i], lhs_dilation[i],
@@ -196,10 +194,11 @@ def _is_transposed(window_strides, lhs_dilation, rhs_dilation) -> bool:
 # The gathered form runs where its output positions are at most this many (its
 # stacked kernel is prod(out) / prod(s) times the kernel operand) and it
 # multiplies at most this many times the useful products. Measured on XLA:CPU
-# (filter gradients against the phase-by-phase form): fsrcnn k9 s3 1.8 -> 1.4 ms,
-# DCGAN's last layer 7.4 -> 3.3, grouped 22 -> 11, V-Net 3D 25 -> 4.3, U-Net
-# k2 s2 64->128 18 -> 12; DCGAN 4->8 (4x4 inputs, 1.31x border waste) 40 -> 60.
-# A 1D one (N8 L2048 C64 k4 s2) is faster phase by phase (7.4 vs 11 ms).
+# (filter gradients against the phase-by-phase form, same process, 2026-12-01):
+# DCGAN's last layer 5.6-6.6 -> 2.9-3.6 ms, U-Net k2 s2 64->128 20-26 -> 15-16,
+# head_x4 15-18 -> 12-14, grouped 25-35 -> 12-19, fsrcnn and V-Net within noise;
+# earlier: DCGAN 4->8 (4x4 inputs, 1.31x border waste) 40 -> 60, and a 1D one
+# (N8 L2048 C64 k4 s2) faster phase by phase (7.4 vs 11 ms).
 _GATHER_MAX_POSITIONS = 256
 _GATHER_MAX_WASTE = 1.2
 
@@ -224,8 +223,9 @@ def _gathered_waste(lhs_shape, rhs_shape, out_shape, dimension_numbers, padding,
 def _gathered_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numbers,
                    feature_group_count, precision, acc_dtype):
   """A transposed convolution with few output positions (the filter gradient
-  of a KS-deconv, whose kernel is the cotangent) as ONE GEMM over input
-  features and input positions.
+  of a KS-deconv, whose kernel is the cotangent) as a GEMM over input
+  features and input positions: one stacked GEMM, or one per position
+  (:func:`_per_position_dot`).
 
   out[b, f, u] = sum_{c, i} x[b, c, i] w[f, c, s*i + lo - u]: for each output
   position u the kernel, strided by s from lo - u, is one dense operand as
