@@ -227,7 +227,8 @@ def test_special_emissions_match_lax(monkeypatch):
   from cks_jax._src import portable
   ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_per_position_dot",
                               "_stacked_kernel_dot", "_merged_phases", "_shifted_kernel_dot",
-                              "_batch_groups_to_features")}
+                              "_batch_groups_to_features", "_tiled_tap_dot",
+                              "_tiled_gathered_dot", "_space_to_depth_dot")}
   for name in ran:
     real = getattr(portable, name)
 
@@ -267,3 +268,47 @@ def test_special_emissions_match_lax(monkeypatch):
   # Batch groups with lhs dilation (the filter gradient of a grouped deconv).
   check_runs((4, 3, 7, 5), (4, 3, 3, 2), (1, 1), [(1, 1), (2, 0)], (2, 2),
              batch_group_count=2, paths=("_batch_groups_to_features", "_merged_phases"))
+  # Kernel equal to the dilation (U-Net's k2 s2), channels last: the forward
+  # is one GEMM moved depth to space, the input gradient one GEMM over the
+  # cotangent's tiles, the filter gradient one GEMM with every position.
+  check_runs((2, 5, 4, 6), (2, 2, 6, 3), (1, 1), [(1, 1), (1, 1)], (2, 2),
+             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+             paths=("_tiled_tap_dot", "_tiled_gathered_dot", "_space_to_depth_dot"))
+  # ... with 2 groups, a lo of s - 1 + s (the output shifted) and a crop.
+  check_runs((2, 4, 3, 5), (6, 2, 3, 2), (1, 1), [(5, -1), (3, 0)], (3, 2),
+             feature_group_count=2,
+             paths=("_tiled_tap_dot", "_tiled_gathered_dot", "_space_to_depth_dot"))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("pad", [(1, 1), (0, 0), (3, -1), (-1, 4)])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kernel_equals_stride(nd, pad, groups):
+  # The tiled forms (kernel = lhs dilation, or kernel = window stride): every
+  # lo, so both the depth-to-space GEMM (lo = s - 1 mod s) and the tap GEMM
+  # run, channels first and last.
+  sizes, ks = (5, 4, 3)[:nd], (2, 3, 2)[:nd]
+  check((2, 2 * groups) + sizes, (4, 2) + ks, (1,) * nd, [pad] * nd, ks,
+        feature_group_count=groups)
+  check((2, 2 * groups) + tuple(2 * n + 1 for n in sizes), (4, 2) + ks, ks, [pad] * nd,
+        feature_group_count=groups)
+  if groups == 1:  # permuted dimension numbers (shapes_for has no groups)
+    for dn in DN[nd][1:]:
+      lhs, rhs = shapes_for(nd, dn, 2, 3, 4, sizes, ks)
+      check(lhs, rhs, (1,) * nd, [pad] * nd, ks, dimension_numbers=dn,
+            oracle="direct" if nd == 3 else "lax")
+
+
+def test_grouped_convolution_runs_per_group():
+  # XLA:CPU computes a grouped convolution as a block-diagonal kernel, so the
+  # portable path emits one convolution per group, up to _SPLIT_MAX_GROUPS.
+  from cks_jax._src import portable
+  for groups, convs in ((4, 4), (portable._SPLIT_MAX_GROUPS + 1, 1)):
+    c = 2 * groups
+    f = portable_fn(None, None, (2, 2), [(1, 1), (1, 1)], feature_group_count=groups)
+    text = jax.jit(f).trace(jnp.ones((2, c, 9, 9)), jnp.ones((c, 2, 3, 3))).lower(
+        lowering_platforms=("tpu",)).as_text()
+    lines = [ln for ln in text.splitlines() if "stablehlo.convolution" in ln]
+    assert len(lines) == convs, (groups, lines)
+    assert all(f"feature_group_count = {groups if convs == 1 else 1}" in ln for ln in lines)
+    check((2, c, 9, 9), (c, 2, 3, 3), (2, 2), [(1, 1), (1, 1)], feature_group_count=groups)

@@ -15,15 +15,24 @@ rules emit cks_conv again (a filter gradient is a convolution with lhs or rhs
 dilation), and each is lowered here, so no zero-inserted tensor ever reaches
 a convolution, to any order.
 
-Four shapes of problem are emitted differently, each because it was
+These shapes of problem are emitted differently, each because it was
 measured faster on XLA:CPU (``benchmarks/portable_grad.py``):
 
 - a convolution with neither lhs nor rhs dilation has no inserted zeros, and
-  XLA's own convolution computes only the strided outputs: it is emitted as is;
-- a piece with few output positions and a large, narrow kernel (the shape of
-  a filter gradient: the cotangent is the kernel) is one ``dot_general`` of
-  the input with the kernel shifted to every output position, instead of a
-  convolution that XLA runs at a few GFLOP/s;
+  XLA's own convolution computes only the strided outputs: it is emitted as is,
+  one per feature group where XLA:CPU would otherwise compute the groups as a
+  block-diagonal kernel (:func:`_xla_conv`), and as one GEMM over the input's
+  tiles where the kernel equals the stride (:func:`_space_to_depth_dot`);
+- a transposed convolution (lhs dilation only) is one GEMM over the input
+  features followed by a shifted-slice sum per output phase (:func:`_tap_gemm`),
+  a GEMM moved depth to space where the kernel equals the dilation
+  (:func:`_tiled_tap_dot`); with few output positions (a filter gradient, the
+  cotangent as kernel) it is one GEMM of the input with the kernel gathered at
+  every position (:func:`_gathered_gemm`), or over the kernel's tiles where
+  the positions tile it (:func:`_tiled_gathered_dot`);
+- a piece with few output positions and a large, narrow kernel is one
+  ``dot_general`` of the input with the kernel shifted to every output
+  position, instead of a convolution that XLA runs at a few GFLOP/s;
 - batch groups (the filter gradient of a grouped convolution) are rewritten as
   feature groups by moving the batch groups into the feature dimension;
 - the phases of a transposed convolution with one or two output features per
@@ -82,17 +91,20 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
                          feature_group_count=batch_group_count, batch_group_count=1,
                          precision=precision, out_dtype=out_dtype)
   if all(a == 1 for a in lhs_dilation) and all(d == 1 for d in rhs_dilation):
-    out = lax.conv_general_dilated(lhs, rhs, window_strides, padding, None, None,
-                                   dimension_numbers, feature_group_count,
-                                   precision=precision, preferred_element_type=acc_dtype)
+    out = _xla_conv(lhs, rhs, window_strides, padding, dimension_numbers, feature_group_count,
+                    precision, acc_dtype)
     return out.astype(out_dtype)
 
   if _is_transposed(window_strides, lhs_dilation, rhs_dilation):
     positions = np.prod([out_shape[d] for d in dimension_numbers[2][2:]])
     form = None
-    if (positions <= _GATHER_MAX_POSITIONS and len(lhs_dilation) > 1
-        and _gathered_waste(lhs.shape, rhs.shape, out_shape, dimension_numbers, padding,
-                            lhs_dilation) <= _GATHER_MAX_WASTE):
+    waste = _gathered_waste(lhs.shape, rhs.shape, out_shape, dimension_numbers, padding,
+                            lhs_dilation)
+    if ([out_shape[d] for d in out_spec[2:]] == list(lhs_dilation)
+        and waste <= _TILED_MAX_WASTE):
+      form = _tiled_gathered_dot
+    elif (positions <= _GATHER_MAX_POSITIONS and len(lhs_dilation) > 1
+          and waste <= _GATHER_MAX_WASTE):
       form = _gathered_gemm
     elif (_tap_gemm_size(lhs.shape, rhs.shape, dimension_numbers)
           <= _TAP_GEMM_MAX_GROWTH * np.prod(out_shape)):
@@ -201,6 +213,11 @@ def _is_transposed(window_strides, lhs_dilation, rhs_dilation) -> bool:
 # (N8 L2048 C64 k4 s2) faster phase by phase (7.4 vs 11 ms).
 _GATHER_MAX_POSITIONS = 256
 _GATHER_MAX_WASTE = 1.2
+# The tiled form (:func:`_tiled_gathered_dot`) multiplies the same products as
+# the gathered one, in one GEMM with no copy. The bound only keeps a far
+# smaller kernel operand than s * input (a huge negative padding) from
+# multiplying the work; the layers measured have no waste.
+_TILED_MAX_WASTE = 2.0
 
 
 def _gathered_waste(lhs_shape, rhs_shape, out_shape, dimension_numbers, padding,
@@ -257,6 +274,137 @@ def _gathered_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numb
                              precision, acc_dtype)
   return _stacked_kernel_dot(lhs, kernels, outs, dimension_numbers, feature_group_count,
                              precision, acc_dtype)
+
+
+def _tiled_gathered_dot(x, w, *, padding, lhs_dilation, out_shape, dimension_numbers,
+                        feature_group_count, precision, acc_dtype):
+  """:func:`_gathered_gemm` where the output positions equal the dilation in
+  every dimension (the filter gradient of a kernel-equals-stride transposed
+  convolution, U-Net's k2 s2): the positions tile the kernel operand.
+
+  out[b, f, u] = sum_{c, i} x[b, c, i] w[f, c, s*i + lo - u]: with w cropped
+  or zero-extended to [lo - s + 1, lo - s + 1 + s * ins), each spatial
+  dimension splits in place into (ins, s) with r = s - 1 - u, so ONE GEMM over
+  (c, i) computes every position and nothing is gathered or stacked.
+  """
+  del out_shape  # the positions are the dilation
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  g = feature_group_count
+  strides = list(lhs_dilation)
+  ins = [x.shape[d] for d in lhs_spec[2:]]
+  cfg = [(0, 0, 0)] * w.ndim
+  for i, (s, (lo, _)) in enumerate(zip(strides, padding)):
+    a, base = rhs_spec[2 + i], lo - s + 1
+    cfg[a] = (-base, base + s * ins[i] - w.shape[a], 0)
+  if any(c != (0, 0, 0) for c in cfg):
+    w = lax.pad(w, jnp.zeros((), w.dtype), cfg)
+  # x: features -> (G, C/G); w: output features -> (G, F/G), spatial -> (i, r).
+  x, xl = _split_axes(x, {lhs_spec[1]: (("G", g), ("c", None))},
+                      {lhs_spec[0]: "B", **{lhs_spec[2 + i]: ("i", i) for i in range(nd)}})
+  splits = {rhs_spec[0]: (("G", g), ("F", None))}
+  splits.update({rhs_spec[2 + i]: ((("i", i), ins[i]), (("r", i), strides[i]))
+                 for i in range(nd)})
+  w, wl = _split_axes(w, splits, {rhs_spec[1]: "c"})
+  y, yl = _labelled_dot(x, xl, w, wl, ["c"] + [("i", i) for i in range(nd)], ["G"], precision,
+                        acc_dtype)
+  y = lax.rev(y, [yl.index(("r", i)) for i in range(nd)])  # r = s - 1 - u
+  want = {out_spec[0]: ["B"], out_spec[1]: ["G", "F"]}
+  want.update({out_spec[2 + i]: [("r", i)] for i in range(nd)})
+  return _transpose_to(y, yl, [want[k] for k in range(nd + 2)])
+
+
+def _windows_tile(rhs_shape, rhs_spec, window_strides) -> bool:
+  """A strided convolution whose kernel equals its stride: its windows tile
+  the input (the input gradient of U-Net's k2 s2 transposed convolution)."""
+  return (any(s > 1 for s in window_strides)
+          and all(rhs_shape[rhs_spec[2 + i]] == s for i, s in enumerate(window_strides)))
+
+
+def _space_to_depth_dot(x, w, window_strides, padding, dimension_numbers, precision,
+                        acc_dtype):
+  """A convolution whose windows tile the input (:func:`_windows_tile`) as ONE
+  GEMM: out[v] = sum_t x[s*v + t - lo] w[t] with t < s, so the input cropped
+  or zero-extended to [-lo, s * out - lo) splits in place into (v, t), and t
+  joins the features in the contraction. Measured on XLA:CPU: the input
+  gradient of U-Net's k2 s2 64->128 layer 14 -> 8 ms; with the two other tiled
+  forms its whole gradient 67-71 -> 20-23 ms (same process, 2026-12-01), as
+  the cotangent's tiles feed both gradients' GEMMs from one copy."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  cfg = [(0, 0, 0)] * x.ndim
+  outs = []
+  for i, (s, (lo, hi)) in enumerate(zip(window_strides, padding)):
+    a = lhs_spec[2 + i]
+    outs.append((x.shape[a] + lo + hi) // s)
+    cfg[a] = (lo, s * outs[i] - lo - x.shape[a], 0)
+  if any(c != (0, 0, 0) for c in cfg):
+    x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  x, xl = _split_axes(x, {lhs_spec[2 + i]: ((("v", i), outs[i]), (("t", i), s))
+                          for i, s in enumerate(window_strides)},
+                      {lhs_spec[0]: "N", lhs_spec[1]: "c"})
+  wl = [None] * w.ndim
+  wl[rhs_spec[0]], wl[rhs_spec[1]] = "F", "c"
+  for i in range(nd):
+    wl[rhs_spec[2 + i]] = ("t", i)
+  y, yl = _labelled_dot(x, xl, w, wl, ["c"] + [("t", i) for i in range(nd)], [], precision,
+                        acc_dtype)
+  want = {out_spec[0]: ["N"], out_spec[1]: ["F"]}
+  want.update({out_spec[2 + i]: [("v", i)] for i in range(nd)})
+  return _transpose_to(y, yl, [want[k] for k in range(nd + 2)])
+
+
+def _labelled_dot(a, al, b, bl, reduce, batch, precision, acc_dtype):
+  """dot_general of ``a`` and ``b`` with axes labelled ``al`` and ``bl``,
+  contracting the labels ``reduce`` (in ``a``'s memory order, so that XLA
+  reads ``a`` in place where it can) over ``batch``. Returns the result and
+  its labels: batch, then ``a``'s free axes, then ``b``'s."""
+  reduce = sorted(reduce, key=al.index)
+  batch = [k for k in batch if k in al]
+  free = lambda labels: [k for k in labels if k not in reduce and k not in batch]
+  # Both operands explicitly as row-major matrices, [batch, M, K] and
+  # [batch, K, N]: equal regroupings of one tensor (the cotangent, by the
+  # input and the filter gradient) are then one op that XLA computes once.
+  a = jnp.transpose(a, [al.index(k) for k in list(batch) + free(al) + reduce])
+  b = jnp.transpose(b, [bl.index(k) for k in list(batch) + reduce + free(bl)])
+  nb, nr = len(batch), len(reduce)
+  y = lax.dot_general(a, b, ((list(range(a.ndim - nr, a.ndim)), list(range(nb, nb + nr))),
+                             (list(range(nb)), list(range(nb)))),
+                      precision=precision, preferred_element_type=acc_dtype)
+  return y, list(batch) + free(al) + free(bl)
+
+
+def _split_axes(a, splits, names):
+  """Reshapes axis k of ``a`` into the (label, size) pairs ``splits[k]`` (one
+  size may be None: the rest; a "G" of size 1 gets no axis) and labels the
+  others by ``names[k]``. Returns the array and its axis labels."""
+  shape, labels = [], []
+  for k, n in enumerate(a.shape):
+    if k not in splits:
+      shape.append(n)
+      labels.append(names[k])
+      continue
+    parts = splits[k]
+    known = int(np.prod([size for _, size in parts if size is not None]))
+    for label, size in parts:
+      if label == "G" and size == 1:  # a single group gets no axis
+        continue
+      shape.append(n // known if size is None else size)
+      labels.append(label)
+  return a.reshape(shape), labels
+
+
+def _transpose_to(y, labels, want):
+  """Transposes ``y`` (axes labelled ``labels``) so that output axis k holds
+  those of the labels ``want[k]`` it has, merged in that order."""
+  want = [[k for k in ks if k in labels] for ks in want]  # e.g. no "G" axis
+  perm = [labels.index(k) for ks in want for k in ks]
+  y = jnp.transpose(y, perm)
+  sizes, at = [], 0
+  for ks in want:
+    sizes.append(int(np.prod(y.shape[at:at + len(ks)])))
+    at += len(ks)
+  return y.reshape(sizes)
 
 
 # Up to this many positions, each with at least this many output features per
@@ -323,6 +471,12 @@ def _tap_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numbers,
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   nd = len(lhs_spec) - 2
   g = feature_group_count
+  if all(rhs.shape[rhs_spec[2 + i]] == s and lo % s == s - 1
+         for i, (s, (lo, _)) in enumerate(zip(lhs_dilation, padding))):
+    return _tiled_tap_dot(lhs, rhs, padding=padding, lhs_dilation=lhs_dilation,
+                          out_shape=out_shape, dimension_numbers=dimension_numbers,
+                          feature_group_count=feature_group_count, precision=precision,
+                          acc_dtype=acc_dtype)
   # Canonical operands, [G, N, C/G, S...] and [G, O/G, C/G, K...]: the
   # transposes fold into the dot's operand layouts.
   x = jnp.transpose(lhs, lhs_spec)
@@ -366,6 +520,35 @@ def _tap_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numbers,
   return jnp.transpose(y, np.argsort(out_spec))
 
 
+def _tiled_tap_dot(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numbers,
+                   feature_group_count, precision, acc_dtype):
+  """:func:`_tap_gemm` where the kernel equals the dilation and lo = s - 1
+  (mod s) in every dimension (U-Net's k2 s2): each output reads exactly one
+  tap, out[s*v + r] = sum_c x[v - m] w[s - 1 - r] with lo = s - 1 + m*s, so the
+  GEMM result, its taps moved next to the positions (depth to space), is the
+  output: no per-phase sum, no stack.
+  """
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  g = feature_group_count
+  x, xl = _split_axes(lhs, {lhs_spec[1]: (("G", g), ("c", None))},
+                      {lhs_spec[0]: "N", **{lhs_spec[2 + i]: ("v", i) for i in range(nd)}})
+  # The kernel reversed (r = s - 1 - t) on the small operand, not the result.
+  w, wl = _split_axes(lax.rev(rhs, rhs_spec[2:]), {rhs_spec[0]: (("G", g), ("F", None))},
+                      {rhs_spec[1]: "c", **{rhs_spec[2 + i]: ("r", i) for i in range(nd)}})
+  y, yl = _labelled_dot(x, xl, w, wl, ["c"], ["G"], precision, acc_dtype)
+  want = {out_spec[0]: ["N"], out_spec[1]: ["G", "F"]}
+  want.update({out_spec[2 + i]: [("v", i), ("r", i)] for i in range(nd)})
+  y = _transpose_to(y, yl, [want[k] for k in range(nd + 2)])
+  cfg = [(0, 0, 0)] * y.ndim
+  for i, (s, (lo, _)) in enumerate(zip(lhs_dilation, padding)):
+    a, shift = out_spec[2 + i], (lo - s + 1) // s * s
+    cfg[a] = (shift, out_shape[a] - y.shape[a] - shift, 0)
+  if any(c != (0, 0, 0) for c in cfg):
+    y = lax.pad(y, jnp.zeros((), y.dtype), cfg)
+  return y
+
+
 # A piece with at most this many output positions, each reading a window of at
 # least as many taps (the shape of a filter gradient, whose kernel is the
 # cotangent), runs as one GEMM: XLA:CPU runs such convolutions at a few GFLOP/s.
@@ -386,9 +569,38 @@ def _dense_conv(x, w, pads, dimension_numbers, feature_group_count, precision, a
       and features * shifts * np.prod(sizes) <= 2 * batch * np.prod(taps)):
     return _shifted_kernel_dot(x, w, pads, dimension_numbers, feature_group_count, precision,
                                acc_dtype)
-  return lax.conv_general_dilated(x, w, (1,) * nd, pads, None, None, dimension_numbers,
-                                  feature_group_count, precision=precision,
-                                  preferred_element_type=acc_dtype)
+  return _xla_conv(x, w, (1,) * nd, pads, dimension_numbers, feature_group_count, precision,
+                   acc_dtype)
+
+
+# Up to this many feature groups, a grouped convolution runs as one XLA
+# convolution per group: XLA:CPU expands the groups into a block-diagonal
+# kernel (groups times the work). Measured (XLA:CPU, fp32, same process):
+# N16 32x32 64->128 k4 s2, 2/4/8/16/32 groups: 24 -> 17, 14 -> 6.9, 12 -> 3.9,
+# 14 -> 7.7, 18 -> 13 ms; N8 64x64 64->64 k3, 4/16 groups: 104 -> 12, 114 -> 39;
+# depthwise (128 groups of 1) 118 -> 141, so it stays grouped.
+_SPLIT_MAX_GROUPS = 32
+
+
+def _xla_conv(x, w, window_strides, padding, dimension_numbers, feature_group_count,
+              precision, acc_dtype):
+  """XLA's own convolution (no dilation), one per feature group where that
+  is faster (:data:`_SPLIT_MAX_GROUPS`)."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+
+  def conv(a, b, g):
+    if g == 1 and _windows_tile(b.shape, rhs_spec, window_strides):
+      return _space_to_depth_dot(a, b, window_strides, padding, dimension_numbers, precision,
+                                 acc_dtype)
+    return lax.conv_general_dilated(a, b, window_strides, padding, None, None,
+                                    dimension_numbers, g, precision=precision,
+                                    preferred_element_type=acc_dtype)
+  g = feature_group_count
+  if not 1 < g <= _SPLIT_MAX_GROUPS:
+    return conv(x, w, g)
+  xs = jnp.split(x, g, axis=lhs_spec[1])
+  ws = jnp.split(w, g, axis=rhs_spec[0])
+  return jnp.concatenate([conv(a, b, 1) for a, b in zip(xs, ws)], axis=out_spec[1])
 
 
 def _shifted_kernel_dot(x, w, pads, dimension_numbers, feature_group_count, precision,
