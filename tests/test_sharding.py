@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-CHECKS = ("transposed_stride2", "dilated", "grouped", "explicit_mesh", "mesh_2d",
+CHECKS = ("transposed_stride2", "dilated", "grouped", "explicit_mesh", "explicit_spatial", "mesh_2d",
           "batch_over_two_axes", "model_parallel_filter", "not_divisible", "gspmd", "shard_map", "flax_data_parallel")
 
 
@@ -172,6 +172,37 @@ def check_explicit_mesh(mesh):
                        x, w)
     assert tuple(y.sharding.spec)[0] == "data", f"output type not batch-sharded: {y.sharding}"
   return out
+
+
+def check_explicit_spatial(_):
+  """Explicit axes with the input's rows sharded too: the kernel keeps spatial
+  dimensions whole (gathered first), and each gradient has its primal's type."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import cks_jax
+  from jax import lax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  emesh = jax.make_mesh((4, 2), ("data", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  args = ((2, 2), "SAME")
+  f = lambda x, w: cks_jax.conv_transpose(x, w, *args, dimension_numbers=DN)
+  ref = lambda x, w: lax.conv_transpose(x, w, *args, dimension_numbers=DN)
+  loss = lambda conv: jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
+  k = jax.random.split(jax.random.PRNGKey(0), 2)
+  x = np.asarray(jax.random.normal(k[0], (8, 6, 6, 3)))
+  w = np.asarray(jax.random.normal(k[1], (3, 3, 3, 2)))
+  with jax.set_mesh(emesh):
+    xs = jax.device_put(x, NamedSharding(emesh, P("data", "sp")))
+    ws = jax.device_put(w, NamedSharding(emesh, P()))
+    y = jax.jit(f)(xs, ws)
+    dx, dw = jax.jit(loss(f))(xs, ws)
+  _close(y, ref(x, w), "y")
+  for name, a, b in zip(("dx", "dw"), (dx, dw), loss(ref)(x, w)):
+    _close(a, b, name)
+  assert tuple(y.sharding.spec)[0] == "data", y.sharding
+  assert dx.sharding.is_equivalent_to(xs.sharding, 4), (dx.sharding, xs.sharding)
+  _replicated(dw)
+  return {"y": str(y.sharding.spec), "dx": str(dx.sharding.spec)}
 
 
 def check_mesh_2d(_):

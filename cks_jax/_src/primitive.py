@@ -205,7 +205,7 @@ def _transpose_lhs(g, lhs, rhs, **params):
   if params["batch_group_count"] > 1:
     out = _reshape_axis_out_of(lhs_spec[1], params["batch_group_count"], out)
     out = _reshape_axis_into(lhs_spec[1], lhs_spec[0], out)
-  return out
+  return sharding.retype(out, lhs.aval)
 
 
 def _transpose_rhs(g, lhs, rhs, **params):
@@ -239,7 +239,7 @@ def _transpose_rhs(g, lhs, rhs, **params):
                  _swap_io(lhs_spec), _swap_io(out_spec), _swap_io(rhs_spec)),
              feature_group_count=G, batch_group_count=B, precision=params["precision"],
              out_dtype=np.dtype(g.dtype), backend=params["backend"])
-  return _with_dtype(out, rhs.aval.dtype)
+  return sharding.retype(_with_dtype(out, rhs.aval.dtype), rhs.aval)
 
 
 ad.defbilinear(cks_conv_p, _transpose_lhs, _transpose_rhs)

@@ -32,7 +32,9 @@ The same n/c/o rule types the output under explicit mesh axes
 (``jax.sharding.AxisType.Explicit``, ``jax.make_mesh``'s default): batch and
 output features keep their axes, a sharded contraction is summed to a
 replicated result (the filter gradient is typed like the filter, as lax's own
-transpose rules do). Under ``shard_map`` operands varying over different
+transpose rules do). There the same plan is lowered as a ``shard_map``, not a
+custom_partitioning: on jax 0.12 the latter's ``psum`` carries the explicit
+types into the all-reduce's reducer, which XLA:CPU rejects. Under ``shard_map`` operands varying over different
 manual axes are cast to the union first, as lax does, so the filter gradient
 of a replicated filter is summed over the devices by AD.
 """
@@ -42,6 +44,7 @@ import functools
 import math
 from typing import Callable
 
+import jax
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
@@ -102,8 +105,50 @@ def lower(ctx: mlir.LoweringRuleContext, lhs, rhs, *, bind: Callable, params: di
   """Lowers ``bind(lhs, rhs, **params)`` (a cks_conv on the kernel) as a
   partitionable custom call; ``bind`` must lower to the kernel itself when
   ``needs_partitioning`` is false."""
-  wrapped = _partitionable(bind, tuple(sorted(params.items())))
-  return mlir.lower_fun(wrapped, multiple_results=False)(ctx, lhs, rhs)
+  mesh = _explicit_mesh(*ctx.avals_in)
+  if mesh is not None:
+    fn = _shard_mapped(bind, params, mesh, *ctx.avals_in)
+  else:
+    fn = _partitionable(bind, tuple(sorted(params.items())))
+  return mlir.lower_fun(fn, multiple_results=False)(ctx, lhs, rhs)
+
+
+def retype(x, aval):
+  """``x`` resharded to ``aval``'s type under explicit mesh axes: a cotangent
+  must have its primal's type, and the plan keeps spatial dimensions whole."""
+  mesh = _explicit_mesh(aval, aval)
+  if mesh is None or jax.typeof(x).sharding.spec == aval.sharding.spec:
+    return x
+  return jax.sharding.reshard(x, aval.sharding.spec)
+
+
+def _explicit_mesh(lhs, rhs):
+  """The operands' mesh where sharding is in their types (Explicit axes), else None."""
+  for aval in (lhs, rhs):
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      return mesh
+  return None
+
+
+def _shard_mapped(bind: Callable, params: dict, mesh, lhs, rhs) -> Callable:
+  """The op under explicit mesh axes: the same n/c/o plan as the
+  partitioner's, written as a shard_map (custom_partitioning's reducer would
+  carry the explicit types into the all-reduce, which XLA rejects)."""
+  dims = _Dims(params)
+  n, c, o = _plan(dims, mesh, lhs, rhs)
+  (ls, rs), os_ = _shardings(dims, mesh, lhs.ndim, n, c, o)
+
+  def local(lhs, rhs):
+    out = bind(lhs, rhs, **params)
+    return lax.psum(out, c) if c else out
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(ls.spec, rs.spec), out_specs=os_.spec)
+  # Dimensions the plan keeps whole (spatial, grouped) are gathered first, as
+  # the partitioner does for custom_partitioning.
+  return lambda lhs, rhs: mapped(jax.sharding.reshard(lhs, ls.spec),
+                                 jax.sharding.reshard(rhs, rs.spec))
 
 
 # ------------------------------------------------------------------ the plan
