@@ -17,8 +17,9 @@ import time
 
 import pytest
 
-CHECKS = ("transposed_stride2", "dilated", "grouped", "explicit_mesh", "explicit_spatial", "mesh_2d",
-          "batch_over_two_axes", "model_parallel_filter", "not_divisible", "gspmd", "shard_map", "flax_data_parallel")
+CHECKS = ("transposed_stride2", "dilated", "grouped", "explicit_mesh", "explicit_spatial",
+          "mesh_2d", "batch_over_two_axes", "model_parallel_filter", "not_divisible", "gspmd",
+          "shard_map", "flax_data_parallel")
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,10 @@ output features keep their axes, a sharded contraction is summed to a
 replicated result (the filter gradient is typed like the filter, as lax's own
 transpose rules do). There the same plan is lowered as a ``shard_map``, not a
 custom_partitioning: on jax 0.12 the latter's ``psum`` carries the explicit
-types into the all-reduce's reducer, which XLA:CPU rejects. Under ``shard_map`` operands varying over different
-manual axes are cast to the union first, as lax does, so the filter gradient
-of a replicated filter is summed over the devices by AD.
+types into the all-reduce's reducer, which XLA:CPU rejects. Under
+``shard_map`` operands varying over different manual axes are cast to the
+union first, as lax does, so the filter gradient of a replicated filter is
+summed over the devices by AD.
 """
 from __future__ import annotations
 
