@@ -96,15 +96,17 @@ def conv_portable(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilati
     return out.astype(out_dtype)
 
   if _is_transposed(window_strides, lhs_dilation, rhs_dilation):
-    positions = np.prod([out_shape[d] for d in dimension_numbers[2][2:]])
+    outs = [out_shape[d] for d in out_spec[2:]]
+    tiled = outs == list(lhs_dilation)
+    gathered = np.prod(outs) <= _GATHER_MAX_POSITIONS and len(lhs_dilation) > 1
+    # The waste (an ins x outs count per dimension) only where a gate reads it:
+    # a forward's outs can be thousands.
+    waste = (_gathered_waste(lhs.shape, rhs.shape, out_shape, dimension_numbers, padding,
+                             lhs_dilation) if tiled or gathered else np.inf)
     form = None
-    waste = _gathered_waste(lhs.shape, rhs.shape, out_shape, dimension_numbers, padding,
-                            lhs_dilation)
-    if ([out_shape[d] for d in out_spec[2:]] == list(lhs_dilation)
-        and waste <= _TILED_MAX_WASTE):
+    if tiled and waste <= _TILED_MAX_WASTE:
       form = _tiled_gathered_dot
-    elif (positions <= _GATHER_MAX_POSITIONS and len(lhs_dilation) > 1
-          and waste <= _GATHER_MAX_WASTE):
+    elif gathered and waste <= _GATHER_MAX_WASTE:
       form = _gathered_gemm
     elif (_tap_gemm_size(lhs.shape, rhs.shape, dimension_numbers)
           <= _TAP_GEMM_MAX_GROWTH * np.prod(out_shape)):

@@ -117,15 +117,15 @@ def lower(ctx: mlir.LoweringRuleContext, lhs, rhs, *, bind: Callable, params: di
 def retype(x, aval):
   """``x`` resharded to ``aval``'s type under explicit mesh axes: a cotangent
   must have its primal's type, and the plan keeps spatial dimensions whole."""
-  mesh = _explicit_mesh(aval, aval)
+  mesh = _explicit_mesh(aval)
   if mesh is None or jax.typeof(x).sharding.spec == aval.sharding.spec:
     return x
   return jax.sharding.reshard(x, aval.sharding.spec)
 
 
-def _explicit_mesh(lhs, rhs):
-  """The operands' mesh where sharding is in their types (Explicit axes), else None."""
-  for aval in (lhs, rhs):
+def _explicit_mesh(*avals):
+  """The avals' mesh where sharding is in their types (Explicit axes), else None."""
+  for aval in avals:
     sharding = getattr(aval, "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and not mesh.empty and any(
