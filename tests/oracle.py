@@ -71,35 +71,73 @@ def direct_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   return jnp.transpose(acc, np.argsort(dn.out_spec))
 
 
-def check(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, oracle="lax",
-          **kwargs):
+def case(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, oracle="lax",
+         **kwargs):
+  """One comparison for :func:`check_many`: the operand shapes and dtype,
+  lax.conv_general_dilated's arguments, and the reference for the VJPs
+  (``oracle="direct"``: :func:`direct_conv`'s)."""
+  return dict(lhs_shape=lhs_shape, rhs_shape=rhs_shape, args=args, kwargs=kwargs, dtype=dtype,
+              grads=grads, seed=seed, oracle=oracle)
+
+
+def check(lhs_shape, rhs_shape, *args, backend=None, **kwargs):
   """Values equal lax's and gradients of both operands equal lax's VJP
-  (``oracle="direct"``: :func:`direct_conv`'s), references in float64."""
-  lhs, rhs = random(lhs_shape, dtype, seed), random(rhs_shape, dtype, seed + 1)
+  (``oracle="direct"``: :func:`direct_conv`'s), references in float64.
+  Returns cks_jax's value."""
+  return check_many([case(lhs_shape, rhs_shape, *args, **kwargs)], backend=backend)[0]
+
+
+def check_many(cases, *, backend=None):
+  """:func:`check` for several :func:`case`s, compiled as ONE function for
+  cks_jax and one for the references: XLA:CPU's per-compile cost, not the
+  arithmetic, is what the small grids spend their time on. Returns
+  cks_jax's values."""
+  cks_fns, ref_fns, cks_ops, ref_ops = [], [], [], []
   ref_dtype = np.float64
-  f_cks = lambda l, r: cks_jax.conv_general_dilated(l, r, *args, **kwargs)
-  # References run in float64 (a preferred type must not be narrower).
-  ref_kwargs = dict(kwargs)
-  pet = ref_kwargs.pop("preferred_element_type", None)
-  if pet is not None:
-    ref_kwargs["preferred_element_type"] = np.float64
-  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args, **ref_kwargs)
-  f_ref = f_lax if oracle == "lax" else (lambda l, r: direct_conv(l, r, *args, **ref_kwargs))
-  out = jax.jit(f_cks)(lhs, rhs)
-  ref = f_lax(lhs.astype(ref_dtype), rhs.astype(ref_dtype))
-  assert out.dtype == jax.eval_shape(
-      lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs), lhs, rhs).dtype
-  assert_close(out, ref, dtype, "value")
-  if oracle != "lax":
-    assert_close(jax.jit(f_ref)(lhs.astype(ref_dtype), rhs.astype(ref_dtype)), ref, ref_dtype,
-                 "direct oracle")
-  if not grads:
-    return out
-  ct = random(ref.shape, out.dtype, seed + 2)
-  g_cks = jax.jit(lambda l, r, c: jax.vjp(f_cks, l, r)[1](c))(lhs, rhs, ct)
-  g_ref = jax.jit(lambda l, r, c: jax.vjp(f_ref, l, r)[1](c))(
-      lhs.astype(ref_dtype), rhs.astype(ref_dtype), ct.astype(ref_dtype))
-  for name, a, b, x in zip(("d lhs", "d rhs"), g_cks, g_ref, (lhs, rhs)):
-    assert a.dtype == x.dtype, f"{name}: dtype {a.dtype} != {x.dtype}"
-    assert_close(a, b, dtype, name)
-  return out
+  for c in cases:
+    args, kwargs = c["args"], c["kwargs"]
+    lhs, rhs = random(c["lhs_shape"], c["dtype"], c["seed"]), random(c["rhs_shape"], c["dtype"],
+                                                                      c["seed"] + 1)
+    # References run in float64 (a preferred type must not be narrower).
+    ref_kwargs = dict(kwargs)
+    if ref_kwargs.pop("preferred_element_type", None) is not None:
+      ref_kwargs["preferred_element_type"] = ref_dtype
+    f_cks = lambda l, r, args=args, kwargs=kwargs: cks_jax.conv_general_dilated(
+        l, r, *args, backend=backend, **kwargs)
+    f_lax = lambda l, r, args=args, kw=ref_kwargs: lax.conv_general_dilated(l, r, *args, **kw)
+    f_direct = lambda l, r, args=args, kw=ref_kwargs: direct_conv(l, r, *args, **kw)
+    want = jax.eval_shape(lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs), lhs, rhs)
+    ct = random(want.shape, want.dtype, c["seed"] + 2)
+    cks_fns.append((f_cks, None, c["grads"]))
+    ref_fns.append((f_lax, f_direct if c["oracle"] == "direct" else None, c["grads"]))
+    cks_ops.append((lhs, rhs, ct))
+    ref_ops.append(tuple(a.astype(ref_dtype) for a in (lhs, rhs, ct)))
+
+  def run(fns, ops):
+    """Per case: the value, the VJPs (if asked for), and the direct oracle's
+    value and VJPs (if it is the VJPs' reference)."""
+    outs = []
+    for (f, f_vjp, grads), (l, r, ct) in zip(fns, ops):
+      out = {"value": f(l, r)}
+      if f_vjp is not None:
+        out["direct oracle"] = f_vjp(l, r)
+      if grads:
+        out["d lhs"], out["d rhs"] = jax.vjp(f_vjp or f, l, r)[1](ct)
+      outs.append(out)
+    return outs
+
+  got = jax.jit(lambda ops: run(cks_fns, ops))(cks_ops)
+  ref = jax.jit(lambda ops: run(ref_fns, ops))(ref_ops)
+  for c, (lhs, rhs, _), g, r in zip(cases, cks_ops, got, ref):
+    where = (f"lhs {c['lhs_shape']} rhs {c['rhs_shape']} args {c['args']} {c['kwargs']}, "
+             f"{np.dtype(c['dtype']).name}")
+    assert g["value"].dtype == jax.eval_shape(
+        lambda l, r: lax.conv_general_dilated(l, r, *c["args"], **c["kwargs"]), lhs, rhs).dtype
+    assert_close(g["value"], r["value"], c["dtype"], f"{where}: value")
+    if "direct oracle" in r:
+      assert_close(r["direct oracle"], r["value"], ref_dtype, f"{where}: direct oracle")
+    for name, x in (("d lhs", lhs), ("d rhs", rhs)):
+      if name in g:
+        assert g[name].dtype == x.dtype, f"{where}: {name} dtype {g[name].dtype} != {x.dtype}"
+        assert_close(g[name], r[name], c["dtype"], f"{where}: {name}")
+  return [g["value"] for g in got]

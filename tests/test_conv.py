@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from oracle import check
+from oracle import case, check, check_many
 
 DN = {1: [None, ("NHC", "HIO", "NHC"), ("CNH", "IHO", "HNC")],
       2: [None, ("NHWC", "HWIO", "NHWC"), ("NWHC", "OHWI", "CHWN")],
@@ -30,8 +30,8 @@ GRID_1D = list(itertools.product([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 4
 @pytest.mark.parametrize("s,a,d,k", GRID_1D)
 def test_1d_strides_dilations_kernels(s, a, d, k):
   pads = [((k // 2, k - 1 - k // 2)), (-1, 2), (3, 0)]
-  for i, pad in enumerate(pads):
-    check((2, 3, 11), (4, 3, k), (s,), (pad,), (a,), (d,), seed=i)
+  check_many([case((2, 3, 11), (4, 3, k), (s,), (pad,), (a,), (d,), seed=i)
+              for i, pad in enumerate(pads)])
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", "SAME_LOWER"])

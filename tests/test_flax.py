@@ -104,30 +104,56 @@ def _shapes(tree):
   return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
-def _random_bias(tree, key):
-  """Flax initialises biases to zero; perturb every leaf so biases are exercised too."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([l + 0.1 * jax.random.normal(k, l.shape, l.dtype)
-                            for l, k in zip(leaves, keys)])
+# numpy, not jax.random: each new shape would compile a threefry kernel, which
+# took most of these tests' time.
+def _normal(rng, shape, dtype):
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _filled(shapes, seed):
+  """A tree of abstract arrays filled with numpy normals scaled by 1 / sqrt(fan in)
+  (biases by 0.1, so they are non-zero and exercised): Flax's initializers
+  compile a threefry kernel per parameter shape, 7-10 s per model here."""
+  rng = np.random.default_rng(seed)
+  scale = lambda s: 1 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
+  return jax.tree.map(lambda s: jnp.asarray(scale(s) * rng.standard_normal(s.shape), s.dtype),
+                      shapes)
+
+
+def _init(mod, *args, seed=0):
+  """A linen module's params: the tree its init makes (names, shapes, dtypes), filled."""
+  return _filled(jax.eval_shape(mod.init, jax.random.PRNGKey(0), *args), seed)
+
+
+def _nnx_new(make, seed=0):
+  """``make()`` (an nnx module) built abstractly, its state filled."""
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  return nnx.merge(graphdef, _filled(state, seed))
+
+
+def _value_and_grad(f, ct):
+  """jit of (params, x) -> (f(params, x), gradient of sum(f * ct) w.r.t. both):
+  the value and the gradient in one compiled function."""
+  def g(p, x):
+    y, vjp = jax.vjp(f, p, x)
+    return y, vjp(ct)
+  return jax.jit(g)
 
 
 # ------------------------------------------------------------------ linen
 
 def _check_linen(flax_mod, cks_mod, in_shape, dtype):
-  kx, kp, kc, kb = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(kx, in_shape, dtype)
-  params = flax_mod.init(kp, x)
-  params = _random_bias(params, kb)
+  rng = np.random.default_rng(0)
+  kp = jax.random.PRNGKey(0)
+  x = _normal(rng, in_shape, dtype)
+  params = _init(flax_mod, x, seed=1)
   # A Flax checkpoint has exactly the structure (names, shapes, dtypes) the cks layer expects.
-  assert _shapes(params) == _shapes(cks_mod.init(kp, x))
-  y_ref = flax_mod.apply(params, x)
-  y = jax.jit(cks_mod.apply)(params, x)
+  assert _shapes(params) == _shapes(jax.eval_shape(cks_mod.init, kp, x))
+  ct = _normal(rng, jax.eval_shape(flax_mod.apply, params, x).shape, dtype)
+  y_ref, g_ref = _value_and_grad(flax_mod.apply, ct)(params, x)
+  y, g = _value_and_grad(cks_mod.apply, ct)(params, x)
   _assert_trees_close(y, y_ref, dtype, "output")
-  ct = jax.random.normal(kc, y_ref.shape, dtype)
-  grad = lambda mod: jax.jit(jax.grad(lambda p, x: jnp.sum(mod.apply(p, x) * ct), (0, 1)))(
-      params, x)
-  _assert_trees_close(grad(cks_mod), grad(flax_mod), dtype, "gradient")
+  _assert_trees_close(g, g_ref, dtype, "gradient")
   with cks_jax.use_backend("ffi"):  # "auto" may route narrow layers to XLA (test_hlo)
     hlo = jax.jit(lambda p, x: cks_mod.apply(p, x)).lower(params, x).as_text()
   assert "convolution" not in hlo, "the cks layer lowered an XLA convolution"
@@ -230,13 +256,14 @@ def _linen_models():
 
 def test_linen_model_checkpoint_loads_unchanged():
   for flax_model, cks_model, inp, out_shape in _linen_models():
-    params = flax_model.init(jax.random.PRNGKey(0), inp)
+    params = _init(flax_model, inp)
     # Auto-names (Conv_0, ConvTranspose_1, ...) and shapes agree, so the Flax
     # params tree is directly a cks checkpoint, and vice versa.
-    assert _shapes(params) == _shapes(cks_model.init(jax.random.PRNGKey(1), inp))
-    y = cks_model.apply(params, inp)
+    assert _shapes(params) == _shapes(jax.eval_shape(cks_model.init, jax.random.PRNGKey(1), inp))
+    y = jax.jit(cks_model.apply)(params, inp)
     assert y.shape == out_shape
-    _assert_trees_close(y, flax_model.apply(params, inp), jnp.float32, type(flax_model).__name__)
+    _assert_trees_close(y, jax.jit(flax_model.apply)(params, inp), jnp.float32,
+                        type(flax_model).__name__)
 
 
 def _train_step(model):
@@ -257,7 +284,7 @@ needs_cpu_kernel = pytest.mark.skipif(
 @needs_cpu_kernel
 def test_linen_training_step_hlo_has_no_xla_convolution():
   for flax_model, cks_model, inp, _ in _linen_models():
-    params = flax_model.init(jax.random.PRNGKey(0), inp)
+    params = _init(flax_model, inp)
     with cks_jax.use_backend("ffi"):  # "auto" may route narrow layers to XLA (test_hlo)
       hlo = jax.jit(_train_step(cks_model)).lower(params, inp).compile().as_text()
     assert not re.search(r"\bconvolution\(", hlo), "an XLA convolution survived"
@@ -269,7 +296,7 @@ def test_linen_training_step_hlo_has_no_xla_convolution():
 
 def test_linen_training_step_matches_flax():
   for flax_model, cks_model, inp, _ in _linen_models():
-    params = flax_model.init(jax.random.PRNGKey(0), inp)
+    params = _init(flax_model, inp)
     (p1, l1), (p2, l2) = (jax.jit(_train_step(m))(params, inp) for m in (cks_model, flax_model))
     _assert_trees_close((p1, l1), (p2, l2), jnp.float32, type(flax_model).__name__)
 
@@ -289,21 +316,21 @@ def _nnx_fn(model):
   return (lambda st, x: nnx.merge(graphdef, st)(x)), state
 
 
-def _check_nnx(flax_layer, cks_layer, in_shape, dtype):
-  kx, kc, kb = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, in_shape, dtype)
-  state = _random_bias(nnx.state(flax_layer), kb)
+def _check_nnx(make_flax, make_cks, in_shape, dtype):
+  flax_layer, cks_layer = _nnx_new(make_flax), _nnx_new(make_cks, seed=2)
+  rng = np.random.default_rng(0)
+  x = _normal(rng, in_shape, dtype)
+  state = nnx.state(flax_layer)
   # Load the Flax layer's state (a checkpoint) into the cks layer unchanged.
   assert _shapes(nnx.to_pure_dict(state)) == _shapes(nnx.to_pure_dict(nnx.state(cks_layer)))
   nnx.update(flax_layer, state)
   nnx.update(cks_layer, state)
   f_ref, s_ref = _nnx_fn(flax_layer)
   f_cks, s_cks = _nnx_fn(cks_layer)
-  y_ref, y = f_ref(s_ref, x), jax.jit(f_cks)(s_cks, x)
+  ct = _normal(rng, jax.eval_shape(f_ref, s_ref, x).shape, dtype)
+  y_ref, g_ref = _value_and_grad(f_ref, ct)(s_ref, x)
+  y, g = _value_and_grad(f_cks, ct)(s_cks, x)
   _assert_trees_close(y, y_ref, dtype, "output")
-  ct = jax.random.normal(kc, y_ref.shape, dtype)
-  g_ref = jax.jit(jax.grad(lambda s, x: jnp.sum(f_ref(s, x) * ct), (0, 1)))(s_ref, x)
-  g = jax.jit(jax.grad(lambda s, x: jnp.sum(f_cks(s, x) * ct), (0, 1)))(s_cks, x)
   _assert_trees_close(g, g_ref, dtype, "gradient")
   with cks_jax.use_backend("ffi"):  # "auto" may route narrow layers to XLA (test_hlo)
     hlo = jax.jit(lambda s, x: f_cks(s, x)).lower(s_cks, x).as_text()  # a fresh trace
@@ -313,22 +340,23 @@ def _check_nnx(flax_layer, cks_layer, in_shape, dtype):
 @pytest.mark.parametrize("name,attrs,in_shape", CONV_CASES, ids=_ids(CONV_CASES))
 def test_nnx_conv_matches_flax(name, attrs, in_shape):
   kw = dict(_nnx_kwargs(attrs, in_shape[-1]), param_dtype=F64)
-  _check_nnx(nnx.Conv(**kw, rngs=nnx.Rngs(0)), cnnx.Conv(**kw, rngs=nnx.Rngs(1)), in_shape, F64)
+  _check_nnx(lambda: nnx.Conv(**kw, rngs=nnx.Rngs(0)), lambda: cnnx.Conv(**kw, rngs=nnx.Rngs(1)),
+             in_shape, F64)
 
 
 @pytest.mark.parametrize("name,attrs,in_shape", TRANSPOSE_CASES, ids=_ids(TRANSPOSE_CASES))
 def test_nnx_conv_transpose_matches_flax(name, attrs, in_shape):
   kw = dict(_nnx_kwargs(attrs, in_shape[-1]), param_dtype=F64)
-  _check_nnx(nnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)),
-             cnnx.ConvTranspose(**kw, rngs=nnx.Rngs(1)), in_shape, F64)
+  _check_nnx(lambda: nnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)),
+             lambda: cnnx.ConvTranspose(**kw, rngs=nnx.Rngs(1)), in_shape, F64)
 
 
 def test_nnx_float32_default_dtypes():
   kw = dict(in_features=4, out_features=8, kernel_size=(4, 4), strides=(2, 2))
-  _check_nnx(nnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)),
-             cnnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)), (2, 6, 6, 4), jnp.float32)
+  _check_nnx(lambda: nnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)),
+             lambda: cnnx.ConvTranspose(**kw, rngs=nnx.Rngs(0)), (2, 6, 6, 4), jnp.float32)
   kw = dict(in_features=4, out_features=8, kernel_size=(3, 3), kernel_dilation=2)
-  _check_nnx(nnx.Conv(**kw, rngs=nnx.Rngs(0)), cnnx.Conv(**kw, rngs=nnx.Rngs(0)),
+  _check_nnx(lambda: nnx.Conv(**kw, rngs=nnx.Rngs(0)), lambda: cnnx.Conv(**kw, rngs=nnx.Rngs(0)),
              (2, 9, 9, 4), jnp.float32)
 
 
@@ -402,31 +430,34 @@ def _nnx_train_step(graphdef):
 
 def test_nnx_model_checkpoint_loads_unchanged():
   for cls, inp, out_shape in _nnx_models():
-    flax_model, cks_model = cls(nnx, nnx.Rngs(0)), cls(cnnx, nnx.Rngs(1))
+    flax_model = _nnx_new(lambda: cls(nnx, nnx.Rngs(0)))
+    cks_model = _nnx_new(lambda: cls(cnnx, nnx.Rngs(1)), seed=1)
     state = nnx.state(flax_model)
     assert _shapes(nnx.to_pure_dict(state)) == _shapes(nnx.to_pure_dict(nnx.state(cks_model)))
     nnx.update(cks_model, state)
-    y = cks_model(inp)
+    (f_cks, s_cks), (f_ref, s_ref) = _nnx_fn(cks_model), _nnx_fn(flax_model)
+    y = jax.jit(f_cks)(s_cks, inp)
     assert y.shape == out_shape
-    _assert_trees_close(y, flax_model(inp), jnp.float32, cls.__name__)
+    _assert_trees_close(y, jax.jit(f_ref)(s_ref, inp), jnp.float32, cls.__name__)
 
 
 @needs_cpu_kernel
 def test_nnx_training_step_hlo_has_no_xla_convolution():
   for cls, inp, _ in _nnx_models():
-    graphdef, state = nnx.split(cls(cnnx, nnx.Rngs(0)))
+    graphdef, state = nnx.split(_nnx_new(lambda: cls(cnnx, nnx.Rngs(0))))
     with cks_jax.use_backend("ffi"):  # "auto" may route narrow layers to XLA (test_hlo)
       hlo = jax.jit(_nnx_train_step(graphdef)).lower(state, inp).compile().as_text()
     assert not re.search(r"\bconvolution\(", hlo), "an XLA convolution survived"
     assert "cks_conv_cpu" in hlo
-    graphdef, state = nnx.split(cls(nnx, nnx.Rngs(0)))
+    graphdef, state = nnx.split(_nnx_new(lambda: cls(nnx, nnx.Rngs(0))))
     ref = jax.jit(_nnx_train_step(graphdef)).lower(state, inp).compile().as_text()
     assert re.search(r"\bconvolution\(", ref) and "cks_conv_cpu" not in ref
 
 
 def test_nnx_training_step_matches_flax():
   for cls, inp, _ in _nnx_models():
-    flax_model, cks_model = cls(nnx, nnx.Rngs(0)), cls(cnnx, nnx.Rngs(0))
+    flax_model = _nnx_new(lambda: cls(nnx, nnx.Rngs(0)))
+    cks_model = _nnx_new(lambda: cls(cnnx, nnx.Rngs(0)))
     g_ref, state = nnx.split(flax_model)
     g_cks, _ = nnx.split(cks_model)
     a = jax.jit(_nnx_train_step(g_cks))(state, inp)

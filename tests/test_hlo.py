@@ -14,14 +14,17 @@ from oracle import assert_close
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def init(key):
-  ks = jax.random.split(key, 4)
-  w = lambda k, shape: jax.random.normal(k, shape, jnp.float32) * 0.2
+def normal(seed, shape, scale=1.0):
+  # numpy, not jax.random: each new shape would compile a threefry kernel.
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def init(seed):
   return {
-      "down": w(ks[0], (4, 4, 3, 8)),     # strided conv
-      "atrous": w(ks[1], (3, 3, 8, 8)),   # dilated conv
-      "up": w(ks[2], (4, 4, 8, 4)),       # transposed conv
-      "grouped": w(ks[3], (3, 3, 2, 4)),  # grouped conv
+      "down": normal(seed, (4, 4, 3, 8), 0.2),        # strided conv
+      "atrous": normal(seed + 1, (3, 3, 8, 8), 0.2),  # dilated conv
+      "up": normal(seed + 2, (4, 4, 8, 4), 0.2),      # transposed conv
+      "grouped": normal(seed + 3, (3, 3, 2, 4), 0.2),  # grouped conv
   }
 
 
@@ -46,7 +49,7 @@ def compiled_hlo(fn, *args):
 def test_training_step_has_no_xla_convolution():
   # backend "ffi": the kernel covers every convolution ("auto" sends the
   # 2-feature grouped layer to XLA, tested below).
-  p, x = init(jax.random.PRNGKey(0)), jnp.ones((2, 16, 16, 3), jnp.float32)
+  p, x = init(0), jnp.ones((2, 16, 16, 3), jnp.float32)
   with cks_jax.use_backend("ffi"):
     hlo = compiled_hlo(jax.grad(loss), p, x)
   assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
@@ -74,8 +77,8 @@ def test_cpu_kernel_runs_16bit_operands_widened(dtype):
 
 
 def test_training_step_learns():
-  p = init(jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float32)
+  p = init(0)
+  x = normal(10, (2, 16, 16, 3))
   step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.2 * g, p, jax.grad(loss)(p, x)))
   l0 = float(loss(p, x))
   for _ in range(60):
@@ -87,7 +90,7 @@ def test_other_platforms_lower_without_cks_custom_calls():
   # No cks kernel for TPU: the op lowers (cross-lowering works on a CPU
   # machine) to the portable decomposition or XLA's own convolution, and
   # explain says which.
-  p, x = init(jax.random.PRNGKey(0)), jnp.ones((2, 16, 16, 3), jnp.float32)
+  p, x = init(0), jnp.ones((2, 16, 16, 3), jnp.float32)
   text = jax.jit(jax.grad(loss)).trace(p, x).lower(lowering_platforms=("tpu",)).as_text()
   assert "stablehlo.convolution" in text and "cks_conv_cpu" not in text
   e = cks_jax.explain((2, 16, 16, 3), (4, 4, 3, 8), (2, 2), "SAME", dimension_numbers=DN,

@@ -12,7 +12,8 @@ from jax import lax
 
 import cks_jax
 from cks_jax._src import ffi, geometry, shapes
-from oracle import assert_close, direct_conv, random
+import oracle
+from oracle import assert_close, case, random
 from test_conv import DN, GRID_1D, conv_case, shapes_for
 
 
@@ -30,33 +31,16 @@ def portable_fn(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None
       backend="portable")
 
 
-def check(lhs_shape, rhs_shape, *args, dtype=np.float64, grads=True, seed=0, oracle="lax",
-          **kwargs):
-  """Values equal lax's; VJPs of both operands equal lax's (or the direct method's)."""
-  lhs, rhs = random(lhs_shape, dtype, seed), random(rhs_shape, dtype, seed + 1)
-  f = portable_fn(lhs_shape, rhs_shape, *args, dtype=dtype, **kwargs)
-  f_lax = lambda l, r: lax.conv_general_dilated(l, r, *args, **kwargs)
-  f_ref = f_lax if oracle == "lax" else (lambda l, r: direct_conv(l, r, *args, **kwargs))
-  out = jax.jit(f)(lhs, rhs)
-  ref = f_lax(lhs.astype(np.float64), rhs.astype(np.float64))
-  assert out.dtype == np.dtype(dtype)
-  assert_close(out, ref, dtype, "value")
-  if not grads:
-    return
-  ct = random(ref.shape, out.dtype, seed + 2)
-  g = jax.jit(lambda l, r, c: jax.vjp(f, l, r)[1](c))(lhs, rhs, ct)
-  g_ref = jax.jit(lambda l, r, c: jax.vjp(f_ref, l, r)[1](c))(
-      lhs.astype(np.float64), rhs.astype(np.float64), ct.astype(np.float64))
-  for name, a, b, x in zip(("d lhs", "d rhs"), g, g_ref, (lhs, rhs)):
-    assert a.dtype == x.dtype, f"{name}: dtype {a.dtype} != {x.dtype}"
-    assert_close(a, b, dtype, name)
+# The public op on the portable backend against lax, values and VJPs.
+check = functools.partial(oracle.check, backend="portable")
+check_many = functools.partial(oracle.check_many, backend="portable")
 
 
 # --- values and gradients ----------------------------------------------------
 @pytest.mark.parametrize("s,a,d,k", GRID_1D)
 def test_1d_grid(s, a, d, k):
-  for i, pad in enumerate([(k // 2, k - 1 - k // 2), (-1, 2), (3, 0), (6, -3)]):
-    check((2, 3, 11), (4, 3, k), (s,), (pad,), (a,), (d,), seed=i)
+  check_many([case((2, 3, 11), (4, 3, k), (s,), (pad,), (a,), (d,), seed=i)
+              for i, pad in enumerate([(k // 2, k - 1 - k // 2), (-1, 2), (3, 0), (6, -3)])])
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -288,15 +272,16 @@ def test_kernel_equals_stride(nd, pad, groups):
   # lo, so both the depth-to-space GEMM (lo = s - 1 mod s) and the tap GEMM
   # run, channels first and last.
   sizes, ks = (5, 4, 3)[:nd], (2, 3, 2)[:nd]
-  check((2, 2 * groups) + sizes, (4, 2) + ks, (1,) * nd, [pad] * nd, ks,
-        feature_group_count=groups)
-  check((2, 2 * groups) + tuple(2 * n + 1 for n in sizes), (4, 2) + ks, ks, [pad] * nd,
-        feature_group_count=groups)
+  cases = [case((2, 2 * groups) + sizes, (4, 2) + ks, (1,) * nd, [pad] * nd, ks,
+                feature_group_count=groups),
+           case((2, 2 * groups) + tuple(2 * n + 1 for n in sizes), (4, 2) + ks, ks, [pad] * nd,
+                feature_group_count=groups)]
   if groups == 1:  # permuted dimension numbers (shapes_for has no groups)
     for dn in DN[nd][1:]:
       lhs, rhs = shapes_for(nd, dn, 2, 3, 4, sizes, ks)
-      check(lhs, rhs, (1,) * nd, [pad] * nd, ks, dimension_numbers=dn,
-            oracle="direct" if nd == 3 else "lax")
+      cases.append(case(lhs, rhs, (1,) * nd, [pad] * nd, ks, dimension_numbers=dn,
+                        oracle="direct" if nd == 3 else "lax"))
+  check_many(cases)
 
 
 def test_grouped_convolution_runs_per_group():

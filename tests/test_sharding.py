@@ -77,6 +77,12 @@ def _replicated(x):
   assert x.sharding.is_fully_replicated, f"expected replicated, got {x.sharding}"
 
 
+def _normal(seed, shape):
+  """float32 standard normals from numpy: jax.random compiles a kernel per shape."""
+  import numpy as np
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def _value_and_grads(conv):
   """(x, w, ct) -> (y, dx, dw): the forward and both cotangents of a conv."""
   import jax
@@ -92,11 +98,9 @@ def _data_parallel(cks_conv, lax_conv, x_shape, w_shape, mesh, batch_axes):
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  k = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(k[0], x_shape, np.float32)
-  w = jax.random.normal(k[1], w_shape, np.float32)
+  x, w = _normal(0, x_shape), _normal(1, w_shape)
   y_shape = jax.eval_shape(lax_conv, x, w).shape
-  ct = jax.random.normal(k[2], y_shape, np.float32)
+  ct = _normal(2, y_shape)
   sh = NamedSharding(mesh, P(batch_axes))
   x, ct = jax.device_put(x, sh), jax.device_put(ct, sh)
   w = jax.device_put(w, NamedSharding(mesh, P()))
@@ -189,9 +193,7 @@ def check_explicit_spatial(_):
   f = lambda x, w: cks_jax.conv_transpose(x, w, *args, dimension_numbers=DN)
   ref = lambda x, w: lax.conv_transpose(x, w, *args, dimension_numbers=DN)
   loss = lambda conv: jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
-  k = jax.random.split(jax.random.PRNGKey(0), 2)
-  x = np.asarray(jax.random.normal(k[0], (8, 6, 6, 3)))
-  w = np.asarray(jax.random.normal(k[1], (3, 3, 3, 2)))
+  x, w = _normal(0, (8, 6, 6, 3)), _normal(1, (3, 3, 3, 2))
   with jax.set_mesh(emesh):
     xs = jax.device_put(x, NamedSharding(emesh, P("data", "sp")))
     ws = jax.device_put(w, NamedSharding(emesh, P()))
@@ -239,9 +241,7 @@ def check_model_parallel_filter(_):
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   conv = lambda f: lambda x, w: f(x, w, (2, 2), "SAME", dimension_numbers=DN)
-  k = jax.random.split(jax.random.PRNGKey(5), 3)
-  x, w = jax.random.normal(k[0], (8, 6, 6, 4)), jax.random.normal(k[1], (4, 4, 4, 6))
-  ct = jax.random.normal(k[2], (8, 12, 12, 6))
+  x, w, ct = _normal(5, (8, 6, 6, 4)), _normal(6, (4, 4, 4, 6)), _normal(7, (8, 12, 12, 6))
   put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
   args = put(x, "data"), put(w, None, None, None, "model"), put(ct, "data", None, None, "model")
   compiled = _value_and_grads(conv(cks_jax.conv_transpose)).lower(*args).compile()
@@ -268,10 +268,8 @@ def check_not_divisible(mesh):
   import cks_jax
   from jax import lax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  k = jax.random.split(jax.random.PRNGKey(1), 3)
-  x = jax.device_put(jax.random.normal(k[0], (16, 6, 6, 3), np.float32),
-                     NamedSharding(mesh, P("data")))
-  w = jax.device_put(jax.random.normal(k[1], (3, 3, 3, 4), np.float32), NamedSharding(mesh, P()))
+  x = jax.device_put(_normal(1, (16, 6, 6, 3)), NamedSharding(mesh, P("data")))
+  w = jax.device_put(_normal(2, (3, 3, 3, 4)), NamedSharding(mesh, P()))
 
   def loss(conv):
     def f(x, w):
@@ -303,10 +301,8 @@ def check_shard_map(mesh):
   import cks_jax
   from jax import lax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  k = jax.random.split(jax.random.PRNGKey(2), 2)
-  x = jax.device_put(jax.random.normal(k[0], (16, 6, 6, 4), np.float32),
-                     NamedSharding(mesh, P("data")))
-  w = jax.device_put(jax.random.normal(k[1], (4, 4, 4, 5), np.float32), NamedSharding(mesh, P()))
+  x = jax.device_put(_normal(3, (16, 6, 6, 4)), NamedSharding(mesh, P("data")))
+  w = jax.device_put(_normal(4, (4, 4, 4, 5)), NamedSharding(mesh, P()))
   out = {}
   for check_vma in (True, False):
     def step(conv):
@@ -352,8 +348,11 @@ def check_flax_data_parallel(mesh):
     return Net()
 
   cks_net, ref_net = model(cnn.Conv, cnn.ConvTranspose), model(nn.Conv, nn.ConvTranspose)
-  x = jax.random.normal(jax.random.PRNGKey(3), (16, 12, 12, 3), jnp.float32)
-  params = ref_net.init(jax.random.PRNGKey(4), x)
+  x = _normal(3, (16, 12, 12, 3))
+  # Flax's init compiles a threefry kernel per parameter: numpy values instead.
+  shapes = jax.eval_shape(ref_net.init, jax.random.PRNGKey(4), x)
+  scale = lambda s: 1 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
+  params = jax.tree.map(lambda s: _normal(s.size, s.shape) * np.float32(scale(s)), shapes)
 
   def train_step(net):
     def loss(p, x):
