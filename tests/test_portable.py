@@ -212,7 +212,7 @@ def test_special_emissions_match_lax(monkeypatch):
   ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_per_position_dot",
                               "_stacked_kernel_dot", "_merged_phases", "_shifted_kernel_dot",
                               "_batch_groups_to_features", "_tiled_tap_dot",
-                              "_tiled_gathered_dot", "_space_to_depth_dot")}
+                              "_tiled_gathered_dot", "_space_to_depth_dot", "_im2col_dot")}
   for name in ran:
     real = getattr(portable, name)
 
@@ -252,6 +252,11 @@ def test_special_emissions_match_lax(monkeypatch):
   # Batch groups with lhs dilation (the filter gradient of a grouped deconv).
   check_runs((4, 3, 7, 5), (4, 3, 3, 2), (1, 1), [(1, 1), (2, 0)], (2, 2),
              batch_group_count=2, paths=("_batch_groups_to_features", "_merged_phases"))
+  # Three output features (DCGAN's last layer): the input gradient is one GEMM
+  # over the cotangent's windows, the filter gradient's gathered kernels.
+  check_runs((2, 5, 10, 9), (3, 5, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
+             dimension_numbers=("NCHW", "OIHW", "NHWC"),
+             paths=("_tap_gemm", "_im2col_dot", "_gathered_gemm", "_stacked_kernel_dot"))
   # Kernel equal to the dilation (U-Net's k2 s2), channels last: the forward
   # is one GEMM moved depth to space, the input gradient one GEMM over the
   # cotangent's tiles, the filter gradient one GEMM with every position.
@@ -262,6 +267,26 @@ def test_special_emissions_match_lax(monkeypatch):
   check_runs((2, 4, 3, 5), (6, 2, 3, 2), (1, 1), [(5, -1), (3, 0)], (3, 2),
              feature_group_count=2,
              paths=("_tiled_tap_dot", "_tiled_gathered_dot", "_space_to_depth_dot"))
+
+
+def test_gradient_computes_the_cotangent_windows_once():
+  # A narrow transposed convolution (DCGAN's last layer, 3 features, k4 s2):
+  # its input gradient (_im2col_dot) and filter gradient (_gathered_gemm) read
+  # the cotangent's 16 strided windows through the same ops, so the compiled
+  # gradient stacks them once, [features, taps, batch, rows, columns].
+  x, w = jnp.ones((4, 12, 12, 8), jnp.float32), jnp.ones((4, 4, 8, 3), jnp.float32)
+  f = portable_fn(None, None, (1, 1), [(2, 2), (2, 2)], (2, 2),
+                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)))
+  hlo = grad.lower(x, w).compile().as_text()
+  stacks = re.findall(r"= f32\[3,16,4,12,12\]\S* (?:concatenate|fusion)\(", hlo)
+  assert len(stacks) == 1, stacks
+  assert not re.search(r"\bconvolution\(", hlo), "the input gradient is XLA's convolution"
+  g, g_ref = grad(x, w), jax.grad(lambda x, w: jnp.sum(lax.conv_general_dilated(
+      x, w, (1, 1), [(2, 2), (2, 2)], (2, 2),
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), (0, 1))(x, w)
+  for a, b in zip(g, g_ref):
+    assert_close(a, b, np.float32, "gradient")
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

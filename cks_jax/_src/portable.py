@@ -21,8 +21,11 @@ measured faster on XLA:CPU (``benchmarks/portable_grad.py``):
 - a convolution with neither lhs nor rhs dilation has no inserted zeros, and
   XLA's own convolution computes only the strided outputs: it is emitted as is,
   one per feature group where XLA:CPU would otherwise compute the groups as a
-  block-diagonal kernel (:func:`_xla_conv`), and as one GEMM over the input's
-  tiles where the kernel equals the stride (:func:`_space_to_depth_dot`);
+  block-diagonal kernel (:func:`_xla_conv`), as one GEMM over the input's
+  tiles where the kernel equals the stride (:func:`_space_to_depth_dot`), and
+  over its windows where it has 1-4 features (:func:`_im2col_dot`: the input
+  gradient of a narrow transposed convolution, sharing the windows with the
+  filter gradient);
 - a transposed convolution (lhs dilation only) is one GEMM over the input
   features followed by a shifted-slice sum per output phase (:func:`_tap_gemm`),
   a GEMM moved depth to space where the kernel equals the dilation
@@ -253,29 +256,44 @@ def _gathered_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numb
   prod(out) / prod(s) times the kernel operand.
   """
   lhs_spec, rhs_spec, out_spec = dimension_numbers
-  nd = len(lhs_spec) - 2
   ins = [lhs.shape[d] for d in lhs_spec[2:]]
   outs = [out_shape[d] for d in out_spec[2:]]
-  cfg = [(0, 0, 0)] * rhs.ndim
-  pad_lo = []
-  for i, (s, (lo, _)) in enumerate(zip(lhs_dilation, padding)):
-    taps = rhs.shape[rhs_spec[2 + i]]
-    pad_lo.append(max(0, outs[i] - 1 - lo))
-    cfg[rhs_spec[2 + i]] = (pad_lo[i], max(0, s * (ins[i] - 1) + lo - (taps - 1)), 0)
-  w = lax.pad(rhs, jnp.zeros((), rhs.dtype), cfg)
-  kernels = []
-  for u in itertools.product(*[range(o) for o in outs]):
-    k = w
-    for i, s in enumerate(lhs_dilation):
-      start = padding[i][0] - u[i] + pad_lo[i]
-      k = lax.slice_in_dim(k, start, start + s * (ins[i] - 1) + 1, s, axis=rhs_spec[2 + i])
-    kernels.append(k)
+  kernels = _strided_windows(rhs, rhs_spec[2:], lhs_dilation, [lo for lo, _ in padding], outs,
+                             ins)
   fg = rhs.shape[rhs_spec[0]] // feature_group_count
   if len(kernels) <= _PER_POSITION_MAX and fg >= _PER_POSITION_MIN_FEATURES:
     return _per_position_dot(lhs, kernels, outs, dimension_numbers, feature_group_count,
                              precision, acc_dtype)
   return _stacked_kernel_dot(lhs, kernels, outs, dimension_numbers, feature_group_count,
                              precision, acc_dtype)
+
+
+def _strided_windows(a, axes, strides, los, counts, lengths):
+  """For every u < counts (row-major), ``a`` read along ``axes`` at
+  s*i + lo - u for i < lengths, zero outside ``a``: padded once, then one
+  strided slice per u. The gathered kernels of :func:`_gathered_gemm` and
+  the windows of :func:`_im2col_dot`, built by this one function so that a
+  gradient's two uses of the cotangent are the same ops, computed once."""
+  cfg = [(0, 0, 0)] * a.ndim
+  pad_lo = []
+  for ax, s, lo, count, length in zip(axes, strides, los, counts, lengths):
+    pad_lo.append(max(0, count - 1 - lo))
+    cfg[ax] = (pad_lo[-1], max(0, s * (length - 1) + lo - (a.shape[ax] - 1)), 0)
+  a = lax.pad(a, jnp.zeros((), a.dtype), cfg)
+  windows = []
+  for u in itertools.product(*[range(c) for c in counts]):
+    k = a
+    for i, (ax, s, lo, length) in enumerate(zip(axes, strides, los, lengths)):
+      start = lo - u[i] + pad_lo[i]
+      k = lax.slice_in_dim(k, start, start + s * (length - 1) + 1, s, axis=ax)
+    windows.append(k)
+  return windows
+
+
+def _stacked(kernels, spec):
+  """The kernels, each transposed to ``spec`` [O, I, spatial...], stacked as
+  [O, P, I, spatial...] (:func:`_stacked_kernel_dot`'s GEMM operand)."""
+  return jnp.stack([jnp.transpose(k, spec) for k in kernels], axis=1)
 
 
 def _tiled_gathered_dot(x, w, *, padding, lhs_dilation, out_shape, dimension_numbers,
@@ -354,6 +372,61 @@ def _space_to_depth_dot(x, w, window_strides, padding, dimension_numbers, precis
   want = {out_spec[0]: ["N"], out_spec[1]: ["F"]}
   want.update({out_spec[2 + i]: [("v", i)] for i in range(nd)})
   return _transpose_to(y, yl, [want[k] for k in range(nd + 2)])
+
+
+# A strided convolution with at most this many input features runs as one GEMM
+# over its windows (:func:`_im2col_dot`), not as XLA's convolution, where the
+# GEMM's depth (features x taps) is at least _IM2COL_MIN_DEPTH and its windows
+# at most _IM2COL_MAX_ELEMENTS. Measured on XLA:CPU (same process): the input
+# gradients of DCGAN's last layer (3 features, k4 s2) and fsrcnn's (1, k9 s3),
+# 2.8 -> 2.1 and 2.1 -> 1.7 ms alone, and the whole gradient 7.6 -> 6.2 and
+# 5 -> 4.6, as the windows are also the filter gradient's; slower: 1 feature
+# k3 s2 (depth 9: 0.42 -> 0.84 ms), 4 features k3 s2 (depth 36: 1.0 -> 1.4),
+# 3 features k4 s2 with N64 (12 MB of windows: 12 -> 16 ms), 3 features k7 s2
+# (38 MB: 18 -> 90 ms).
+_IM2COL_MAX_FEATURES = 4
+_IM2COL_MIN_DEPTH = 48
+_IM2COL_MAX_ELEMENTS = 1 << 20
+
+
+def _im2col_pays(lhs_shape, rhs_shape, window_strides, padding, dimension_numbers) -> bool:
+  """Whether :func:`_im2col_dot` runs for this strided convolution (the gates above)."""
+  lhs_spec, rhs_spec, _ = dimension_numbers
+  feats = rhs_shape[rhs_spec[1]]
+  taps = int(np.prod([rhs_shape[d] for d in rhs_spec[2:]]))
+  outs = [(lhs_shape[a] + lo + hi - rhs_shape[k]) // s + 1
+          for a, k, s, (lo, hi) in zip(lhs_spec[2:], rhs_spec[2:], window_strides, padding)]
+  return (any(s > 1 for s in window_strides) and feats <= _IM2COL_MAX_FEATURES
+          and feats * taps >= _IM2COL_MIN_DEPTH
+          and feats * taps * lhs_shape[lhs_spec[0]] * np.prod(outs) <= _IM2COL_MAX_ELEMENTS)
+
+
+def _im2col_dot(x, w, window_strides, padding, dimension_numbers, precision, acc_dtype):
+  """A strided convolution with few input features as ONE GEMM over its
+  windows: out[n, o, v] = sum_{c, t} x[n, c, s*v + t - lo] w[o, c, t], so with
+  u = k - 1 - t the input is read at s*v + (k - 1 - lo) - u, the windows of
+  :func:`_strided_windows`. As the input gradient of a transposed convolution
+  (x the cotangent) these are the very ops of its filter gradient's gathered
+  kernels, which XLA then computes once for both."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  ks = [w.shape[d] for d in rhs_spec[2:]]
+  outs = [(x.shape[a] + lo + hi - k) // s + 1
+          for a, k, s, (lo, hi) in zip(lhs_spec[2:], ks, window_strides, padding)]
+  windows = _strided_windows(x, lhs_spec[2:], window_strides,
+                             [k - 1 - lo for k, (lo, _) in zip(ks, padding)], ks, outs)
+  cols = _stacked(windows, (lhs_spec[1], lhs_spec[0]) + tuple(lhs_spec[2:]))  # [C, P, N, V...]
+  # The kernel as [C, P, O], taps reversed (u = k - 1 - t) on this small operand.
+  w = jnp.transpose(lax.rev(w, rhs_spec[2:]),
+                    (rhs_spec[1],) + tuple(rhs_spec[2:]) + (rhs_spec[0],))
+  w = w.reshape(cols.shape[:2] + (w.shape[-1],))
+  y = lax.dot_general(cols, w, (([0, 1], [0, 1]), ([], [])), precision=precision,
+                      preferred_element_type=acc_dtype)  # [N, V..., O]
+  perm = [0] * (nd + 2)
+  perm[out_spec[0]], perm[out_spec[1]] = 0, nd + 1
+  for i in range(nd):
+    perm[out_spec[2 + i]] = 1 + i
+  return jnp.transpose(y, perm)
 
 
 def _labelled_dot(a, al, b, bl, reduce, batch, precision, acc_dtype):
@@ -479,14 +552,20 @@ def _tap_gemm(lhs, rhs, *, padding, lhs_dilation, out_shape, dimension_numbers,
                           out_shape=out_shape, dimension_numbers=dimension_numbers,
                           feature_group_count=feature_group_count, precision=precision,
                           acc_dtype=acc_dtype)
-  # Canonical operands, [G, N, C/G, S...] and [G, O/G, C/G, K...]: the
-  # transposes fold into the dot's operand layouts.
-  x = jnp.transpose(lhs, lhs_spec)
-  x = jnp.swapaxes(_split_dim(x, 1, g), 0, 1)
   w = jnp.transpose(rhs, rhs_spec)
-  w = _split_dim(w, 0, g)
-  z = lax.dot_general(x, w, (([2], [2]), ([0], [0])), precision=precision,
-                      preferred_element_type=acc_dtype)  # [G, N, S..., O/G, K...]
+  w = _split_dim(w, 0, g)  # [G, O/G, C/G, K...]
+  if g == 1 and list(lhs_spec[2:]) == sorted(lhs_spec[2:]) and lhs_spec[0] < lhs_spec[2]:
+    # The input as it lies (its other axes already in [N, S...] order): a
+    # transpose to canonical and back is a copy XLA:CPU does not remove
+    # (1.1 of DCGAN's last layer's 3.2 ms forward).
+    z = lax.dot_general(lhs, w[0], (([lhs_spec[1]], [1]), ([], [])), precision=precision,
+                        preferred_element_type=acc_dtype)[None]
+  else:  # canonical, [G, N, C/G, S...]
+    x = jnp.transpose(lhs, lhs_spec)
+    x = jnp.swapaxes(_split_dim(x, 1, g), 0, 1)
+    z = lax.dot_general(x, w, (([2], [2]), ([0], [0])), precision=precision,
+                        preferred_element_type=acc_dtype)
+  # z: [G, N, S..., O/G, K...]
   sizes = z.shape[2:2 + nd]
   ks = z.shape[3 + nd:]
   outs = [out_shape[out_spec[2 + i]] for i in range(nd)]
@@ -594,6 +673,8 @@ def _xla_conv(x, w, window_strides, padding, dimension_numbers, feature_group_co
     if g == 1 and _windows_tile(b.shape, rhs_spec, window_strides):
       return _space_to_depth_dot(a, b, window_strides, padding, dimension_numbers, precision,
                                  acc_dtype)
+    if g == 1 and _im2col_pays(a.shape, b.shape, window_strides, padding, dimension_numbers):
+      return _im2col_dot(a, b, window_strides, padding, dimension_numbers, precision, acc_dtype)
     return lax.conv_general_dilated(a, b, window_strides, padding, None, None,
                                     dimension_numbers, g, precision=precision,
                                     preferred_element_type=acc_dtype)
@@ -641,7 +722,7 @@ def _stacked_kernel_dot(x, kernels, outs, dimension_numbers, feature_group_count
   # Stacked as [G, F/G, P, C/G, spatial...]: the stack is a copy anyway, and
   # in this layout it is the GEMM's row-major [M, K] operand.
   g = feature_group_count
-  ws = jnp.stack([jnp.transpose(k, rhs_spec) for k in kernels], axis=1)
+  ws = _stacked(kernels, rhs_spec)
   ws = ws.reshape((g, ws.shape[0] // g) + ws.shape[1:])
   nd = len(lhs_spec) - 2
   xg = _split_dim(x, lhs_spec[1], g)   # [.., G, Cg, ..]
