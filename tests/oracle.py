@@ -11,8 +11,10 @@ TOL = {np.dtype("float64"): 1e-11, np.dtype("float32"): 2e-5,
        np.dtype(jnp.bfloat16): 2e-2, np.dtype(jnp.float16): 4e-3}
 
 
-def random(shape, dtype, seed):
-  x = np.random.default_rng(seed).standard_normal(shape)
+def random(shape, dtype, seed, scale=1.0):
+  """Standard normals (times ``scale``) from numpy: jax.random would compile a
+  threefry kernel for every new shape, seconds per test."""
+  x = scale * np.random.default_rng(seed).standard_normal(shape)
   return jnp.asarray(x, dtype)
 
 

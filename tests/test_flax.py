@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 import cks_jax  # noqa: E402
 from cks_jax.flax import linen as cnn  # noqa: E402
 from cks_jax.flax import nnx as cnnx  # noqa: E402
+from oracle import random  # noqa: E402
 
 F64 = jnp.float64
 TOL = {np.dtype("float64"): dict(rtol=1e-10, atol=1e-10),
@@ -104,12 +105,6 @@ def _shapes(tree):
   return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
-# numpy, not jax.random: each new shape would compile a threefry kernel, which
-# took most of these tests' time.
-def _normal(rng, shape, dtype):
-  return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
 def _filled(shapes, seed):
   """A tree of abstract arrays filled with numpy normals scaled by 1 / sqrt(fan in)
   (biases by 0.1, so they are non-zero and exercised): Flax's initializers
@@ -143,13 +138,12 @@ def _value_and_grad(f, ct):
 # ------------------------------------------------------------------ linen
 
 def _check_linen(flax_mod, cks_mod, in_shape, dtype):
-  rng = np.random.default_rng(0)
   kp = jax.random.PRNGKey(0)
-  x = _normal(rng, in_shape, dtype)
+  x = random(in_shape, dtype, 0)
   params = _init(flax_mod, x, seed=1)
   # A Flax checkpoint has exactly the structure (names, shapes, dtypes) the cks layer expects.
   assert _shapes(params) == _shapes(jax.eval_shape(cks_mod.init, kp, x))
-  ct = _normal(rng, jax.eval_shape(flax_mod.apply, params, x).shape, dtype)
+  ct = random(jax.eval_shape(flax_mod.apply, params, x).shape, dtype, 2)
   y_ref, g_ref = _value_and_grad(flax_mod.apply, ct)(params, x)
   y, g = _value_and_grad(cks_mod.apply, ct)(params, x)
   _assert_trees_close(y, y_ref, dtype, "output")
@@ -318,8 +312,7 @@ def _nnx_fn(model):
 
 def _check_nnx(make_flax, make_cks, in_shape, dtype):
   flax_layer, cks_layer = _nnx_new(make_flax), _nnx_new(make_cks, seed=2)
-  rng = np.random.default_rng(0)
-  x = _normal(rng, in_shape, dtype)
+  x = random(in_shape, dtype, 0)
   state = nnx.state(flax_layer)
   # Load the Flax layer's state (a checkpoint) into the cks layer unchanged.
   assert _shapes(nnx.to_pure_dict(state)) == _shapes(nnx.to_pure_dict(nnx.state(cks_layer)))
@@ -327,7 +320,7 @@ def _check_nnx(make_flax, make_cks, in_shape, dtype):
   nnx.update(cks_layer, state)
   f_ref, s_ref = _nnx_fn(flax_layer)
   f_cks, s_cks = _nnx_fn(cks_layer)
-  ct = _normal(rng, jax.eval_shape(f_ref, s_ref, x).shape, dtype)
+  ct = random(jax.eval_shape(f_ref, s_ref, x).shape, dtype, 2)
   y_ref, g_ref = _value_and_grad(f_ref, ct)(s_ref, x)
   y, g = _value_and_grad(f_cks, ct)(s_cks, x)
   _assert_trees_close(y, y_ref, dtype, "output")

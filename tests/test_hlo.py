@@ -9,22 +9,18 @@ import jax
 import jax.numpy as jnp
 
 import cks_jax
-from oracle import assert_close
+from oracle import assert_close, random
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def normal(seed, shape, scale=1.0):
-  # numpy, not jax.random: each new shape would compile a threefry kernel.
-  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
 def init(seed):
+  w = lambda shape, k: random(shape, jnp.float32, seed + k, scale=0.2)
   return {
-      "down": normal(seed, (4, 4, 3, 8), 0.2),        # strided conv
-      "atrous": normal(seed + 1, (3, 3, 8, 8), 0.2),  # dilated conv
-      "up": normal(seed + 2, (4, 4, 8, 4), 0.2),      # transposed conv
-      "grouped": normal(seed + 3, (3, 3, 2, 4), 0.2),  # grouped conv
+      "down": w((4, 4, 3, 8), 0),     # strided conv
+      "atrous": w((3, 3, 8, 8), 1),   # dilated conv
+      "up": w((4, 4, 8, 4), 2),       # transposed conv
+      "grouped": w((3, 3, 2, 4), 3),  # grouped conv
   }
 
 
@@ -78,7 +74,7 @@ def test_cpu_kernel_runs_16bit_operands_widened(dtype):
 
 def test_training_step_learns():
   p = init(0)
-  x = normal(10, (2, 16, 16, 3))
+  x = random((2, 16, 16, 3), jnp.float32, 10)
   step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.2 * g, p, jax.grad(loss)(p, x)))
   l0 = float(loss(p, x))
   for _ in range(60):

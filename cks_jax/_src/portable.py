@@ -394,7 +394,7 @@ def _im2col_pays(lhs_shape, rhs_shape, window_strides, padding, dimension_number
   lhs_spec, rhs_spec, _ = dimension_numbers
   feats = rhs_shape[rhs_spec[1]]
   taps = int(np.prod([rhs_shape[d] for d in rhs_spec[2:]]))
-  outs = [(lhs_shape[a] + lo + hi - rhs_shape[k]) // s + 1
+  outs = [shapes.stride_dim(lhs_shape[a] + lo + hi, rhs_shape[k], s)
           for a, k, s, (lo, hi) in zip(lhs_spec[2:], rhs_spec[2:], window_strides, padding)]
   return (any(s > 1 for s in window_strides) and feats <= _IM2COL_MAX_FEATURES
           and feats * taps >= _IM2COL_MIN_DEPTH
@@ -411,7 +411,7 @@ def _im2col_dot(x, w, window_strides, padding, dimension_numbers, precision, acc
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   nd = len(lhs_spec) - 2
   ks = [w.shape[d] for d in rhs_spec[2:]]
-  outs = [(x.shape[a] + lo + hi - k) // s + 1
+  outs = [shapes.stride_dim(x.shape[a] + lo + hi, k, s)
           for a, k, s, (lo, hi) in zip(lhs_spec[2:], ks, window_strides, padding)]
   windows = _strided_windows(x, lhs_spec[2:], window_strides,
                              [k - 1 - lo for k, (lo, _) in zip(ks, padding)], ks, outs)
