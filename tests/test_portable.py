@@ -212,7 +212,8 @@ def test_special_emissions_match_lax(monkeypatch):
   ran = {name: 0 for name in ("_tap_gemm", "_gathered_gemm", "_per_position_dot",
                               "_stacked_kernel_dot", "_merged_phases", "_shifted_kernel_dot",
                               "_batch_groups_to_features", "_tiled_tap_dot",
-                              "_tiled_gathered_dot", "_space_to_depth_dot", "_im2col_dot")}
+                              "_tiled_gathered_dot", "_space_to_depth_dot", "_im2col_dot",
+                              "_window_matrix_dot")}
   for name in ran:
     real = getattr(portable, name)
 
@@ -228,9 +229,13 @@ def test_special_emissions_match_lax(monkeypatch):
     assert all(ran[p] > before[p] for p in paths), (args, kwargs, ran, before)
 
   # A 1-feature k4 s2 transposed conv: the tap GEMM forward; its filter
-  # gradient (4x4 positions from 10x9 inputs) as the gathered GEMM, stacked.
+  # gradient (4x4 positions from 10x9 inputs) as the gathered GEMM over the
+  # cotangent's window matrix.
   check_runs((2, 16, 10, 9), (1, 16, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
-             paths=("_tap_gemm", "_gathered_gemm", "_stacked_kernel_dot"))
+             paths=("_tap_gemm", "_gathered_gemm", "_window_matrix_dot"))
+  # With 6 features, over the stacked strided windows.
+  check_runs((2, 3, 10, 9), (6, 3, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
+             paths=("_gathered_gemm", "_stacked_kernel_dot"))
   # With 16 features the gathered GEMM runs one GEMM per position.
   check_runs((2, 4, 10, 9), (16, 4, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
              paths=("_gathered_gemm", "_per_position_dot"))
@@ -256,7 +261,7 @@ def test_special_emissions_match_lax(monkeypatch):
   # over the cotangent's windows, the filter gradient's gathered kernels.
   check_runs((2, 5, 10, 9), (3, 5, 4, 4), (1, 1), [(2, 2), (2, 2)], (2, 2),
              dimension_numbers=("NCHW", "OIHW", "NHWC"),
-             paths=("_tap_gemm", "_im2col_dot", "_gathered_gemm", "_stacked_kernel_dot"))
+             paths=("_tap_gemm", "_im2col_dot", "_gathered_gemm", "_window_matrix_dot"))
   # Kernel equal to the dilation (U-Net's k2 s2), channels last: the forward
   # is one GEMM moved depth to space, the input gradient one GEMM over the
   # cotangent's tiles, the filter gradient one GEMM with every position.
@@ -272,15 +277,20 @@ def test_special_emissions_match_lax(monkeypatch):
 def test_gradient_computes_the_cotangent_windows_once():
   # A narrow transposed convolution (DCGAN's last layer, 3 features, k4 s2):
   # its input gradient (_im2col_dot) and filter gradient (_gathered_gemm) read
-  # the cotangent's 16 strided windows through the same ops, so the compiled
-  # gradient stacks them once, [features, taps, batch, rows, columns].
+  # the cotangent's 16 windows as the same matrix, [batch x rows x columns,
+  # taps x features], so the compiled gradient gathers it once, and from the
+  # cotangent computed once: the col2im sum that makes it (the forward's, as
+  # the loss is sum(y^2)) is not fused into the gather, where it would be
+  # recomputed for each of the 4 windows that read an element.
   x, w = jnp.ones((4, 12, 12, 8), jnp.float32), jnp.ones((4, 4, 8, 3), jnp.float32)
   f = portable_fn(None, None, (1, 1), [(2, 2), (2, 2)], (2, 2),
                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)))
   hlo = grad.lower(x, w).compile().as_text()
-  stacks = re.findall(r"= f32\[3,16,4,12,12\]\S* (?:concatenate|fusion)\(", hlo)
-  assert len(stacks) == 1, stacks
+  gathers = re.findall(r"= f32\[576,1,4,4,3\]\S* gather\(", hlo)
+  assert len(gathers) == 1, gathers
+  fused = [c for c in hlo.split("\n\n") if " gather(" in c]
+  assert len(fused) == 1 and not re.search(r"= f32\S* (add|multiply)\(", fused[0]), fused
   assert not re.search(r"\bconvolution\(", hlo), "the input gradient is XLA's convolution"
   g, g_ref = grad(x, w), jax.grad(lambda x, w: jnp.sum(lax.conv_general_dilated(
       x, w, (1, 1), [(2, 2), (2, 2)], (2, 2),
