@@ -24,14 +24,20 @@ from jax import lax
 import cks_jax
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+def interleaved_median_ms(fns, *args, repeats: int) -> list[float]:
+  """Median time of each function, the functions called in turn within each
+  of ``repeats`` rounds: a change in the machine's load (a 2-core machine's
+  timings drift by up to 2x within minutes) then moves every column alike
+  instead of the ratios."""
+  for fn in fns:
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, ts in zip(fns, times):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t)
+  return [1e3 * float(np.median(ts)) for ts in times]
 
 
 def grad_fn(conv, kw):
@@ -45,7 +51,7 @@ def main() -> None:
   args = parser.parse_args()
   shapes = json.loads(resources.files("cks_jax").joinpath("data/bench_shapes.json").read_text())
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, float32, "
-        f"median of {args.repeats}; gradient of sum(y^2) w.r.t. x and w")
+        f"median of {args.repeats} interleaved rounds; gradient of sum(y^2) w.r.t. x and w")
   print(f"{'layer':24s} {'xla ms':>9s} {'portable ms':>12s} {'ratio':>7s} {'ffi ms':>9s} {'ratio':>7s}")
   ratios = []
   for layer in shapes["layers"]:
@@ -59,11 +65,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(layer["lhs_shape"]), jnp.float32)
     w = jnp.asarray(rng.standard_normal(layer["rhs_shape"]), jnp.float32)
-    t_xla = median_ms(grad_fn(lax.conv_general_dilated, kw), x, w, repeats=args.repeats)
-    t_por = median_ms(grad_fn(lambda *a, **k: cks_jax.conv_general_dilated(
-        *a, backend="portable", **k), kw), x, w, repeats=args.repeats)
-    t_ffi = median_ms(grad_fn(lambda *a, **k: cks_jax.conv_general_dilated(
-        *a, backend="ffi", **k), kw), x, w, repeats=args.repeats)
+    t_xla, t_por, t_ffi = interleaved_median_ms(
+        [grad_fn(lax.conv_general_dilated, kw)]
+        + [grad_fn(lambda *a, b=b, **k: cks_jax.conv_general_dilated(*a, backend=b, **k), kw)
+           for b in ("portable", "ffi")], x, w, repeats=args.repeats)
     ratios.append(t_xla / t_por)
     print(f"{layer['name']:24s} {t_xla:9.2f} {t_por:12.2f} {t_xla / t_por:6.1f}x "
           f"{t_ffi:9.2f} {t_xla / t_ffi:6.1f}x", flush=True)
