@@ -10,8 +10,8 @@
   group (see :func:`cpu_alternative`). Elsewhere the
   portable path for convolutions with lhs dilation: those are transposed
   convolutions and the filter gradients of transposed ones (batch-grouped for
-  grouped layers), where the whole gradient was measured 2.9-28x faster than
-  XLA's, 9.7x on the geometric mean (``benchmarks/results/portable_grad_cpu.txt``).
+  grouped layers), where the whole gradient was measured 6.0-69x faster than
+  XLA's on the CPU, 12.4x on the geometric mean (``benchmarks/results/portable_grad_cpu.txt``).
   Everything else goes to XLA. Atrous (rhs-dilated) convolutions go to XLA too: the portable
   path was 0.8-1.2x XLA at dilations 2-8, and far slower at 12-18
   (``benchmarks/results/``).
