@@ -304,7 +304,7 @@ def test_gradient_computes_the_cotangent_windows_once():
 def test_window_matrix_gradients(dn, monkeypatch):
   # Transposed convolutions with 1-4 output features: their filter gradients
   # run over the cotangent's gathered window matrix (_window_matrix_dot) for
-  # strides 2-3, kernels 3-6, symmetric and one-sided pads, every layout, and
+  # strides 2-3, kernels 3-6, symmetric and one-sided pads, four layouts, and
   # in 3D; values and both VJPs match lax. (With crops the gathered form's
   # border waste is over its bound: those run elsewhere.)
   from cks_jax._src import portable
