@@ -9,7 +9,14 @@
   Tested where sub-problems trim differently (small maps, big kernels, several phases,
   groups, 1D/3D, several column panels).
 - Outputs over 8 MB are written with non-temporal stores where rows are aligned vectors.
+- The GEMM's A sources (RunA, IndirectA, PackedA) and C destinations (the output itself, or a
+  scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -137,3 +144,66 @@ def test_large_output_written_with_streaming_stores():
           dimension_numbers=DN2, grads=False)
     check((8, 64, 64, 16), (2, 2, 16, 40), (1, 1), [(1, 1), (1, 1)], (2, 2), dtype=np.float32,
           dimension_numbers=DN2, grads=False)
+
+
+# (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A sources and C destinations:
+# A read in place as long runs (RunA) or through an offset per index (IndirectA), or packed
+# (PackedA); the product written straight into the output (OutC, masked at the row and column
+# edges) or through a scratch block (BufC).
+GEMM_CASES = [
+    # 100 channels: runs of 100 cut by the 256-index reduction blocks; 21 features (a partial
+    # column panel); 7 x 7 positions (a partial row tile); 3 reduction blocks add into the output
+    ((2, 7, 7, 100), (3, 3, 100, 21), ((1, 1), "SAME"), {}),
+    # channels-first input: neither its channels nor its batch is contiguous (packed A)
+    ((2, 40, 9, 8), (3, 3, 40, 19), ((1, 1), "SAME"),
+     {"dimension_numbers": ("NCHW", "HWIO", "NHWC")}),
+    # 300 features: two column blocks (256 + 44), feature groups offsetting the output columns
+    ((1, 5, 6, 24), (3, 3, 12, 600), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # 3 channels: runs too short to walk (an offset per index); 5 features
+    ((3, 9, 8, 3), (3, 3, 3, 5), ((1, 1), "SAME"), {}),
+    # lhs dilation 3, kernel 2: phases without taps, whose outputs are all zero
+    ((2, 4, 5, 16), (2, 2, 16, 9), ((1, 1), [(1, 1), (1, 1)], (3, 3)), {}),
+    # k2 s2 transposed (U-Net up-sampling): one tap per phase
+    ((2, 6, 6, 40), (2, 2, 40, 24), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    # features not contiguous (NCHW output): through the scratch block
+    ((2, 8, 7, 12), (3, 3, 12, 20), ((1, 1), "SAME"),
+     {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}),
+    # 1D dilated with a long kernel: runs of the taps for the filter gradient
+    ((3, 50, 16), (5, 16, 18), ((1,), [(4, 4)], (1,), (2,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(GEMM_CASES)))
+def test_gemm_sources_and_destinations(case, dtype):
+  lhs_shape, rhs_shape, args, kw = GEMM_CASES[case]
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=20 + case,
+          **{"dimension_numbers": DN2, **kw})
+
+
+@pytest.mark.parametrize("isa", ["0", "1"])
+def test_narrower_kernels(isa):
+  # CKS_CPU_ISA caps the kernel choice (read once per process, so in a
+  # subprocess): 0 runs the portable C++ kernels, 1 the AVX2 ones (the
+  # default here unless the machine has AVX-512).
+  code = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import numpy as np, cks_jax, test_kernel_paths as k
+      from oracle import check
+      cases = k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2]
+      with cks_jax.use_backend("ffi"):
+        for i, (l, r, args, kw) in enumerate(cases):
+          for dtype in (np.float64, np.float32):
+            check(l, r, *args, dtype=dtype, seed=i, **{"dimension_numbers": k.DN2, **kw})
+      print("ok", len(cases))
+  """)
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "CKS_CPU_ISA": isa, "PYTHONPATH": here}
+  # Run from tests/, so that the installed cks_jax is imported, not the source tree.
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=here, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 4)]

@@ -6,8 +6,11 @@
 // reduction and column offsets are separable, so an element of A is
 // lhs[row_off[r] + red_off[k]]: no padded or zero-inserted copy exists
 // anywhere, and any layout (dimension_numbers) is read in place.
-// - A is read in place (IndirectA) when its rows or its channels are
-//   contiguous, else gathered into MR-row panels.
+// - A is read in place when its rows or its channels are contiguous: walked
+//   as long runs of channels or taps (RunA), else through an offset per
+//   index (IndirectA); otherwise it is gathered into MR-row panels.
+// - The product is written straight into the output (OutC) where its
+//   features are contiguous; else through a scratch block.
 // - B is packed into NR-column panels: once per phase when the channels are
 //   the inner reduction index (pack_phase_b; trimmed sub-problems read runs
 //   of it), else once per sub-problem or block by block inside each task.
@@ -123,11 +126,27 @@ struct CksConv {
     return round_up(pb.group_out(), NR) * red_size(sp);
   }
 
-  // A is read in place (IndirectA) when no conversion is needed and either
-  // each tap's channels or the rows' batch entries are contiguous (a filter
-  // gradient's batch is the original channels); else it is gathered into panels.
+  // A is read in place when no conversion is needed and either each tap's
+  // channels or the rows' batch entries are contiguous (a filter gradient's
+  // batch is the original channels): as runs (RunA) where the reduction's runs
+  // (reduction_runs) hold at least kMinRun indices, else through an offset
+  // per index (IndirectA); otherwise A is gathered into panels.
+  static constexpr int64_t kMinRun = 32;
   bool reads_a_in_place() const {
     return std::is_same<Tin, Acc>::value && (pb.lhs_c == 1 || pb.lhs_n == 1);
+  }
+  bool reads_a_as_runs(int64_t s) const {
+    const SubProblem& sp = plan.subproblems[s];
+    const int64_t last = pb.nd - 1;
+    const int64_t run = channels_inner() ? pb.group_in() : sp.seg[last].t_hi - sp.seg[last].t_lo;
+    return reads_a_in_place() && run >= kMinRun;
+  }
+  // The output is written in place (OutC) when it holds the accumulator type
+  // with contiguous features, and no non-temporal stores are wanted; else
+  // through a scratch block.
+  bool writes_out_in_place() const {
+    return std::is_same<Tout, Acc>::value && pb.out_c == 1 && gemm::writes_in_place() &&
+           !stream_out();
   }
   const Acc* lhs_in_acc() const { return reinterpret_cast<const Acc*>(lhs); }
 
@@ -439,6 +458,10 @@ struct CksConv {
     }
   }
 
+  // Outputs far larger than the caches are written with non-temporal stores
+  // (AVX-512 machines only).
+  bool stream_out() const { return gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes; }
+
   // One task: rows x columns of one (sub-problem, group). B comes from
   // `Bph`, the phase B of its phase (pack_phase_b), else from `Bsp`, its own
   // packed B (pack_b), else it is packed here block by block, just before use.
@@ -448,26 +471,33 @@ struct CksConv {
     const int64_t red = red_size(t.sp);
     const SubProblem& sp = plan.subproblems[t.sp];
 
-    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, f0;
+    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, f0, ra, rb;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     row_offsets(t, lhs_row, out_row);
-    red_offsets(t.sp, &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
-    const bool indirect = reads_a_in_place();
-    if (indirect)  // padding rows re-read row 0; their results are dropped
+    const bool indirect = reads_a_in_place(), as_runs = reads_a_as_runs(t.sp);
+    const bool in_place = writes_out_in_place();
+    gemm::NarrowRuns runs{};
+    if (as_runs) runs = reduction_runs(t.sp, ra, rb);
+    if (indirect)  // padding rows re-read row 0; their results are never stored
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
-    // C += A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
-    auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad) {
-      if (indirect) {
+    red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
+    // C (+)= A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
+    auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad,
+                        const auto& C) {
+      if (as_runs) {
+        const gemm::RunA<Acc> A{lhs_in_acc(), lhs_row.data(), runs.ra, runs.R, runs.sa,
+                                kc0 / runs.R, kc0 % runs.R};
+        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+      } else if (indirect) {
         const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
-        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, Cbuf.data(), nc_pad);
+        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
       } else {
         Ap.resize(mc_pad * kc);
         pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
-        gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, Cbuf.data(), nc_pad);
+        gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
       }
     };
-    // Outputs far larger than the caches are written with non-temporal stores.
-    const bool stream_out = gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes;
+    const bool stream = stream_out();
     const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
     if (Bph) run_starts(sp, f0);
@@ -476,13 +506,26 @@ struct CksConv {
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
       const int64_t blk0 = nc0 / kNC * kNC, blk_pad = round_up(std::min(kNC, Fg - blk0), NR);
       const int64_t nc = std::min(blk0 + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      Cbuf.assign(mc_pad * nc_pad, Acc(0));
+      // The column block's product, reduction block by reduction block: into
+      // the output itself (the first block stores, the others add), or else
+      // into Cbuf, copied out below.
+      bool first = true;
+      auto block = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb) {
+        if (in_place) {
+          Acc* base = reinterpret_cast<Acc*>(out) + t.group * Fg + nc0;
+          multiply(kc0, kc, B, ldb, nc_pad, gemm::OutC<Acc>{base, out_row.data(), mc, nc, !first});
+        } else {
+          multiply(kc0, kc, B, ldb, nc_pad, gemm::BufC<Acc>{Cbuf.data(), nc_pad});
+        }
+        first = false;
+      };
+      if (!in_place) Cbuf.assign(mc_pad * nc_pad, Acc(0));
       if (Bph) {  // run by run: each is contiguous in the phase B
         const Acc* Bcols = Bph + nc0 / NR * ph_ldb;
         for (int64_t r = 0; r < static_cast<int64_t>(f0.size()); ++r)
           for (int64_t q = 0; q < run_len; q += kKC)
-            multiply(r * run_len + q, std::min(kKC, run_len - q), Bcols + (f0[r] * Cg + q) * NR,
-                     ph_ldb, nc_pad);
+            block(r * run_len + q, std::min(kKC, run_len - q), Bcols + (f0[r] * Cg + q) * NR,
+                  ph_ldb);
       } else {
         for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
           const int64_t kc = std::min(kKC, red - kc0);
@@ -492,38 +535,44 @@ struct CksConv {
             pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
             B = Bp.data();
           }
-          multiply(kc0, kc, B, kc * NR, nc_pad);
+          block(kc0, kc, B, kc * NR);
         }
       }
-      for (int64_t r = 0; r < mc; ++r) {
-        Tout* dst = out + out_row[r] + (t.group * Fg + nc0) * pb.out_c;
-        const Acc* src = Cbuf.data() + r * nc_pad;
-        if (std::is_same<Tout, Acc>::value && pb.out_c == 1) {  // features contiguous
+      if (first && in_place)  // no reduction block: a sub-problem whose outputs are all zero
+        for (int64_t r = 0; r < mc; ++r)
+          std::fill_n(reinterpret_cast<Acc*>(out) + out_row[r] + t.group * Fg + nc0, nc, Acc(0));
+      if (!in_place) {
+        for (int64_t r = 0; r < mc; ++r) {
+          Tout* dst = out + out_row[r] + (t.group * Fg + nc0) * pb.out_c;
+          const Acc* src = Cbuf.data() + r * nc_pad;
+          if (std::is_same<Tout, Acc>::value && pb.out_c == 1) {  // features contiguous
 #ifdef CKS_X86_AVX2
-          if (stream_out && std::is_same<Acc, float>::value && nc % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-            gemm::stream_copy(reinterpret_cast<float*>(dst), reinterpret_cast<const float*>(src),
-                              nc);
-            continue;
-          }
+            if (stream && std::is_same<Acc, float>::value && nc % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+              gemm::stream_copy(reinterpret_cast<float*>(dst),
+                                reinterpret_cast<const float*>(src), nc);
+              continue;
+            }
 #endif
-          std::memcpy(dst, src, nc * sizeof(Acc));
-        } else {
-          for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
+            std::memcpy(dst, src, nc * sizeof(Acc));
+          } else {
+            for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
+          }
         }
       }
       nc0 += nc;
     }
 #ifdef CKS_X86_AVX2
-    if (stream_out) _mm_sfence();
+    if (stream) _mm_sfence();
 #endif
   }
 
-  // The reduction of sub-problem s as runs for the narrow kernel, in the
-  // order of red_offsets: runs of the channels (channels inner) or of the last
-  // dimension's taps at fixed channel and outer taps (channels outer).
-  gemm::NarrowRuns narrow_runs(int64_t s, std::vector<int64_t>& ra,
-                               std::vector<int64_t>& rb) const {
+  // The reduction of sub-problem s as runs with constant steps, in the order
+  // of red_offsets: runs of the channels (channels inner) or of the last
+  // dimension's taps at fixed channel and outer taps (channels outer). The
+  // narrow kernel and RunA walk them.
+  gemm::NarrowRuns reduction_runs(int64_t s, std::vector<int64_t>& ra,
+                                  std::vector<int64_t>& rb) const {
     const SubProblem& sp = plan.subproblems[s];
     const int64_t Cg = pb.group_in(), last = pb.nd - 1;
     thread_local std::vector<int64_t> tap_l, tap_r;
@@ -555,7 +604,7 @@ struct CksConv {
     const int64_t P = plan.subproblems[t.sp].rows / pb.out_batch();  // positions
     thread_local std::vector<int64_t> lhs_row, out_row, ra, rb;
     row_offsets(t, lhs_row, out_row);
-    const gemm::NarrowRuns k = narrow_runs(t.sp, ra, rb);
+    const gemm::NarrowRuns k = reduction_runs(t.sp, ra, rb);
     const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
     Acc Cs[gemm::kNarrowF * W];
     const int64_t n0 = t.row0 / P, n1 = t.row1 / P;
@@ -614,15 +663,20 @@ struct CksConv {
     const int64_t runs = channels_inner() ? sp.taps : R > 0 ? pb.group_in() * (sp.taps / R) : 0;
     const bool own_b = !sb.phase && !(sb.shared && shares_b(t.sp));
     const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
-    int64_t b[kBuffers] = {2 * sp.taps * I, mc_pad * I, rows * I};  // taps, lhs_row, out_row
+    const bool as_runs = !narrow() && reads_a_as_runs(t.sp);
+    // taps (tap_l, tap_r of red_offsets, and of reduction_runs where it runs),
+    // lhs_row, out_row
+    int64_t b[kBuffers] = {2 * sp.taps * I * (narrow() || as_runs ? 2 : 1), mc_pad * I,
+                           rows * I};
     if (narrow()) {
       b[3] = 2 * runs * I;  // ra, rb
     } else {
-      b[3] = red * I * (own_b ? 2 : 1);                              // lhs_red, rhs_red
-      b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;           // f0
+      b[3] = red * I * ((as_runs ? 0 : 1) + (own_b ? 1 : 0));            // lhs_red, rhs_red
+      b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
       b[5] = reads_a_in_place() ? 0 : mc_pad * std::min(kKC, red) * A;  // Ap
-      b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;            // Bp
-      b[7] = mc_pad * nc_pad * A;                                    // Cbuf
+      b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
+      b[7] = writes_out_in_place() ? 0 : mc_pad * nc_pad * A;            // Cbuf
+      b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
     }
     for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
   }

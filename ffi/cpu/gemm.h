@@ -1,18 +1,27 @@
-// GEMM block of the CPU kernels: C[mc x nc] += A * Bp.
-//   A : read through an A source: PackedA (MR-row panels, each [kc][MR]) or
-//       IndirectA (in place, through row and reduction offsets);
+// GEMM block of the CPU kernels: C[mc x nc] (+)= A * Bp.
+//   A : an A source, walked as segments of the reduction along which each
+//       row's elements are a constant step apart: PackedA (MR-row panels,
+//       each [kc][MR]: one segment), IndirectA (read in place through an
+//       offset per index) or RunA (read in place: long runs of contiguous
+//       channels, or of one dimension's taps);
 //   Bp: NR-column panels, each [kc][NR], ldb elements apart (kc * NR when
 //       packed block by block; more when a block is a window of a larger
 //       packed B);
-//   C : row-major, row stride ldc;     mc, nc multiples of MR, NR.
+//   C : a C destination: BufC (row-major scratch, whole tiles, mc and nc
+//       multiples of MR and NR) or OutC (the output itself, through row
+//       offsets; tiles past mc rows or nc columns are masked).
 // x86-64 picks a hand-written micro-kernel at run time (no -march needed):
 //   AVX2+FMA : 6x16 float / 6x8 double tile in 12 ymm accumulators;
-//   AVX-512F : two adjacent B panels at once, 6x32 / 6x16 in 12 zmm.
+//   AVX-512F : two adjacent B panels at once, 6x32 / 6x16 in 12 zmm (BufC).
 // Anything else runs the portable kernel. All paths add in the same order
-// per element, so they give identical bits.
+// per element; the AVX2 and AVX-512 ones (both FMA) give identical bits.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -43,61 +52,149 @@ constexpr int64_t kMC = 96;   // rows per task (multiple of MR)
 constexpr int64_t kKC = 256;  // reduction block
 constexpr int64_t kNC = 256;  // column block (multiple of NR)
 
-// A sources. panel(ir) gives the MR rows starting at ir; at(p, i) points at
-// element (row i, reduction p) of that panel.
+// A sources, walked tile by tile: rows(ir, base) points base[i] at row
+// ir + i; segment(cur, left, base, r) points r[i] at the element of row i at
+// the cursor and returns how many reduction indices from it on (at most
+// `left`) form the next segment, advancing the cursor past them. Inside a
+// segment the elements of index q are at r[i] + offset(q): q * step
+// (PackedA, RunA) or a table entry (IndirectA, kTable).
 template <typename T>
-struct PackedA {  // MR-row panels [kc][MR], contiguous
+struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   const T* Ap;
   int64_t kc;
-  struct Panel {
-    const T* a;
-    const T* at(int64_t p, int i) const { return a + p * Tile<T>::MR + i; }
-  };
-  Panel panel(int64_t ir) const { return {Ap + ir * kc}; }
+  static constexpr bool kTable = false;
+  static constexpr int64_t step = Tile<T>::MR;
+  struct Cursor {};
+  Cursor begin() const { return {}; }
+  void rows(int64_t ir, const T** base) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) base[i] = Ap + ir * kc + i;
+  }
+  int64_t segment(Cursor&, int64_t left, const T* const* base, const T** r) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = base[i] + (kc - left) * step;
+    return left;
+  }
 };
 // Element (r, p) is base[rows[r] + red[p]]: A read in place with no packing
-// (indirection, as in XNNPACK). Pays when the reduction runs along
-// contiguous memory (channel stride 1), so every cache line read is used.
+// (indirection, as in XNNPACK), through an offset table read per index: for
+// reductions made of short runs. Pays when the reduction runs along
+// contiguous memory (channel stride 1), or when the rows are contiguous (a
+// filter gradient's), so every cache line read is used.
 template <typename T>
 struct IndirectA {
   const T* base;
-  const int64_t* rows;  // mc entries, all valid offsets
-  const int64_t* red;   // kc entries
-  struct Panel {
-    const T* r[Tile<T>::MR];
-    const int64_t* red;
-    const T* at(int64_t p, int i) const { return r[i] + red[p]; }
+  const int64_t* rows_;  // mc entries, all valid offsets
+  const int64_t* red;    // kc entries
+  static constexpr bool kTable = true;
+  static constexpr int64_t step = 0;
+  struct Cursor {};
+  Cursor begin() const { return {}; }
+  void rows(int64_t ir, const T** b) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) b[i] = base + rows_[ir + i];
+  }
+  int64_t segment(Cursor&, int64_t left, const T* const* b, const T** r) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = b[i];
+    return left;  // one segment: the whole block, offsets from the table
+  }
+};
+// Element (r, k) is base[rows[r] + starts[k / len] + (k % len) * step]: A
+// read in place as IndirectA, where the reduction is long runs of `len`
+// indices with a constant step. Walking the runs keeps six row pointers in
+// registers and one offset: the table cost 20 % of the kernel's rate on
+// 64-channel runs, but beat walking runs of 8 (the filter gradient of a
+// k8 s4 transposed conv). The block starts at index q0 of run run0.
+template <typename T>
+struct RunA {
+  const T* base;
+  const int64_t* rows_;   // mc entries, all valid offsets
+  const int64_t* starts;  // offset of each run's first index
+  int64_t len, step, run0, q0;
+  static constexpr bool kTable = false;
+  struct Cursor {
+    int64_t run, q;
   };
-  Panel panel(int64_t ir) const {
-    Panel pn;
-    for (int i = 0; i < Tile<T>::MR; ++i) pn.r[i] = base + rows[ir + i];
-    pn.red = red;
-    return pn;
+  Cursor begin() const { return {run0, q0}; }
+  void rows(int64_t ir, const T** b) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) b[i] = base + rows_[ir + i];
+  }
+  int64_t segment(Cursor& c, int64_t left, const T* const* b, const T** r) const {
+    const int64_t off = starts[c.run] + c.q * step, n = std::min(len - c.q, left);
+    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = b[i] + off;
+    c.q += n;
+    if (c.q == len) c = {c.run + 1, 0};
+    return n;
   }
 };
 
-// Portable kernel: C[mc x nc] += A * Bp (the compiler vectorises it as it can).
-template <typename T, typename ASrc>
+// The compiler folds six row pointers into one base plus six offsets and
+// then spends an address computation per broadcast (measured: 20 % of the
+// rate); making them opaque keeps each in its own register.
+template <int MR, typename T>
+__attribute__((always_inline)) inline void opaque(const T** r) {
+  for (int i = 0; i < MR; ++i) asm("" : "+r"(r[i]));
+}
+
+// C destinations. BufC: a row-major scratch block, C += the product.
+template <typename T>
+struct BufC {
+  T* C;
+  int64_t ldc;
+};
+// OutC: the output itself, row r at base + rows[r] with its columns
+// contiguous; C = the product on the first reduction block, += after it.
+// Writing in place saves zeroing and copying out a scratch block.
+template <typename T>
+struct OutC {
+  T* base;
+  const int64_t* rows;  // mc entries
+  int64_t mc, nc;       // rows and columns that exist
+  bool add;
+};
+
+// Stores an MR x NR tile t (row stride NR) at (ir, jr) of an OutC, masked
+// to the rows and columns that exist.
+template <typename T>
+inline void store_edge(const OutC<T>& C, int64_t ir, int64_t jr, const T* t) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const int64_t mi = std::min<int64_t>(MR, C.mc - ir), nj = std::min<int64_t>(NR, C.nc - jr);
+  for (int64_t i = 0; i < mi; ++i) {
+    T* c = C.base + C.rows[ir + i] + jr;
+    for (int64_t j = 0; j < nj; ++j) c[j] = C.add ? c[j] + t[i * NR + j] : t[i * NR + j];
+  }
+}
+
+// Portable kernel (the compiler vectorises it as it can).
+template <typename T, typename ASrc, typename CDst>
 inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, int64_t kc,
                                                         const ASrc& A, const T* Bp, int64_t ldb,
-                                                        T* C, int64_t ldc) {
+                                                        const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
   for (int64_t jr = 0; jr < nc; jr += NR) {
-    const T* b = Bp + jr / NR * ldb;
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const auto a = A.panel(ir);
+      const T* b = Bp + jr / NR * ldb;
       T acc[MR][NR] = {};
-      for (int64_t p = 0; p < kc; ++p) {
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-          const T ai = *a.at(p, i);
-#pragma GCC unroll 16
-          for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[p * NR + j];
+      const T* rb[MR];
+      A.rows(ir, rb);
+      auto cur = A.begin();
+      for (int64_t p = 0; p < kc;) {
+        const T* r[MR];
+        const int64_t n = A.segment(cur, kc - p, rb, r);
+        for (int64_t q = 0; q < n; ++q) {
+          int64_t o;
+          if constexpr (ASrc::kTable) o = A.red[p + q];
+          else o = q * A.step;
+          for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][o] * b[(p + q) * NR + j];
         }
+        p += n;
       }
-      T* c = C + ir * ldc + jr;
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+      if constexpr (kOut) {
+        store_edge(C, ir, jr, &acc[0][0]);
+      } else {
+        T* c = C.C + ir * C.ldc + jr;
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < NR; ++j) c[i * C.ldc + j] += acc[i][j];
+      }
     }
   }
 }
@@ -108,44 +205,89 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
 #define CKS_AVX2_FN __attribute__((target("avx2,fma"), always_inline)) inline
 CKS_AVX2_FN __m256 vload(const float* p) { return _mm256_loadu_ps(p); }
 CKS_AVX2_FN __m256d vload(const double* p) { return _mm256_loadu_pd(p); }
+CKS_AVX2_FN void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+CKS_AVX2_FN void vstore(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
 CKS_AVX2_FN __m256 vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 CKS_AVX2_FN __m256d vbcast(const double* p) { return _mm256_broadcast_sd(p); }
 CKS_AVX2_FN __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 CKS_AVX2_FN __m256d vfma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
 CKS_AVX2_FN void vaddto(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_add_ps(vload(p), v)); }
 CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_pd(vload(p), v)); }
+// One reduction index of an MR x 2 ymm tile: acc[i] += r[i][o] * b[0 : 2W].
+template <int MR, typename T, typename V>
+CKS_AVX2_FN void avx2_step(const T* const* r, int64_t o, const T* b, V (&acc)[MR][2]) {
+  constexpr int W = 32 / sizeof(T);
+  const V b0 = vload(b), b1 = vload(b + W);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    const V ai = vbcast(r[i] + o);
+    acc[i][0] = vfma(ai, b0, acc[i][0]);
+    acc[i][1] = vfma(ai, b1, acc[i][1]);
+  }
+}
 
 // MR x NR tile = MR x 2 ymm: 12 accumulators + 2 B vectors + 1 broadcast
 // = 15 of 16 ymm registers, no spills (checked with objdump).
-template <typename T, typename ASrc>
+template <typename T, typename ASrc, typename CDst>
 __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t kc,
                                                            const ASrc& A, const T* Bp,
-                                                           int64_t ldb, T* C, int64_t ldc) {
+                                                           int64_t ldb, const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "tile is MR x 2 ymm");
+  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
   using V = decltype(vload(Bp));
   for (int64_t jr = 0; jr < nc; jr += NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const auto a = A.panel(ir);
       const T* b = Bp + jr / NR * ldb;
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
+      const T* rb[MR];
+      A.rows(ir, rb);
+      auto cur = A.begin();
+      for (int64_t p = 0; p < kc;) {
+        const T* r[MR];
+        const int64_t n = A.segment(cur, kc - p, rb, r);
+        opaque<MR>(r);
+        if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-      for (int64_t p = 0; p < kc; ++p, b += NR) {
-        const V b0 = vload(b), b1 = vload(b + W);
+          for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], b + q * NR, acc);
+        } else {
+          const int64_t s = A.step;
+#pragma GCC unroll 4
+          for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, b + q * NR, acc);
+        }
+        p += n;
+      }
+      if constexpr (kOut) {
+        if (ir + MR <= C.mc && jr + NR <= C.nc) {
+#pragma GCC unroll 6
+          for (int i = 0; i < MR; ++i) {
+            T* c = C.base + C.rows[ir + i] + jr;
+            if (C.add) {
+              vaddto(c, acc[i][0]);
+              vaddto(c + W, acc[i][1]);
+            } else {
+              vstore(c, acc[i][0]);
+              vstore(c + W, acc[i][1]);
+            }
+          }
+        } else {
+          T t[MR * NR];
+#pragma GCC unroll 6
+          for (int i = 0; i < MR; ++i) {
+            vstore(t + i * NR, acc[i][0]);
+            vstore(t + i * NR + W, acc[i][1]);
+          }
+          store_edge(C, ir, jr, t);
+        }
+      } else {
+        T* c = C.C + ir * C.ldc + jr;
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          const V ai = vbcast(a.at(p, i));
-          acc[i][0] = vfma(ai, b0, acc[i][0]);
-          acc[i][1] = vfma(ai, b1, acc[i][1]);
+          vaddto(c + i * C.ldc, acc[i][0]);
+          vaddto(c + i * C.ldc + W, acc[i][1]);
         }
-      }
-      T* c = C + ir * ldc + jr;
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        vaddto(c + i * ldc, acc[i][0]);
-        vaddto(c + i * ldc + W, acc[i][1]);
       }
     }
   }
@@ -166,42 +308,62 @@ CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
 CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 CKS_Z512_FN __m512d zadd(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
+// One reduction index of an MR x 2 zmm tile over two B panels ldb apart.
+template <int MR, typename T, typename V>
+CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t ldb,
+                             V (&acc)[MR][2]) {
+  const V b0 = zload(b), b1 = zload(b + ldb);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    const V ai = zbcast(r[i] + o);
+    acc[i][0] = zfma(ai, b0, acc[i][0]);
+    acc[i][1] = zfma(ai, b1, acc[i][1]);
+  }
+}
 
 template <typename T, typename ASrc>
 __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc, int64_t nc,
                                                                      int64_t kc, const ASrc& A,
                                                                      const T* Bp, int64_t ldb,
-                                                                     T* C, int64_t ldc) {
+                                                                     const BufC<T>& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   using V = decltype(zload(Bp));
   int64_t jr = 0;
   for (; jr + 2 * NR <= nc; jr += 2 * NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const auto a = A.panel(ir);
       const T* b = Bp + jr / NR * ldb;  // panel jr; panel jr + NR starts ldb later
       V acc[MR][2];
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
+      const T* rb[MR];
+      A.rows(ir, rb);
+      auto cur = A.begin();
+      for (int64_t p = 0; p < kc;) {
+        const T* r[MR];
+        const int64_t n = A.segment(cur, kc - p, rb, r);
+        opaque<MR>(r);
+        if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-      for (int64_t p = 0; p < kc; ++p, b += NR) {
-        const V b0 = zload(b), b1 = zload(b + ldb);
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; ++i) {
-          const V ai = zbcast(a.at(p, i));
-          acc[i][0] = zfma(ai, b0, acc[i][0]);
-          acc[i][1] = zfma(ai, b1, acc[i][1]);
+          for (int64_t q = p; q < p + n; ++q) avx512_step(r, A.red[q], b + q * NR, ldb, acc);
+        } else {
+          const int64_t s = A.step;
+#pragma GCC unroll 4
+          for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
+            avx512_step(r, o, b + q * NR, ldb, acc);
         }
+        p += n;
       }
-      T* c = C + ir * ldc + jr;
+      T* c = C.C + ir * C.ldc + jr;
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i) {
-        zaddto(c + i * ldc, acc[i][0]);
-        zaddto(c + i * ldc + NR, acc[i][1]);
+        zaddto(c + i * C.ldc, acc[i][0]);
+        zaddto(c + i * C.ldc + NR, acc[i][1]);
       }
     }
   }
-  if (jr < nc) macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr / NR * ldb, ldb, C + jr, ldc);
+  if (jr < nc)
+    macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr / NR * ldb, ldb, BufC<T>{C.C + jr, C.ldc});
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -211,27 +373,39 @@ __attribute__((target("avx512f"))) inline void stream_copy(float* dst, const flo
   for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
 }
 #undef CKS_Z512_FN
-
-inline int gemm_isa() {  // 2: AVX-512F, 1: AVX2+FMA, 0: portable
-  static const int isa = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 0
-                         : CKS_GEMM_AVX512 && __builtin_cpu_supports("avx512f")             ? 2
-                                                                                            : 1;
-  return isa;
-}
 #endif  // CKS_X86_AVX2
 
-template <typename T, typename ASrc>
-inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
-                       int64_t ldb, T* C, int64_t ldc) {
+// 2: AVX-512F, 1: AVX2+FMA, 0: portable. CKS_CPU_ISA=0 or 1 caps it (to
+// test the narrower kernels on a wider machine); the cap is read once.
+inline int gemm_isa() {
+  static const int isa = [] {
+    int best = 0;
 #ifdef CKS_X86_AVX2
-  switch (gemm_isa()) {
-    case 2: return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C, ldc);
-    case 1: return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C, ldc);
-  }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = CKS_GEMM_AVX512 && __builtin_cpu_supports("avx512f") ? 2 : 1;
 #endif
-  macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C, ldc);
+    const char* cap = std::getenv("CKS_CPU_ISA");
+    if (cap != nullptr && (std::strcmp(cap, "0") == 0 || std::strcmp(cap, "1") == 0))
+      best = std::min(best, cap[0] - '0');
+    return best;
+  }();
+  return isa;
 }
 
+// The AVX-512 kernel writes a BufC only: callers use OutC where
+// writes_in_place() (an OutC on an AVX-512 machine runs the AVX2 kernel).
+inline bool writes_in_place() { return gemm_isa() != 2; }
+
+template <typename T, typename ASrc, typename CDst>
+inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
+                       int64_t ldb, const CDst& C) {
+#ifdef CKS_X86_AVX2
+  if constexpr (std::is_same<CDst, BufC<T>>::value)
+    if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
+  if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C);
+#endif
+  macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
+}
 
 // ---------------------------------------------------------------- narrow
 // Narrow GEMM (FG <= kNarrowF columns) vectorised over rows instead of
