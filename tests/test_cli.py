@@ -51,3 +51,16 @@ def test_train_converges_like_lax(tmp_path, capsys):
   np.testing.assert_allclose(cks[:20], ref[:20], rtol=1e-3)
   assert np.mean(cks[-5:]) < np.mean(cks[:5])
   assert png.stat().st_size > 10_000
+
+
+def test_bench_times_backends_in_interleaved_rounds():
+  # Every backend of an op is called once per round, in turn, so a change in machine load
+  # moves the columns together; at least `repeats` rounds after one warm-up call each.
+  from cks_jax._src import bench
+  calls = []
+  fns = {k: (lambda k: lambda: calls.append(k))(k) for k in ("cks", "xla", "torch")}
+  ms = bench.time_interleaved(fns, repeats=4, budget_s=10.0)
+  assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())
+  assert calls[:3] == ["cks", "xla", "torch"]  # warm-up
+  rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
+  assert len(rounds) >= 4 and all(r == ["cks", "xla", "torch"] for r in rounds)

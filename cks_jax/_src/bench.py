@@ -67,6 +67,29 @@ def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
   return 1e3 * statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                     budget_s: float) -> dict[str, float]:
+  """Median wall time in ms of each of ``fns`` (blocking), called in turn
+  within each round after one warm-up call each: at least ``repeats`` rounds
+  and at least ``MIN_TIMED_S`` seconds of them, stopping early once
+  ``budget_s`` per function is spent. A change in the machine's load then
+  moves every column of a row alike, not the ratios between them."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  budget = budget_s * len(fns)
+  start = time.perf_counter()
+  while (min(len(t) for t in times.values()) < repeats
+         or time.perf_counter() - start < min(MIN_TIMED_S * len(fns), budget)):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget:
+      break
+  return {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+
 def _jax_ops(conv: Callable, lhs, rhs) -> dict[str, Callable[[], object]]:
   fwd = jax.jit(conv)
   out = jax.eval_shape(conv, lhs, rhs)
@@ -160,10 +183,6 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray, dtype: str = "floa
   if dev == "cuda":  # time whole kernels, not launches
     ops = {k: (lambda f: lambda: (f(), torch.cuda.synchronize()))(f) for k, f in ops.items()}
   return ops, out.cpu().float()
-
-
-def _torch_time(fn, repeats, budget_s):
-  return time_fn(lambda: (fn(), None)[1], repeats, budget_s)  # torch CPU calls are synchronous
 
 
 # ---------------------------------------------------------------- driver
@@ -274,17 +293,18 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
     for op in OPS:
       if progress:
         progress(f"{layer['name']} {op}")
-      row = Row(layer["name"], layer["family"], op, gflop,
-                cks_ms=time_fn(ops_cks[op], repeats, budget_s),
-                xla_ms=time_fn(ops_xla[op], repeats, budget_s))
+      fns = {"cks": ops_cks[op], "xla": ops_xla[op]}
+      if ops_port is not None:
+        fns["portable"] = ops_port[op]
+      if torch_ops is not None:  # torch CPU calls are synchronous
+        fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
+      ms = time_interleaved(fns, repeats, budget_s)
+      row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
+                portable_ms=ms.get("portable"), torch_ms=ms.get("torch"))
       e = per_op[op]
       row.out_mb = math.prod(e.shapes[2]) * np.dtype(dtype).itemsize / 2**20
       if e.scratch is not None:
         row.scratch_mb = e.scratch["total"] / 2**20
-      if ops_port is not None:
-        row.portable_ms = time_fn(ops_port[op], repeats, budget_s)
-      if torch_ops is not None:
-        row.torch_ms = _torch_time(torch_ops[0][op], repeats, budget_s)
       report.rows.append(row)
   return report
 
