@@ -206,6 +206,8 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
 CKS_AVX2_FN __m256 vload(const float* p) { return _mm256_loadu_ps(p); }
 CKS_AVX2_FN __m256d vload(const double* p) { return _mm256_loadu_pd(p); }
 CKS_AVX2_FN void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+CKS_AVX2_FN __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+CKS_AVX2_FN __m256d vadd(__m256d a, __m256d b) { return _mm256_add_pd(a, b); }
 CKS_AVX2_FN void vstore(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
 CKS_AVX2_FN __m256 vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 CKS_AVX2_FN __m256d vbcast(const double* p) { return _mm256_broadcast_sd(p); }
@@ -503,12 +505,61 @@ __attribute__((target("avx512f,avx2,fma"))) void narrow_strip_avx512(const T* a,
     }
   }
 }
+
+// AVX2: the strip as kStrip / L chunks of one ymm, each over the whole
+// reduction, with one ymm per (partial sum, column): at most 8 accumulators.
+// The same FMAs in the same order per element as the AVX-512 kernel, so the
+// same bits.
+template <int FG, typename T, typename V>
+__attribute__((target("avx2,fma"), always_inline)) inline void narrow_step_avx2(
+    const T* ap, const T* bp, int64_t so, V (&ac)[FG]) {
+  const V a0 = vload(ap);
+#pragma GCC unroll 8
+  for (int f = 0; f < FG; ++f) ac[f] = vfma(a0, vbcast(bp + f * so), ac[f]);
+}
+
+template <int FG, typename T>
+__attribute__((target("avx2,fma"))) void narrow_strip_avx2(const T* a, const T* b,
+                                                          const NarrowRuns& k, T* C,
+                                                          int64_t ldc) {
+  constexpr int L = 32 / sizeof(T), S = kSplit<FG>, H = kStrip<T> / L;
+  using V = decltype(vload(a));
+  const int64_t R = k.R, sa = k.sa, sb = k.sb, so = k.so;
+  for (int h = 0; h < H; ++h) {
+    V acc[S][FG];
+#pragma GCC unroll 4
+    for (int u = 0; u < S; ++u)
+#pragma GCC unroll 8
+      for (int f = 0; f < FG; ++f) acc[u][f] = V{};
+    for (int64_t r = 0; r < k.nruns; ++r) {
+      const T* ap = a + k.ra[r] + h * L;
+      const T* bp = b + k.rb[r];
+      int64_t q = 0;
+      for (; q + S <= R; q += S) {
+#pragma GCC unroll 4
+        for (int u = 0; u < S; ++u)
+          narrow_step_avx2<FG>(ap + (q + u) * sa, bp + (q + u) * sb, so, acc[u]);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < S; ++u)  // the tail: q + u is still in partial sum u
+        if (q + u < R) narrow_step_avx2<FG>(ap + (q + u) * sa, bp + (q + u) * sb, so, acc[u]);
+    }
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) {
+      V sum = acc[0][f];
+#pragma GCC unroll 4
+      for (int u = 1; u < S; ++u) sum = vadd(sum, acc[u][f]);
+      vaddto(C + f * ldc + h * L, sum);
+    }
+  }
+}
 #endif
 
 template <int FG, typename T>
 inline void narrow_strip_fg(const T* a, const T* b, const NarrowRuns& k, T* C, int64_t ldc) {
 #ifdef CKS_X86_AVX2
   if (gemm_isa() == 2) return narrow_strip_avx512<FG>(a, b, k, C, ldc);
+  if (gemm_isa() == 1) return narrow_strip_avx2<FG>(a, b, k, C, ldc);
 #endif
   narrow_strip_portable<FG>(a, b, k, C, ldc);
 }
