@@ -248,17 +248,18 @@ struct CksConv {
     }
   }
 
-  // Row blocks of kMC rows. With fewer than kTasksPerWorker of them per
-  // worker (filter gradients: few rows, long reductions) the columns are
-  // split too, in whole AVX-512 tiles (2 NR). Splitting columns does not
-  // change any element's sum, so the bits do not depend on the thread count.
+  // Row blocks of kMC rows. With fewer than kTasksPerWorker of them (of
+  // units, task_unit) per worker (filter gradients: few rows, long
+  // reductions) the columns are split too, in whole AVX-512 tiles (2 NR).
+  // Splitting columns does not change any element's sum, so the bits do not
+  // depend on the thread count.
   static constexpr int64_t kTasksPerWorker = 4;
   std::vector<Task> tasks(int64_t workers) const {
     if (narrow()) return narrow_tasks(workers);
     const int64_t Fg = pb.group_out();
     int64_t row_blocks = 0;
     for (int64_t s = 0; s < nsp(); ++s) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
-    row_blocks *= pb.groups();
+    row_blocks = row_blocks * pb.groups() / task_unit();  // units run in parallel
     int64_t width = Fg;
     const int64_t want = kTasksPerWorker * workers;
     if (row_blocks > 0 && row_blocks < want && Fg > 2 * NR) {
@@ -266,6 +267,15 @@ struct CksConv {
       width = round_up((Fg + splits - 1) / splits, 2 * NR);
     }
     std::vector<Task> ts;
+    if (task_unit() > 1) {  // (group, row block, columns, sub-problem): see task_unit
+      const int64_t rows = plan.subproblems[0].rows;
+      for (int64_t g = 0; g < pb.groups(); ++g)
+        for (int64_t r = 0; r < rows; r += kMC)
+          for (int64_t c = 0; c < Fg; c += width)
+            for (int64_t s = 0; s < nsp(); ++s)
+              ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
+      return ts;
+    }
     for (int64_t s = 0; s < nsp(); ++s) {
       const int64_t rows = plan.subproblems[s].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
@@ -274,6 +284,18 @@ struct CksConv {
             ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
     }
     return ts;
+  }
+
+  // Consecutive tasks run as one unit of this many. Where every sub-problem
+  // has the same rows (each phase of a transposed conv whose kernel equals its
+  // stride is one untrimmed sub-problem), a unit is one row block of all of
+  // them: they read the same input rows, and together write whole lines of
+  // the same output rows instead of every other line, phase after phase.
+  int64_t task_unit() const {
+    if (narrow() || nsp() < 2) return 1;
+    for (const SubProblem& sp : plan.subproblems)
+      if (sp.rows != plan.subproblems[0].rows) return 1;
+    return nsp();
   }
 
   // Narrow tasks: batch chunks of [kStrip, 2 kStrip) entries (a chunk shorter
@@ -714,14 +736,20 @@ struct CksConv {
     }
     // Pass 2: the tasks.
     const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
-    parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
-      const Task& t = ts[i];
-      if (narrow()) return run_narrow(t);
-      const Acc* Bph = nullptr;
-      if (sb.phase)
-        Bph = Bshared.get() + sb.ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
-      const bool shared = sb.shared && shares_b(t.sp);
-      run(t, Bph, shared ? Bshared.get() + sb.b_off[t.sp * G + t.group] : nullptr);
+    const int64_t unit = task_unit();
+    parallel_for(pool, static_cast<int64_t>(ts.size()) / unit, [&](int64_t u) {
+      for (int64_t i = u * unit; i < (u + 1) * unit; ++i) {
+        const Task& t = ts[i];
+        if (narrow()) {
+          run_narrow(t);
+          continue;
+        }
+        const Acc* Bph = nullptr;
+        if (sb.phase)
+          Bph = Bshared.get() + sb.ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
+        const bool shared = sb.shared && shares_b(t.sp);
+        run(t, Bph, shared ? Bshared.get() + sb.b_off[t.sp * G + t.group] : nullptr);
+      }
     });
   }
 };
