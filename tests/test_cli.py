@@ -54,13 +54,13 @@ def test_train_converges_like_lax(tmp_path, capsys):
 
 
 def test_bench_times_backends_in_interleaved_rounds():
-  # Every backend of an op is called once per round, in turn, so a change in machine load
+  # Every JAX backend of an op is called once per round, in turn, so a change in machine load
   # moves the columns together; at least `repeats` rounds after one warm-up call each.
   from cks_jax._src import bench
   calls = []
-  fns = {k: (lambda k: lambda: calls.append(k))(k) for k in ("cks", "xla", "torch")}
+  fns = {k: (lambda k: lambda: calls.append(k))(k) for k in ("cks", "xla", "portable")}
   ms = bench.time_interleaved(fns, repeats=4, budget_s=10.0)
   assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())
-  assert calls[:3] == ["cks", "xla", "torch"]  # warm-up
+  assert calls[:3] == ["cks", "xla", "portable"]  # warm-up
   rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
-  assert len(rounds) >= 4 and all(r == ["cks", "xla", "torch"] for r in rounds)
+  assert len(rounds) >= 4 and all(r == ["cks", "xla", "portable"] for r in rounds)

@@ -73,7 +73,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   within each round after one warm-up call each: at least ``repeats`` rounds
   and at least ``MIN_TIMED_S`` seconds of them, stopping early once
   ``budget_s`` per function is spent. A change in the machine's load then
-  moves every column of a row alike, not the ratios between them."""
+  moves every column of a row alike, not the ratios between them. Only
+  functions on XLA's thread pool are interleaved (see ``run``)."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
@@ -296,9 +297,13 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       fns = {"cks": ops_cks[op], "xla": ops_xla[op]}
       if ops_port is not None:
         fns["portable"] = ops_port[op]
-      if torch_ops is not None:  # torch CPU calls are synchronous
-        fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
       ms = time_interleaved(fns, repeats, budget_s)
+      if torch_ops is not None:
+        # Timed on its own: PyTorch's OpenMP threads spin after each call and,
+        # interleaved, slowed the next JAX call by up to 1.6x (measured).
+        torch_fn = torch_ops[0][op]
+        ms["torch"] = time_interleaved({"torch": lambda: (torch_fn(), None)[1]}, repeats,
+                                       budget_s)["torch"]
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
                 portable_ms=ms.get("portable"), torch_ms=ms.get("torch"))
       e = per_op[op]
