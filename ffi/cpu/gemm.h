@@ -56,8 +56,9 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 // ir + i; segment(cur, left, base, r) points r[i] at the element of row i at
 // the cursor and returns how many reduction indices from it on (at most
 // `left`) form the next segment, advancing the cursor past them. Inside a
-// segment the elements of index q are at r[i] + offset(q): q * step
-// (PackedA, RunA) or a table entry (IndirectA, kTable).
+// segment the elements of its index q are at r[i] + q * step (PackedA,
+// RunA), or at r[i] + red[p + q] with p the segment's first index
+// (IndirectA, kTable).
 template <typename T>
 struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   const T* Ap;
@@ -85,7 +86,7 @@ struct IndirectA {
   const int64_t* rows_;  // mc entries, all valid offsets
   const int64_t* red;    // kc entries
   static constexpr bool kTable = true;
-  static constexpr int64_t step = 0;
+  static constexpr int64_t step = 0;  // unused: offsets come from red
   struct Cursor {};
   Cursor begin() const { return {}; }
   void rows(int64_t ir, const T** b) const {
