@@ -52,19 +52,8 @@ MIN_TIMED_S = 0.3
 
 
 def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
-  """Median wall time in ms of ``fn`` (blocking), after one warm-up call: at
-  least ``repeats`` runs and at least ``MIN_TIMED_S`` seconds of them, stopping
-  early once ``budget_s`` is spent."""
-  jax.block_until_ready(fn())
-  times = []
-  start = time.perf_counter()
-  while len(times) < repeats or time.perf_counter() - start < min(MIN_TIMED_S, budget_s):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - start > budget_s:
-      break
-  return 1e3 * statistics.median(times)
+  """Median wall time in ms of ``fn`` (blocking): ``time_interleaved`` of one function."""
+  return time_interleaved({"fn": fn}, repeats, budget_s)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
@@ -302,8 +291,7 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
         # Timed on its own: PyTorch's OpenMP threads spin after each call and,
         # interleaved, slowed the next JAX call by up to 1.6x (measured).
         torch_fn = torch_ops[0][op]
-        ms["torch"] = time_interleaved({"torch": lambda: (torch_fn(), None)[1]}, repeats,
-                                       budget_s)["torch"]
+        ms["torch"] = time_fn(lambda: (torch_fn(), None)[1], repeats, budget_s)
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
                 portable_ms=ms.get("portable"), torch_ms=ms.get("torch"))
       e = per_op[op]
