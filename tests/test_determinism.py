@@ -42,6 +42,11 @@ CHILD = textwrap.dedent("""
                    dict(window_strides=(1, 1), padding="SAME", feature_group_count=3)),
         "long_reduction": ((2, 300, 12, 12), (40, 300, 3, 3),
                            dict(window_strides=(1, 1), padding="SAME")),
+        # kernel == stride: the forward runs its phases as task units, the
+        # filter gradient (one sub-problem per tap) does not.
+        "kernel_equals_stride": ((2, 16, 24, 24), (8, 16, 2, 2),
+                                 dict(window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                      lhs_dilation=(2, 2))),
         "3d": ((2, 8, 9, 8, 7), (8, 8, 3, 3, 2),
                dict(window_strides=(1, 2, 1), padding="SAME", rhs_dilation=(1, 1, 2))),
     }
@@ -85,7 +90,7 @@ def test_bitwise_identical_across_processes_and_thread_counts(tmp_path):
   all_t, every = _run(tmp_path, "all_cpus", cpus)
   # The knob really changed the pool the kernel runs on.
   assert one_t == 1 and all_t == len(cpus), (one_t, all_t)
-  assert len(one) == 6 * 3 * 3 and one.keys() == every.keys()
+  assert len(one) == 7 * 3 * 3 and one.keys() == every.keys()
   differ = [k for k in one if one[k] != every[k]]
   assert not differ, f"outputs differ between 1 and {len(cpus)} threads: {differ}"
   # Sanity: the cases computed something.

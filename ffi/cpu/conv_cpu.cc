@@ -259,7 +259,8 @@ struct CksConv {
     const int64_t Fg = pb.group_out();
     int64_t row_blocks = 0;
     for (int64_t s = 0; s < nsp(); ++s) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
-    row_blocks = row_blocks * pb.groups() / task_unit();  // units run in parallel
+    const int64_t unit = task_unit(workers);
+    row_blocks = row_blocks * pb.groups() / unit;  // units run in parallel
     int64_t width = Fg;
     const int64_t want = kTasksPerWorker * workers;
     if (row_blocks > 0 && row_blocks < want && Fg > 2 * NR) {
@@ -267,7 +268,7 @@ struct CksConv {
       width = round_up((Fg + splits - 1) / splits, 2 * NR);
     }
     std::vector<Task> ts;
-    if (task_unit() > 1) {  // (group, row block, columns, sub-problem): see task_unit
+    if (unit > 1) {  // (group, row block, columns, sub-problem): see task_unit
       const int64_t rows = plan.subproblems[0].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
         for (int64_t r = 0; r < rows; r += kMC)
@@ -291,11 +292,16 @@ struct CksConv {
   // stride is one untrimmed sub-problem), a unit is one row block of all of
   // them: they read the same input rows, and together write whole lines of
   // the same output rows instead of every other line, phase after phase.
-  int64_t task_unit() const {
+  // Only with enough units to keep every worker busy: a filter gradient's
+  // sub-problems (one per tap, a single row block each) would otherwise run
+  // as one unit on one thread.
+  int64_t task_unit(int64_t workers) const {
     if (narrow() || nsp() < 2) return 1;
     for (const SubProblem& sp : plan.subproblems)
       if (sp.rows != plan.subproblems[0].rows) return 1;
-    return nsp();
+    const int64_t Fg = pb.group_out(), col_splits = Fg > 2 * NR ? Fg / (2 * NR) : 1;
+    const int64_t units = (plan.subproblems[0].rows + kMC - 1) / kMC * pb.groups() * col_splits;
+    return units >= kTasksPerWorker * workers ? nsp() : 1;
   }
 
   // Narrow tasks: batch chunks of [kStrip, 2 kStrip) entries (a chunk shorter
@@ -735,8 +741,9 @@ struct CksConv {
       });
     }
     // Pass 2: the tasks.
-    const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
-    const int64_t unit = task_unit();
+    const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+    const auto ts = tasks(workers);
+    const int64_t unit = task_unit(workers);
     parallel_for(pool, static_cast<int64_t>(ts.size()) / unit, [&](int64_t u) {
       for (int64_t i = u * unit; i < (u + 1) * unit; ++i) {
         const Task& t = ts[i];
