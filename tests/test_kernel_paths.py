@@ -171,6 +171,11 @@ GEMM_CASES = [
     # 1D dilated with a long kernel: runs of the taps for the filter gradient
     ((3, 50, 16), (5, 16, 18), ((1,), [(4, 4)], (1,), (2,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # filter gradients whose runs of 20 (16) taps continue one another in the
+    # input and are walked as one run of 480 (512), cut by the reduction blocks:
+    # every phase of a k2 s2 transposed conv, the untrimmed taps of a SAME 3x3
+    ((2, 12, 20, 40), (2, 2, 40, 24), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    ((2, 16, 16, 24), (3, 3, 24, 16), ((1, 1), "SAME"), {}),
 ]
 
 
