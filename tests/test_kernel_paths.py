@@ -54,6 +54,10 @@ CASES = [
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     ((1, 4, 4, 4, 34), (2, 2, 2, 34, 3), ((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # long reductions, walked in blocks of 128 indices (kNarrowBlock): runs of
+    # 299 taps cut into pieces (odd tail), and runs of 18-19 several to a block
+    ((2, 301, 40), (3, 40, 2), ((1,), "VALID"), {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    ((2, 20, 19, 40), (3, 3, 40, 1), ((1, 1), "SAME"), {}),
 ]
 
 
