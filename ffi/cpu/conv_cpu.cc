@@ -496,6 +496,18 @@ struct CksConv {
   // Outputs far larger than the caches are written with non-temporal stores
   // (AVX-512 machines only).
   bool stream_out() const { return gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes; }
+  // The AVX2 kernel writing in place streams whole tiles of outputs larger
+  // than kStreamTilesBytes, where every row and column block starts on 32
+  // bytes (features innermost, a multiple of a ymm), and the reduction fits
+  // one block (so each tile is written once, never read back).
+  static constexpr int64_t kStreamTilesBytes = int64_t{4} << 20;
+  bool streams_tiles() const {
+    constexpr int64_t W = 32 / sizeof(Acc);
+    bool aligned = reinterpret_cast<uintptr_t>(out) % 32 == 0 && pb.out_n % W == 0 &&
+                   pb.group_out() % W == 0;
+    for (int d = 0; d < pb.nd; ++d) aligned = aligned && pb.out_sp[d] % W == 0;
+    return gemm::gemm_isa() == 1 && aligned && out_bytes() > kStreamTilesBytes;
+  }
 
   // One task: rows x columns of one (sub-problem, group). B comes from
   // `Bph`, the phase B of its phase (pack_phase_b), else from `Bsp`, its own
@@ -536,6 +548,9 @@ struct CksConv {
     const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
     if (Bph) run_starts(sp, f0);
+    const int64_t blocks = Bph ? static_cast<int64_t>(f0.size()) * ((run_len + kKC - 1) / kKC)
+                               : (red + kKC - 1) / kKC;
+    const bool stream_tiles = in_place && blocks == 1 && streams_tiles();
     // Column blocks of at most kNC, cut at multiples of kNC so that a shared
     // B's block (pack_b) is found at blk0: panel (nc0 - blk0) / NR of it.
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
@@ -548,7 +563,8 @@ struct CksConv {
       auto block = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb) {
         if (in_place) {
           Acc* base = reinterpret_cast<Acc*>(out) + t.group * Fg + nc0;
-          multiply(kc0, kc, B, ldb, nc_pad, gemm::OutC<Acc>{base, out_row.data(), mc, nc, !first});
+          multiply(kc0, kc, B, ldb, nc_pad,
+                   gemm::OutC<Acc>{base, out_row.data(), mc, nc, !first, stream_tiles});
         } else {
           multiply(kc0, kc, B, ldb, nc_pad, gemm::BufC<Acc>{Cbuf.data(), nc_pad});
         }
@@ -598,7 +614,7 @@ struct CksConv {
       nc0 += nc;
     }
 #ifdef CKS_X86_AVX2
-    if (stream) _mm_sfence();
+    if (stream || stream_tiles) _mm_sfence();
 #endif
   }
 

@@ -158,6 +158,10 @@ struct OutC {
   const int64_t* rows;  // mc entries
   int64_t mc, nc;       // rows and columns that exist
   bool add;
+  // Whole tiles with non-temporal stores (AVX2 kernel; 32-byte aligned rows
+  // and columns, the only reduction block): they skip reading each output
+  // line before writing it. Fence before the output is handed on.
+  bool stream = false;
 };
 
 // Stores an MR x NR tile t (row stride NR) at (ir, jr) of an OutC, masked
@@ -223,6 +227,8 @@ CKS_AVX2_FN __m256 vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 CKS_AVX2_FN __m256d vbcast(const double* p) { return _mm256_broadcast_sd(p); }
 CKS_AVX2_FN __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 CKS_AVX2_FN __m256d vfma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+CKS_AVX2_FN void vstream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+CKS_AVX2_FN void vstream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
 CKS_AVX2_FN void vaddto(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_add_ps(vload(p), v)); }
 CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_pd(vload(p), v)); }
 // One reduction index of an MR x 2 ymm tile: acc[i] += r[i][o] * b[0 : 2W].
@@ -279,6 +285,9 @@ __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t n
             if (C.add) {
               vaddto(c, acc[i][0]);
               vaddto(c + W, acc[i][1]);
+            } else if (C.stream) {
+              vstream(c, acc[i][0]);
+              vstream(c + W, acc[i][1]);
             } else {
               vstore(c, acc[i][0]);
               vstore(c + W, acc[i][1]);
