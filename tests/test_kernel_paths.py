@@ -128,6 +128,10 @@ PHASE_B_CASES = [
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     ((1, 3, 3, 3, 32), (3, 3, 3, 32, 4), ((1, 1, 1), [(1, 2)] * 3, (2, 2, 2)),
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # 3x3 SAME: the untrimmed sub-problem's three runs (120 indices each) are one
+    # reduction block (kKCPhase); with 96 channels two runs of 288 are, the third not
+    ((2, 10, 9, 40), (3, 3, 40, 20), ((1, 1), "SAME"), {}),
+    ((2, 7, 8, 96), (3, 3, 96, 16), ((1, 1), "SAME"), {}),
 ]
 
 
@@ -205,7 +209,7 @@ def test_narrower_kernels(isa):
       jax.config.update("jax_enable_x64", True)
       import numpy as np, cks_jax, test_kernel_paths as k
       from oracle import check
-      cases = k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2]
+      cases = k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
       with cks_jax.use_backend("ffi"):
         for i, (l, r, args, kw) in enumerate(cases):
           for dtype in (np.float64, np.float32):
@@ -218,4 +222,4 @@ def test_narrower_kernels(isa):
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=here, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 4)]
+  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 6)]

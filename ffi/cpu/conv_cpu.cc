@@ -547,9 +547,12 @@ struct CksConv {
     const bool stream = stream_out();
     const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
-    if (Bph) run_starts(sp, f0);
-    const int64_t blocks = Bph ? static_cast<int64_t>(f0.size()) * ((run_len + kKC - 1) / kKC)
-                               : (red + kKC - 1) / kKC;
+    thread_local std::vector<PhaseBlock> pblocks;
+    if (Bph) {
+      run_starts(sp, f0);
+      phase_blocks(f0, run_len, pblocks);
+    }
+    const int64_t blocks = Bph ? static_cast<int64_t>(pblocks.size()) : (red + kKC - 1) / kKC;
     const bool stream_tiles = in_place && blocks == 1 && streams_tiles();
     // Column blocks of at most kNC, cut at multiples of kNC so that a shared
     // B's block (pack_b) is found at blk0: panel (nc0 - blk0) / NR of it.
@@ -571,12 +574,10 @@ struct CksConv {
         first = false;
       };
       if (!in_place) Cbuf.assign(mc_pad * nc_pad, Acc(0));
-      if (Bph) {  // run by run: each is contiguous in the phase B
+      if (Bph) {  // each block is contiguous in the phase B
         const Acc* Bcols = Bph + nc0 / NR * ph_ldb;
-        for (int64_t r = 0; r < static_cast<int64_t>(f0.size()); ++r)
-          for (int64_t q = 0; q < run_len; q += kKC)
-            block(r * run_len + q, std::min(kKC, run_len - q), Bcols + (f0[r] * Cg + q) * NR,
-                  ph_ldb);
+        for (const PhaseBlock& pbk : pblocks)
+          block(pbk.kc0, pbk.kc, Bcols + pbk.brow * NR, ph_ldb);
       } else {
         for (int64_t kc0 = 0; kc0 < red; kc0 += kKC) {
           const int64_t kc = std::min(kKC, red - kc0);
@@ -616,6 +617,36 @@ struct CksConv {
 #ifdef CKS_X86_AVX2
     if (stream || stream_tiles) _mm_sfence();
 #endif
+  }
+
+  // Reduction blocks of a task reading the phase B: runs of run_len indices
+  // (taps of the last dimension x channels) starting at B row f0[r] * Cg.
+  // Consecutive runs whose B rows follow one another (an untrimmed
+  // sub-problem's) share a block of up to kKCPhase indices, so a 3x3 layer's
+  // 576-index reduction is one block: the output tile is stored once instead
+  // of read and written back per block.
+  struct PhaseBlock {
+    int64_t kc0, kc, brow;
+  };
+  static constexpr int64_t kKCPhase = 640;
+  void phase_blocks(const std::vector<int64_t>& f0, int64_t run_len,
+                    std::vector<PhaseBlock>& out_blocks) const {
+    const int64_t Cg = pb.group_in(), nr = static_cast<int64_t>(f0.size());
+    out_blocks.clear();
+    for (int64_t r = 0; r < nr;) {
+      if (run_len > kKC) {  // long runs: cut
+        for (int64_t q = 0; q < run_len; q += kKC)
+          out_blocks.push_back({r * run_len + q, std::min(kKC, run_len - q), f0[r] * Cg + q});
+        ++r;
+        continue;
+      }
+      int64_t r2 = r + 1;
+      while (r2 < nr && f0[r2] * Cg == f0[r2 - 1] * Cg + run_len &&
+             (r2 - r + 1) * run_len <= kKCPhase)
+        ++r2;
+      out_blocks.push_back({r * run_len, (r2 - r) * run_len, f0[r] * Cg});
+      r = r2;
+    }
   }
 
   // The reduction of sub-problem s as runs with constant steps, in the order
@@ -745,7 +776,8 @@ struct CksConv {
     } else {
       b[3] = red * I * ((as_runs ? 0 : 1) + (own_b ? 1 : 0));            // lhs_red, rhs_red
       b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
-      b[5] = reads_a_in_place() ? 0 : mc_pad * std::min(kKC, red) * A;  // Ap
+      const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
+      b[5] = reads_a_in_place() ? 0 : mc_pad * kc_max * A;               // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
       b[7] = writes_out_in_place() ? 0 : mc_pad * nc_pad * A;            // Cbuf
       b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
