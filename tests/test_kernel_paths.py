@@ -184,7 +184,7 @@ GEMM_CASES = [
     # every phase of a k2 s2 transposed conv, the untrimmed taps of a SAME 3x3
     ((2, 12, 20, 40), (2, 2, 40, 24), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
     ((2, 16, 16, 24), (3, 3, 24, 16), ((1, 1), "SAME"), {}),
-    # an output over 4 MB (kStreamTilesBytes) from one reduction block, 32-byte
+    # an output over 2 MB (kStreamTilesBytes) from one reduction block, 32-byte
     # aligned rows: the AVX2 kernel writes its whole tiles with streaming stores
     ((3, 64, 64, 16), (2, 2, 16, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
 ]
