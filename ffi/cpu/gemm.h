@@ -52,6 +52,16 @@ constexpr int64_t kMC = 96;   // rows per task (multiple of MR)
 constexpr int64_t kKC = 256;  // reduction block
 constexpr int64_t kNC = 256;  // column block (multiple of NR)
 
+// p, computed in a general register. GCC otherwise adds the six row offsets
+// of a tile as vectors, stores them and reloads them one by one (a
+// store-forwarding stall per tile; the instruction after it held 7 % of the
+// kernel's samples on U-Net's k2 s2 forward).
+template <typename T>
+__attribute__((always_inline)) inline const T* scalar(const T* p) {
+  asm("" : "+r"(p));
+  return p;
+}
+
 // A sources, walked tile by tile: rows(ir, base) points base[i] at row
 // ir + i; segment(cur, left, base, r) points r[i] at the element of row i at
 // the cursor and returns how many reduction indices from it on (at most
@@ -59,15 +69,6 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 // segment the elements of its index q are at r[i] + q * step (PackedA,
 // RunA), or at r[i] + red[p + q] with p the segment's first index
 // (IndirectA, kTable).
-// p, computed in a general register: GCC otherwise adds the six row offsets
-// as vectors, spills them and reloads them one by one (a store-forwarding
-// stall per tile: 7 % of the kernel's time on U-Net's k2 s2 forward).
-template <typename T>
-__attribute__((always_inline)) inline const T* scalar(const T* p) {
-  asm("" : "+r"(p));
-  return p;
-}
-
 template <typename T>
 struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   const T* Ap;
@@ -583,7 +584,7 @@ __attribute__((target("avx2,fma"))) void narrow_strip_avx2(const T* a, const T* 
   const int64_t R = k.R, sa = k.sa, sb = k.sb, so = k.so;
   // A block: whole runs [r0, r1) when runs are short, else the piece
   // [q0, q1) of run r0.
-  const int64_t runs_per_block = R >= kNarrowBlock ? 1 : std::max<int64_t>(1, kNarrowBlock / R);
+  const int64_t runs_per_block = R <= 0 || R >= kNarrowBlock ? 1 : kNarrowBlock / R;
   for (int64_t r0 = 0, q0 = 0; r0 < k.nruns;) {
     const int64_t r1 = std::min(k.nruns, r0 + runs_per_block);
     const int64_t q1 = R >= kNarrowBlock ? std::min(R, q0 + kNarrowBlock) : R;
