@@ -58,7 +58,7 @@ CASES = [
     # 299 taps cut into pieces (odd tail), and runs of 18-19 several to a block
     ((2, 301, 40), (3, 40, 2), ((1,), "VALID"), {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     ((2, 20, 19, 40), (3, 3, 40, 1), ((1, 1), "SAME"), {}),
-    # padding wider than the input: five of the nine filter taps read only padding, so
+    # padding wider than the input: six of the nine filter taps read only padding, so
     # their sub-problems have empty reductions (runs of length 0)
     ((2, 3, 40), (9, 40, 2), ((1,), [(5, 1)]), {"dimension_numbers": ("NWC", "WIO", "NWC")}),
 ]
