@@ -523,10 +523,10 @@ struct CksConv {
     thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, f0, ra, rb;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     row_offsets(t, lhs_row, out_row);
-    const bool indirect = reads_a_in_place(), as_runs = reads_a_as_runs(t.sp);
-    const bool in_place = writes_out_in_place();
-    gemm::NarrowRuns runs{};
-    if (as_runs) runs = a_runs(t.sp, ra, rb);
+    const bool indirect = reads_a_in_place(), in_place = writes_out_in_place();
+    // As reads_a_as_runs, with the runs built once.
+    const gemm::NarrowRuns runs = indirect ? a_runs(t.sp, ra, rb) : gemm::NarrowRuns{};
+    const bool as_runs = indirect && runs.R >= kMinRun;
     if (indirect)  // padding rows re-read row 0; their results are never stored
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
     red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
