@@ -131,6 +131,10 @@ PHASE_B_CASES = [
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     ((1, 3, 3, 3, 32), (3, 3, 3, 32, 4), ((1, 1, 1), [(1, 2)] * 3, (2, 2, 2)),
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # an OIHW kernel (neither its features nor its channels contiguous: B packed element by
+    # element), strided, 20 features (a partial panel); its d-input's kernel likewise
+    ((2, 9, 9, 40), (20, 40, 3, 3), ((2, 2), "SAME"),
+     {"dimension_numbers": ("NHWC", "OIHW", "NHWC")}),
     # 3x3 SAME: the untrimmed sub-problem's three runs (120 indices each) are one
     # reduction block (kKCPhase); with 96 channels two runs of 288 are, the third not
     ((2, 10, 9, 40), (3, 3, 40, 20), ((1, 1), "SAME"), {}),

@@ -26,9 +26,11 @@
 #include <condition_variable>
 #include <functional>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -82,6 +84,67 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->done.load() == n; });
 }
+
+// ------------------------------------------------------------ shared scratch
+// The packed B that a call's tasks share is taken from here and given back
+// after the call. Freshly allocated, its pages were faulted in on every call,
+// which cost as much as packing them (the DCGAN generator's 2 MB of k4 s2
+// weights: about 0.5 ms of a 1.8 ms forward). Buffers kept between calls total
+// at most kKeptScratchBytes; the oldest go first.
+constexpr int64_t kKeptScratchBytes = int64_t{32} << 20;
+
+class ScratchPool {
+ public:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  using Buffer = std::unique_ptr<char, Free>;
+  struct Kept {
+    Buffer p;
+    int64_t bytes = 0;
+  };
+
+  static ScratchPool& get() {
+    static ScratchPool* pool = new ScratchPool;  // never destroyed: used at exit
+    return *pool;
+  }
+
+  // A buffer of at least `bytes`, 64-byte aligned: the smallest kept one
+  // that is large enough, else a new one.
+  Kept take(int64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      int64_t best = -1;
+      for (int64_t i = 0; i < static_cast<int64_t>(kept_.size()); ++i)
+        if (kept_[i].bytes >= bytes && (best < 0 || kept_[i].bytes < kept_[best].bytes)) best = i;
+      if (best >= 0) {
+        Kept k = std::move(kept_[best]);
+        kept_.erase(kept_.begin() + best);
+        total_ -= k.bytes;
+        return k;
+      }
+    }
+    const int64_t rounded = round_up64(bytes);
+    return Kept{Buffer(static_cast<char*>(std::aligned_alloc(64, rounded))), rounded};
+  }
+
+  void give(Kept k) {
+    if (k.p == nullptr || k.bytes > kKeptScratchBytes) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    while (total_ + k.bytes > kKeptScratchBytes) {
+      total_ -= kept_.front().bytes;
+      kept_.erase(kept_.begin());
+    }
+    total_ += k.bytes;
+    kept_.push_back(std::move(k));
+  }
+
+ private:
+  static int64_t round_up64(int64_t x) { return (x + 63) / 64 * 64; }
+  std::mutex mu_;
+  std::vector<Kept> kept_;
+  int64_t total_ = 0;
+};
 
 using gemm::gemm_block;
 using gemm::IndirectA;
@@ -204,23 +267,35 @@ struct CksConv {
     return round_up(pb.group_out(), NR) / NR * phase_ldb(c);
   }
 
-  void pack_phase_b(int64_t c, int64_t g, Acc* dst) const {
+  // Packs panels [q0, q1) of the phase B of (phase combination c, group g)
+  // into dst, the combination's base: row (tap f, channel ci) of panel q is
+  // dst + q * ldb + (f * Cg + ci) * NR. Reads follow whichever of features
+  // (HWIO) or channels (a d-input's swapped kernel) is contiguous; a panel's
+  // rows of one tap (Cg x NR) are written while they are in L1.
+  void pack_phase_b(int64_t c, int64_t g, int64_t q0, int64_t q1, Acc* dst) const {
     const Phase* ph[kMaxSpatial];
     combo_phases(c, ph);
     const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = phase_ldb(c);
-    const int64_t panels = round_up(Fg, NR) / NR, taps = combo_taps(c);
+    const int64_t taps = combo_taps(c), ri = pb.rhs_i, ro = pb.rhs_o;
     int64_t tt[kMaxSpatial] = {0, 0, 0};
     for (int64_t f = 0; f < taps; ++f) {
-      int64_t roff = g * Fg * pb.rhs_o;
+      int64_t roff = g * Fg * ro;
       for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
-      for (int64_t ci = 0; ci < Cg; ++ci) {
-        const Tin* src = rhs + roff + ci * pb.rhs_i;
-        for (int64_t q = 0; q < panels; ++q) {
-          Acc* row = dst + q * ldb + (f * Cg + ci) * NR;
-          for (int j = 0; j < NR; ++j) {
-            const int64_t col = q * NR + j;
-            row[j] = col < Fg ? load<Acc>(src[col * pb.rhs_o]) : Acc(0);
-          }
+      for (int64_t q = q0; q < q1; ++q) {
+        Acc* panel = dst + q * ldb + f * Cg * NR;
+        const Tin* src = rhs + roff + q * NR * ro;
+        const int64_t n = std::min<int64_t>(NR, Fg - q * NR);  // columns present
+        if (n == NR && ro == 1) {
+          for (int64_t ci = 0; ci < Cg; ++ci)
+            for (int j = 0; j < NR; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j]);
+        } else if (ri == 1) {
+          for (int j = 0; j < NR; ++j)
+            for (int64_t ci = 0; ci < Cg; ++ci)
+              panel[ci * NR + j] = j < n ? load<Acc>(src[j * ro + ci]) : Acc(0);
+        } else {
+          for (int64_t ci = 0; ci < Cg; ++ci)
+            for (int j = 0; j < NR; ++j)
+              panel[ci * NR + j] = j < n ? load<Acc>(src[ci * ri + j * ro]) : Acc(0);
         }
       }
       for (int d = pb.nd - 1; d >= 0 && ++tt[d] == ph[d]->T; --d) tt[d] = 0;
@@ -808,20 +883,30 @@ struct CksConv {
     // pack B block by block as they go, which keeps each block in cache
     // (d-rhs: few rows, long reductions).
     const SharedB sb = shared_b();
-    std::unique_ptr<Acc[]> Bshared;
-    if (sb.elements() > 0) Bshared.reset(new Acc[sb.elements()]);
+    ScratchPool::Kept scratch;
+    if (sb.elements() > 0) {
+      scratch = ScratchPool::get().take(sb.elements() * static_cast<int64_t>(sizeof(Acc)));
+      if (scratch.p == nullptr) throw std::bad_alloc();
+    }
+    Acc* const Bshared = reinterpret_cast<Acc*>(scratch.p.get());
+    const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
     if (sb.phase) {
-      parallel_for(pool, ncombos() * G, [&](int64_t i) {
-        if (sb.ph_off[i + 1] > sb.ph_off[i])
-          pack_phase_b(i / G, i % G, Bshared.get() + sb.ph_off[i]);
+      // In panel ranges, so that every worker packs: a strided conv's
+      // d-input has one phase combination, and its B is all of the kernel.
+      const int64_t cg = ncombos() * G, panels = round_up(pb.group_out(), NR) / NR;
+      const int64_t chunks = std::min(panels, (kTasksPerWorker * workers + cg - 1) / cg);
+      parallel_for(pool, cg * chunks, [&](int64_t i) {
+        const int64_t k = i / chunks, q = i % chunks;
+        if (sb.ph_off[k + 1] > sb.ph_off[k])
+          pack_phase_b(k / G, k % G, q * panels / chunks, (q + 1) * panels / chunks,
+                       Bshared + sb.ph_off[k]);
       });
     } else if (sb.shared) {
       parallel_for(pool, nsp() * G, [&](int64_t i) {
-        if (shares_b(i / G)) pack_b(i / G, i % G, Bshared.get() + sb.b_off[i]);
+        if (shares_b(i / G)) pack_b(i / G, i % G, Bshared + sb.b_off[i]);
       });
     }
     // Pass 2: the tasks.
-    const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
     const auto ts = tasks(workers);
     const int64_t unit = task_unit(workers);
     parallel_for(pool, static_cast<int64_t>(ts.size()) / unit, [&](int64_t u) {
@@ -833,11 +918,12 @@ struct CksConv {
         }
         const Acc* Bph = nullptr;
         if (sb.phase)
-          Bph = Bshared.get() + sb.ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
+          Bph = Bshared + sb.ph_off[combo_of(plan.subproblems[t.sp]) * G + t.group];
         const bool shared = sb.shared && shares_b(t.sp);
-        run(t, Bph, shared ? Bshared.get() + sb.b_off[t.sp * G + t.group] : nullptr);
+        run(t, Bph, shared ? Bshared + sb.b_off[t.sp * G + t.group] : nullptr);
       }
     });
+    ScratchPool::get().give(std::move(scratch));
   }
 };
 
