@@ -24,6 +24,7 @@ namespace cks {
 bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
                        int64_t* shared, int64_t* per_thread);
 int64_t cpu_pool_threads();
+int cpu_isa();
 }
 
 namespace nb = nanobind;
@@ -129,4 +130,6 @@ NB_MODULE(_cks, m) {
   m.def("cpu_scratch", &cpu_scratch);
   // Threads of XLA's intra-op pool seen by the last CPU kernel call; 0 before one.
   m.def("cpu_pool_threads", &cks::cpu_pool_threads);
+  // The CPU kernel's instruction set: 2 AVX-512F, 1 AVX2+FMA, 0 portable C++.
+  m.def("cpu_isa", &cks::cpu_isa);
 }

@@ -100,3 +100,58 @@ def test_unknown_backend():
   with pytest.raises(ValueError, match="backend must be one of"):
     with cks_jax.use_backend("fast"):
       pass
+
+
+# DCGAN's 3-channel and FSRCNN's 1-channel transposed layers (bench_shapes.json).
+NARROW = [((16, 32, 32, 64), (4, 4, 64, 3), [(2, 2), (2, 2)], (2, 2)),
+          ((8, 32, 32, 56), (9, 9, 56, 1), [(4, 6), (4, 6)], (3, 3))]
+
+
+@pytest.mark.parametrize("isa", [1, 2])
+def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
+  # On an AVX2 CPU without AVX-512, float32 narrow transposed layers and the filter gradient
+  # of the one-feature layer go to the portable path (XLA's convolution and the kernel's
+  # narrow path measured slower there); with AVX-512 to XLA and the kernel.
+  from cks_jax._src import backends
+  monkeypatch.setattr(backends, "cpu_isa", lambda: isa)
+  for lhs, rhs, pad, s in NARROW:
+    for dtype in (np.float32, jnp.bfloat16):
+      e = cks_jax.explain(lhs, rhs, (1, 1), pad, lhs_dilation=s, dimension_numbers=DN,
+                          dtype=dtype, gradients=True)
+      grads = dict((name, g.backend) for name, g in e.gradients)
+      f32 = dtype == np.float32
+      assert e.backend == ("portable" if isa == 1 and f32 else "xla"), (lhs, dtype, e.reason)
+      assert grads["d lhs"] == "cks-cpu"  # 56 or 64 features: not narrow
+      one = rhs[-1] == 1
+      assert grads["d rhs"] == ("portable" if isa == 1 and f32 and one else "cks-cpu"), (
+          lhs, dtype)
+      if e.backend == "portable":
+        assert "AVX2" in e.reason
+  # Wide layers stay on the kernel whatever the instruction set.
+  assert cks_jax.explain((2, 8, 8, 16), (4, 4, 16, 8), (1, 1), [(2, 2), (2, 2)],
+                         lhs_dilation=(2, 2), dimension_numbers=DN).backend == "cks-cpu"
+
+
+def test_cpu_isa_is_the_kernels():
+  from cks_jax._src import backends
+  assert backends.cpu_isa() in (0, 1, 2)
+  if "avx2" not in open("/proc/cpuinfo").read():
+    pytest.skip("a CPU without AVX2: the portable C++ kernel")
+  assert backends.cpu_isa() >= 1
+
+
+@pytest.mark.parametrize("case", range(len(NARROW)))
+def test_narrow_layers_match_lax_on_every_route(case):
+  # The routes that auto picks for narrow layers give lax's values, gradients included.
+  lhs, rhs, pad, s = NARROW[case]  # full size: auto's choice needs 2**24 multiply-adds
+  l, r = random(lhs, np.float32, 0), random(rhs, np.float32, 1)
+  kw = dict(window_strides=(1, 1), padding=pad, lhs_dilation=s, dimension_numbers=DN)
+  ref = lambda l, r: lax.conv_general_dilated(l, r, precision="highest", **kw)
+  y_ref, vjp_ref = jax.vjp(ref, l, r)
+  ct = random(y_ref.shape, np.float32, 2)
+  for backend in ("portable", "ffi", "auto"):
+    f = lambda l, r: cks_jax.conv_general_dilated(l, r, backend=backend, **kw)
+    y, vjp = jax.vjp(f, l, r)
+    assert_close(y, y_ref, np.float32, f"{backend} forward")
+    for name, g, g_ref in zip(("d lhs", "d rhs"), vjp(ct), vjp_ref(ct)):
+      assert_close(g, g_ref, np.float32, f"{backend} {name}")

@@ -117,7 +117,27 @@ def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
           and lhs_shape[batch] // params["batch_group_count"] >= strip)
 
 
-def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None) -> str | None:
+# XLA:CPU's own convolution of a narrow transposed layer is about 2x faster
+# with AVX-512 than without, the portable path's GEMM much less so, and the
+# kernel's narrow path is the one tuned on AVX-512. So on a CPU with AVX2 but
+# no AVX-512 (the kernel's CPU_ISA_AVX2), float32 narrow layers with lhs
+# dilation go to the portable path: measured on the AVX2 EPYC
+# (benchmarks/results/cpu_epyc_avx2_2core.json), forwards 2.34 ms (XLA 3.96)
+# for DCGAN's 3-channel layer and 2.70 (5.55) for FSRCNN's 1-channel one, and
+# FSRCNN's filter gradient 3.20 ms (kernel 4.43). On the AVX-512 EPYC
+# (cpu_epyc_2core.json) XLA's forwards took 1.26 and 1.77 ms, the portable
+# path's 2.33 and 2.63, and the kernel's filter gradient 1.6 ms against 2.1.
+CPU_ISA_AVX2 = 1
+
+
+def cpu_isa() -> int:
+  """The CPU kernel's instruction set: 2 AVX-512F, 1 AVX2+FMA, 0 portable C++
+  (``CKS_CPU_ISA=0`` or ``1`` caps it, as for the kernel)."""
+  from cks_jax._src import ffi  # the extension, only where a CPU choice is made
+  return int(ffi.extension().cpu_isa())
+
+
+def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str | None:
   """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
 
   A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) of at
@@ -125,20 +145,32 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None) -> str | None:
   takes it (:func:`kernel_narrow`, needs the lhs ``dtype``). Otherwise it goes
   to the portable path when it has the shape of a filter gradient (fewer
   output positions than kernel taps) with lhs dilation, else to XLA's
-  convolution.
+  convolution. On an AVX2 CPU without AVX-512 (``isa``, by default
+  :func:`cpu_isa`), float32 narrow outputs with lhs dilation (transposed
+  convolutions, and filter gradients of one feature) go to the portable path
+  (see ``CPU_ISA_AVX2``).
   """
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   groups = params["feature_group_count"] * params["batch_group_count"]
-  if rhs_shape[rhs_spec[0]] // groups >= CPU_MIN_FEATURES:
+  features = rhs_shape[rhs_spec[0]] // groups
+  if features >= CPU_MIN_FEATURES:
     return None
   out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
   positions = math.prod(out_shape[d] for d in out_spec[2:])
   taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
   macs = (math.prod(out_shape) * rhs_shape[rhs_spec[1]] * taps
           // math.prod(params["lhs_dilation"]))
-  if macs < CPU_MIN_MACS or kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+  if macs < CPU_MIN_MACS:
     return None
-  if positions <= taps and any(a > 1 for a in params["lhs_dilation"]):
+  deconv = any(a > 1 for a in params["lhs_dilation"])
+  gradient = positions <= taps
+  if (deconv and dtype is not None and np.dtype(dtype) == np.float32
+      and (not gradient or features == 1)):
+    if (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2:
+      return "portable"
+  if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+    return None
+  if gradient and deconv:
     return "portable"
   return "xla"
 

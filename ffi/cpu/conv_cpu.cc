@@ -982,6 +982,8 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
 
 int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
+int cpu_isa() { return gemm::gemm_isa(); }
+
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
 // packed B shared by all tasks, and the buffers of each thread that runs tasks.
 bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
