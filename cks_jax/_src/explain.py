@@ -35,9 +35,8 @@ class Explanation:
     scratch: on the CPU kernel (backend ``"cks-cpu"``), the extra memory of
       one call in bytes, as ``{"packed_b": ..., "per_thread": ..., "threads":
       ..., "widened": ..., "total": ...}``: B packed once and shared by all
-      tasks (kept for later calls, up to 32 MB of such buffers in all), the
-      buffers of each thread that runs tasks (offset tables, packed A and B
-      blocks, one output tile; they persist between calls), the
+      tasks, the buffers of each thread that runs tasks (offset tables, packed
+      A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands and output. None on other backends.
       Never a padded or zero-inserted copy of any tensor.

@@ -26,11 +26,9 @@
 #include <condition_variable>
 #include <functional>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -84,67 +82,6 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->done.load() == n; });
 }
-
-// ------------------------------------------------------------ shared scratch
-// The packed B that a call's tasks share is taken from here and given back
-// after the call. Freshly allocated, its pages were faulted in on every call,
-// which cost as much as packing them (the DCGAN generator's 2 MB of k4 s2
-// weights: about 0.5 ms of a 1.8 ms forward). Buffers kept between calls total
-// at most kKeptScratchBytes; the oldest go first.
-constexpr int64_t kKeptScratchBytes = int64_t{32} << 20;
-
-class ScratchPool {
- public:
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  using Buffer = std::unique_ptr<char, Free>;
-  struct Kept {
-    Buffer p;
-    int64_t bytes = 0;
-  };
-
-  static ScratchPool& get() {
-    static ScratchPool* pool = new ScratchPool;  // never destroyed: used at exit
-    return *pool;
-  }
-
-  // A buffer of at least `bytes`, 64-byte aligned: the smallest kept one
-  // that is large enough, else a new one.
-  Kept take(int64_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      int64_t best = -1;
-      for (int64_t i = 0; i < static_cast<int64_t>(kept_.size()); ++i)
-        if (kept_[i].bytes >= bytes && (best < 0 || kept_[i].bytes < kept_[best].bytes)) best = i;
-      if (best >= 0) {
-        Kept k = std::move(kept_[best]);
-        kept_.erase(kept_.begin() + best);
-        total_ -= k.bytes;
-        return k;
-      }
-    }
-    const int64_t rounded = round_up64(bytes);
-    return Kept{Buffer(static_cast<char*>(std::aligned_alloc(64, rounded))), rounded};
-  }
-
-  void give(Kept k) {
-    if (k.p == nullptr || k.bytes > kKeptScratchBytes) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    while (total_ + k.bytes > kKeptScratchBytes) {
-      total_ -= kept_.front().bytes;
-      kept_.erase(kept_.begin());
-    }
-    total_ += k.bytes;
-    kept_.push_back(std::move(k));
-  }
-
- private:
-  static int64_t round_up64(int64_t x) { return (x + 63) / 64 * 64; }
-  std::mutex mu_;
-  std::vector<Kept> kept_;
-  int64_t total_ = 0;
-};
 
 using gemm::gemm_block;
 using gemm::IndirectA;
@@ -883,12 +820,9 @@ struct CksConv {
     // pack B block by block as they go, which keeps each block in cache
     // (d-rhs: few rows, long reductions).
     const SharedB sb = shared_b();
-    ScratchPool::Kept scratch;
-    if (sb.elements() > 0) {
-      scratch = ScratchPool::get().take(sb.elements() * static_cast<int64_t>(sizeof(Acc)));
-      if (scratch.p == nullptr) throw std::bad_alloc();
-    }
-    Acc* const Bshared = reinterpret_cast<Acc*>(scratch.p.get());
+    std::unique_ptr<Acc[]> packed;
+    if (sb.elements() > 0) packed.reset(new Acc[sb.elements()]);
+    Acc* const Bshared = packed.get();
     const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
     if (sb.phase) {
       // In panel ranges, so that every worker packs: a strided conv's
@@ -923,7 +857,6 @@ struct CksConv {
         run(t, Bph, shared ? Bshared + sb.b_off[t.sp * G + t.group] : nullptr);
       }
     });
-    ScratchPool::get().give(std::move(scratch));
   }
 };
 
