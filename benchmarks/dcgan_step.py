@@ -2,8 +2,9 @@
 
 N16, latent 100 (1x1) -> ConvTranspose k4 s1 p0 -> 4x4x256 -> k4 s2 p1 -> 8x8x128 -> 16x16x64
 -> 32x32x32 -> 64x64x3; ReLU between, tanh last, no bias, MSE loss, SGD; jitted; fp32, NHWC.
-PyTorch (if installed) runs the same model from the same weights, channels-last, with
-ConvTranspose2d; its first loss is checked against cks-jax's before it is timed.
+cks-jax and XLA steps alternate within each timed round. PyTorch (if installed) runs the same
+model from the same weights, channels-last, with ConvTranspose2d, timed after them (its OpenMP
+threads would spin into the next JAX step); its first loss is checked against cks-jax's first.
 Run: python benchmarks/dcgan_step.py  (prints median step times and the ratios).
 """
 import statistics
@@ -48,16 +49,18 @@ def make_step(mod):
   return step
 
 
-def bench(step, ws, z, y, n=10):
-  ws = step(ws, z, y)
-  jax.block_until_ready(ws)
-  times = []
+def bench(steps, ws, z, y, n=10):
+  """Median ms per step of each of ``steps`` (name -> jitted step), called in
+  turn within each of ``n`` rounds: a change in the machine's load then moves
+  every column alike, not the ratios between them."""
+  state = {k: jax.block_until_ready(f(ws, z, y)) for k, f in steps.items()}
+  times = {k: [] for k in steps}
   for _ in range(n):
-    t0 = time.perf_counter()
-    ws = step(ws, z, y)
-    jax.block_until_ready(ws)
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+    for k, f in steps.items():
+      t0 = time.perf_counter()
+      state[k] = jax.block_until_ready(f(state[k], z, y))
+      times[k].append(time.perf_counter() - t0)
+  return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
 def torch_step(ws, z, y):
@@ -115,8 +118,8 @@ if __name__ == "__main__":
   z = jnp.asarray(np.random.default_rng(0).standard_normal((16, 1, 1, 100)), jnp.float32)
   y = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (16, 64, 64, 3)), jnp.float32)
   assert generator(cks_jax, ws, z).shape == (16, 64, 64, 3)
-  t_cks = bench(make_step(cks_jax), ws, z, y)
-  t_xla = bench(make_step(lax), ws, z, y, n=5)
+  t = bench({"cks": make_step(cks_jax), "xla": make_step(lax)}, ws, z, y)
+  t_cks, t_xla = t["cks"], t["xla"]
   line = (f"DCGAN generator step: cks-jax {t_cks:.1f} ms, XLA {t_xla:.1f} ms "
           f"(cks {t_xla / t_cks:.1f}x XLA)")
   tstep = torch_step(ws, z, y)
