@@ -111,8 +111,8 @@ NARROW = [((16, 32, 32, 64), (4, 4, 64, 3), [(2, 2), (2, 2)], (2, 2)),
 @pytest.mark.parametrize("isa", [1, 2])
 def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
   # On an AVX2 CPU without AVX-512, float32 and bfloat16 narrow transposed layers and the
-XX
-  # narrow path measured slower there); with AVX-512 to XLA and the kernel.
+  # filter gradient of the one-feature layer go to the portable path (XLA's convolution and
+  # the kernel's narrow path measured slower there); with AVX-512 to XLA and the kernel.
   from cks_jax._src import backends
   monkeypatch.setattr(backends, "cpu_isa", lambda: isa)
   for lhs, rhs, pad, s in NARROW:
