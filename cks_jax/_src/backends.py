@@ -117,11 +117,11 @@ def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
           and lhs_shape[batch] // params["batch_group_count"] >= strip)
 
 
-# XLA:CPU's own convolution of a narrow transposed layer is about 2x faster
-# with AVX-512 than without, the portable path's GEMM much less so, and the
-# kernel's narrow path is the one tuned on AVX-512. So on a CPU with AVX2 but
-# no AVX-512 (the kernel's CPU_ISA_AVX2), float32 narrow layers with lhs
-# dilation go to the portable path: measured on the AVX2 EPYC
+# XLA:CPU's own convolution of a narrow transposed layer took about 3x longer
+# on the AVX2 EPYC than on the AVX-512 one, the portable path about as long
+# on both, and the kernel's narrow path is the one tuned on AVX-512. So on a
+# CPU with AVX2 but no AVX-512 (the kernel's CPU_ISA_AVX2), narrow layers with
+# lhs dilation go to the portable path: measured on the AVX2 EPYC
 # (benchmarks/results/cpu_epyc_avx2_2core.json), forwards 2.34 ms (XLA 3.96)
 # for DCGAN's 3-channel layer and 2.70 (5.55) for FSRCNN's 1-channel one, and
 # FSRCNN's filter gradient 3.20 ms (kernel 4.43). On the AVX-512 EPYC
