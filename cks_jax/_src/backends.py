@@ -140,19 +140,11 @@ def cpu_isa() -> int:
   return int(ffi.extension().cpu_isa())
 
 
-def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str | None:
-  """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
-
-  A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) of at
-  least ``CPU_MIN_MACS`` multiply-adds stays on the kernel if its narrow path
-  takes it (:func:`kernel_narrow`, needs the lhs ``dtype``). Otherwise it goes
-  to the portable path when it has the shape of a filter gradient (fewer
-  output positions than kernel taps) with lhs dilation, else to XLA's
-  convolution. On an AVX2 CPU without AVX-512 (``isa``, by default
-  :func:`cpu_isa`), float32 and bfloat16 narrow outputs with lhs dilation (transposed
-  convolutions, and filter gradients of one feature) go to the portable path
-  (see ``CPU_ISA_AVX2``).
-  """
+def _narrow_facts(params, lhs_shape, rhs_shape):
+  """For a narrow output (fewer than ``CPU_MIN_FEATURES`` features per group)
+  of at least ``CPU_MIN_MACS`` multiply-adds: (features per group, whether it
+  has a filter gradient's shape (fewer output positions than kernel taps),
+  whether it has lhs dilation). None for any other problem."""
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   groups = params["feature_group_count"] * params["batch_group_count"]
   features = rhs_shape[rhs_spec[0]] // groups
@@ -165,17 +157,43 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
           // math.prod(params["lhs_dilation"]))
   if macs < CPU_MIN_MACS:
     return None
-  deconv = any(a > 1 for a in params["lhs_dilation"])
-  gradient = positions <= taps
-  if (deconv and dtype is not None and np.dtype(dtype) in CPU_ISA_AVX2_DTYPES
-      and (not gradient or features == 1)):
-    if (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2:
-      return "portable"
+  return features, positions <= taps, any(a > 1 for a in params["lhs_dilation"])
+
+
+def avx2_rule(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> bool:
+  """Whether ``"auto"``'s AVX2 rule (see ``CPU_ISA_AVX2``) sends this
+  problem to the portable path: on a CPU without AVX-512 (``isa``, by default
+  :func:`cpu_isa`), a float32 or bfloat16 narrow output with lhs dilation, a
+  transposed convolution or the filter gradient of a one-feature layer."""
+  facts = _narrow_facts(params, lhs_shape, rhs_shape)
+  if facts is None or dtype is None or np.dtype(dtype) not in CPU_ISA_AVX2_DTYPES:
+    return False
+  features, gradient, deconv = facts
+  if not deconv or (gradient and features != 1):
+    return False
+  return (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2
+
+
+def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str | None:
+  """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
+
+  A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) of at
+  least ``CPU_MIN_MACS`` multiply-adds goes to the portable path where
+  :func:`avx2_rule` says so (``isa`` as there). Otherwise it stays on the
+  kernel if its narrow path takes it (:func:`kernel_narrow`, needs the lhs
+  ``dtype``), else goes to the portable path when it has the shape of a filter
+  gradient (fewer output positions than kernel taps) with lhs dilation, else
+  to XLA's convolution.
+  """
+  facts = _narrow_facts(params, lhs_shape, rhs_shape)
+  if facts is None:
+    return None
+  if avx2_rule(params, lhs_shape, rhs_shape, dtype, isa):
+    return "portable"
   if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
     return None
-  if gradient and deconv:
-    return "portable"
-  return "xla"
+  _, gradient, deconv = facts
+  return "portable" if gradient and deconv else "xla"
 
 
 def choose(requested: str, platform: str, kernel_platforms, params,

@@ -106,8 +106,7 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   elif platform in kernels:
     why = (f"fewer than {backends.CPU_MIN_FEATURES} output features per group, where the "
            "CPU kernel was measured slower")
-    if (chosen == "portable" and any(a > 1 for a in params["lhs_dilation"])
-        and backends.cpu_isa() == backends.CPU_ISA_AVX2):
+    if backends.avx2_rule(params, lhs_shape, rhs_shape, dtype):
       why += " (and, on this CPU with AVX2 but no AVX-512, XLA's convolution too)"
   elif platform == "cuda":
     why = "the CUDA library was not built (no nvcc at install time)"
