@@ -9,7 +9,8 @@
   Tested where sub-problems trim differently (small maps, big kernels, several phases,
   groups, 1D/3D, several column panels).
 - Outputs over 8 MB are written with non-temporal stores where rows are aligned vectors.
-- The GEMM's A sources (RunA, IndirectA, PackedA) and C destinations (the output itself, or a
+- The GEMM's A sources (RunA, IndirectA, PackedA, and A packed where a strided conv's filter
+  gradient would read it in place) and C destinations (the output itself, or a
   scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
 """
 import os
@@ -191,6 +192,9 @@ GEMM_CASES = [
     # every phase of a k2 s2 transposed conv, the untrimmed taps of a SAME 3x3
     ((2, 12, 20, 40), (2, 2, 40, 24), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
     ((2, 16, 16, 24), (3, 3, 24, 16), ((1, 1), "SAME"), {}),
+    # stride 2, 130 features: the filter gradient's A (rows: the 100 input channels, two row
+    # blocks) is packed, not read in place (packs_strided_a); 300 reduction indices per tap
+    ((3, 20, 20, 100), (3, 3, 100, 130), ((2, 2), "SAME"), {}),
     # an output over 2 MB (kStreamTilesBytes) from one reduction block, 32-byte
     # aligned rows: the AVX2 kernel writes its whole tiles with streaming stores
     ((3, 64, 64, 16), (2, 2, 16, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),

@@ -505,6 +505,34 @@ struct CksConv {
     }
   }
 
+  // A that could be read in place through offsets (IndirectA) is packed
+  // (pack_a_rows) when its rows are contiguous (a filter gradient's, the
+  // input channels) and successive reduction indices skip through the input
+  // (the window stride of a strided conv): every index then reads a new line
+  // of which the row block uses a part, once per column panel. Packing reads
+  // it once; the gain grows with the stride and with the panels that reuse
+  // the packed block. Measured in process, d-filter of stride-2 layers with
+  // 128-512 features 0.54-0.79x the time, stride 4 with 64 features 0.69x;
+  // but 1.06x for stride 2 with 64 features, and 1.14-1.28x where the input
+  // is read with stride 1 (7x7, grouped, 3D, k8 s4 transposed).
+  bool packs_strided_a(const SubProblem& sp, int64_t cols) const {
+    const int64_t panels = (std::min(kNC, cols) + NR - 1) / NR;
+    return pb.lhs_n == 1 && !channels_inner() && sp.phase[pb.nd - 1]->tstride * panels >= 16;
+  }
+  // As pack_a, for A read in place (Tin == Acc), reduction index outer: a
+  // panel's MR rows at one index are contiguous where the rows are.
+  void pack_a_rows(const std::vector<int64_t>& lhs_row, const std::vector<int64_t>& lhs_red,
+                   int64_t kc0, int64_t kc, Acc* dst) const {
+    const Acc* a = lhs_in_acc();
+    const int64_t* ro = lhs_red.data() + kc0;
+    for (int64_t ir = 0; ir < static_cast<int64_t>(lhs_row.size()); ir += MR) {
+      Acc* panel = dst + ir * kc;
+      const int64_t* rows = lhs_row.data() + ir;
+      for (int64_t p = 0; p < kc; ++p)
+        for (int i = 0; i < MR; ++i) panel[p * MR + i] = a[rows[i] + ro[p]];
+    }
+  }
+
   // Outputs far larger than the caches are written with non-temporal stores
   // (AVX-512 machines only).
   bool stream_out() const { return gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes; }
@@ -542,6 +570,7 @@ struct CksConv {
     if (indirect)  // padding rows re-read row 0; their results are never stored
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
     red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
+    const bool packs_a = indirect && !as_runs && packs_strided_a(sp, t.col1 - t.col0);
     // C (+)= A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
     auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad,
                         const auto& C) {
@@ -549,9 +578,13 @@ struct CksConv {
         const gemm::RunA<Acc> A{lhs_in_acc(), lhs_row.data(), runs.ra, runs.R, runs.sa,
                                 kc0 / runs.R, kc0 % runs.R};
         gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
-      } else if (indirect) {
+      } else if (indirect && !packs_a) {
         const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
         gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+      } else if (indirect) {
+        Ap.resize(mc_pad * kc);
+        pack_a_rows(lhs_row, lhs_red, kc0, kc, Ap.data());
+        gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
       } else {
         Ap.resize(mc_pad * kc);
         pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
@@ -793,7 +826,8 @@ struct CksConv {
       b[3] = red * I * ((as_runs ? 0 : 1) + (own_b ? 1 : 0));            // lhs_red, rhs_red
       b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
-      b[5] = reads_a_in_place() ? 0 : mc_pad * kc_max * A;               // Ap
+      const bool packs_a = !reads_a_in_place() || (!as_runs && packs_strided_a(sp, t.col1 - t.col0));
+      b[5] = packs_a ? mc_pad * kc_max * A : 0;                          // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
       b[7] = writes_out_in_place() ? 0 : mc_pad * nc_pad * A;            // Cbuf
       b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
