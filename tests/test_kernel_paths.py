@@ -195,6 +195,8 @@ GEMM_CASES = [
     # stride 2, 130 features: the filter gradient's A (rows: the 100 input channels, two row
     # blocks) is packed, not read in place (packs_strided_a); 300 reduction indices per tap
     ((3, 20, 20, 100), (3, 3, 100, 130), ((2, 2), "SAME"), {}),
+    # the same, 35 outputs wide: A would be read as runs of 35 positions, and is packed too
+    ((1, 8, 70, 100), (3, 3, 100, 130), ((2, 2), "SAME"), {}),
     # an output over 2 MB (kStreamTilesBytes) from one reduction block, 32-byte
     # aligned rows: the AVX2 kernel writes its whole tiles with streaming stores
     ((3, 64, 64, 16), (2, 2, 16, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),

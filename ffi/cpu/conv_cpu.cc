@@ -514,19 +514,20 @@ struct CksConv {
     }
   }
 
-  // A that could be read in place through offsets (IndirectA) is packed
-  // (pack_a) when its rows are contiguous (a filter gradient's, the
+  // A that could be read in place (as runs, or through an offset per index)
+  // is packed (pack_a) when its rows are contiguous (a filter gradient's, the
   // input channels) and successive reduction indices skip through the input
   // (the window stride of a strided conv): every index then reads a new line
   // of which the row block uses a part, once per column panel. Packing reads
   // it once; the gain grows with the stride and with the panels that reuse
   // the packed block. Measured in process, d-filter of stride-2 layers with
-  // 128-512 features 0.54-0.79x the time, stride 4 with 64 features 0.69x;
-  // but 1.06x for stride 2 with 64 features, and 1.14-1.28x where the input
-  // is read with stride 1 (7x7, grouped, 3D, k8 s4 transposed).
+  // 128-512 features 0.50-0.86x the time, stride 4 with 64 features 0.69x;
+  // but 1.06x for stride 2 with 64 features, and 1.06-1.37x where the input
+  // is read with stride 1 (7x7, grouped, 3D, dilated, k8 s4 transposed).
   bool packs_strided_a(const SubProblem& sp, int64_t cols) const {
     const int64_t panels = (std::min(kNC, cols) + NR - 1) / NR;
-    return pb.lhs_n == 1 && !channels_inner() && sp.phase[pb.nd - 1]->tstride * panels >= 16;
+    const int64_t stride = sp.phase[pb.nd - 1]->tstride;
+    return pb.lhs_n == 1 && !channels_inner() && stride > 1 && stride * panels >= 16;
   }
   // Outputs far larger than the caches are written with non-temporal stores
   // (AVX-512 machines only).
@@ -564,12 +565,12 @@ struct CksConv {
     const bool as_runs = indirect && runs.R >= kMinRun;
     if (indirect)  // padding rows re-read row 0; their results are never stored
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
-    red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
-    const bool packs_a = indirect && !as_runs && packs_strided_a(sp, t.col1 - t.col0);
+    const bool packs_a = indirect && packs_strided_a(sp, t.col1 - t.col0);
+    red_offsets(t.sp, as_runs && !packs_a ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
     // C (+)= A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
     auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad,
                         const auto& C) {
-      if (as_runs) {
+      if (as_runs && !packs_a) {
         const gemm::RunA<Acc> A{lhs_in_acc(), lhs_row.data(), runs.ra, runs.R, runs.sa,
                                 kc0 / runs.R, kc0 % runs.R};
         gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
@@ -814,11 +815,11 @@ struct CksConv {
     if (narrow()) {
       b[3] = 2 * runs * I;  // ra, rb
     } else {
-      b[3] = red * I * ((as_runs ? 0 : 1) + (own_b ? 1 : 0));            // lhs_red, rhs_red
+      const bool packs_a = !reads_a_in_place() || packs_strided_a(sp, t.col1 - t.col0);
+      const bool lhs_red = !as_runs || packs_a;
+      b[3] = red * I * ((lhs_red ? 1 : 0) + (own_b ? 1 : 0));            // lhs_red, rhs_red
       b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
-      const bool packs_a =
-          !reads_a_in_place() || (!as_runs && packs_strided_a(sp, t.col1 - t.col0));
       b[5] = packs_a ? mc_pad * kc_max * A : 0;                          // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
       b[7] = writes_out_in_place() ? 0 : mc_pad * nc_pad * A;            // Cbuf
