@@ -522,8 +522,9 @@ struct CksConv {
   // it once; the gain grows with the stride and with the panels that reuse
   // the packed block. Measured in process, d-filter of stride-2 layers with
   // 128-512 features 0.50-0.86x the time, stride 4 with 64 features 0.69x;
-  // but 1.06x for stride 2 with 64 features, and 1.06-1.37x where the input
-  // is read with stride 1 (7x7, grouped, 3D, dilated, k8 s4 transposed).
+  // but no gain for stride 2 with 64 features (0.98-1.06x), and for most
+  // layers whose input is read with stride 1 1.06-1.37x (7x7, grouped, 3D,
+  // dilated, k8 s4 transposed).
   bool packs_strided_a(const SubProblem& sp, int64_t cols) const {
     const int64_t panels = (std::min(kNC, cols) + NR - 1) / NR;
     const int64_t stride = sp.phase[pb.nd - 1]->tstride;
