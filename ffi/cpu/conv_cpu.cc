@@ -530,6 +530,11 @@ struct CksConv {
     const int64_t stride = sp.phase[pb.nd - 1]->tstride;
     return pb.lhs_n == 1 && !channels_inner() && stride > 1 && stride * panels >= 16;
   }
+  // A is packed block by block (pack_a): where it needs a conversion, or
+  // where packs_strided_a. run and task_buffers both ask here.
+  bool packs_a(const Task& t) const {
+    return !reads_a_in_place() || packs_strided_a(plan.subproblems[t.sp], t.col1 - t.col0);
+  }
   // Outputs far larger than the caches are written with non-temporal stores
   // (AVX-512 machines only).
   bool stream_out() const { return gemm::gemm_isa() == 2 && out_bytes() > kStreamOutBytes; }
@@ -561,24 +566,24 @@ struct CksConv {
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     row_offsets(t, lhs_row, out_row);
     const bool indirect = reads_a_in_place(), in_place = writes_out_in_place();
-    // As reads_a_as_runs, with the runs built once.
+    // As reads_a_as_runs, with the runs built once; A is walked as runs
+    // unless it is packed.
     const gemm::NarrowRuns runs = indirect ? a_runs(t.sp, ra, rb) : gemm::NarrowRuns{};
-    const bool as_runs = indirect && runs.R >= kMinRun;
+    const bool packed = packs_a(t), as_runs = indirect && !packed && runs.R >= kMinRun;
     if (indirect)  // padding rows re-read row 0; their results are never stored
       for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
-    const bool packs_a = indirect && packs_strided_a(sp, t.col1 - t.col0);
-    red_offsets(t.sp, as_runs && !packs_a ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
+    red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
     // C (+)= A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
     auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad,
                         const auto& C) {
-      if (as_runs && !packs_a) {
+      if (as_runs) {
         const gemm::RunA<Acc> A{lhs_in_acc(), lhs_row.data(), runs.ra, runs.R, runs.sa,
                                 kc0 / runs.R, kc0 % runs.R};
         gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
-      } else if (indirect && !packs_a) {
+      } else if (!packed) {
         const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
         gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
-      } else {  // packed: a conversion, or packs_a
+      } else {
         Ap.resize(mc_pad * kc);
         pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
         gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
@@ -816,12 +821,11 @@ struct CksConv {
     if (narrow()) {
       b[3] = 2 * runs * I;  // ra, rb
     } else {
-      const bool packs_a = !reads_a_in_place() || packs_strided_a(sp, t.col1 - t.col0);
-      const bool lhs_red = !as_runs || packs_a;
+      const bool packed = packs_a(t), lhs_red = !as_runs || packed;
       b[3] = red * I * ((lhs_red ? 1 : 0) + (own_b ? 1 : 0));            // lhs_red, rhs_red
       b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
-      b[5] = packs_a ? mc_pad * kc_max * A : 0;                          // Ap
+      b[5] = packed ? mc_pad * kc_max * A : 0;                           // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
       b[7] = writes_out_in_place() ? 0 : mc_pad * nc_pad * A;            // Cbuf
       b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
