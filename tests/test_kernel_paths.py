@@ -12,6 +12,7 @@
 - The GEMM's A sources (RunA, IndirectA, PackedA, and A packed where a strided conv's filter
   gradient would read it in place) and C destinations (the output itself, or a
   scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
+- Filter gradients of large operands with the taps interleaved (run_taps).
 """
 import os
 import subprocess
@@ -212,6 +213,39 @@ def test_gemm_sources_and_destinations(case, dtype):
           **{"dimension_numbers": DN2, **kw})
 
 
+# Filter gradients whose input and cotangent together reach 6 MB (kTapsMinBytes), with at most
+# 16 sub-problems and 8 or more chunks of rows: every task runs all taps on one chunk of the
+# cotangent before the next (run_taps), into one output block per tap.
+TAPS_CASES = [
+    # 3x3 SAME, 100 input channels (rows cut into MR-aligned blocks of unequal length), 21
+    # features (a partial column panel); 9 sub-problems trimmed differently
+    ((8, 48, 48, 100), (3, 3, 100, 21), ((1, 1), "SAME"), {}),
+    # 1D dilated (WaveNet-like), padding that trims the edge taps
+    ((4, 3000, 96), (3, 96, 40), ((1,), [(4, 4)], (1,), (4,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # k4 s2 transposed (KS-deconv) with 2 feature groups: 16 sub-problems whose taps step by 2
+    ((24, 16, 16, 128), (4, 4, 64, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 2}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(TAPS_CASES)))
+def test_interleaved_taps(case, dtype):
+  lhs_shape, rhs_shape, args, kw = TAPS_CASES[case]
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=40 + case,
+          **{"dimension_numbers": DN2, **kw})
+
+
+def test_interleaved_taps_16bit():
+  # bfloat16 operands: A and B converted as they are packed, the output through scratch blocks
+  lhs_shape, rhs_shape, args, kw = TAPS_CASES[0]
+  with cks_jax.use_backend("ffi"):
+    check((16,) + lhs_shape[1:], rhs_shape, *args, dtype=jnp.bfloat16, seed=50,
+          dimension_numbers=DN2, **kw)
+
+
 @pytest.mark.parametrize("isa", ["0", "1"])
 def test_narrower_kernels(isa):
   # CKS_CPU_ISA caps the kernel choice (read once per process, so in a
@@ -222,7 +256,8 @@ def test_narrower_kernels(isa):
       jax.config.update("jax_enable_x64", True)
       import numpy as np, cks_jax, test_kernel_paths as k
       from oracle import check
-      cases = k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
+      cases = (k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
+               + k.TAPS_CASES[:1])
       with cks_jax.use_backend("ffi"):
         for i, (l, r, args, kw) in enumerate(cases):
           for dtype in (np.float64, np.float32):
@@ -235,4 +270,4 @@ def test_narrower_kernels(isa):
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=here, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 6)]
+  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 7)]
