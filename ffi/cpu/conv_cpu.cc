@@ -417,7 +417,7 @@ struct CksConv {
   // sub-problem multiplies the reduction indices it has there, a contiguous
   // range, into its own scratch block, copied out at the end (in process,
   // writing in place instead took 1.26x the time with the AVX-512 kernel
-  // and 1.02-1.15x with the AVX2 one). Each output element is still summed in
+  // and 0.98-1.15x with the AVX2 one). Each output element is still summed in
   // reduction order by one task, in blocks that depend on the shapes alone,
   // so the bits do not depend on the thread count.
   struct TapState {
