@@ -239,7 +239,8 @@ def test_interleaved_taps(case, dtype):
 
 
 def test_interleaved_taps_16bit():
-  # bfloat16 operands: A and B converted as they are packed, the output through scratch blocks
+  # bfloat16 operands, widened to float32 around the kernel (as every 16-bit conv on the CPU):
+  # the float32 operands are what reach kTapsMinBytes
   lhs_shape, rhs_shape, args, kw = TAPS_CASES[0]
   with cks_jax.use_backend("ffi"):
     check((16,) + lhs_shape[1:], rhs_shape, *args, dtype=jnp.bfloat16, seed=50,
