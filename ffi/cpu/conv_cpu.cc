@@ -420,33 +420,18 @@ struct CksConv {
   // and 0.98-1.15x with the AVX2 one). Each output element is still summed in
   // reduction order by one task, in blocks that depend on the shapes alone,
   // so the bits do not depend on the thread count.
-  struct TapState {
-    Task t;
-    std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, ra, rb;
-    gemm::NarrowRuns runs;
-    bool packed = false, as_runs = false;
-  };
   void run_taps(const Task& task) const {
-    const int64_t Fg = pb.group_out(), Cg = pb.group_in();
-    thread_local std::vector<TapState> st;
+    const int64_t Cg = pb.group_in();
+    thread_local std::vector<TaskA> st;
+    thread_local std::vector<Task> sub;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     if (st.size() < static_cast<size_t>(nsp())) st.resize(nsp());
-    const bool indirect = reads_a_in_place();
+    sub.resize(nsp());
     const int64_t mc_max = round_up(task.row1 - task.row0, MR);
     const int64_t nc_max = round_up(std::min(kNC, task.col1 - task.col0), NR);
     for (int64_t s = 0; s < nsp(); ++s) {
-      TapState& x = st[s];
-      x.t = sub_task(task, s);
-      if (x.t.row1 <= x.t.row0) continue;
-      row_offsets(x.t, x.lhs_row, x.out_row);
-      if (plan.subproblems[s].taps == 0) continue;  // its outputs are zeros
-      const int64_t mc = x.t.row1 - x.t.row0;
-      x.runs = indirect ? a_runs(s, x.ra, x.rb) : gemm::NarrowRuns{};
-      x.packed = packs_a(x.t);
-      x.as_runs = indirect && !x.packed && x.runs.R >= kMinRun;
-      if (indirect)
-        for (int64_t r = mc; r < round_up(mc, MR); ++r) x.lhs_row[r] = x.lhs_row[0];
-      red_offsets(s, x.as_runs ? nullptr : &x.lhs_red, &x.rhs_red);
+      sub[s] = sub_task(task, s);
+      if (sub[s].row1 > sub[s].row0) prepare_a(sub[s], true, st[s]);
     }
     Cbuf.resize(nsp() * mc_max * nc_max);
     const int64_t H = tap_chunk_rows(), J = pb.dim[0].k_size;
@@ -455,41 +440,23 @@ struct CksConv {
       std::fill(Cbuf.begin(), Cbuf.end(), Acc(0));
       for (int64_t g0 = 0; g0 < Cg * J; g0 += H)
         for (int64_t s = 0; s < nsp(); ++s) {
-          TapState& x = st[s];
           const SubProblem& sp = plan.subproblems[s];
-          if (x.t.row1 <= x.t.row0 || sp.taps == 0) continue;
+          const int64_t mc = sub[s].row1 - sub[s].row0;
+          if (mc <= 0 || sp.taps == 0) continue;  // no rows, or outputs all zero
           const int64_t k0 = tap_index(sp, g0, J);
           const int64_t k1 = tap_index(sp, std::min(g0 + H, Cg * J), J);
-          const int64_t mc = x.t.row1 - x.t.row0, mc_pad = round_up(mc, MR);
           for (int64_t kc0 = k0; kc0 < k1; kc0 += kKC) {
             const int64_t kc = std::min(kKC, k1 - kc0);
             Bp.resize(nc_max * kc);
-            pack_b_block(x.rhs_red, x.t.group, nc0, nc, kc0, kc, Bp.data());
-            const gemm::BufC<Acc> C{Cbuf.data() + s * mc_max * nc_max, nc_pad};
-            if (x.as_runs) {
-              const gemm::RunA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.runs.ra, x.runs.R,
-                                      x.runs.sa, kc0 / x.runs.R, kc0 % x.runs.R};
-              gemm_block(mc_pad, nc_pad, kc, A, Bp.data(), kc * NR, C);
-            } else if (!x.packed) {
-              const IndirectA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.lhs_red.data() + kc0};
-              gemm_block(mc_pad, nc_pad, kc, A, Bp.data(), kc * NR, C);
-            } else {
-              Ap.resize(mc_max * kc);
-              pack_a(x.lhs_row, x.lhs_red, kc0, kc, Ap.data());
-              gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, Bp.data(), kc * NR, C);
-            }
+            pack_b_block(st[s].rhs_red, task.group, nc0, nc, kc0, kc, Bp.data());
+            multiply_a(st[s], mc, kc0, kc, Bp.data(), kc * NR, nc_pad,
+                       gemm::BufC<Acc>{Cbuf.data() + s * mc_max * nc_max, nc_pad}, Ap);
           }
         }
-      for (int64_t s = 0; s < nsp(); ++s) {
-        const TapState& x = st[s];
-        if (x.t.row1 <= x.t.row0) continue;
-        const int64_t mc = x.t.row1 - x.t.row0;
-        for (int64_t r = 0; r < mc; ++r) {
-          Tout* dst = out + x.out_row[r] + (x.t.group * Fg + nc0) * pb.out_c;
-          const Acc* src = Cbuf.data() + s * mc_max * nc_max + r * nc_pad;
-          for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
-        }
-      }
+      for (int64_t s = 0; s < nsp(); ++s)
+        if (sub[s].row1 > sub[s].row0)
+          copy_out(st[s].out_row.data(), sub[s].row1 - sub[s].row0, task.group, nc0, nc,
+                   Cbuf.data() + s * mc_max * nc_max, nc_pad, false);
       nc0 += nc;
     }
   }
@@ -739,6 +706,67 @@ struct CksConv {
     return gemm::gemm_isa() == 1 && aligned && out_bytes() > kStreamTilesBytes;
   }
 
+  // How one task reads A (run, run_taps): its row offsets, the runs or the
+  // offset table of its reduction, B's offset table where B is packed here.
+  struct TaskA {
+    std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, ra, rb;
+    gemm::NarrowRuns runs;
+    bool packed = false, as_runs = false;
+  };
+  void prepare_a(const Task& t, bool rhs_table, TaskA& x) const {
+    row_offsets(t, x.lhs_row, x.out_row);
+    const bool indirect = reads_a_in_place();
+    const int64_t mc = t.row1 - t.row0;
+    // As reads_a_as_runs, with the runs built once; A is walked as runs
+    // unless it is packed.
+    x.runs = indirect ? a_runs(t.sp, x.ra, x.rb) : gemm::NarrowRuns{};
+    x.packed = packs_a(t);
+    x.as_runs = indirect && !x.packed && x.runs.R >= kMinRun;
+    if (indirect)  // padding rows re-read row 0; their results are never stored
+      for (int64_t r = mc; r < round_up(mc, MR); ++r) x.lhs_row[r] = x.lhs_row[0];
+    red_offsets(t.sp, x.as_runs ? nullptr : &x.lhs_red, rhs_table ? &x.rhs_red : nullptr);
+  }
+  // C (+)= A[:, kc0 : kc0 + kc] * B over the task's mc rows, B's panels ldb
+  // apart; Ap holds A where it is packed.
+  template <typename CDst>
+  void multiply_a(const TaskA& x, int64_t mc, int64_t kc0, int64_t kc, const Acc* B, int64_t ldb,
+                  int64_t nc_pad, const CDst& C, std::vector<Acc>& Ap) const {
+    const int64_t mc_pad = round_up(mc, MR);
+    if (x.as_runs) {
+      const gemm::RunA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.runs.ra, x.runs.R, x.runs.sa,
+                              kc0 / x.runs.R, kc0 % x.runs.R};
+      gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+    } else if (!x.packed) {
+      const IndirectA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.lhs_red.data() + kc0};
+      gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+    } else {
+      Ap.resize(mc_pad * kc);
+      pack_a(x.lhs_row, x.lhs_red, kc0, kc, Ap.data());
+      gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
+    }
+  }
+  // Rows [0, mc) of a scratch block (row stride ldc) to output columns
+  // [nc0, nc0 + nc) of group g, with non-temporal stores where `stream`.
+  void copy_out(const int64_t* out_row, int64_t mc, int64_t g, int64_t nc0, int64_t nc,
+                const Acc* src, int64_t ldc, bool stream) const {
+    for (int64_t r = 0; r < mc; ++r, src += ldc) {
+      Tout* dst = out + out_row[r] + (g * pb.group_out() + nc0) * pb.out_c;
+      if (std::is_same<Tout, Acc>::value && pb.out_c == 1) {  // features contiguous
+#ifdef CKS_X86_AVX2
+        if (stream && std::is_same<Acc, float>::value && nc % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+          gemm::stream_copy(reinterpret_cast<float*>(dst), reinterpret_cast<const float*>(src),
+                            nc);
+          continue;
+        }
+#endif
+        std::memcpy(dst, src, nc * sizeof(Acc));
+      } else {
+        for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
+      }
+    }
+  }
+
   // One task: rows x columns of one (sub-problem, group). B comes from
   // `Bph`, the phase B of its phase (pack_phase_b), else from `Bsp`, its own
   // packed B (pack_b), else it is packed here block by block, just before use.
@@ -748,33 +776,11 @@ struct CksConv {
     const int64_t red = red_size(t.sp);
     const SubProblem& sp = plan.subproblems[t.sp];
 
-    thread_local std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, f0, ra, rb;
+    thread_local TaskA a;
+    thread_local std::vector<int64_t> f0;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
-    row_offsets(t, lhs_row, out_row);
-    const bool indirect = reads_a_in_place(), in_place = writes_out_in_place();
-    // As reads_a_as_runs, with the runs built once; A is walked as runs
-    // unless it is packed.
-    const gemm::NarrowRuns runs = indirect ? a_runs(t.sp, ra, rb) : gemm::NarrowRuns{};
-    const bool packed = packs_a(t), as_runs = indirect && !packed && runs.R >= kMinRun;
-    if (indirect)  // padding rows re-read row 0; their results are never stored
-      for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];
-    red_offsets(t.sp, as_runs ? nullptr : &lhs_red, Bph || Bsp ? nullptr : &rhs_red);
-    // C (+)= A[:, kc0 : kc0 + kc] * B, B's panels ldb apart.
-    auto multiply = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb, int64_t nc_pad,
-                        const auto& C) {
-      if (as_runs) {
-        const gemm::RunA<Acc> A{lhs_in_acc(), lhs_row.data(), runs.ra, runs.R, runs.sa,
-                                kc0 / runs.R, kc0 % runs.R};
-        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
-      } else if (!packed) {
-        const IndirectA<Acc> A{lhs_in_acc(), lhs_row.data(), lhs_red.data() + kc0};
-        gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
-      } else {
-        Ap.resize(mc_pad * kc);
-        pack_a(lhs_row, lhs_red, kc0, kc, Ap.data());
-        gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
-      }
-    };
+    prepare_a(t, !(Bph || Bsp), a);
+    const bool in_place = writes_out_in_place();
     const bool stream = stream_out();
     const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
@@ -797,10 +803,10 @@ struct CksConv {
       auto block = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb) {
         if (in_place) {
           Acc* base = reinterpret_cast<Acc*>(out) + t.group * Fg + nc0;
-          multiply(kc0, kc, B, ldb, nc_pad,
-                   gemm::OutC<Acc>{base, out_row.data(), mc, nc, !first, stream_tiles});
+          multiply_a(a, mc, kc0, kc, B, ldb, nc_pad,
+                     gemm::OutC<Acc>{base, a.out_row.data(), mc, nc, !first, stream_tiles}, Ap);
         } else {
-          multiply(kc0, kc, B, ldb, nc_pad, gemm::BufC<Acc>{Cbuf.data(), nc_pad});
+          multiply_a(a, mc, kc0, kc, B, ldb, nc_pad, gemm::BufC<Acc>{Cbuf.data(), nc_pad}, Ap);
         }
         first = false;
       };
@@ -815,7 +821,7 @@ struct CksConv {
           const Acc* B = Bsp ? Bsp + blk0 * red + kc0 * blk_pad + (nc0 - blk0) * kc : nullptr;
           if (B == nullptr) {
             Bp.resize(nc_pad * kc);
-            pack_b_block(rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
+            pack_b_block(a.rhs_red, t.group, nc0, nc, kc0, kc, Bp.data());
             B = Bp.data();
           }
           block(kc0, kc, B, kc * NR);
@@ -823,26 +829,9 @@ struct CksConv {
       }
       if (first && in_place)  // no reduction block: a sub-problem whose outputs are all zero
         for (int64_t r = 0; r < mc; ++r)
-          std::fill_n(reinterpret_cast<Acc*>(out) + out_row[r] + t.group * Fg + nc0, nc, Acc(0));
-      if (!in_place) {
-        for (int64_t r = 0; r < mc; ++r) {
-          Tout* dst = out + out_row[r] + (t.group * Fg + nc0) * pb.out_c;
-          const Acc* src = Cbuf.data() + r * nc_pad;
-          if (std::is_same<Tout, Acc>::value && pb.out_c == 1) {  // features contiguous
-#ifdef CKS_X86_AVX2
-            if (stream && std::is_same<Acc, float>::value && nc % 16 == 0 &&
-                reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-              gemm::stream_copy(reinterpret_cast<float*>(dst),
-                                reinterpret_cast<const float*>(src), nc);
-              continue;
-            }
-#endif
-            std::memcpy(dst, src, nc * sizeof(Acc));
-          } else {
-            for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
-          }
-        }
-      }
+          std::fill_n(reinterpret_cast<Acc*>(out) + a.out_row[r] + t.group * Fg + nc0, nc,
+                      Acc(0));
+      if (!in_place) copy_out(a.out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, stream);
       nc0 += nc;
     }
 #ifdef CKS_X86_AVX2
@@ -996,10 +985,9 @@ struct CksConv {
       int64_t sum[kBuffers] = {};
       for (int64_t s = 0; s < nsp(); ++s) {
         const Task u = sub_task(t, s);
-        if (u.row1 <= u.row0 || plan.subproblems[s].taps == 0) continue;
+        if (u.row1 <= u.row0) continue;
         int64_t one[kBuffers] = {};
         task_buffers(u, sb, one);
-        one[3] = red_size(s) * sizeof(int64_t) * (one[8] > 0 && !packs_a(u) ? 1 : 2);
         for (int i = 0; i < kBuffers; ++i) sum[i] = i == 5 || i == 6 ? std::max(sum[i], one[i])
                                                                      : sum[i] + one[i];
       }
