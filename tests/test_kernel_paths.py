@@ -39,6 +39,15 @@ def narrow_here(lhs_shape, rhs_shape, dtype, *args, **kw):
   return "narrow" in dict(e.gradients)["d rhs"].reason
 
 
+def check_on_kernel(case, dtype, seed):
+  """:func:`check` of one (lhs shape, rhs shape, conv args, kwargs) case on the FFI kernel,
+  NHWC unless the kwargs say otherwise."""
+  lhs_shape, rhs_shape, args, kw = case
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=seed,
+          **{"dimension_numbers": DN2, **kw})
+
+
 # (lhs shape, rhs shape, conv args, kwargs): the d-rhs of each runs on the narrow path.
 CASES = [
     # transposed k4 s2 (DCGAN's last layer), exactly one strip of floats
@@ -70,10 +79,8 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_narrow_filter_gradient(case, dtype):
   lhs_shape, rhs_shape, args, kw = CASES[case]
-  kw = {"dimension_numbers": DN2, **kw}
-  assert narrow_here(lhs_shape, rhs_shape, dtype, *args, **kw)
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=case, **kw)
+  assert narrow_here(lhs_shape, rhs_shape, dtype, *args, **{"dimension_numbers": DN2, **kw})
+  check_on_kernel(CASES[case], dtype, seed=case)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -147,10 +154,7 @@ PHASE_B_CASES = [
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(PHASE_B_CASES)))
 def test_phase_b(case, dtype):
-  lhs_shape, rhs_shape, args, kw = PHASE_B_CASES[case]
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=10 + case,
-          **{"dimension_numbers": DN2, **kw})
+  check_on_kernel(PHASE_B_CASES[case], dtype, seed=10 + case)
 
 
 def test_large_output_written_with_streaming_stores():
@@ -207,10 +211,7 @@ GEMM_CASES = [
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(GEMM_CASES)))
 def test_gemm_sources_and_destinations(case, dtype):
-  lhs_shape, rhs_shape, args, kw = GEMM_CASES[case]
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=20 + case,
-          **{"dimension_numbers": DN2, **kw})
+  check_on_kernel(GEMM_CASES[case], dtype, seed=20 + case)
 
 
 # Filter gradients whose input and cotangent together reach 6 MB (kTapsMinBytes), with at most
@@ -232,19 +233,14 @@ TAPS_CASES = [
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(TAPS_CASES)))
 def test_interleaved_taps(case, dtype):
-  lhs_shape, rhs_shape, args, kw = TAPS_CASES[case]
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=dtype, seed=40 + case,
-          **{"dimension_numbers": DN2, **kw})
+  check_on_kernel(TAPS_CASES[case], dtype, seed=40 + case)
 
 
 def test_interleaved_taps_16bit():
   # bfloat16 operands, widened to float32 around the kernel (as every 16-bit conv on the CPU):
   # the float32 operands are what reach kTapsMinBytes
   lhs_shape, rhs_shape, args, kw = TAPS_CASES[0]
-  with cks_jax.use_backend("ffi"):
-    check((16,) + lhs_shape[1:], rhs_shape, *args, dtype=jnp.bfloat16, seed=50,
-          dimension_numbers=DN2, **kw)
+  check_on_kernel(((16,) + lhs_shape[1:], rhs_shape, args, kw), jnp.bfloat16, seed=50)
 
 
 @pytest.mark.parametrize("isa", ["0", "1"])
@@ -255,14 +251,12 @@ def test_narrower_kernels(isa):
   code = textwrap.dedent("""
       import jax
       jax.config.update("jax_enable_x64", True)
-      import numpy as np, cks_jax, test_kernel_paths as k
-      from oracle import check
+      import numpy as np, test_kernel_paths as k
       cases = (k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
                + k.TAPS_CASES[:1])
-      with cks_jax.use_backend("ffi"):
-        for i, (l, r, args, kw) in enumerate(cases):
-          for dtype in (np.float64, np.float32):
-            check(l, r, *args, dtype=dtype, seed=i, **{"dimension_numbers": k.DN2, **kw})
+      for i, c in enumerate(cases):
+        for dtype in (np.float64, np.float32):
+          k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
   here = os.path.dirname(os.path.abspath(__file__))
