@@ -49,6 +49,11 @@ CHILD = textwrap.dedent("""
                                       lhs_dilation=(2, 2))),
         "3d": ((2, 8, 9, 8, 7), (8, 8, 3, 3, 2),
                dict(window_strides=(1, 2, 1), padding="SAME", rhs_dilation=(1, 1, 2))),
+        # NHWC, 3 features: the forward runs on the dot path (tasks of 4 x 96 rows), the
+        # filter gradient on the narrow path
+        "narrow_nhwc": ((4, 14, 14, 40), (4, 4, 40, 3),
+                        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), lhs_dilation=(2, 2),
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))),
     }
     for dtype in (np.float32, np.float64, jnp.bfloat16):
       for name, (ls, rs, kw) in CASES.items():
@@ -90,7 +95,7 @@ def test_bitwise_identical_across_processes_and_thread_counts(tmp_path):
   all_t, every = _run(tmp_path, "all_cpus", cpus)
   # The knob really changed the pool the kernel runs on.
   assert one_t == 1 and all_t == len(cpus), (one_t, all_t)
-  assert len(one) == 7 * 3 * 3 and one.keys() == every.keys()
+  assert len(one) == 8 * 3 * 3 and one.keys() == every.keys()
   differ = [k for k in one if one[k] != every[k]]
   assert not differ, f"outputs differ between 1 and {len(cpus)} threads: {differ}"
   # Sanity: the cases computed something.

@@ -13,6 +13,11 @@
   gradient would read it in place) and C destinations (the output itself, or a
   scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
 - Filter gradients of large operands with the taps interleaved (run_taps).
+- The dot path (run_dot): outputs with at most 8 features per group whose lhs channels are
+  contiguous, 16 or more per group (forwards of layers with few output channels), vectorised
+  along the reduction. Tested around the vector tails (runs not a multiple of 16 floats or 8
+  doubles), tile tails (rows not a multiple of a tile), every feature count's tile shape,
+  groups, strides, 1D/3D, and sub-problems whose reduction is empty.
 """
 import os
 import subprocess
@@ -243,6 +248,76 @@ def test_interleaved_taps_16bit():
   check_on_kernel(((16,) + lhs_shape[1:], rhs_shape, args, kw), jnp.bfloat16, seed=50)
 
 
+def dot_here(lhs_shape, rhs_shape, dtype, *args, **kw):
+  """Whether explain (the Python mirror of CksConv::dot) puts the forward on the dot path."""
+  e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                      platform="cpu", backend="ffi", **kw)
+  return "dot path" in e.reason
+
+
+# (lhs shape, rhs shape, conv args, kwargs): the forward of each runs on the dot path.
+DOT_CASES = [
+    # DCGAN's last layer (k4 s2 transposed, 3 features): runs of 2 taps x 32 channels (whole
+    # vectors); 189 rows per phase, not a multiple of the 8-row tile
+    ((3, 9, 7, 32), (4, 4, 32, 3), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # FSRCNN-like: 1 feature, k9 s3; runs of 3 taps x 20 channels (tails of 12 floats, 4 doubles)
+    ((2, 8, 8, 20), (9, 9, 20, 1), ((1, 1), [(4, 6), (4, 6)], (3, 3)), {}),
+    # 8 features (the most), 17 channels (a tail of 1), SAME
+    ((3, 7, 9, 17), (3, 3, 17, 8), ((1, 1), "SAME"), {}),
+    # 2 feature groups of 24 channels and 5 features
+    ((2, 7, 9, 48), (3, 3, 24, 10), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # window strides, 4 features, 16 channels (the fewest the path takes)
+    ((2, 11, 11, 16), (3, 3, 16, 4), ((2, 2), "SAME"), {}),
+    # 1D dilated (WaveNet-like) with 2 features, and 3D transposed with 7 and 6 features
+    ((3, 40, 36), (3, 36, 2), ((1,), [(2, 2)], (1,), (2,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    ((1, 4, 4, 4, 34), (2, 2, 2, 34, 7), ((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # padding wider than the input: sub-problems with empty reductions (outputs all zero)
+    ((2, 3, 40), (9, 40, 6), ((1,), [(5, 1)]), {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # more rows than one task (4 x 96): tasks of several row blocks, 1200 rows
+    ((3, 20, 20, 24), (3, 3, 24, 1), ((1, 1), "SAME"), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(DOT_CASES)))
+def test_dot_forward(case, dtype):
+  lhs_shape, rhs_shape, args, kw = DOT_CASES[case]
+  assert dot_here(lhs_shape, rhs_shape, dtype, *args, **{"dimension_numbers": DN2, **kw})
+  check_on_kernel(DOT_CASES[case], dtype, seed=60 + case)
+
+
+def test_dot_forward_16bit():
+  # bfloat16 operands reach the kernel widened to float32, so they take the dot path too
+  lhs_shape, rhs_shape, args, kw = DOT_CASES[0]
+  assert dot_here(lhs_shape, rhs_shape, jnp.bfloat16, *args, dimension_numbers=DN2)
+  check_on_kernel(DOT_CASES[0], jnp.bfloat16, seed=70)
+
+
+def test_dot_path_bounds():
+  # kernel_dot mirrors CksConv::dot(): at most 8 features and at least 16 channels per
+  # group, channels contiguous, float operands, and not the narrow path.
+  p = lambda fgc=1, dn=(0, 3, 1, 2): {
+      "dimension_numbers": (dn, (3, 2, 0, 1), (0, 3, 1, 2)),
+      "feature_group_count": fgc, "batch_group_count": 1}
+  assert backends.kernel_dot(p(), (2, 5, 5, 16), (3, 3, 16, 8), np.float32)
+  assert not backends.kernel_dot(p(), (2, 5, 5, 16), (3, 3, 16, 9), np.float32)
+  assert not backends.kernel_dot(p(), (2, 5, 5, 15), (3, 3, 15, 8), np.float32)
+  assert backends.kernel_dot(p(fgc=2), (2, 5, 5, 32), (3, 3, 16, 16), np.float64)
+  assert not backends.kernel_dot(p(fgc=2), (2, 5, 5, 30), (3, 3, 15, 16), np.float32)
+  assert backends.kernel_dot(p(), (2, 5, 5, 16), (3, 3, 16, 1), jnp.float16)
+  assert not backends.kernel_dot(p(), (2, 5, 5, 16), (3, 3, 16, 1), np.int32)
+  assert not backends.kernel_dot(p(dn=(0, 1, 2, 3)), (2, 16, 5, 5), (3, 3, 16, 1), np.float32)
+  # batch last and contiguous (>= one strip): the narrow path, not the dot path
+  hwcn = (3, 2, 0, 1)
+  assert not backends.kernel_dot(p(dn=hwcn), (5, 5, 16, 32), (3, 3, 16, 3), np.float32)
+  # A forward with fewer than 16 channels: the GEMM path, still correct
+  case = ((2, 6, 6, 8), (3, 3, 8, 2), ((1, 1), "SAME"), {})
+  assert not dot_here(case[0], case[1], np.float32, *case[2], dimension_numbers=DN2)
+  check_on_kernel(case, np.float32, seed=71)
+
+
 @pytest.mark.parametrize("isa", ["0", "1"])
 def test_narrower_kernels(isa):
   # CKS_CPU_ISA caps the kernel choice (read once per process, so in a
@@ -253,7 +328,7 @@ def test_narrower_kernels(isa):
       jax.config.update("jax_enable_x64", True)
       import numpy as np, test_kernel_paths as k
       cases = (k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
-               + k.TAPS_CASES[:1])
+               + k.TAPS_CASES[:1] + k.DOT_CASES[:4])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
@@ -265,4 +340,4 @@ def test_narrower_kernels(isa):
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=here, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 7)]
+  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 11)]

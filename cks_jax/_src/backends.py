@@ -67,7 +67,9 @@ def use_backend(name: str):
 # 16. With fewer than this many, measured in benchmarks/results/
 # cpu_epyc_2core.json: forward 6.2 ms (XLA 0.73) and filter gradient 10.1 ms
 # (portable 2.6) for DCGAN's 3-channel layer, 13.4 (1.2) and 17.0 (3.5) for
-# FSRCNN's 1-channel layer.
+# FSRCNN's 1-channel layer. Since then, such layers stay on the kernel where
+# its narrow path (filter gradients) or its dot path (forwards) takes them:
+# see kernel_narrow and kernel_dot.
 CPU_MIN_FEATURES = 4
 # ... and only for problems worth it (useful multiply-adds): below this the
 # call overhead dominates and the kernel is as good as anything.
@@ -81,6 +83,19 @@ CPU_MIN_MACS = 2**24
 # DCGAN's 3-channel layer 1.7 ms (portable 4.8, XLA 29), FSRCNN's 1-channel
 # layer 2.9 ms (portable 2.6-4.3, XLA 20).
 KERNEL_NARROW_F = 8
+
+
+# The kernel has a path vectorised along the reduction (conv_cpu.cc, run_dot)
+# for narrow outputs (at most KERNEL_DOT_F features per group) whose lhs
+# channels are its contiguous dimension, at least KERNEL_DOT_MIN_C per group:
+# the forward pass of a layer with few output channels (NHWC). Measured on an
+# AVX-512 Zen 4 (2 cores, hot caches, float32): DCGAN's 3-channel layer
+# 1.3 ms (portable 1.5, XLA 2.2), FSRCNN's 1-channel layer 0.8 ms (portable
+# 2.1, XLA 3.2); with the AVX2 kernel (CKS_CPU_ISA=1) 1.4 and 1.6 ms. With
+# 16-bit operands, widened to float32 around the kernel, the portable path
+# was faster (1.5 and 2.0 ms, kernel 1.8 and 2.5), so those keep their route.
+KERNEL_DOT_F = 8
+KERNEL_DOT_MIN_C = 16
 
 
 # On the CPU, 16-bit operands are widened to float32 by XLA around the kernel,
@@ -115,6 +130,29 @@ def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
   strip = 128 // np.dtype(dtype).itemsize
   return (rhs_shape[rhs_spec[0]] // groups <= KERNEL_NARROW_F and contiguous
           and lhs_shape[batch] // params["batch_group_count"] >= strip)
+
+
+def kernel_dot(params, lhs_shape, rhs_shape, dtype) -> bool:
+  """Whether the CPU kernel runs this convolution on its dot path (vectorised
+  along the reduction: few output features, contiguous input channels).
+
+  Mirrors ``CksConv::dot()`` in ``ffi/cpu/conv_cpu.cc``.
+  """
+  if dtype is None:
+    return False
+  if cpu_widened(dtype):
+    dtype = np.float32
+  if np.dtype(dtype) not in (np.float32, np.float64):
+    return False
+  if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+    return False
+  lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+  channels = lhs_spec[1]
+  contiguous = math.prod(lhs_shape[channels + 1:]) == 1  # row-major: channel stride 1
+  groups = params["feature_group_count"] * params["batch_group_count"]
+  features = rhs_shape[rhs_spec[0]] // groups
+  channels_per_group = lhs_shape[channels] // params["feature_group_count"]
+  return contiguous and features <= KERNEL_DOT_F and channels_per_group >= KERNEL_DOT_MIN_C
 
 
 # XLA:CPU's own convolution of a narrow transposed layer took about 3x longer
@@ -178,15 +216,18 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
 
   A narrow output (fewer than ``CPU_MIN_FEATURES`` features per group) of at
-  least ``CPU_MIN_MACS`` multiply-adds goes to the portable path where
-  :func:`avx2_rule` says so (``isa`` as there). Otherwise it stays on the
-  kernel if its narrow path takes it (:func:`kernel_narrow`, needs the lhs
-  ``dtype``), else goes to the portable path when it has the shape of a filter
-  gradient (fewer output positions than kernel taps) with lhs dilation, else
-  to XLA's convolution.
+  least ``CPU_MIN_MACS`` multiply-adds stays on the kernel if its dot path
+  takes it with float32 or float64 operands (:func:`kernel_dot`, needs the lhs
+  ``dtype``); else it goes to the portable path where :func:`avx2_rule` says
+  so (``isa`` as there); else it stays on the kernel if its narrow path takes
+  it (:func:`kernel_narrow`), else goes to the portable path when it has the
+  shape of a filter gradient (fewer output positions than kernel taps) with
+  lhs dilation, else to XLA's convolution.
   """
   facts = _narrow_facts(params, lhs_shape, rhs_shape)
   if facts is None:
+    return None
+  if not cpu_widened(dtype) and kernel_dot(params, lhs_shape, rhs_shape, dtype):
     return None
   if avx2_rule(params, lhs_shape, rhs_shape, dtype, isa):
     return "portable"

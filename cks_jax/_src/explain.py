@@ -98,6 +98,8 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     why = f"cks FFI kernel registered for platform {platform!r}"
     if platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
       why += " (narrow path: vectorised over the contiguous batch, not the few features)"
+    elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):
+      why += " (dot path: vectorised along the contiguous channels, not the few features)"
     if platform == "cpu" and backends.cpu_widened(dtype):
       why += "; 16-bit operands widened to float32 around it (float32 accumulation either way)"
     return f"cks-{platform}", why

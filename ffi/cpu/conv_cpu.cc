@@ -156,7 +156,7 @@ struct CksConv {
   // Worth packing B once: the sub-problem has three row blocks or more (with
   // two, packing twice in cache beat one shared copy through memory).
   bool shares_b(int64_t sp) const {
-    return !narrow() && !interleaves_taps() && plan.subproblems[sp].rows > 2 * kMC &&
+    return !narrow() && !dot() && !interleaves_taps() && plan.subproblems[sp].rows > 2 * kMC &&
            packed_b_size(sp) * static_cast<int64_t>(sizeof(Acc)) <= kSharedBBytes;
   }
 
@@ -167,6 +167,17 @@ struct CksConv {
     return std::is_same<Tin, Acc>::value && pb.lhs_n == 1 &&
            pb.group_out() <= gemm::kNarrowF && pb.out_batch() >= gemm::kStrip<Acc>;
   }
+  // Narrow outputs (Fg <= kDotF) whose channels are contiguous, at least
+  // kDotMinC per group (a forward pass with few output channels, NHWC) run
+  // on the dot kernel, vectorised along the reduction: see run_dot.
+  static constexpr int64_t kDotMinC = 16;
+  // Rows per task: a row's work is small (Fg x the reduction), so the tasks'
+  // set-up (row offsets, runs) is spread over more rows than kMC.
+  static constexpr int64_t kDotMC = 4 * kMC;
+  bool dot() const {
+    return std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value && !narrow() &&
+           pb.lhs_c == 1 && pb.group_out() <= gemm::kDotF && pb.group_in() >= kDotMinC;
+  }
 
   // B packed once per phase ("phase B"). Sub-problems of one phase (one
   // Phase per dimension) read the same sub-kernel, each trimmed to its own
@@ -176,7 +187,9 @@ struct CksConv {
   // of consecutive full taps (its trimmed range in the last dimension), each
   // run contiguous in that layout, and no sub-problem packs B again.
   static constexpr int64_t kPhaseBMinC = 32;
-  bool phase_b() const { return !narrow() && channels_inner() && pb.group_in() >= kPhaseBMinC; }
+  bool phase_b() const {
+    return !narrow() && !dot() && channels_inner() && pb.group_in() >= kPhaseBMinC;
+  }
   int64_t ncombos() const {
     int64_t n = 1;
     for (int d = 0; d < pb.nd; ++d) n *= static_cast<int64_t>(plan.phases[d].size());
@@ -293,12 +306,13 @@ struct CksConv {
               ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
       return ts;
     }
+    const int64_t mc = dot() ? kDotMC : kMC;
     for (int64_t s = 0; s < nsp(); ++s) {
       const int64_t rows = plan.subproblems[s].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
-        for (int64_t r = 0; r < rows; r += kMC)
+        for (int64_t r = 0; r < rows; r += mc)
           for (int64_t c = 0; c < Fg; c += width)
-            ts.push_back({s, g, r, std::min(rows, r + kMC), c, std::min(Fg, c + width)});
+            ts.push_back({s, g, r, std::min(rows, r + mc), c, std::min(Fg, c + width)});
     }
     return ts;
   }
@@ -312,7 +326,7 @@ struct CksConv {
   // sub-problems (one per tap, a single row block each) would otherwise run
   // as one unit on one thread.
   int64_t task_unit(int64_t workers) const {
-    if (narrow() || interleaves_taps() || nsp() < 2) return 1;
+    if (narrow() || dot() || interleaves_taps() || nsp() < 2) return 1;
     for (const SubProblem& sp : plan.subproblems)
       if (sp.rows != plan.subproblems[0].rows) return 1;
     const int64_t Fg = pb.group_out(), col_splits = Fg > 2 * NR ? Fg / (2 * NR) : 1;
@@ -505,19 +519,38 @@ struct CksConv {
       j[d] = n % sp.seg[d].count;
       n /= sp.seg[d].count;
     }
+    // Along the last dimension the offsets step by constants; they are
+    // recomputed where it wraps (a few cycles per row less: the dot kernel's
+    // rows are short). Unsigned steps: the same wrap-around as input_index.
+    const int last = pb.nd - 1;
+    const uint64_t lstep = static_cast<uint64_t>(sp.phase[last]->ustride) *
+                           static_cast<uint64_t>(pb.lhs_sp[last]);
+    const uint64_t ostep = static_cast<uint64_t>(sp.phase[last]->L) *
+                           static_cast<uint64_t>(pb.out_sp[last]);
+    uint64_t lo = 0, oo = 0;
+    bool fresh = true;
     for (int64_t r = 0; r < mc; ++r) {
-      int64_t lo = lhs_group, oo = 0;
-      for (int d = 0; d < pb.nd; ++d) {
-        const Phase& ph = *sp.phase[d];
-        const int64_t u = sp.seg[d].u0 + j[d];
-        lo += input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d];
-        oo += (ph.o0 + ph.L * u) * pb.out_sp[d];
+      if (fresh) {
+        lo = static_cast<uint64_t>(lhs_group + n * pb.lhs_n);
+        oo = static_cast<uint64_t>(n * pb.out_n);
+        for (int d = 0; d < pb.nd; ++d) {
+          const Phase& ph = *sp.phase[d];
+          const int64_t u = sp.seg[d].u0 + j[d];
+          lo += static_cast<uint64_t>(input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d]);
+          oo += static_cast<uint64_t>((ph.o0 + ph.L * u) * pb.out_sp[d]);
+        }
       }
-      lhs_row[r] = lo + n * pb.lhs_n;
-      out_row[r] = oo + n * pb.out_n;
-      int d = pb.nd - 1;
-      for (; d >= 0 && ++j[d] == sp.seg[d].count; --d) j[d] = 0;
-      if (d < 0) ++n;
+      lhs_row[r] = static_cast<int64_t>(lo);
+      out_row[r] = static_cast<int64_t>(oo);
+      lo += lstep;
+      oo += ostep;
+      fresh = ++j[last] == sp.seg[last].count;
+      if (fresh) {
+        j[last] = 0;
+        int d = last - 1;
+        for (; d >= 0 && ++j[d] == sp.seg[d].count; --d) j[d] = 0;
+        if (d < 0) ++n;
+      }
     }
   }
 
@@ -948,19 +981,53 @@ struct CksConv {
       }
   }
 
+  // The dot kernel's B of (sub-problem s, group g): its Fg rows of B, each
+  // in reduction order, into dst[Fg * red_size(s)].
+  void pack_dot_b(int64_t s, int64_t g, Acc* dst) const {
+    thread_local std::vector<int64_t> rhs_red;
+    red_offsets(s, nullptr, &rhs_red);
+    const int64_t Fg = pb.group_out(), red = red_size(s);
+    const Acc* b = reinterpret_cast<const Acc*>(rhs) + g * Fg * pb.rhs_o;
+    for (int64_t f = 0; f < Fg; ++f)
+      for (int64_t q = 0; q < red; ++q) dst[f * red + q] = b[f * pb.rhs_o + rhs_red[q]];
+  }
+
+  // The dot kernel on one task (a row block of one sub-problem and group):
+  // A read in place as runs of contiguous channels (a_runs: sa == 1), B
+  // packed once per (sub-problem, group) by pack_dot_b.
+  void run_dot(const Task& t, const Acc* Bt) const {
+    const int64_t Fg = pb.group_out();
+    thread_local std::vector<int64_t> lhs_row, out_row, ra, rb;
+    row_offsets(t, lhs_row, out_row);
+    const gemm::NarrowRuns k = a_runs(t.sp, ra, rb);
+    // dot(): Tout is Acc
+    Acc* c = reinterpret_cast<Acc*>(out) + t.group * Fg * pb.out_c;
+    gemm::dot_rows(static_cast<int>(Fg), t.row1 - t.row0, lhs_in_acc(), lhs_row.data(), k, Bt,
+                   red_size(t.sp), c, out_row.data(), pb.out_c);
+  }
+
   // B packed once and shared by the tasks: per (phase combination, group)
   // (phase_b), or else per (sub-problem, group) where shares_b, in one
   // allocation at these offsets; neither when it would exceed kSharedBTotal.
+  // The dot kernel's B (pack_dot_b) is always packed once, at b_off.
   struct SharedB {
     std::vector<int64_t> ph_off, b_off;
-    bool phase = false, shared = false;
-    int64_t elements() const { return phase ? ph_off.back() : shared ? b_off.back() : 0; }
+    bool phase = false, shared = false, dot = false;
+    int64_t elements() const {
+      return phase ? ph_off.back() : shared || dot ? b_off.back() : 0;
+    }
   };
   SharedB shared_b() const {
     const int64_t G = pb.groups();
     SharedB sb;
     sb.ph_off.assign(ncombos() * G + 1, 0);
     sb.b_off.assign(nsp() * G + 1, 0);
+    if (dot()) {
+      for (int64_t i = 0; i < nsp() * G; ++i)
+        sb.b_off[i + 1] = sb.b_off[i] + pb.group_out() * red_size(i / G);
+      sb.dot = true;
+      return sb;
+    }
     if (phase_b()) {
       std::vector<char> used(ncombos(), 0);
       for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
@@ -999,6 +1066,13 @@ struct CksConv {
     constexpr int64_t I = sizeof(int64_t), A = sizeof(Acc);
     const SubProblem& sp = plan.subproblems[t.sp];
     const int64_t rows = t.row1 - t.row0, mc_pad = round_up(rows, MR), red = red_size(t.sp);
+    if (sb.dot) {  // run_dot: tap tables (reduction_runs, and red_offsets in
+                   // pack_dot_b), lhs_row, out_row, rhs_red, ra and rb
+      const int64_t d[kBuffers] = {2 * sp.taps * I, mc_pad * I, rows * I, red * I, 0, 0, 0, 0,
+                                   2 * sp.taps * I};
+      for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], d[i]);
+      return;
+    }
     const int64_t last = pb.nd - 1, R = sp.seg[last].t_hi - sp.seg[last].t_lo;
     const int64_t runs = channels_inner() ? sp.taps : R > 0 ? pb.group_in() * (sp.taps / R) : 0;
     const bool own_b = !sb.phase && !(sb.shared && shares_b(t.sp));
@@ -1061,6 +1135,9 @@ struct CksConv {
       parallel_for(pool, nsp() * G, [&](int64_t i) {
         if (shares_b(i / G)) pack_b(i / G, i % G, Bshared + sb.b_off[i]);
       });
+    } else if (sb.dot) {
+      parallel_for(pool, nsp() * G,
+                   [&](int64_t i) { pack_dot_b(i / G, i % G, Bshared + sb.b_off[i]); });
     }
     // Pass 2: the tasks.
     const auto ts = tasks(workers);
@@ -1070,6 +1147,10 @@ struct CksConv {
         const Task& t = ts[i];
         if (narrow()) {
           run_narrow(t);
+          continue;
+        }
+        if (sb.dot) {
+          run_dot(t, Bshared + sb.b_off[t.sp * G + t.group]);
           continue;
         }
         if (t.all_taps) {

@@ -654,5 +654,237 @@ inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T*
   }
 }
 
+
+// ---------------------------------------------------------------- dot
+// Outputs with few features (FG <= kDotF per group) whose reduction is long
+// contiguous runs of A (a forward pass with the channels innermost: the last
+// layer of a generator or super-resolution net, 1-3 features) as dot
+// products vectorised along the reduction:
+//   C[r * FG + f] = sum_{j < nruns, q < R} a[rows[r] + ra[j] + q] * bt[f * ldb + j * R + q]
+// with bt the features' B rows packed contiguously in reduction order. The
+// column-vectorised kernel would pad FG to NR and waste most of its lanes.
+// A tile of RT rows keeps RT x FG vector accumulators (as many as the
+// registers hold) and sums each across its lanes at the end; a run's last
+// R % lanes indices are read with masked loads. The lane count sets the
+// order of the sum, so the AVX-512, AVX2 and portable kernels round
+// differently; each is independent of the thread count.
+constexpr int kDotF = 8;
+// Rows per tile: RT x FG accumulators, FG B vectors and one A vector in
+// `regs` vector registers.
+constexpr int dot_rows_per_tile(int fg, int regs) {
+  const int rt = (regs - 2 - fg) / fg;
+  return rt < 1 ? 1 : rt > 8 ? 8 : rt;
+}
+
+template <int FG, int RT, typename T>
+inline void dot_tile_portable(const T* const* rp, const NarrowRuns& k, const T* bt,
+                              int64_t ldb, T* const* c, int64_t cf) {
+  T acc[RT][FG] = {};
+  for (int64_t j = 0; j < k.nruns; ++j)
+    for (int64_t q = 0; q < k.R; ++q)
+      for (int i = 0; i < RT; ++i)
+        for (int f = 0; f < FG; ++f) acc[i][f] += rp[i][k.ra[j] + q] * bt[f * ldb + j * k.R + q];
+  for (int i = 0; i < RT; ++i)
+    for (int f = 0; f < FG; ++f) c[i][f * cf] = acc[i][f];
+}
+
+#ifdef CKS_X86_AVX2
+#define CKS_Z512_FN __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+CKS_Z512_FN __m512 zload_first(const float* p, int n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+CKS_Z512_FN __m512d zload_first(const double* p, int n) {
+  return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+}
+#undef CKS_Z512_FN
+#define CKS_AVX2_FN __attribute__((target("avx2,fma"), always_inline)) inline
+// The first n lanes (n < lanes), the others zero.
+CKS_AVX2_FN __m256 vload_first(const float* p, int n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+CKS_AVX2_FN __m256d vload_first(const double* p, int n) {
+  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+  return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lane));
+}
+CKS_AVX2_FN float vsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+CKS_AVX2_FN double vsum(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#undef CKS_AVX2_FN
+// The sum of a zmm's lanes: its two halves added, then as vsum. (GCC 12's
+// _mm512_reduce_add_*, _mm512_castpd512_pd256 and unmasked
+// _mm512_extractf64x4_pd trip -Wuninitialized on an undefined vector.)
+#define CKS_Z512_FN __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+template <int H>
+CKS_Z512_FN __m256d half(__m512d v) {
+  return _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xff, v, H);
+}
+CKS_Z512_FN float zsum(__m512 v) {
+  const __m512d d = _mm512_castps_pd(v);
+  return vsum(_mm256_add_ps(_mm256_castpd_ps(half<0>(d)), _mm256_castpd_ps(half<1>(d))));
+}
+CKS_Z512_FN double zsum(__m512d v) { return vsum(_mm256_add_pd(half<0>(v), half<1>(v))); }
+#undef CKS_Z512_FN
+
+
+template <int FG, int RT, typename T>
+__attribute__((target("avx512f,avx2,fma"))) void dot_tile_avx512(const T* const* rp,
+                                                                 const NarrowRuns& k,
+                                                                 const T* bt, int64_t ldb,
+                                                                 T* const* c, int64_t cf) {
+  constexpr int L = 64 / sizeof(T);
+  using V = decltype(zload(bt));
+  V acc[RT][FG];
+#pragma GCC unroll 8
+  for (int i = 0; i < RT; ++i)
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) acc[i][f] = V{};
+  const int64_t R = k.R, full = R / L * L;
+  const int tail = static_cast<int>(R - full);
+  for (int64_t j = 0; j < k.nruns; ++j) {
+    const T* a[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) a[i] = scalar(rp[i] + k.ra[j]);
+    const T* b = bt + j * R;
+    for (int64_t q = 0; q < full; q += L) {
+      V bf[FG];
+#pragma GCC unroll 8
+      for (int f = 0; f < FG; ++f) bf[f] = zload(b + f * ldb + q);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        V ai = zload(a[i] + q);
+        asm("" : "+v"(ai));  // one load, not one memory operand per feature
+#pragma GCC unroll 8
+        for (int f = 0; f < FG; ++f) acc[i][f] = zfma(ai, bf[f], acc[i][f]);
+      }
+    }
+    if (tail > 0) {
+      V bf[FG];
+#pragma GCC unroll 8
+      for (int f = 0; f < FG; ++f) bf[f] = zload_first(b + f * ldb + full, tail);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        const V ai = zload_first(a[i] + full, tail);
+#pragma GCC unroll 8
+        for (int f = 0; f < FG; ++f) acc[i][f] = zfma(ai, bf[f], acc[i][f]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RT; ++i)
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) c[i][f * cf] = zsum(acc[i][f]);
+}
+
+template <int FG, int RT, typename T>
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const T* const* rp, const NarrowRuns& k,
+                                                      const T* bt, int64_t ldb, T* const* c,
+                                                      int64_t cf) {
+  constexpr int L = 32 / sizeof(T);
+  using V = decltype(vload(bt));
+  V acc[RT][FG];
+#pragma GCC unroll 8
+  for (int i = 0; i < RT; ++i)
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) acc[i][f] = V{};
+  const int64_t R = k.R, full = R / L * L;
+  const int tail = static_cast<int>(R - full);
+  for (int64_t j = 0; j < k.nruns; ++j) {
+    const T* a[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) a[i] = scalar(rp[i] + k.ra[j]);
+    const T* b = bt + j * R;
+    for (int64_t q = 0; q < full; q += L) {
+      V bf[FG];
+#pragma GCC unroll 8
+      for (int f = 0; f < FG; ++f) bf[f] = vload(b + f * ldb + q);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        V ai = vload(a[i] + q);
+        asm("" : "+x"(ai));
+#pragma GCC unroll 8
+        for (int f = 0; f < FG; ++f) acc[i][f] = vfma(ai, bf[f], acc[i][f]);
+      }
+    }
+    if (tail > 0) {
+      V bf[FG];
+#pragma GCC unroll 8
+      for (int f = 0; f < FG; ++f) bf[f] = vload_first(b + f * ldb + full, tail);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        const V ai = vload_first(a[i] + full, tail);
+#pragma GCC unroll 8
+        for (int f = 0; f < FG; ++f) acc[i][f] = vfma(ai, bf[f], acc[i][f]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RT; ++i)
+#pragma GCC unroll 8
+    for (int f = 0; f < FG; ++f) c[i][f * cf] = vsum(acc[i][f]);
+}
+#endif
+
+// Rows [0, mc) in tiles of the ISA's rows per tile, the last rows one by one.
+template <int FG, typename T>
+inline void dot_rows_fg(int64_t mc, const T* a, const int64_t* rows, const NarrowRuns& k,
+                        const T* bt, int64_t ldb, T* c, const int64_t* crows, int64_t cf) {
+  const T* rp[8];
+  T* cp[8];
+  auto tiles = [&](auto rt_tag, auto tile) {
+    constexpr int RT = decltype(rt_tag)::value;
+    int64_t r = 0;
+    for (; r + RT <= mc; r += RT) {
+      for (int i = 0; i < RT; ++i) {
+        rp[i] = a + rows[r + i];
+        cp[i] = c + crows[r + i];
+      }
+      tile(std::integral_constant<int, RT>{});
+    }
+    for (; r < mc; ++r) {
+      rp[0] = a + rows[r];
+      cp[0] = c + crows[r];
+      tile(std::integral_constant<int, 1>{});
+    }
+  };
+#ifdef CKS_X86_AVX2
+  if (gemm_isa() == 2)
+    return tiles(std::integral_constant<int, dot_rows_per_tile(FG, 32)>{}, [&](auto rt) {
+      dot_tile_avx512<FG, decltype(rt)::value>(rp, k, bt, ldb, cp, cf);
+    });
+  if (gemm_isa() == 1)
+    return tiles(std::integral_constant<int, dot_rows_per_tile(FG, 16)>{}, [&](auto rt) {
+      dot_tile_avx2<FG, decltype(rt)::value>(rp, k, bt, ldb, cp, cf);
+    });
+#endif
+  tiles(std::integral_constant<int, 4>{}, [&](auto rt) {
+    dot_tile_portable<FG, decltype(rt)::value>(rp, k, bt, ldb, cp, cf);
+  });
+}
+
+// Row r < mc, feature f < fg <= kDotF: c[crows[r] + f * cf] = the reduction k
+// of A's row a + rows[r] (runs contiguous: k.sa == 1) with bt's row f (ldb
+// apart).
+template <typename T>
+inline void dot_rows(int fg, int64_t mc, const T* a, const int64_t* rows, const NarrowRuns& k,
+                     const T* bt, int64_t ldb, T* c, const int64_t* crows, int64_t cf) {
+  switch (fg) {
+    case 1: return dot_rows_fg<1>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 2: return dot_rows_fg<2>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 3: return dot_rows_fg<3>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 4: return dot_rows_fg<4>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 5: return dot_rows_fg<5>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 6: return dot_rows_fg<6>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    case 7: return dot_rows_fg<7>(mc, a, rows, k, bt, ldb, c, crows, cf);
+    default: return dot_rows_fg<8>(mc, a, rows, k, bt, ldb, c, crows, cf);
+  }
+}
+
 }  // namespace gemm
 }  // namespace cks
