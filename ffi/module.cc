@@ -22,7 +22,7 @@ extern "C" XLA_FFI_Error* CksConvCpuHandler(XLA_FFI_CallFrame*);
 
 namespace cks {
 bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
-                       int64_t* shared, int64_t* per_thread);
+                       int64_t* shared, int64_t* per_thread, const char** path);
 int64_t cpu_pool_threads();
 int cpu_isa();
 }
@@ -85,7 +85,8 @@ int dtype_code(const std::string& name) {
 
 // Scratch bytes of one call of the CPU kernel, from the same code that
 // allocates it (conv_cpu.cc): (packed B shared by all tasks, buffers per
-// thread that runs tasks). Arguments as the FFI call's, shapes row-major.
+// thread that runs tasks, the name of the kernel path it takes). Arguments as
+// the FFI call's, shapes row-major.
 nb::tuple cpu_scratch(std::vector<int64_t> lhs_shape, std::vector<int64_t> rhs_shape,
                       std::vector<int64_t> out_shape, std::vector<int64_t> window_strides,
                       std::vector<int64_t> lhs_dilation, std::vector<int64_t> rhs_dilation,
@@ -108,10 +109,11 @@ nb::tuple cpu_scratch(std::vector<int64_t> lhs_shape, std::vector<int64_t> rhs_s
       &pb);
   if (err != nullptr) throw nb::value_error(err);
   int64_t shared = 0, per_thread = 0;
+  const char* path = "";
   if (!cks::cpu_scratch_bytes(pb, dtype_code(in_dtype), dtype_code(out_dtype),
-                              std::max<int64_t>(1, workers), &shared, &per_thread))
+                              std::max<int64_t>(1, workers), &shared, &per_thread, &path))
     throw nb::value_error("cpu_scratch: unsupported dtype combination");
-  return nb::make_tuple(shared, per_thread);
+  return nb::make_tuple(shared, per_thread, std::string(path));
 }
 
 }  // namespace

@@ -12,7 +12,8 @@
 - The GEMM's A sources (RunA, IndirectA, PackedA, and A packed where a strided conv's filter
   gradient would read it in place) and C destinations (the output itself, or a
   scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
-- Filter gradients of large operands with the taps interleaved (run_taps).
+- Filter gradients of large operands with the taps interleaved (run_taps). explain names each
+  path (cpu_path) from the kernel's own code.
 - The dot path (run_dot): outputs with at most 8 features per group whose lhs channels are
   contiguous, 16 or more per group (forwards of layers with few output channels), vectorised
   along the reduction. Tested around the vector tails (runs not a multiple of 16 floats or 8
@@ -316,6 +317,32 @@ def test_dot_path_bounds():
   case = ((2, 6, 6, 8), (3, 3, 8, 2), ((1, 1), "SAME"), {})
   assert not dot_here(case[0], case[1], np.float32, *case[2], dimension_numbers=DN2)
   check_on_kernel(case, np.float32, seed=71)
+
+
+def test_explain_names_the_kernels_path():
+  # explain's cpu_path comes from the kernel's own code (CksConv::path); the case tables'
+  # claims, and the Python mirrors that auto and explain's reason use, agree with it.
+  def paths(case, dtype=np.float32):
+    lhs_shape, rhs_shape, args, kw = case
+    e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                        gradients=True, platform="cpu", backend="ffi",
+                        **{"dimension_numbers": DN2, **kw})
+    return e, dict(e.gradients)
+  for case in CASES:
+    e, g = paths(case)
+    assert g["d rhs"].cpu_path == "narrow" and "narrow" in g["d rhs"].reason
+  for case in DOT_CASES:
+    for dtype in (np.float32, np.float64, jnp.bfloat16):
+      e, g = paths(case, dtype)
+      assert e.cpu_path == "dot" and "dot path" in e.reason, (case, dtype)
+  for case in TAPS_CASES:
+    e, g = paths(case)
+    assert g["d rhs"].cpu_path == "interleaved taps", case
+    assert "CPU kernel path: interleaved taps" in str(e)
+  e, g = paths(GEMM_CASES[0])
+  assert e.cpu_path == "gemm" and "path:" not in e.reason
+  assert cks_jax.explain((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), "SAME", dimension_numbers=DN2,
+                         platform="tpu").cpu_path is None
 
 
 @pytest.mark.parametrize("isa", ["0", "1"])

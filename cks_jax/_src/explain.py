@@ -40,6 +40,13 @@ class Explanation:
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands and output. None on other backends.
       Never a padded or zero-inserted copy of any tensor.
+    cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
+      code: ``"gemm"`` (the GEMM vectorised over output features),
+      ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
+      layers with few output channels), ``"dot"`` (vectorised along the
+      contiguous channels: forwards with few output channels) or
+      ``"interleaved taps"`` (a filter gradient of large operands whose taps
+      run chunk by chunk). None on other backends.
   """
   algorithm: str
   backend: str
@@ -54,6 +61,7 @@ class Explanation:
   params: dict = field(repr=False, default_factory=dict)
   gradients: tuple = ()
   scratch: dict | None = None
+  cpu_path: str | None = None
 
   def __str__(self) -> str:
     lhs, rhs, out = self.shapes
@@ -72,6 +80,8 @@ class Explanation:
                    f"{sc['threads']} threads x {mb(sc['per_thread'])}"
                    + (f" + float32 copies {mb(sc['widened'])}" if sc["widened"] else "")
                    + f"); output {mb(out_bytes)}")
+    if self.cpu_path is not None:
+      lines.append(f"  CPU kernel path: {self.cpu_path}")
     for name, g in self.gradients:
       lines.append(f"  {name}: " + str(g).replace("\n", "\n    "))
     return "\n".join(lines)
@@ -129,16 +139,17 @@ def _pool_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> dict:
-  """The CPU kernel's extra memory for one call (see ``Explanation.scratch``),
-  computed by the kernel's own code (``_cks.cpu_scratch``)."""
+def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, str]:
+  """The CPU kernel's extra memory for one call (see ``Explanation.scratch``)
+  and its path (``Explanation.cpu_path``), computed by the kernel's own code
+  (``_cks.cpu_scratch``)."""
   spec = shapes.spec_of(params)
   lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
   widened = backends.cpu_widened(dtype)
   in_dt = "float32" if widened else np.dtype(dtype).name
   out_dt = "float32" if widened else np.dtype(params["out_dtype"]).name
   threads = _pool_threads()
-  packed_b, per_thread = ffi.extension().cpu_scratch(
+  packed_b, per_thread, path = ffi.extension().cpu_scratch(
       list(lhs_shape), list(rhs_shape), list(out_shape), list(spec.window_strides),
       list(spec.lhs_dilation), list(spec.rhs_dilation), [lo for lo, _ in spec.padding],
       list(lhs_spec), list(rhs_spec), list(out_spec), params["feature_group_count"],
@@ -146,7 +157,7 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> dict:
   copies = 4 * sum(int(np.prod(s)) for s in (lhs_shape, rhs_shape, out_shape)) if widened else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
-          "widened": copies, "total": total}
+          "widened": copies, "total": total}, path
 
 
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
@@ -169,10 +180,10 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
   phases, subs, zero_subs, cks_macs, direct_macs = stats
   backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape,
                              dtype)
-  scratch = None
+  scratch = path = None
   if backend == "cks-cpu" and min((*lhs_shape, *rhs_shape, *out_shape)) > 0:
-    scratch = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
-  return Explanation(scratch=scratch,
+    scratch, path = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
+  return Explanation(scratch=scratch, cpu_path=path,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),
       direct_macs=float(direct_macs),

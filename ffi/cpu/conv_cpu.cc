@@ -1106,6 +1106,11 @@ struct CksConv {
   // Scratch of one call on `workers` pool threads: the shared packed B, and
   // the thread-local buffers of the largest tasks (on every thread that may
   // run tasks: the pool's and the caller's).
+  // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
+  const char* path() const {
+    return narrow() ? "narrow" : dot() ? "dot" : interleaves_taps() ? "interleaved taps" : "gemm";
+  }
+
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     const SharedB sb = shared_b();
     *shared = sb.elements() * static_cast<int64_t>(sizeof(Acc));
@@ -1192,10 +1197,12 @@ struct RunConv {
 
 template <typename Tin, typename Acc, typename Tout>
 struct ScratchOf {
-  static void run(const ConvProblem& pb, int64_t workers, int64_t* shared, int64_t* per_thread) {
+  static void run(const ConvProblem& pb, int64_t workers, int64_t* shared, int64_t* per_thread,
+                  const char** path) {
     const Plan plan = make_plan(pb);
-    CksConv<Tin, Acc, Tout>{pb, plan, nullptr, nullptr, nullptr}.scratch(workers, shared,
-                                                                         per_thread);
+    const CksConv<Tin, Acc, Tout> conv{pb, plan, nullptr, nullptr, nullptr};
+    conv.scratch(workers, shared, per_thread);
+    *path = conv.path();
   }
 };
 
@@ -1231,10 +1238,11 @@ int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxe
 int cpu_isa() { return gemm::gemm_isa(); }
 
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
-// packed B shared by all tasks, and the buffers of each thread that runs tasks.
+// packed B shared by all tasks, and the buffers of each thread that runs tasks;
+// and the name of the path it takes (CksConv::path).
 bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t workers,
-                       int64_t* shared, int64_t* per_thread) {
-  return dispatch_dtypes<ScratchOf>(in_code, out_code, pb, workers, shared, per_thread);
+                       int64_t* shared, int64_t* per_thread, const char** path) {
+  return dispatch_dtypes<ScratchOf>(in_code, out_code, pb, workers, shared, per_thread, path);
 }
 
 }  // namespace cks
