@@ -1103,14 +1103,14 @@ struct CksConv {
     for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
   }
 
-  // Scratch of one call on `workers` pool threads: the shared packed B, and
-  // the thread-local buffers of the largest tasks (on every thread that may
-  // run tasks: the pool's and the caller's).
   // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
   const char* path() const {
     return narrow() ? "narrow" : dot() ? "dot" : interleaves_taps() ? "interleaved taps" : "gemm";
   }
 
+  // Scratch of one call on `workers` pool threads: the shared packed B, and
+  // the thread-local buffers of the largest tasks (on every thread that may
+  // run tasks: the pool's and the caller's).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     const SharedB sb = shared_b();
     *shared = sb.elements() * static_cast<int64_t>(sizeof(Acc));

@@ -654,14 +654,14 @@ inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T*
   }
 }
 
-
 // ---------------------------------------------------------------- dot
 // Outputs with few features (FG <= kDotF per group) whose reduction is long
 // contiguous runs of A (a forward pass with the channels innermost: the last
 // layer of a generator or super-resolution net, 1-3 features) as dot
 // products vectorised along the reduction:
-//   C[r * FG + f] = sum_{j < nruns, q < R} a[rows[r] + ra[j] + q] * bt[f * ldb + j * R + q]
-// with bt the features' B rows packed contiguously in reduction order. The
+//   c[crows[r] + f * cf] = sum_{j < nruns, q < R} a[rows[r] + ra[j] + q] * bt[f * ldb + j * R + q]
+// with bt the features' B rows packed contiguously in reduction order, each
+// output stored once (no scratch block). The
 // column-vectorised kernel would pad FG to NR and waste most of its lanes.
 // A tile of RT rows keeps RT x FG vector accumulators (as many as the
 // registers hold) and sums each across its lanes at the end; a run's last
@@ -669,8 +669,8 @@ inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T*
 // order of the sum, so the AVX-512, AVX2 and portable kernels round
 // differently; each is independent of the thread count.
 constexpr int kDotF = 8;
-// Rows per tile: RT x FG accumulators, FG B vectors and one A vector in
-// `regs` vector registers.
+// Rows per tile: RT x FG accumulators, FG B vectors, one A vector and one to
+// spare in `regs` vector registers.
 constexpr int dot_rows_per_tile(int fg, int regs) {
   const int rt = (regs - 2 - fg) / fg;
   return rt < 1 ? 1 : rt > 8 ? 8 : rt;
