@@ -112,16 +112,22 @@ def cpu_widened(dtype) -> bool:
   return dtype is not None and np.dtype(dtype) in CPU_WIDENED
 
 
+def _kernel_float(dtype) -> np.dtype | None:
+  """The float type the CPU kernel reads for operands of ``dtype`` (float32
+  for widened 16-bit ones), or None where it runs none of its float paths."""
+  if dtype is None:
+    return None
+  dtype = np.dtype(np.float32 if cpu_widened(dtype) else dtype)
+  return dtype if dtype in (np.float32, np.float64) else None
+
+
 def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
   """Whether the CPU kernel runs this convolution on its narrow, row-vectorised path.
 
   Mirrors ``CksConv::narrow()`` in ``ffi/cpu/conv_cpu.cc``.
   """
+  dtype = _kernel_float(dtype)
   if dtype is None:
-    return False
-  if cpu_widened(dtype):
-    dtype = np.float32
-  if np.dtype(dtype) not in (np.float32, np.float64):
     return False
   lhs_spec, rhs_spec, _ = params["dimension_numbers"]
   groups = params["feature_group_count"] * params["batch_group_count"]
@@ -138,13 +144,7 @@ def kernel_dot(params, lhs_shape, rhs_shape, dtype) -> bool:
 
   Mirrors ``CksConv::dot()`` in ``ffi/cpu/conv_cpu.cc``.
   """
-  if dtype is None:
-    return False
-  if cpu_widened(dtype):
-    dtype = np.float32
-  if np.dtype(dtype) not in (np.float32, np.float64):
-    return False
-  if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+  if _kernel_float(dtype) is None or kernel_narrow(params, lhs_shape, rhs_shape, dtype):
     return False
   lhs_spec, rhs_spec, _ = params["dimension_numbers"]
   channels = lhs_spec[1]

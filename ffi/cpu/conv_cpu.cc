@@ -146,14 +146,11 @@ struct CksConv {
   }
   // A column block nc_pad wide is written into the output in place (OutC)
   // when the output holds the accumulator type with contiguous features, no
-  // non-temporal stores are wanted, and the kernel that runs it writes in
-  // place: the AVX-512 kernel does not, but a block of one panel runs on the
-  // AVX2 kernel anyway. Else through a scratch block. (A grouped transposed
-  // layer with 16 features per group spent 15 % of its forward copying
-  // 64-byte rows out of the scratch block.)
+  // non-temporal stores are wanted, and the GEMM writes such a block in place
+  // (gemm::writes_in_place); else through a scratch block.
   bool writes_out_in_place(int64_t nc_pad) const {
     return std::is_same<Tout, Acc>::value && pb.out_c == 1 &&
-           (gemm::writes_in_place() || nc_pad <= NR) && !stream_out();
+           gemm::writes_in_place<Acc>(nc_pad) && !stream_out();
   }
   const Acc* lhs_in_acc() const { return reinterpret_cast<const Acc*>(lhs); }
 
