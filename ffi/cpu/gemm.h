@@ -12,7 +12,8 @@
 //       offsets; tiles past mc rows or nc columns are masked).
 // x86-64 picks a hand-written micro-kernel at run time (no -march needed):
 //   AVX2+FMA : 6x16 float / 6x8 double tile in 12 ymm accumulators;
-//   AVX-512F : two adjacent B panels at once, 6x32 / 6x16 in 12 zmm (BufC).
+//   AVX-512F : two adjacent B panels at once, 6x32 / 6x16 in 12 zmm (BufC);
+//              one panel in 6 zmm (BufC or OutC).
 // Anything else runs the portable kernel. All paths add in the same order
 // per element; the AVX2 and AVX-512 ones (both FMA) give identical bits.
 #pragma once
@@ -318,7 +319,8 @@ __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t n
 
 // AVX-512 (Zen 4/5, Xeon): NR lanes = one zmm, so two adjacent B panels form
 // a 6 x 2NR tile with 12 zmm accumulators; packing unchanged. A leftover odd
-// panel goes to the AVX2 kernel. Same per-element order -> identical bits.
+// panel, or a block of one, runs a 6 x NR tile. Same per-element order ->
+// identical bits.
 #define CKS_Z512_FN __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
 CKS_Z512_FN __m512 zload(const float* p) { return _mm512_loadu_ps(p); }
 CKS_Z512_FN __m512d zload(const double* p) { return _mm512_loadu_pd(p); }
@@ -326,6 +328,8 @@ CKS_Z512_FN __m512 zbcast(const float* p) { return _mm512_set1_ps(*p); }
 CKS_Z512_FN __m512d zbcast(const double* p) { return _mm512_set1_pd(*p); }
 CKS_Z512_FN __m512 zfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 CKS_Z512_FN __m512d zfma(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
+CKS_Z512_FN void zstore(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+CKS_Z512_FN void zstore(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
 CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(zload(p), v)); }
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
 CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
@@ -340,6 +344,70 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
     const V ai = zbcast(r[i] + o);
     acc[i][0] = zfma(ai, b0, acc[i][0]);
     acc[i][1] = zfma(ai, b1, acc[i][1]);
+  }
+}
+
+// One reduction index of an MR x 1 zmm tile: acc[i] += r[i][o] * b[0 : NR].
+template <int MR, typename T, typename V>
+CKS_Z512_FN void avx512_step_1p(const T* const* r, int64_t o, const T* b, V (&acc)[MR]) {
+  const V b0 = zload(b);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) acc[i] = zfma(zbcast(r[i] + o), b0, acc[i]);
+}
+
+// One B panel (a block nc <= NR wide): an MR x 1 zmm tile, each A element
+// broadcast into its FMA. The AVX2 kernel's MR x 2 ymm tile does the same
+// work with twice the FMAs and loads. Writes a BufC or an OutC (masked to
+// the rows and columns that exist; plain stores where the OutC asks for
+// streaming, which only the AVX2 kernel's callers do).
+template <typename T, typename ASrc, typename CDst>
+__attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512_1p(int64_t mc, int64_t kc,
+                                                                        const ASrc& A,
+                                                                        const T* b,
+                                                                        const CDst& C) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
+  using V = decltype(zload(b));
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    V acc[MR];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) acc[i] = V{};
+    const T* rb[MR];
+    A.rows(ir, rb);
+    auto cur = A.begin();
+    for (int64_t p = 0; p < kc;) {
+      const T* r[MR];
+      const int64_t n = A.segment(cur, kc - p, rb, r);
+      opaque<MR>(r);
+      if constexpr (ASrc::kTable) {
+#pragma GCC unroll 4
+        for (int64_t q = p; q < p + n; ++q) avx512_step_1p(r, A.red[q], b + q * NR, acc);
+      } else {
+        const int64_t s = A.step;
+#pragma GCC unroll 4
+        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx512_step_1p(r, o, b + q * NR, acc);
+      }
+      p += n;
+    }
+    if constexpr (kOut) {
+      if (ir + MR <= C.mc && NR <= C.nc) {
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          T* c = C.base + C.rows[ir + i];
+          if (C.add) zaddto(c, acc[i]);
+          else zstore(c, acc[i]);
+        }
+      } else {
+        T t[MR * NR];
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) zstore(t + i * NR, acc[i]);
+        store_edge(C, ir, 0, t);
+      }
+    } else {
+      T* c = C.C + ir * C.ldc;
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) zaddto(c + i * C.ldc, acc[i]);
+    }
   }
 }
 
@@ -384,8 +452,7 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc,
       }
     }
   }
-  if (jr < nc)
-    macro_kernel_avx2(mc, nc - jr, kc, A, Bp + jr / NR * ldb, ldb, BufC<T>{C.C + jr, C.ldc});
+  if (jr < nc) macro_kernel_avx512_1p(mc, kc, A, Bp + jr / NR * ldb, BufC<T>{C.C + jr, C.ldc});
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -414,11 +481,11 @@ inline int gemm_isa() {
   return isa;
 }
 
-// The AVX-512 kernel writes a BufC only: callers use OutC for a block nc
-// columns wide where writes_in_place (an OutC on an AVX-512 machine runs the
-// AVX2 kernel, as a block of one panel does anyway: a grouped transposed
-// layer with 16 features per group spent 15 % of its forward copying 64-byte
-// rows out of a BufC).
+// The AVX-512 kernel writes an OutC for blocks of one panel only: callers
+// use OutC for a block nc columns wide where writes_in_place (wider blocks
+// on an AVX-512 machine go through a BufC; a grouped transposed layer with
+// 16 features per group spent 15 % of its forward copying 64-byte rows out
+// of one).
 template <typename T>
 inline bool writes_in_place(int64_t nc) {
   return gemm_isa() != 2 || nc <= Tile<T>::NR;
@@ -428,8 +495,11 @@ template <typename T, typename ASrc, typename CDst>
 inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
                        int64_t ldb, const CDst& C) {
 #ifdef CKS_X86_AVX2
-  if constexpr (std::is_same<CDst, BufC<T>>::value)
-    if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
+  if (gemm_isa() == 2) {
+    if (nc <= Tile<T>::NR) return macro_kernel_avx512_1p(mc, kc, A, Bp, C);
+    if constexpr (std::is_same<CDst, BufC<T>>::value)
+      return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
+  }
   if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C);
 #endif
   macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
