@@ -53,14 +53,33 @@ def test_train_converges_like_lax(tmp_path, capsys):
   assert png.stat().st_size > 10_000
 
 
-def test_bench_times_backends_in_interleaved_rounds():
-  # Every JAX backend of an op is called once per round, in turn, so a change in machine load
-  # moves the columns together; at least `repeats` rounds after one warm-up call each.
+def test_bench_times_backends_in_rounds_of_blocks():
+  # Every backend of an op (PyTorch too) runs a block of back-to-back calls per round, in turn,
+  # so each is timed with its own operands in the caches and a change in machine load moves the
+  # columns together: an untimed call, then timed ones for BLOCK_S; a call slower than BLOCK_S is
+  # its own block. At least `repeats` timed calls each.
+  import itertools
+  import time
   from cks_jax._src import bench
   calls = []
-  fns = {k: (lambda k: lambda: calls.append(k))(k) for k in ("cks", "xla", "portable")}
-  ms = bench.time_interleaved(fns, repeats=4, budget_s=10.0)
-  assert set(ms) == set(fns) and all(v >= 0 for v in ms.values())
-  assert calls[:3] == ["cks", "xla", "portable"]  # warm-up
-  rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
-  assert len(rounds) >= 4 and all(r == ["cks", "xla", "portable"] for r in rounds)
+  naps = {"cks": 0.002, "xla": bench.BLOCK_S * 1.5, "portable": 0.004, "torch": 0.001}
+
+  def fn(k):
+    def f():
+      calls.append(k)
+      time.sleep(naps[k])
+    return f
+
+  ms = bench.time_interleaved({k: fn(k) for k in naps}, repeats=4, budget_s=10.0)
+  assert set(ms) == set(naps)
+  for k, nap in naps.items():
+    assert nap <= ms[k] * 1e-3 < nap + 0.05, (k, ms[k])
+  assert calls[:4] == list(naps)  # one warm-up call each
+  blocks = [(k, len(list(g))) for k, g in itertools.groupby(calls[4:])]
+  assert len(blocks) >= 4 * 4 and len(blocks) % 4 == 0
+  assert [k for k, _ in blocks] == list(naps) * (len(blocks) // 4)  # rounds, in turn
+  for k, n in blocks:
+    if k == "xla":
+      assert n == 1  # slower than a block: timed on its own
+    else:  # the untimed call, then at least BLOCK_S of timed ones
+      assert n >= 1 + bench.BLOCK_S / (naps[k] + 0.01), (k, n)

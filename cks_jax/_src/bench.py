@@ -49,6 +49,9 @@ def conv_kwargs(layer: dict) -> dict:
 # Fast ops are repeated for at least this long (up to budget_s): a median of
 # 5 millisecond runs on a busy 2-core machine moved by 2x between runs.
 MIN_TIMED_S = 0.3
+# Each function's share of a timing round: back-to-back calls for at least
+# this long, after an untimed one.
+BLOCK_S = 0.02
 
 
 def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
@@ -58,12 +61,21 @@ def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                      budget_s: float) -> dict[str, float]:
-  """Median wall time in ms of each of ``fns`` (blocking), called in turn
-  within each round after one warm-up call each: at least ``repeats`` rounds
-  and at least ``MIN_TIMED_S`` seconds of them, stopping early once
-  ``budget_s`` per function is spent. A change in the machine's load then
-  moves every column of a row alike, not the ratios between them. Only
-  functions on XLA's thread pool are interleaved (see ``run``)."""
+  """Median wall time in ms of each of ``fns`` (blocking), timed in rounds:
+  within a round each function runs a block of back-to-back calls, an
+  untimed one and then timed ones for at least ``BLOCK_S`` seconds (a call
+  slower than that is timed on its own). At least ``repeats`` timed calls
+  and ``MIN_TIMED_S`` seconds of rounds, stopping early once ``budget_s``
+  per function is spent.
+
+  Every function is thus timed with its own operands in the caches, as a
+  layer runs inside a training step, and with any other library's threads
+  settled (PyTorch's OpenMP threads spin after each call); and a change in
+  the machine's load moves every column of a row alike, not the ratios.
+  Calling the functions one call each in turn instead left each one's
+  operands evicted by the others': the grouped transposed forward took
+  2.7-3.1 ms after XLA's or the portable path's call against 1.6-1.9 ms
+  back to back."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
@@ -72,9 +84,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   while (min(len(t) for t in times.values()) < repeats
          or time.perf_counter() - start < min(MIN_TIMED_S * len(fns), budget)):
     for k, fn in fns.items():
-      t0 = time.perf_counter()
+      t_block = time.perf_counter()
       jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t0)
+      first = time.perf_counter() - t_block
+      if first >= BLOCK_S:
+        times[k].append(first)
+        continue
+      while True:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        t1 = time.perf_counter()
+        times[k].append(t1 - t0)
+        if t1 - t_block >= BLOCK_S:
+          break
     if time.perf_counter() - start > budget:
       break
   return {k: 1e3 * statistics.median(t) for k, t in times.items()}
@@ -286,12 +308,9 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       fns = {"cks": ops_cks[op], "xla": ops_xla[op]}
       if ops_port is not None:
         fns["portable"] = ops_port[op]
+      if torch_ops is not None:  # in the same rounds (time_interleaved's blocks)
+        fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
       ms = time_interleaved(fns, repeats, budget_s)
-      if torch_ops is not None:
-        # Timed on its own: PyTorch's OpenMP threads spin after each call and,
-        # interleaved, slowed the next JAX call by up to 1.6x (measured).
-        torch_fn = torch_ops[0][op]
-        ms["torch"] = time_fn(lambda: (torch_fn(), None)[1], repeats, budget_s)
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
                 portable_ms=ms.get("portable"), torch_ms=ms.get("torch"))
       e = per_op[op]
