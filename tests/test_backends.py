@@ -166,3 +166,51 @@ def test_narrow_layers_match_lax_on_every_route(case):
     assert_close(y, y_ref, np.float32, f"{backend} forward")
     for name, g, g_ref in zip(("d lhs", "d rhs"), vjp(ct), vjp_ref(ct)):
       assert_close(g, g_ref, np.float32, f"{backend} {name}")
+
+
+# WaveNet's k2 layer (bench_shapes.json): 4 x 4096 x 64 channels.
+WAVENET = ((4, 4096, 64), (2, 64, 64))
+DN1 = ("NWC", "WIO", "NWC")
+
+
+def test_auto_sends_large_1d_forwards_and_input_gradients_to_xla():
+  # Float32 and bfloat16 1-D forwards and input gradients without lhs dilation, of at least
+  # CPU_MIN_MACS, go to XLA (the kernel measured no faster there); filter gradients, transposed
+  # forwards, grouped, small and float16 problems stay on the kernel.
+  from cks_jax._src import backends
+  lhs, rhs = WAVENET
+  for d in (1, 64):
+    for dtype in (np.float32, jnp.bfloat16, np.float16):
+      e = cks_jax.explain(lhs, rhs, (1,), [(d, 0)], rhs_dilation=(d,), dimension_numbers=DN1,
+                          dtype=dtype, gradients=True)
+      grads = dict((name, g.backend) for name, g in e.gradients)
+      want = "cks-cpu" if dtype == np.float16 else "xla"
+      assert e.backend == want and grads["d lhs"] == want, (d, dtype, e.reason)
+      assert grads["d rhs"] == "cks-cpu"
+      if want == "xla":
+        assert "1-D" in e.reason
+  up = cks_jax.explain((8, 2048, 64), (4, 64, 64), (1,), [(2, 2)], lhs_dilation=(2,),
+                       dimension_numbers=DN1, gradients=True)  # a transposed 1-D layer
+  assert up.backend == "cks-cpu"
+  assert dict((n, g.backend) for n, g in up.gradients) == {"d lhs": "xla", "d rhs": "cks-cpu"}
+  grouped = cks_jax.explain(lhs, (2, 16, 64), (1,), [(1, 0)], dimension_numbers=DN1,
+                            feature_group_count=4)
+  assert grouped.backend == "cks-cpu"
+  small = cks_jax.explain((4, 256, 64), rhs, (1,), [(1, 0)], dimension_numbers=DN1)
+  assert 2 * 256 * 64 * 64 * 4 < backends.CPU_MIN_MACS and small.backend == "cks-cpu"
+  two_d = cks_jax.explain((4, 64, 64, 64), (2, 2, 64, 64), (1, 1), [(1, 0), (1, 0)],
+                          dimension_numbers=DN)
+  assert two_d.backend == "cks-cpu"
+
+
+def test_1d_layers_match_lax_under_auto():
+  lhs, rhs = WAVENET
+  l, r = random(lhs, np.float32, 0), random(rhs, np.float32, 1)
+  kw = dict(window_strides=(1,), padding=[(8, 0)], rhs_dilation=(8,), dimension_numbers=DN1)
+  ref = lambda l, r: lax.conv_general_dilated(l, r, precision="highest", **kw)
+  y_ref, vjp_ref = jax.vjp(ref, l, r)
+  y, vjp = jax.vjp(lambda l, r: cks_jax.conv_general_dilated(l, r, **kw), l, r)
+  ct = random(y_ref.shape, np.float32, 2)
+  assert_close(y, y_ref, np.float32, "forward")
+  for name, g, g_ref in zip(("d lhs", "d rhs"), vjp(ct), vjp_ref(ct)):
+    assert_close(g, g_ref, np.float32, name)

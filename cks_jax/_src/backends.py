@@ -7,7 +7,8 @@
 - ``"xla"``: XLA's own convolution (computes on the zeros).
 - ``"auto"`` (default): the FFI kernel where one is registered, except on
   the CPU for some outputs with fewer than ``CPU_MIN_FEATURES`` features per
-  group (see :func:`cpu_alternative`). Elsewhere the
+  group and for large 1-D forwards and input gradients (see
+  :func:`cpu_alternative`). Elsewhere the
   portable path for convolutions with lhs dilation: those are transposed
   convolutions and the filter gradients of transposed ones (batch-grouped for
   grouped layers), where the whole gradient was measured 6.0-69x faster than
@@ -212,6 +213,36 @@ def avx2_rule(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> bool:
   return (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2
 
 
+# A one-dimensional, ungrouped convolution without lhs dilation whose output
+# has more positions than its kernel has taps (the forward or input gradient
+# of a 1-D layer, not a filter gradient) computes on no zeros in XLA's own
+# convolution either (it takes rhs dilation natively), and there the kernel
+# was not ahead: on an AVX-512 Zen 4 (2 cores, every backend timed in blocks
+# with its operands in the caches, benchmarks/results/cpu_epyc_zen4_2core.json)
+# WaveNet's k2 layers (4 x 4096 x 64 channels, dilations 1-512) ran forward
+# and input gradient at 0.75-0.91x XLA's speed, the 1-D k4 s2 transposed
+# layer's input gradient (a stride-2 conv) at 0.79x, and 0.83-1.08x in
+# bfloat16; on the AVX2 and Zen 5 EPYCs the kernel had 1.00-1.12x. So
+# ``"auto"`` sends those of float32 or bfloat16 and at least CPU_MIN_MACS
+# multiply-adds to XLA; their filter gradients (1.8-2.2x XLA) stay on the kernel.
+CPU_1D_XLA_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+
+
+def xla_1d_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
+  """Whether ``"auto"`` sends this problem to XLA's convolution on the CPU
+  as a 1-D layer's forward or input gradient (see ``CPU_1D_XLA_DTYPES``)."""
+  if dtype is None or np.dtype(dtype) not in CPU_1D_XLA_DTYPES:
+    return False
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  if (len(lhs_spec) != 3 or any(a > 1 for a in params["lhs_dilation"])
+      or params["feature_group_count"] * params["batch_group_count"] != 1):
+    return False
+  out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
+  taps = rhs_shape[rhs_spec[2]]
+  macs = math.prod(out_shape) * rhs_shape[rhs_spec[1]] * taps
+  return out_shape[out_spec[2]] > taps and macs >= CPU_MIN_MACS
+
+
 def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str | None:
   """What ``"auto"`` runs on the CPU instead of the kernel, or None for the kernel.
 
@@ -222,8 +253,11 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   so (``isa`` as there); else it stays on the kernel if its narrow path takes
   it (:func:`kernel_narrow`), else goes to the portable path when it has the
   shape of a filter gradient (fewer output positions than kernel taps) with
-  lhs dilation, else to XLA's convolution.
+  lhs dilation, else to XLA's convolution. A 1-D layer's forward or input
+  gradient goes to XLA where :func:`xla_1d_rule` says so.
   """
+  if xla_1d_rule(params, lhs_shape, rhs_shape, dtype):
+    return "xla"
   facts = _narrow_facts(params, lhs_shape, rhs_shape)
   if facts is None:
     return None
