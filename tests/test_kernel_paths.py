@@ -4,6 +4,8 @@
   contiguous, vectorised over strips of the batch. It runs the filter gradient of a layer with
   few output channels (NHWC: the batch of that gradient is the layer's input channels). Tested
   around the strip boundaries (32 floats, 16 doubles: exact, overlapping last strip, tails).
+  With two spatial dimensions or more and several sub-problems its taps are interleaved
+  (run_narrow_taps), over chunks of the cotangent's rows.
 - The phase B (pack_phase_b): with 32 or more channels per group read innermost, each phase's
   sub-kernel is packed once, and every trimmed sub-problem of that phase reads runs of it.
   Tested where sub-problems trim differently (small maps, big kernels, several phases,
@@ -78,6 +80,11 @@ CASES = [
     # padding wider than the input: six of the nine filter taps read only padding, so
     # their sub-problems have empty reductions (runs of length 0)
     ((2, 3, 40), (9, 40, 2), ((1,), [(5, 1)]), {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # interleaved taps (run_narrow_taps): every sub-problem of a task over chunks of about
+    # kNarrowChunk reduction indices of the densest: a 3x3 SAME d-rhs in 5 chunks, and a k4 s2
+    # transposed one (16 sub-problems, taps stepping by 2) in 4, with an overlapping strip
+    ((4, 40, 33, 40), (3, 3, 40, 2), ((1, 1), "SAME"), {}),
+    ((8, 20, 20, 40), (4, 4, 40, 3), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
 ]
 
 
@@ -354,8 +361,8 @@ def test_narrower_kernels(isa):
       import jax
       jax.config.update("jax_enable_x64", True)
       import numpy as np, test_kernel_paths as k
-      cases = (k.GEMM_CASES + k.CASES[:2] + k.PHASE_B_CASES[:2] + k.PHASE_B_CASES[-2:]
-               + k.TAPS_CASES[:1] + k.DOT_CASES[:4])
+      cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
+               + k.PHASE_B_CASES[-2:] + k.TAPS_CASES[:1] + k.DOT_CASES[:4])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
@@ -367,4 +374,4 @@ def test_narrower_kernels(isa):
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=here, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 11)]
+  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 12)]

@@ -120,6 +120,8 @@ struct CksConv {
   struct Task {
     int64_t sp, group, row0, row1, col0, col1, j0 = 0, j1 = 0;
     bool all_taps = false;  // every sub-problem, interleaved (run_taps)
+    // run_narrow_taps: sub-problems [sp, sp1), batch entries [row0, row1).
+    int64_t sp1 = 0;
   };
 
   int64_t nsp() const { return static_cast<int64_t>(plan.subproblems.size()); }
@@ -482,6 +484,22 @@ struct CksConv {
   // (n, position), position fastest, so a chunk [n0, n1) is rows [n0 P, n1 P).
   std::vector<Task> narrow_tasks(int64_t workers) const {
     const int64_t nb = pb.out_batch(), chunks = std::max<int64_t>(1, nb / gemm::kStrip<Acc>);
+    if (narrow_taps()) {
+      // Each task: a batch chunk of a group over a range of sub-problems, as
+      // few ranges as keep every worker busy (each range reads all of A).
+      const int64_t base = pb.groups() * chunks;
+      const int64_t sets = std::clamp<int64_t>((workers + base - 1) / base, 1, nsp());
+      std::vector<Task> ts;
+      for (int64_t g = 0; g < pb.groups(); ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t q = 0; q < sets; ++q) {
+            Task t{q * nsp() / sets, g, c * nb / chunks, (c + 1) * nb / chunks, 0, pb.group_out()};
+            t.all_taps = true;
+            t.sp1 = (q + 1) * nsp() / sets;
+            ts.push_back(t);
+          }
+      return ts;
+    }
     const int64_t want = kTasksPerWorker * workers;
     int64_t used = 0;
     for (int64_t s = 0; s < nsp(); ++s) used += plan.subproblems[s].rows > 0;
@@ -984,6 +1002,95 @@ struct CksConv {
       }
   }
 
+  // A narrow filter gradient with several sub-problems (one per tap, or per
+  // phase and tap) would read all of A (the input) once per tap and strip,
+  // from L3 or memory: FSRCNN's 1-feature k9 s3 d-filter (81 taps) streamed
+  // 1.8 MB 162 times and ran at 38 GFLOP/s. Its taps are instead
+  // interleaved, as run_taps does: each task runs every one of its
+  // sub-problems on a chunk of the cotangent's rows (about kNarrowChunk
+  // reduction indices of the densest) before moving on, so that chunk of A
+  // stays in cache from the first tap to the last. Needs the reduction's
+  // runs to be whole within a chunk: channels outer, two dimensions or more.
+  static constexpr int64_t kNarrowChunk = 1024;
+  bool narrow_taps() const {
+    return narrow() && !channels_inner() && pb.nd >= 2 && nsp() >= 2;
+  }
+  int64_t narrow_chunk_rows() const {
+    int64_t dens = 1;
+    for (const SubProblem& sp : plan.subproblems) {
+      const int64_t cnt0 = sp.seg[0].t_hi - sp.seg[0].t_lo;
+      if (cnt0 > 0) dens = std::max(dens, sp.taps / cnt0 / sp.phase[0]->kstep);
+    }
+    return std::max<int64_t>(1, kNarrowChunk / dens);
+  }
+  // One sub-problem of a run_narrow_taps task: its row offsets over the
+  // task's batch chunk, its reduction's runs, its accumulators' offset.
+  struct NarrowSub {
+    std::vector<int64_t> lhs_row, out_row, ra, rb;
+    gemm::NarrowRuns runs;
+    int64_t P = 0, acc = 0;
+  };
+  // Strip i of nstrips over the batch chunk [n0, n1): as run_narrow's, the
+  // last one ends at n1 (overlapping the one before).
+  static int64_t strip_start(int64_t i, int64_t nstrips, int64_t n0, int64_t n1) {
+    return i + 1 < nstrips ? n0 + i * gemm::kStrip<Acc> : n1 - gemm::kStrip<Acc>;
+  }
+  void run_narrow_taps(const Task& t) const {
+    constexpr int W = gemm::kStrip<Acc>;
+    const int64_t Fg = pb.group_out(), nb = pb.out_batch(), n0 = t.row0, n1 = t.row1;
+    const int64_t nstrips = (n1 - n0 + W - 1) / W, ns = t.sp1 - t.sp;
+    thread_local std::vector<NarrowSub> subs;
+    thread_local std::vector<Acc> acc;
+    if (subs.size() < static_cast<size_t>(ns)) subs.resize(ns);
+    int64_t total = 0;
+    for (int64_t i = 0; i < ns; ++i) {
+      NarrowSub& u = subs[i];
+      const int64_t s = t.sp + i;
+      u.P = plan.subproblems[s].rows / nb;
+      u.acc = total;
+      if (u.P == 0) continue;
+      row_offsets(Task{s, t.group, n0 * u.P, n1 * u.P, 0, Fg}, u.lhs_row, u.out_row);
+      u.runs = reduction_runs(s, u.ra, u.rb);
+      total += u.P * nstrips * Fg * W;
+    }
+    acc.assign(total, Acc(0));
+    const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
+    const int64_t H = narrow_chunk_rows(), J = pb.dim[0].k_size, CJ = pb.group_in() * J;
+    for (int64_t g0 = 0; g0 < CJ; g0 += H)
+      for (int64_t i = 0; i < ns; ++i) {
+        const NarrowSub& u = subs[i];
+        const SubProblem& sp = plan.subproblems[t.sp + i];
+        if (u.P == 0 || sp.taps == 0) continue;
+        // Reduction indices k = run * R + q; a chunk's range starts and ends
+        // on whole runs (tap_index steps dimension 0's taps, nd >= 2).
+        const int64_t R = u.runs.R;
+        const int64_t r0 = tap_index(sp, g0, J) / R, r1 = tap_index(sp, std::min(g0 + H, CJ), J) / R;
+        if (r1 <= r0) continue;
+        gemm::NarrowRuns k = u.runs;
+        k.ra += r0;
+        k.rb += r0;
+        k.nruns = r1 - r0;
+        for (int64_t j = 0; j < u.P; ++j)
+          for (int64_t q = 0; q < nstrips; ++q) {
+            const int64_t l = (strip_start(q, nstrips, n0, n1) - n0) * u.P + j;
+            gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + u.lhs_row[l], b, k,
+                               acc.data() + u.acc + (j * nstrips + q) * Fg * W, W);
+          }
+      }
+    for (int64_t i = 0; i < ns; ++i) {
+      const NarrowSub& u = subs[i];
+      for (int64_t j = 0; j < u.P; ++j)
+        for (int64_t q = 0; q < nstrips; ++q) {
+          const int64_t l = (strip_start(q, nstrips, n0, n1) - n0) * u.P + j;
+          const Acc* Cs = acc.data() + u.acc + (j * nstrips + q) * Fg * W;
+          for (int64_t f = 0; f < Fg; ++f)
+            for (int r = 0; r < W; ++r)
+              out[u.out_row[l + r * u.P] + (t.group * Fg + f) * pb.out_c] =
+                  store<Tout, Acc>(Cs[f * W + r]);
+        }
+    }
+  }
+
   // The dot kernel's B of (sub-problem s, group g): its Fg rows of B, each
   // in reduction order, into dst[Fg * red_size(s)].
   void pack_dot_b(int64_t s, int64_t g, Acc* dst) const {
@@ -1051,6 +1158,24 @@ struct CksConv {
   // by buffer (each grows to the largest task its thread runs).
   static constexpr int kBuffers = 9;
   void task_buffers(const Task& t, const SharedB& sb, int64_t (&bytes)[kBuffers]) const {
+    if (narrow() && t.all_taps) {  // run_narrow_taps: every sub-problem's tables and
+                                   // accumulators at once
+      constexpr int64_t I = sizeof(int64_t), W = gemm::kStrip<Acc>;
+      const int64_t n = t.row1 - t.row0, nstrips = (n + W - 1) / W;
+      int64_t b[kBuffers] = {};
+      for (int64_t s = t.sp; s < t.sp1; ++s) {
+        const SubProblem& sp = plan.subproblems[s];
+        const int64_t P = sp.rows / pb.out_batch(), R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
+        if (P == 0) continue;
+        b[0] = std::max(b[0], 4 * sp.taps * I);                       // taps (reduction_runs)
+        b[1] += round_up(n * P, MR) * I;                              // lhs_row
+        b[2] += n * P * I;                                            // out_row
+        b[3] += 2 * (R > 0 ? pb.group_in() * (sp.taps / R) : 0) * I;  // ra, rb
+        b[7] += P * nstrips * pb.group_out() * W * static_cast<int64_t>(sizeof(Acc));
+      }
+      for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
+      return;
+    }
     if (t.all_taps) {  // run_taps: every sub-problem's tables and output block at once
       int64_t sum[kBuffers] = {};
       for (int64_t s = 0; s < nsp(); ++s) {
@@ -1154,7 +1279,7 @@ struct CksConv {
       for (int64_t i = u * unit; i < (u + 1) * unit; ++i) {
         const Task& t = ts[i];
         if (narrow()) {
-          run_narrow(t);
+          t.all_taps ? run_narrow_taps(t) : run_narrow(t);
           continue;
         }
         if (sb.dot) {
