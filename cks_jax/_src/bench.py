@@ -50,8 +50,12 @@ def conv_kwargs(layer: dict) -> dict:
 # 5 millisecond runs on a busy 2-core machine moved by 2x between runs.
 MIN_TIMED_S = 0.3
 # Each function's share of a timing round: back-to-back calls for at least
-# this long, after an untimed one.
+# this long, after an untimed one; then a pause, in which the threads of the
+# library just timed stop spinning (OpenMP's and XLA's pools spin after
+# their work: with no pause, lax's own convolution measured 0.88-0.95x
+# XLA's time when routed through cks-jax and timed right after PyTorch).
 BLOCK_S = 0.02
+SETTLE_S = 0.01
 
 
 def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
@@ -64,9 +68,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   """Median wall time in ms of each of ``fns`` (blocking), timed in rounds:
   within a round each function runs a block of back-to-back calls, an
   untimed one and then timed ones for at least ``BLOCK_S`` seconds (a call
-  slower than that is timed on its own). At least ``repeats`` timed calls
-  and ``MIN_TIMED_S`` seconds of rounds, stopping early once ``budget_s``
-  per function is spent.
+  slower than that is timed on its own), then a pause of ``SETTLE_S``. At
+  least ``repeats`` timed calls and ``MIN_TIMED_S`` seconds of rounds,
+  stopping early once ``budget_s`` per function is spent.
 
   Every function is thus timed with its own operands in the caches, as a
   layer runs inside a training step, and with any other library's threads
@@ -89,14 +93,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
       first = time.perf_counter() - t_block
       if first >= BLOCK_S:
         times[k].append(first)
-        continue
-      while True:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        t1 = time.perf_counter()
-        times[k].append(t1 - t0)
-        if t1 - t_block >= BLOCK_S:
-          break
+      else:
+        while True:
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn())
+          t1 = time.perf_counter()
+          times[k].append(t1 - t0)
+          if t1 - t_block >= BLOCK_S:
+            break
+      time.sleep(SETTLE_S)
     if time.perf_counter() - start > budget:
       break
   return {k: 1e3 * statistics.median(t) for k, t in times.items()}
