@@ -224,7 +224,7 @@ def avx2_rule(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> bool:
 # layer's input gradient (a stride-2 conv) at 0.79x, and 0.83-1.08x in
 # bfloat16; on the AVX2 and Zen 5 EPYCs the kernel had 1.00-1.12x. So
 # ``"auto"`` sends those of float32 or bfloat16 and at least CPU_MIN_MACS
-# multiply-adds to XLA; their filter gradients (1.8-2.2x XLA) stay on the kernel.
+# multiply-adds to XLA; their filter gradients (1.6-2.2x XLA) stay on the kernel.
 CPU_1D_XLA_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 
 

@@ -1064,7 +1064,8 @@ struct CksConv {
         // Reduction indices k = run * R + q; a chunk's range starts and ends
         // on whole runs (tap_index steps dimension 0's taps, nd >= 2).
         const int64_t R = u.runs.R;
-        const int64_t r0 = tap_index(sp, g0, J) / R, r1 = tap_index(sp, std::min(g0 + H, CJ), J) / R;
+        const int64_t r0 = tap_index(sp, g0, J) / R;
+        const int64_t r1 = tap_index(sp, std::min(g0 + H, CJ), J) / R;
         if (r1 <= r0) continue;
         gemm::NarrowRuns k = u.runs;
         k.ra += r0;
@@ -1165,7 +1166,8 @@ struct CksConv {
       int64_t b[kBuffers] = {};
       for (int64_t s = t.sp; s < t.sp1; ++s) {
         const SubProblem& sp = plan.subproblems[s];
-        const int64_t P = sp.rows / pb.out_batch(), R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
+        const int64_t P = sp.rows / pb.out_batch();
+        const int64_t R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
         if (P == 0) continue;
         b[0] = std::max(b[0], 4 * sp.taps * I);                       // taps (reduction_runs)
         b[1] += round_up(n * P, MR) * I;                              // lhs_row
