@@ -410,16 +410,18 @@ struct CksConv {
     const int64_t rows = plan.subproblems[s].rows;
     return Task{s, t.group, std::min(t.row0, rows), std::min(t.row1, rows), t.col0, t.col1};
   }
-  // Rows of the chunks of run_taps, in rhs index of dimension 0: about kKC
-  // reduction indices of the densest sub-problem per chunk.
-  int64_t tap_chunk_rows() const {
+  // Rows of a chunk of interleaved taps (run_taps, run_narrow_taps), in rhs
+  // index of dimension 0: about `indices` reduction indices of the densest
+  // sub-problem per chunk.
+  int64_t chunk_rows(int64_t indices) const {
     int64_t dens = 1;
     for (const SubProblem& sp : plan.subproblems) {
       const int64_t cnt0 = sp.seg[0].t_hi - sp.seg[0].t_lo;
       if (cnt0 > 0) dens = std::max(dens, sp.taps / cnt0 / sp.phase[0]->kstep);
     }
-    return std::max<int64_t>(1, kKC / dens);
+    return std::max<int64_t>(1, indices / dens);
   }
+  int64_t tap_chunk_rows() const { return chunk_rows(kKC); }
 
   // The first reduction index of sub-problem sp at or after global row g
   // (= c * J + rhs index of dimension 0): k = c * taps + tap, dimension 0's
@@ -1015,14 +1017,6 @@ struct CksConv {
   bool narrow_taps() const {
     return narrow() && !channels_inner() && pb.nd >= 2 && nsp() >= 2;
   }
-  int64_t narrow_chunk_rows() const {
-    int64_t dens = 1;
-    for (const SubProblem& sp : plan.subproblems) {
-      const int64_t cnt0 = sp.seg[0].t_hi - sp.seg[0].t_lo;
-      if (cnt0 > 0) dens = std::max(dens, sp.taps / cnt0 / sp.phase[0]->kstep);
-    }
-    return std::max<int64_t>(1, kNarrowChunk / dens);
-  }
   // One sub-problem of a run_narrow_taps task: its row offsets over the
   // task's batch chunk, its reduction's runs, its accumulators' offset.
   struct NarrowSub {
@@ -1055,7 +1049,7 @@ struct CksConv {
     }
     acc.assign(total, Acc(0));
     const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
-    const int64_t H = narrow_chunk_rows(), J = pb.dim[0].k_size, CJ = pb.group_in() * J;
+    const int64_t H = chunk_rows(kNarrowChunk), J = pb.dim[0].k_size, CJ = pb.group_in() * J;
     for (int64_t g0 = 0; g0 < CJ; g0 += H)
       for (int64_t i = 0; i < ns; ++i) {
         const NarrowSub& u = subs[i];
