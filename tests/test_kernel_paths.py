@@ -188,6 +188,8 @@ GEMM_CASES = [
     # 100 channels: runs of 100 cut by the 256-index reduction blocks; 21 features (a partial
     # column panel); 7 x 7 positions (a partial row tile); 3 reduction blocks add into the output
     ((2, 7, 7, 100), (3, 3, 100, 21), ((1, 1), "SAME"), {}),
+    # 112 features: AVX-512 column tiles of 4, 2 and 1 panels (float; double: 4, 4, 4, 2)
+    ((2, 6, 7, 40), (3, 3, 40, 112), ((1, 1), "SAME"), {}),
     # channels-first input: neither its channels nor its batch is contiguous (packed A)
     ((2, 40, 9, 8), (3, 3, 40, 19), ((1, 1), "SAME"),
      {"dimension_numbers": ("NCHW", "HWIO", "NHWC")}),

@@ -12,8 +12,8 @@
 //       offsets; tiles past mc rows or nc columns are masked).
 // x86-64 picks a hand-written micro-kernel at run time (no -march needed):
 //   AVX2+FMA : 6x16 float / 6x8 double tile in 12 ymm accumulators;
-//   AVX-512F : two adjacent B panels at once, 6x32 / 6x16 in 12 zmm (BufC);
-//              one panel in 6 zmm (BufC or OutC).
+//   AVX-512F : four adjacent B panels at once, 6x64 float / 6x32 double in
+//              24 zmm; what is left in tiles of two panels and of one.
 // Anything else runs the portable kernel. All paths add in the same order
 // per element; the AVX2 and AVX-512 ones (both FMA) give identical bits.
 #pragma once
@@ -317,10 +317,9 @@ __attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t n
 }
 #undef CKS_AVX2_FN
 
-// AVX-512 (Zen 4/5, Xeon): NR lanes = one zmm, so two adjacent B panels form
-// a 6 x 2NR tile with 12 zmm accumulators; packing unchanged. A leftover odd
-// panel, or a block of one, runs a 6 x NR tile. Same per-element order ->
-// identical bits.
+// AVX-512 (Zen 4/5, Xeon): NR lanes = one zmm, so P adjacent B panels form a
+// 6 x P NR tile of 6 P zmm accumulators; packing unchanged. Same per-element
+// order -> identical bits.
 #define CKS_Z512_FN __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
 CKS_Z512_FN __m512 zload(const float* p) { return _mm512_loadu_ps(p); }
 CKS_Z512_FN __m512d zload(const double* p) { return _mm512_loadu_pd(p); }
@@ -334,44 +333,47 @@ CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
 CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 CKS_Z512_FN __m512d zadd(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
-// One reduction index of an MR x 2 zmm tile over two B panels ldb apart.
-template <int MR, typename T, typename V>
+// One reduction index of an MR x P zmm tile over P adjacent B panels, ldb
+// apart: acc[i][p] += r[i][o] * b[p * ldb : p * ldb + NR].
+template <int MR, int P, typename T, typename V>
 CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t ldb,
-                             V (&acc)[MR][2]) {
-  const V b0 = zload(b), b1 = zload(b + ldb);
+                             V (&acc)[MR][P]) {
+  V bv[P];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) bv[p] = zload(b + p * ldb);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     const V ai = zbcast(r[i] + o);
-    acc[i][0] = zfma(ai, b0, acc[i][0]);
-    acc[i][1] = zfma(ai, b1, acc[i][1]);
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) acc[i][p] = zfma(ai, bv[p], acc[i][p]);
   }
 }
 
-// One reduction index of an MR x 1 zmm tile: acc[i] += r[i][o] * b[0 : NR].
-template <int MR, typename T, typename V>
-CKS_Z512_FN void avx512_step_1p(const T* const* r, int64_t o, const T* b, V (&acc)[MR]) {
-  const V b0 = zload(b);
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) acc[i] = zfma(zbcast(r[i] + o), b0, acc[i]);
-}
-
-// One B panel (a block nc <= NR wide): an MR x 1 zmm tile, each A element
-// broadcast into its FMA. The AVX2 kernel's MR x 2 ymm tile does the same
-// work with twice the FMAs and loads. Writes a BufC or an OutC (masked to
-// the rows and columns that exist; plain stores where the OutC asks for
-// streaming, which only the AVX2 kernel's callers do).
-template <typename T, typename ASrc, typename CDst>
-__attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512_1p(int64_t mc, int64_t kc,
-                                                                        const ASrc& A,
-                                                                        const T* b,
-                                                                        const CDst& C) {
+// Columns [jr, jr + P NR) of a block, rows [0, mc): MR x P zmm tiles, the B
+// panels of those columns from b on, ldb apart. P = 4 (6 x 64 floats: 24
+// accumulators + 4 B vectors + 1 broadcast of 32 zmm, no spills, checked
+// with objdump) broadcasts each A element once per 64 columns instead of
+// per 32: in process on Zen 4, against the 6 x 2 zmm tile, 64-feature
+// forwards (3x3, dilated, k4 s2 and k2 s2 transposed) took 0.94-0.98x the
+// time, wider layers and gradients 0.96-1.0x. P = 1 serves blocks of one panel, which the AVX2 kernel would run
+// with twice the FMAs and loads. Writes a BufC, or an OutC (masked to the
+// rows and columns that exist; plain stores where it asks for streaming,
+// which only the AVX2 kernel's callers do).
+template <int P, typename T, typename ASrc, typename CDst>
+__attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64_t jr,
+                                                               int64_t kc, const ASrc& A,
+                                                               const T* b, int64_t ldb,
+                                                               const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
   using V = decltype(zload(b));
   for (int64_t ir = 0; ir < mc; ir += MR) {
-    V acc[MR];
+    V acc[MR][P];
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) acc[i] = V{};
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) acc[i][p] = V{};
     const T* rb[MR];
     A.rows(ir, rb);
     auto cur = A.begin();
@@ -381,78 +383,58 @@ __attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512_1p(int64_t 
       opaque<MR>(r);
       if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-        for (int64_t q = p; q < p + n; ++q) avx512_step_1p(r, A.red[q], b + q * NR, acc);
+        for (int64_t q = p; q < p + n; ++q) avx512_step(r, A.red[q], b + q * NR, ldb, acc);
       } else {
         const int64_t s = A.step;
 #pragma GCC unroll 4
-        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx512_step_1p(r, o, b + q * NR, acc);
+        for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
+          avx512_step(r, o, b + q * NR, ldb, acc);
       }
       p += n;
     }
     if constexpr (kOut) {
-      if (ir + MR <= C.mc && NR <= C.nc) {
+      if (ir + MR <= C.mc && jr + P * NR <= C.nc) {
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          T* c = C.base + C.rows[ir + i];
-          if (C.add) zaddto(c, acc[i]);
-          else zstore(c, acc[i]);
+          T* c = C.base + C.rows[ir + i] + jr;
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p) {
+            if (C.add) zaddto(c + p * NR, acc[i][p]);
+            else zstore(c + p * NR, acc[i][p]);
+          }
         }
       } else {
         T t[MR * NR];
+        for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 6
-        for (int i = 0; i < MR; ++i) zstore(t + i * NR, acc[i]);
-        store_edge(C, ir, 0, t);
+          for (int i = 0; i < MR; ++i) zstore(t + i * NR, acc[i][p]);
+          store_edge(C, ir, jr + p * NR, t);
+        }
       }
     } else {
-      T* c = C.C + ir * C.ldc;
+      T* c = C.C + ir * C.ldc + jr;
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) zaddto(c + i * C.ldc, acc[i]);
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) zaddto(c + i * C.ldc + p * NR, acc[i][p]);
     }
   }
 }
 
-template <typename T, typename ASrc>
-__attribute__((target("avx512f,avx2,fma"))) void macro_kernel_avx512(int64_t mc, int64_t nc,
-                                                                     int64_t kc, const ASrc& A,
-                                                                     const T* Bp, int64_t ldb,
-                                                                     const BufC<T>& C) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
-  using V = decltype(zload(Bp));
+// A block of nc columns: 4-panel column tiles, then one of 2 and one of 1
+// for what is left.
+template <typename T, typename ASrc, typename CDst>
+inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
+                                int64_t ldb, const CDst& C) {
+  constexpr int NR = Tile<T>::NR;
   int64_t jr = 0;
-  for (; jr + 2 * NR <= nc; jr += 2 * NR) {
-    for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* b = Bp + jr / NR * ldb;  // panel jr; panel jr + NR starts ldb later
-      V acc[MR][2];
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
-      const T* rb[MR];
-      A.rows(ir, rb);
-      auto cur = A.begin();
-      for (int64_t p = 0; p < kc;) {
-        const T* r[MR];
-        const int64_t n = A.segment(cur, kc - p, rb, r);
-        opaque<MR>(r);
-        if constexpr (ASrc::kTable) {
-#pragma GCC unroll 4
-          for (int64_t q = p; q < p + n; ++q) avx512_step(r, A.red[q], b + q * NR, ldb, acc);
-        } else {
-          const int64_t s = A.step;
-#pragma GCC unroll 4
-          for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
-            avx512_step(r, o, b + q * NR, ldb, acc);
-        }
-        p += n;
-      }
-      T* c = C.C + ir * C.ldc + jr;
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        zaddto(c + i * C.ldc, acc[i][0]);
-        zaddto(c + i * C.ldc + NR, acc[i][1]);
-      }
-    }
+  for (; jr + 4 * NR <= nc; jr += 4 * NR)
+    panels_avx512<4>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+  if (jr + 2 * NR <= nc) {
+    panels_avx512<2>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+    jr += 2 * NR;
   }
-  if (jr < nc) macro_kernel_avx512_1p(mc, kc, A, Bp + jr / NR * ldb, BufC<T>{C.C + jr, C.ldc});
+  if (jr < nc) panels_avx512<1>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -481,11 +463,10 @@ inline int gemm_isa() {
   return isa;
 }
 
-// The AVX-512 kernel writes an OutC for blocks of one panel only: callers
-// use OutC for a block nc columns wide where writes_in_place (wider blocks
-// on an AVX-512 machine go through a BufC; a grouped transposed layer with
+// Callers use OutC for a block nc columns wide where writes_in_place. On an
+// AVX-512 machine only blocks of one panel: a grouped transposed layer with
 // 16 features per group spent 15 % of its forward copying 64-byte rows out
-// of one).
+// of a BufC, but writing wider tiles in place did not pay (measured twice).
 template <typename T>
 inline bool writes_in_place(int64_t nc) {
   return gemm_isa() != 2 || nc <= Tile<T>::NR;
@@ -495,11 +476,7 @@ template <typename T, typename ASrc, typename CDst>
 inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
                        int64_t ldb, const CDst& C) {
 #ifdef CKS_X86_AVX2
-  if (gemm_isa() == 2) {
-    if (nc <= Tile<T>::NR) return macro_kernel_avx512_1p(mc, kc, A, Bp, C);
-    if constexpr (std::is_same<CDst, BufC<T>>::value)
-      return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
-  }
+  if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
   if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C);
 #endif
   macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
