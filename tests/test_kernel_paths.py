@@ -233,14 +233,15 @@ def test_gemm_sources_and_destinations(case, dtype):
 # 16 sub-problems and 8 or more chunks of rows: every task runs all taps on one chunk of the
 # cotangent before the next (run_taps), into one output block per tap.
 TAPS_CASES = [
-    # 3x3 SAME, 100 input channels (rows cut into MR-aligned blocks of unequal length), 21
-    # features (a partial column panel); 9 sub-problems trimmed differently
-    ((8, 48, 48, 100), (3, 3, 100, 21), ((1, 1), "SAME"), {}),
+    # 3x3 SAME, 100 input channels (rows cut into MR-aligned blocks of unequal length), 136
+    # features (a partial column panel; more than the row-vectorised path takes); 9
+    # sub-problems trimmed differently
+    ((8, 48, 48, 100), (3, 3, 100, 136), ((1, 1), "SAME"), {}),
     # 1D dilated (WaveNet-like), padding that trims the edge taps
     ((4, 3000, 96), (3, 96, 40), ((1,), [(4, 4)], (1,), (4,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     # k4 s2 transposed (KS-deconv) with 2 feature groups: 16 sub-problems whose taps step by 2
-    ((24, 16, 16, 128), (4, 4, 64, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+    ((24, 16, 16, 128), (4, 4, 64, 64), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
      {"feature_group_count": 2}),
 ]
 
@@ -249,6 +250,30 @@ TAPS_CASES = [
 @pytest.mark.parametrize("case", range(len(TAPS_CASES)))
 def test_interleaved_taps(case, dtype):
   check_on_kernel(TAPS_CASES[case], dtype, seed=40 + case)
+
+
+# Filter gradients with more than 8 features that the row-vectorised path takes on AVX-512
+# (CksConv::wide_rows): the narrow kernel in feature tiles of 8 (a partial last tile), its taps
+# interleaved over chunks of the cotangent (run_narrow_taps).
+WIDE_CASES = [
+    # 3x3 SAME, 21 features (tiles 8 + 8 + 5), 70 channels (two strips and an overlapping
+    # third), 1600 reduction indices per tap (two chunks)
+    ((4, 20, 20, 70), (3, 3, 70, 21), ((1, 1), "SAME"), {}),
+    # k4 s2 strided (a DCGAN discriminator layer), 40 features
+    ((4, 16, 16, 40), (4, 4, 40, 40), ((2, 2), [(1, 1), (1, 1)]), {}),
+    # k4 s2 transposed with 2 feature groups of 20 features: lhs dilation, few features
+    ((6, 8, 8, 128), (4, 4, 64, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 2}),
+    # 3D dilated 3x3x3 (d2), 24 features
+    ((1, 8, 8, 8, 36), (3, 3, 3, 36, 24), ((1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(WIDE_CASES)))
+def test_row_vectorised_filter_gradient(case, dtype):
+  check_on_kernel(WIDE_CASES[case], dtype, seed=80 + case)
 
 
 def test_interleaved_taps_16bit():
@@ -347,7 +372,13 @@ def test_explain_names_the_kernels_path():
   for case in TAPS_CASES:
     e, g = paths(case)
     assert g["d rhs"].cpu_path == "interleaved taps", case
-    assert "CPU kernel path: interleaved taps" in str(e)
+  assert "CPU kernel path: interleaved taps" in str(e)
+  if backends.cpu_isa() == 2:  # wide_rows: measured on AVX-512 only
+    for case in WIDE_CASES:
+      for dtype in (np.float32, np.float64, jnp.bfloat16):
+        e, g = paths(case, dtype)
+        assert g["d rhs"].cpu_path == "row-vectorised", (case, dtype)
+        assert "CPU kernel path: row-vectorised" in str(e)
   e, g = paths(GEMM_CASES[0])
   assert e.cpu_path == "gemm" and "path:" not in e.reason
   assert cks_jax.explain((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), "SAME", dimension_numbers=DN2,

@@ -43,7 +43,9 @@ class Explanation:
     cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
       code: ``"gemm"`` (the GEMM vectorised over output features),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
-      layers with few output channels), ``"dot"`` (vectorised along the
+      layers with few output channels), ``"row-vectorised"`` (the same kernel
+      in tiles of 8 features: filter gradients of wider layers where that
+      measured faster, AVX-512 only), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels) or
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
       run chunk by chunk). None on other backends.

@@ -18,6 +18,8 @@
 //   (filter gradients of few-channel layers) take a narrow path vectorised
 //   over the batch instead of the features (run_narrow), its reduction
 //   walked as runs with constant steps (no offset tables, B read in place).
+//   On AVX-512, filter gradients with more features take it too, in tiles of
+//   8 features, where that measured faster (wide_rows).
 // - Filter gradients of large operands with at most 16 taps run all their
 //   sub-problems on one chunk of the reduction before the next (run_taps), so
 //   input and cotangent come from memory once instead of once per tap.
@@ -165,10 +167,35 @@ struct CksConv {
 
   // Narrow outputs (Fg <= kNarrowF) whose batch entries are contiguous (the
   // filter gradient of a layer with few output channels) run on the
-  // row-vectorised kernel: see run_narrow.
+  // row-vectorised kernel: see run_narrow. So do wider ones (wide_rows), in
+  // feature tiles of kNarrowF.
   bool narrow() const {
     return std::is_same<Tin, Acc>::value && pb.lhs_n == 1 &&
-           pb.group_out() <= gemm::kNarrowF && pb.out_batch() >= gemm::kStrip<Acc>;
+           pb.out_batch() >= gemm::kStrip<Acc> && (pb.group_out() <= gemm::kNarrowF || wide_rows());
+  }
+  // The row-vectorised kernel reads A (a filter gradient's input) and B (its
+  // cotangent) in place, where the GEMM packs one of them per task and tap.
+  // Measured in process on Zen 4 (AVX-512, 2 cores), 2-D and 3-D filter
+  // gradients: up to kWideFewF features 0.65-0.84x the time (transposed
+  // k2 s2 3-D, k8 s4 head, grouped k4 s2); up to kWideF features, no lhs
+  // dilation and at most kWideMaxSubproblems taps, 0.73-0.93x (DCGAN
+  // discriminator 0.73-0.76, ResNet 3x3 0.86-0.90 and s2 0.76-0.83, dilated
+  // 3x3 and 3x3x3 0.75-0.93). Left on the GEMM: 256 features (1.01-1.06x),
+  // a 7x7's 49 taps on 8x8 maps (1.00-1.08x), transposed layers (lhs
+  // dilation: each phase reads its own part of the cotangent) with 32-128
+  // features (1.06-1.5x), and 1-D (WaveNet 0.88-1.08x; it has no
+  // run_narrow_taps). Not measured with AVX2 only.
+  static constexpr int64_t kWideFewF = 24, kWideF = 128, kWideMaxSubproblems = 27;
+  bool wide_rows() const {
+    if (gemm::gemm_isa() != 2 || pb.nd < 2) return false;
+    if (pb.group_out() <= kWideFewF) return true;
+    bool dilated = false;
+    for (int d = 0; d < pb.nd; ++d) dilated = dilated || pb.dim[d].lhs_dil > 1;
+    return !dilated && nsp() <= kWideMaxSubproblems && pb.group_out() <= kWideF;
+  }
+  // Feature tiles of the row-vectorised kernel: [f0, f0 + narrow_tile(f0)).
+  int narrow_tile(int64_t f0) const {
+    return static_cast<int>(std::min<int64_t>(gemm::kNarrowF, pb.group_out() - f0));
   }
   // Narrow outputs (Fg <= kDotF) whose channels are contiguous, at least
   // kDotMinC per group (a forward pass with few output channels, NHWC) run
@@ -984,10 +1011,12 @@ struct CksConv {
     const int64_t Fg = pb.group_out();
     const int64_t P = plan.subproblems[t.sp].rows / pb.out_batch();  // positions
     thread_local std::vector<int64_t> lhs_row, out_row, ra, rb;
+    thread_local std::vector<Acc> cs;
     row_offsets(t, lhs_row, out_row);
     const gemm::NarrowRuns k = reduction_runs(t.sp, ra, rb);
     const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
-    Acc Cs[gemm::kNarrowF * W];
+    cs.resize(Fg * W);
+    Acc* Cs = cs.data();
     const int64_t n0 = t.row0 / P, n1 = t.row1 / P;
     for (int64_t j = t.j0; j < t.j1; ++j)
       // The last strip ends at n1, overlapping the one before: the overlap is
@@ -995,7 +1024,9 @@ struct CksConv {
       for (int64_t n = n0;; n = std::min(n + W, n1 - W)) {
         const int64_t l = (n - n0) * P + j;  // batch n + i is local row l + i * P
         std::fill(Cs, Cs + Fg * W, Acc(0));
-        gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + lhs_row[l], b, k, Cs, W);
+        for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
+          gemm::narrow_strip(narrow_tile(f0), lhs_in_acc() + lhs_row[l], b + f0 * pb.rhs_o, k,
+                             Cs + f0 * W, W);
         for (int64_t f = 0; f < Fg; ++f)
           for (int i = 0; i < W; ++i)
             out[out_row[l + i * P] + (t.group * Fg + f) * pb.out_c] =
@@ -1068,8 +1099,10 @@ struct CksConv {
         for (int64_t j = 0; j < u.P; ++j)
           for (int64_t q = 0; q < nstrips; ++q) {
             const int64_t l = (strip_start(q, nstrips, n0, n1) - n0) * u.P + j;
-            gemm::narrow_strip(static_cast<int>(Fg), lhs_in_acc() + u.lhs_row[l], b, k,
-                               acc.data() + u.acc + (j * nstrips + q) * Fg * W, W);
+            Acc* Cs = acc.data() + u.acc + (j * nstrips + q) * Fg * W;
+            for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
+              gemm::narrow_strip(narrow_tile(f0), lhs_in_acc() + u.lhs_row[l],
+                                 b + f0 * pb.rhs_o, k, Cs + f0 * W, W);
           }
       }
     for (int64_t i = 0; i < ns; ++i) {
@@ -1207,7 +1240,8 @@ struct CksConv {
     int64_t b[kBuffers] = {2 * sp.taps * I * (narrow() || as_runs ? 2 : 1), mc_pad * I,
                            rows * I};
     if (narrow()) {
-      b[3] = 2 * runs * I;  // ra, rb
+      b[3] = 2 * runs * I;                                             // ra, rb
+      b[7] = pb.group_out() * gemm::kStrip<Acc> * A;                   // cs
     } else {
       const bool packed = packs_a(t), lhs_red = !as_runs || packed;
       b[3] = red * I * ((lhs_red ? 1 : 0) + (own_b ? 1 : 0));            // lhs_red, rhs_red
@@ -1223,7 +1257,8 @@ struct CksConv {
 
   // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
   const char* path() const {
-    return narrow() ? "narrow" : dot() ? "dot" : interleaves_taps() ? "interleaved taps" : "gemm";
+    if (narrow()) return pb.group_out() <= gemm::kNarrowF ? "narrow" : "row-vectorised";
+    return dot() ? "dot" : interleaves_taps() ? "interleaved taps" : "gemm";
   }
 
   // Scratch of one call on `workers` pool threads: the shared packed B, and
