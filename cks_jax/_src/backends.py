@@ -123,9 +123,13 @@ def _kernel_float(dtype) -> np.dtype | None:
 
 
 def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
-  """Whether the CPU kernel runs this convolution on its narrow, row-vectorised path.
+  """Whether the CPU kernel runs this convolution on its narrow, row-vectorised path
+  as a narrow output (at most ``KERNEL_NARROW_F`` features per group).
 
-  Mirrors ``CksConv::narrow()`` in ``ffi/cpu/conv_cpu.cc``.
+  Mirrors ``CksConv::narrow()`` in ``ffi/cpu/conv_cpu.cc`` for those outputs. Wider
+  filter gradients that the kernel runs on the same path in feature tiles
+  (``CksConv::wide_rows``, AVX-512 only) are not narrow outputs: no rule here
+  depends on them, and ``explain`` asks the kernel itself for its path.
   """
   dtype = _kernel_float(dtype)
   if dtype is None:
