@@ -217,9 +217,11 @@ GEMM_CASES = [
     ((3, 20, 20, 100), (3, 3, 100, 130), ((2, 2), "SAME"), {}),
     # the same, 35 outputs wide: A would be read as runs of 35 positions, and is packed too
     ((1, 8, 70, 100), (3, 3, 100, 130), ((2, 2), "SAME"), {}),
-    # an output over 2 MB (kStreamTilesBytes) from one reduction block, 32-byte
-    # aligned rows: the AVX2 kernel writes its whole tiles with streaming stores
+    # outputs over 2 MB (kStreamTilesBytes) from one reduction block, rows aligned to a zmm:
+    # the GEMM writes its whole tiles in place with streaming stores (AVX2 and AVX-512); 80
+    # features: AVX-512 tiles of 4 panels and 1, and 3 x 39 x 39 rows per phase (edge tiles)
     ((3, 64, 64, 16), (2, 2, 16, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    ((3, 39, 39, 16), (2, 2, 16, 80), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
 ]
 
 

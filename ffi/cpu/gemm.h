@@ -160,9 +160,9 @@ struct OutC {
   const int64_t* rows;  // mc entries
   int64_t mc, nc;       // rows and columns that exist
   bool add;
-  // Whole tiles with non-temporal stores (AVX2 kernel; 32-byte aligned rows
-  // and columns, the only reduction block): they skip reading each output
-  // line before writing it. Fence before the output is handed on.
+  // Whole tiles with non-temporal stores (aligned rows and columns, the only
+  // reduction block): they skip reading each output line before writing it.
+  // Fence before the output is handed on.
   bool stream = false;
 };
 
@@ -329,6 +329,8 @@ CKS_Z512_FN __m512 zfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a
 CKS_Z512_FN __m512d zfma(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
 CKS_Z512_FN void zstore(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 CKS_Z512_FN void zstore(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
+CKS_Z512_FN void zstream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+CKS_Z512_FN void zstream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
 CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(zload(p), v)); }
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
 CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
@@ -355,10 +357,10 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 // with objdump) broadcasts each A element once per 64 columns instead of
 // per 32: in process on Zen 4, against the 6 x 2 zmm tile, 64-feature
 // forwards (3x3, dilated, k4 s2 and k2 s2 transposed) took 0.94-0.98x the
-// time, wider layers and gradients 0.96-1.0x. P = 1 serves blocks of one panel, which the AVX2 kernel would run
-// with twice the FMAs and loads. Writes a BufC, or an OutC (masked to the
-// rows and columns that exist; plain stores where it asks for streaming,
-// which only the AVX2 kernel's callers do).
+// time, wider layers and gradients 0.96-1.0x. P = 1 serves blocks of one
+// panel, which the AVX2 kernel would run with twice the FMAs and loads.
+// Writes a BufC, or an OutC (masked to the rows and columns that exist;
+// whole tiles streamed where it asks).
 template <int P, typename T, typename ASrc, typename CDst>
 __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64_t jr,
                                                                int64_t kc, const ASrc& A,
@@ -400,6 +402,7 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
 #pragma GCC unroll 4
           for (int p = 0; p < P; ++p) {
             if (C.add) zaddto(c + p * NR, acc[i][p]);
+            else if (C.stream) zstream(c + p * NR, acc[i][p]);
             else zstore(c + p * NR, acc[i][p]);
           }
         }
