@@ -111,10 +111,10 @@ NARROW = [((16, 32, 32, 64), (4, 4, 64, 3), [(2, 2), (2, 2)], (2, 2)),
 @pytest.mark.parametrize("isa", [1, 2])
 def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
   # Float32 forwards of narrow layers run on the kernel's dot path whatever the instruction
-  # set. On an AVX2 CPU without AVX-512, bfloat16 narrow transposed layers and the float32
-  # and bfloat16 filter gradient of the one-feature layer go to the portable path (XLA's
-  # convolution and the kernel's narrow path measured slower there); with AVX-512 to XLA and
-  # the kernel.
+  # set, bfloat16 ones on the portable path (XLA's convolution measured slower), float16 ones
+  # on XLA's. On an AVX2 CPU without AVX-512, the float32 and bfloat16 filter gradient of the
+  # one-feature layer go to the portable path too (the kernel's narrow path measured slower
+  # there); with AVX-512 they stay on the kernel.
   from cks_jax._src import backends
   monkeypatch.setattr(backends, "cpu_isa", lambda: isa)
   for lhs, rhs, pad, s in NARROW:
@@ -125,14 +125,15 @@ def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
       ruled = dtype != np.float16  # the rule's dtypes: float32 and bfloat16, as measured
       if dtype == np.float32:
         assert e.backend == "cks-cpu" and "dot path" in e.reason, (lhs, e.reason)
+      elif dtype == jnp.bfloat16:
+        assert e.backend == "portable", (lhs, isa, e.reason)
+        assert ("AVX2" if isa == 1 else "bfloat16 transposed forward") in e.reason, e.reason
       else:
-        assert e.backend == ("portable" if isa == 1 and ruled else "xla"), (lhs, dtype, e.reason)
+        assert e.backend == "xla", (lhs, dtype, e.reason)
       assert grads["d lhs"] == "cks-cpu"  # 56 or 64 features: not narrow
       one = rhs[-1] == 1
       assert grads["d rhs"] == ("portable" if isa == 1 and ruled and one else "cks-cpu"), (
           lhs, dtype)
-      if e.backend == "portable":
-        assert "AVX2" in e.reason
   # Wide layers stay on the kernel whatever the instruction set.
   assert cks_jax.explain((2, 8, 8, 16), (4, 4, 16, 8), (1, 1), [(2, 2), (2, 2)],
                          lhs_dilation=(2, 2), dimension_numbers=DN).backend == "cks-cpu"
@@ -166,6 +167,12 @@ def test_narrow_layers_match_lax_on_every_route(case):
     assert_close(y, y_ref, np.float32, f"{backend} forward")
     for name, g, g_ref in zip(("d lhs", "d rhs"), vjp(ct), vjp_ref(ct)):
       assert_close(g, g_ref, np.float32, f"{backend} {name}")
+  # bfloat16 under auto: the forward on the portable path (portable_16bit_rule)
+  lb, rb = l.astype(jnp.bfloat16), r.astype(jnp.bfloat16)
+  y = cks_jax.conv_general_dilated(lb, rb, **kw)
+  assert y.dtype == jnp.bfloat16
+  assert_close(y, ref(lb.astype(np.float32), rb.astype(np.float32)), jnp.bfloat16,
+               "auto bfloat16 forward")
 
 
 # WaveNet's k2 layer (bench_shapes.json): 4 x 4096 x 64 channels.

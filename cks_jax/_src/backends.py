@@ -217,6 +217,29 @@ def avx2_rule(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> bool:
   return (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2
 
 
+# On the AVX-512 Zen 4 (2 cores, every backend timed in blocks with hot caches:
+# benchmarks/results/cpu_epyc_zen4_2core_bf16.json and the run the day before),
+# the bfloat16 forwards of the narrow transposed layers took 0.75-0.85 ms on the
+# portable path against 1.49-1.72 ms in XLA's bfloat16 convolution (DCGAN's
+# 3-channel layer, 1.76-2.30x) and 0.73-0.80 against 2.16-2.36 (FSRCNN's
+# 1-channel layer, 2.94-2.98x); the kernel takes 16-bit forwards widened, where
+# the portable path was faster too (see KERNEL_DOT_F). So ``"auto"`` sends
+# bfloat16 narrow outputs with lhs dilation that are not filter gradients to the
+# portable path on any CPU (on AVX2 the AVX2 rule already does). float16 stays
+# with XLA (not measured).
+CPU_PORTABLE_16BIT_DTYPES = (np.dtype(ml_dtypes.bfloat16),)
+
+
+def portable_16bit_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
+  """Whether ``"auto"`` sends this problem to the portable path as a
+  bfloat16 narrow transposed forward (see ``CPU_PORTABLE_16BIT_DTYPES``)."""
+  facts = _narrow_facts(params, lhs_shape, rhs_shape)
+  if facts is None or dtype is None or np.dtype(dtype) not in CPU_PORTABLE_16BIT_DTYPES:
+    return False
+  _, gradient, deconv = facts
+  return deconv and not gradient
+
+
 # A one-dimensional, ungrouped convolution without lhs dilation whose output
 # has more positions than its kernel has taps (the forward or input gradient
 # of a 1-D layer, not a filter gradient) computes on no zeros in XLA's own
@@ -254,7 +277,7 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   least ``CPU_MIN_MACS`` multiply-adds stays on the kernel if its dot path
   takes it with float32 or float64 operands (:func:`kernel_dot`, needs the lhs
   ``dtype``); else it goes to the portable path where :func:`avx2_rule` says
-  so (``isa`` as there); else it stays on the kernel if its narrow path takes
+  so (``isa`` as there) or :func:`portable_16bit_rule` does; else it stays on the kernel if its narrow path takes
   it (:func:`kernel_narrow`), else goes to the portable path when it has the
   shape of a filter gradient (fewer output positions than kernel taps) with
   lhs dilation, else to XLA's convolution. A 1-D layer's forward or input
@@ -267,7 +290,8 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
     return None
   if not cpu_widened(dtype) and kernel_dot(params, lhs_shape, rhs_shape, dtype):
     return None
-  if avx2_rule(params, lhs_shape, rhs_shape, dtype, isa):
+  if (avx2_rule(params, lhs_shape, rhs_shape, dtype, isa)
+      or portable_16bit_rule(params, lhs_shape, rhs_shape, dtype)):
     return "portable"
   if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
     return None

@@ -126,6 +126,8 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
            "CPU kernel was measured slower")
     if backends.avx2_rule(params, lhs_shape, rhs_shape, dtype):
       why += " (and, on this CPU with AVX2 but no AVX-512, XLA's convolution too)"
+    elif backends.portable_16bit_rule(params, lhs_shape, rhs_shape, dtype):
+      why += " (and, for this bfloat16 transposed forward, XLA's convolution too)"
   elif platform == "cuda":
     why = "the CUDA library was not built (no nvcc at install time)"
   else:
