@@ -401,7 +401,8 @@ struct CksConv {
     int64_t rows = 0;
     for (const SubProblem& sp : plan.subproblems) rows = std::max(rows, sp.rows);
     const int64_t Fg = pb.group_out(), G = pb.groups(), want = kTapTasksPerWorker * workers;
-    const int64_t tiles = std::max<int64_t>(1, Fg / (2 * NR)), max_rb = std::max<int64_t>(1, rows / MR);
+    const int64_t tiles = std::max<int64_t>(1, Fg / (2 * NR));
+    const int64_t max_rb = std::max<int64_t>(1, rows / MR);
     int64_t rb = std::max<int64_t>(1, (rows + kMC - 1) / kMC), cb = 1;
     while (G * rb * cb < want && (cb < tiles || rb < max_rb)) cb < tiles ? ++cb : ++rb;
     // Every sub-problem's output block is live across a task's chunks: keep
@@ -482,7 +483,8 @@ struct CksConv {
     Cbuf.resize(nsp() * mc_max * nc_max);
     const int64_t H = tap_chunk_rows(), J = pb.dim[0].k_size;
     for (int64_t nc0 = task.col0; nc0 < task.col1;) {
-      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, task.col1) - nc0, nc_pad = round_up(nc, NR);
+      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, task.col1) - nc0;
+      const int64_t nc_pad = round_up(nc, NR);
       std::fill(Cbuf.begin(), Cbuf.end(), Acc(0));
       for (int64_t g0 = 0; g0 < Cg * J; g0 += H)
         for (int64_t s = 0; s < nsp(); ++s) {
