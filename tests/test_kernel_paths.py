@@ -374,7 +374,7 @@ def test_explain_names_the_kernels_path():
   for case in TAPS_CASES:
     e, g = paths(case)
     assert g["d rhs"].cpu_path == "interleaved taps", case
-  assert "CPU kernel path: interleaved taps" in str(e)
+    assert "CPU kernel path: interleaved taps" in str(e)
   if backends.cpu_isa() == 2:  # wide_rows: measured on AVX-512 only
     for case in WIDE_CASES:
       for dtype in (np.float32, np.float64, jnp.bfloat16):

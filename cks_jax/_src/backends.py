@@ -277,11 +277,12 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   least ``CPU_MIN_MACS`` multiply-adds stays on the kernel if its dot path
   takes it with float32 or float64 operands (:func:`kernel_dot`, needs the lhs
   ``dtype``); else it goes to the portable path where :func:`avx2_rule` says
-  so (``isa`` as there) or :func:`portable_16bit_rule` does; else it stays on the kernel if its narrow path takes
-  it (:func:`kernel_narrow`), else goes to the portable path when it has the
-  shape of a filter gradient (fewer output positions than kernel taps) with
-  lhs dilation, else to XLA's convolution. A 1-D layer's forward or input
-  gradient goes to XLA where :func:`xla_1d_rule` says so.
+  so (``isa`` as there) or :func:`portable_16bit_rule` does; else it stays on
+  the kernel if its narrow path takes it (:func:`kernel_narrow`), else goes to
+  the portable path when it has the shape of a filter gradient (fewer output
+  positions than kernel taps) with lhs dilation, else to XLA's convolution. A
+  1-D layer's forward or input gradient goes to XLA where :func:`xla_1d_rule`
+  says so.
   """
   if xla_1d_rule(params, lhs_shape, rhs_shape, dtype):
     return "xla"

@@ -193,9 +193,14 @@ struct CksConv {
     for (int d = 0; d < pb.nd; ++d) dilated = dilated || pb.dim[d].lhs_dil > 1;
     return !dilated && nsp() <= kWideMaxSubproblems && pb.group_out() <= kWideF;
   }
-  // Feature tiles of the row-vectorised kernel: [f0, f0 + narrow_tile(f0)).
-  int narrow_tile(int64_t f0) const {
-    return static_cast<int>(std::min<int64_t>(gemm::kNarrowF, pb.group_out() - f0));
+  // One strip of the row-vectorised kernel over all Fg features, in tiles of
+  // kNarrowF: Cs[f * W + i] += the reduction k (W = kStrip) from A at a.
+  void narrow_strips(const Acc* a, const Acc* b, const gemm::NarrowRuns& k, Acc* Cs) const {
+    constexpr int W = gemm::kStrip<Acc>;
+    const int64_t Fg = pb.group_out();
+    for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
+      gemm::narrow_strip(static_cast<int>(std::min<int64_t>(gemm::kNarrowF, Fg - f0)), a,
+                         b + f0 * pb.rhs_o, k, Cs + f0 * W, W);
   }
   // Narrow outputs (Fg <= kDotF) whose channels are contiguous, at least
   // kDotMinC per group (a forward pass with few output channels, NHWC) run
@@ -1034,9 +1039,7 @@ struct CksConv {
       for (int64_t n = n0;; n = std::min(n + W, n1 - W)) {
         const int64_t l = (n - n0) * P + j;  // batch n + i is local row l + i * P
         std::fill(Cs, Cs + Fg * W, Acc(0));
-        for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
-          gemm::narrow_strip(narrow_tile(f0), lhs_in_acc() + lhs_row[l], b + f0 * pb.rhs_o, k,
-                             Cs + f0 * W, W);
+        narrow_strips(lhs_in_acc() + lhs_row[l], b, k, Cs);
         for (int64_t f = 0; f < Fg; ++f)
           for (int i = 0; i < W; ++i)
             out[out_row[l + i * P] + (t.group * Fg + f) * pb.out_c] =
@@ -1109,10 +1112,8 @@ struct CksConv {
         for (int64_t j = 0; j < u.P; ++j)
           for (int64_t q = 0; q < nstrips; ++q) {
             const int64_t l = (strip_start(q, nstrips, n0, n1) - n0) * u.P + j;
-            Acc* Cs = acc.data() + u.acc + (j * nstrips + q) * Fg * W;
-            for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
-              gemm::narrow_strip(narrow_tile(f0), lhs_in_acc() + u.lhs_row[l],
-                                 b + f0 * pb.rhs_o, k, Cs + f0 * W, W);
+            narrow_strips(lhs_in_acc() + u.lhs_row[l], b, k,
+                          acc.data() + u.acc + (j * nstrips + q) * Fg * W);
           }
       }
     for (int64_t i = 0; i < ns; ++i) {
