@@ -7,7 +7,7 @@
 - ``"xla"``: XLA's own convolution (computes on the zeros).
 - ``"auto"`` (default): the FFI kernel where one is registered, except on
   the CPU for some outputs with fewer than ``CPU_MIN_FEATURES`` features per
-  group and for large 1-D forwards and input gradients (see
+  group and for large bfloat16 1-D forwards and input gradients (see
   :func:`cpu_alternative`). Elsewhere the
   portable path for convolutions with lhs dilation: those are transposed
   convolutions and the filter gradients of transposed ones (batch-grouped for
@@ -243,16 +243,18 @@ def portable_16bit_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
 # A one-dimensional, ungrouped convolution without lhs dilation whose output
 # has more positions than its kernel has taps (the forward or input gradient
 # of a 1-D layer, not a filter gradient) computes on no zeros in XLA's own
-# convolution either (it takes rhs dilation natively), and there the kernel
-# was not ahead: on an AVX-512 Zen 4 (2 cores, every backend timed in blocks
-# with its operands in the caches, benchmarks/results/cpu_epyc_zen4_2core.json)
-# WaveNet's k2 layers (4 x 4096 x 64 channels, dilations 1-512) ran forward
-# and input gradient at 0.75-0.91x XLA's speed, the 1-D k4 s2 transposed
-# layer's input gradient (a stride-2 conv) at 0.79x, and 0.83-1.08x in
-# bfloat16; on the AVX2 and Zen 5 EPYCs the kernel had 1.00-1.12x. So
-# ``"auto"`` sends those of float32 or bfloat16 and at least CPU_MIN_MACS
-# multiply-adds to XLA; their filter gradients (1.6-2.2x XLA) stay on the kernel.
-CPU_1D_XLA_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+# convolution either (it takes rhs dilation natively). In bfloat16 the kernel
+# (which takes 16-bit operands widened) was not ahead there: on an AVX-512
+# Zen 4 (2 cores, every backend timed in blocks with its operands in the
+# caches) WaveNet's k2 layers (4 x 4096 x 64 channels, dilations 1-512) and
+# the 1-D k4 s2 transposed layer's input gradient (a stride-2 conv) ran at
+# 0.83-1.08x XLA's bfloat16. So ``"auto"`` sends bfloat16 ones of at least
+# CPU_MIN_MACS multiply-adds to XLA; their filter gradients stay on the kernel.
+# float32 ones stay on the kernel: the rule once covered them too (0.75-0.91x
+# on that VM before its AVX-512 GEMM tile of 6 x 64 floats), and there the
+# kernel now runs them at 1.02-1.25x XLA (in process, 2026-12-03; 1.00-1.12x
+# on the AVX2 and Zen 5 EPYCs before).
+CPU_1D_XLA_DTYPES = (np.dtype(ml_dtypes.bfloat16),)
 
 
 def xla_1d_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
