@@ -222,6 +222,11 @@ GEMM_CASES = [
     # features: AVX-512 tiles of 4 panels and 1, and 3 x 39 x 39 rows per phase (edge tiles)
     ((3, 64, 64, 16), (2, 2, 16, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
     ((3, 39, 39, 16), (2, 2, 16, 80), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    # AVX-512 half-panel tiles (a last panel with at most 8 live float columns): 8 features
+    # written in place over two reduction blocks (the half alone); 72 features (4 panels and a
+    # half); 21 features, as in the first case, take a panel and a half
+    ((2, 9, 10, 12), (5, 5, 12, 8), ((1, 1), "SAME"), {}),
+    ((2, 6, 7, 20), (3, 3, 20, 72), ((1, 1), "SAME"), {}),
 ]
 
 

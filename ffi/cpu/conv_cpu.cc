@@ -502,7 +502,7 @@ struct CksConv {
             const int64_t kc = std::min(kKC, k1 - kc0);
             Bp.resize(nc_max * kc);
             pack_b_block(st[s].rhs_red, task.group, nc0, nc, kc0, kc, Bp.data());
-            multiply_a(st[s], mc, kc0, kc, Bp.data(), kc * NR, nc_pad,
+            multiply_a(st[s], mc, kc0, kc, Bp.data(), kc * NR, nc,
                        gemm::BufC<Acc>{Cbuf.data() + s * mc_max * nc_max, nc_pad}, Ap);
           }
         }
@@ -819,23 +819,23 @@ struct CksConv {
       for (int64_t r = mc; r < round_up(mc, MR); ++r) x.lhs_row[r] = x.lhs_row[0];
     red_offsets(t.sp, x.as_runs ? nullptr : &x.lhs_red, rhs_table ? &x.rhs_red : nullptr);
   }
-  // C (+)= A[:, kc0 : kc0 + kc] * B over the task's mc rows, B's panels ldb
-  // apart; Ap holds A where it is packed.
+  // C (+)= A[:, kc0 : kc0 + kc] * B over the task's mc rows and nc columns
+  // (B's panels, ldb apart, padded to NR); Ap holds A where it is packed.
   template <typename CDst>
   void multiply_a(const TaskA& x, int64_t mc, int64_t kc0, int64_t kc, const Acc* B, int64_t ldb,
-                  int64_t nc_pad, const CDst& C, std::vector<Acc>& Ap) const {
-    const int64_t mc_pad = round_up(mc, MR);
+                  int64_t nc, const CDst& C, std::vector<Acc>& Ap) const {
+    const int64_t mc_pad = round_up(mc, MR), nc_pad = round_up(nc, NR);
     if (x.as_runs) {
       const gemm::RunA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.runs.ra, x.runs.R, x.runs.sa,
                               kc0 / x.runs.R, kc0 % x.runs.R};
-      gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+      gemm_block(mc_pad, nc_pad, nc, kc, A, B, ldb, C);
     } else if (!x.packed) {
       const IndirectA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.lhs_red.data() + kc0};
-      gemm_block(mc_pad, nc_pad, kc, A, B, ldb, C);
+      gemm_block(mc_pad, nc_pad, nc, kc, A, B, ldb, C);
     } else {
       Ap.resize(mc_pad * kc);
       pack_a(x.lhs_row, x.lhs_red, kc0, kc, Ap.data());
-      gemm_block(mc_pad, nc_pad, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
+      gemm_block(mc_pad, nc_pad, nc, kc, PackedA<Acc>{Ap.data(), kc}, B, ldb, C);
     }
   }
   // Rows [0, mc) of a scratch block (row stride ldc) to output columns
@@ -901,10 +901,10 @@ struct CksConv {
       auto block = [&](int64_t kc0, int64_t kc, const Acc* B, int64_t ldb) {
         if (in_place) {
           Acc* base = reinterpret_cast<Acc*>(out) + t.group * Fg + nc0;
-          multiply_a(a, mc, kc0, kc, B, ldb, nc_pad,
+          multiply_a(a, mc, kc0, kc, B, ldb, nc,
                      gemm::OutC<Acc>{base, a.out_row.data(), mc, nc, !first, stream_tiles}, Ap);
         } else {
-          multiply_a(a, mc, kc0, kc, B, ldb, nc_pad, gemm::BufC<Acc>{Cbuf.data(), nc_pad}, Ap);
+          multiply_a(a, mc, kc0, kc, B, ldb, nc, gemm::BufC<Acc>{Cbuf.data(), nc_pad}, Ap);
         }
         first = false;
       };

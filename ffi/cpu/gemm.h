@@ -333,49 +333,67 @@ CKS_Z512_FN void zstream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
 CKS_Z512_FN void zstream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
 CKS_Z512_FN void zaddto(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(zload(p), v)); }
 CKS_Z512_FN void zaddto(double* p, __m512d v) { _mm512_storeu_pd(p, _mm512_add_pd(zload(p), v)); }
+// The low ymm of a zmm (GCC 12's cast intrinsics trip -Wmaybe-uninitialized).
+CKS_Z512_FN __m256 zlow(__m512 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+CKS_Z512_FN __m256d zlow(__m512d v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3); }
 CKS_Z512_FN __m512 zadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 CKS_Z512_FN __m512d zadd(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
 // One reduction index of an MR x P zmm tile over P adjacent B panels, ldb
-// apart: acc[i][p] += r[i][o] * b[p * ldb : p * ldb + NR].
-template <int MR, int P, typename T, typename V>
+// apart, and with H = 1 the first half (one ymm) of the next panel:
+// acc[i][p] += r[i][o] * b[p * ldb : p * ldb + NR], hacc[i] likewise.
+template <int MR, int P, int H, typename T, typename V, typename VH>
 CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t ldb,
-                             V (&acc)[MR][P]) {
-  V bv[P];
+                             V (&acc)[MR][P > 0 ? P : 1], VH (&hacc)[MR]) {
+  V bv[P > 0 ? P : 1];
+  VH bh{};
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) bv[p] = zload(b + p * ldb);
+  if constexpr (H > 0) bh = vload(b + P * ldb);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    const V ai = zbcast(r[i] + o);
+    if constexpr (P == 0) {
+      hacc[i] = vfma(vbcast(r[i] + o), bh, hacc[i]);
+    } else {
+      const V ai = zbcast(r[i] + o);
 #pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) acc[i][p] = zfma(ai, bv[p], acc[i][p]);
+      for (int p = 0; p < P; ++p) acc[i][p] = zfma(ai, bv[p], acc[i][p]);
+      if constexpr (H > 0) hacc[i] = vfma(zlow(ai), bh, hacc[i]);
+    }
   }
 }
 
-// Columns [jr, jr + P NR) of a block, rows [0, mc): MR x P zmm tiles, the B
-// panels of those columns from b on, ldb apart. P = 4 (6 x 64 floats: 24
-// accumulators + 4 B vectors + 1 broadcast of 32 zmm, no spills, checked
-// with objdump) broadcasts each A element once per 64 columns instead of
-// per 32: in process on Zen 4, against the 6 x 2 zmm tile, 64-feature
-// forwards (3x3, dilated, k4 s2 and k2 s2 transposed) took 0.94-0.98x the
-// time, wider layers and gradients 0.96-1.0x. P = 1 serves blocks of one
-// panel, which the AVX2 kernel would run with twice the FMAs and loads.
-// Writes a BufC, or an OutC (masked to the rows and columns that exist;
-// whole tiles streamed where it asks).
-template <int P, typename T, typename ASrc, typename CDst>
+// Columns [jr, jr + P NR + H NR / 2) of a block, rows [0, mc): MR x P zmm
+// tiles (plus MR ymm for a half panel), the B panels of those columns from b
+// on, ldb apart. P = 4 (6 x 64 floats: 24 accumulators + 4 B vectors + 1
+// broadcast of 32 zmm, no spills, checked with objdump) broadcasts each A
+// element once per 64 columns instead of per 32: in process on Zen 4,
+// against the 6 x 2 zmm tile, 64-feature forwards (3x3, dilated, k4 s2 and
+// k2 s2 transposed) took 0.94-0.98x the time, wider layers and gradients
+// 0.96-1.0x. P = 1 serves blocks of one panel, which the AVX2 kernel would
+// run with twice the FMAs and loads. H = 1 serves a last panel with at most
+// NR / 2 live columns (21 classes of a segmentation head: 16 + 5) at half
+// the FMAs of a whole one. Writes a BufC, or an OutC (masked to the rows
+// and columns that exist; whole tiles streamed where it asks).
+template <int P, int H, typename T, typename ASrc, typename CDst>
 __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64_t jr,
                                                                int64_t kc, const ASrc& A,
                                                                const T* b, int64_t ldb,
                                                                const CDst& C) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, HW = NR / 2;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
   using V = decltype(zload(b));
+  using VH = decltype(vload(b));
+  constexpr int64_t kWidth = P * NR + H * HW;
   for (int64_t ir = 0; ir < mc; ir += MR) {
-    V acc[MR][P];
+    V acc[MR][P > 0 ? P : 1];
+    VH hacc[MR];
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) acc[i][p] = V{};
+      hacc[i] = VH{};
+    }
     const T* rb[MR];
     A.rows(ir, rb);
     auto cur = A.begin();
@@ -385,17 +403,18 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
       opaque<MR>(r);
       if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-        for (int64_t q = p; q < p + n; ++q) avx512_step(r, A.red[q], b + q * NR, ldb, acc);
+        for (int64_t q = p; q < p + n; ++q)
+          avx512_step<MR, P, H>(r, A.red[q], b + q * NR, ldb, acc, hacc);
       } else {
         const int64_t s = A.step;
 #pragma GCC unroll 4
         for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
-          avx512_step(r, o, b + q * NR, ldb, acc);
+          avx512_step<MR, P, H>(r, o, b + q * NR, ldb, acc, hacc);
       }
       p += n;
     }
     if constexpr (kOut) {
-      if (ir + MR <= C.mc && jr + P * NR <= C.nc) {
+      if (ir + MR <= C.mc && jr + kWidth <= C.nc) {
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
           T* c = C.base + C.rows[ir + i] + jr;
@@ -405,6 +424,11 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
             else if (C.stream) zstream(c + p * NR, acc[i][p]);
             else zstore(c + p * NR, acc[i][p]);
           }
+          if constexpr (H > 0) {
+            if (C.add) vaddto(c + P * NR, hacc[i]);
+            else if (C.stream) vstream(c + P * NR, hacc[i]);
+            else vstore(c + P * NR, hacc[i]);
+          }
         }
       } else {
         T t[MR * NR];
@@ -413,31 +437,44 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
           for (int i = 0; i < MR; ++i) zstore(t + i * NR, acc[i][p]);
           store_edge(C, ir, jr + p * NR, t);
         }
+        if constexpr (H > 0) {  // store_edge reads no more than the HW live columns
+#pragma GCC unroll 6
+          for (int i = 0; i < MR; ++i) vstore(t + i * NR, hacc[i]);
+          store_edge(C, ir, jr + P * NR, t);
+        }
       }
     } else {
       T* c = C.C + ir * C.ldc + jr;
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) zaddto(c + i * C.ldc + p * NR, acc[i][p]);
+        if constexpr (H > 0) vaddto(c + i * C.ldc + P * NR, hacc[i]);
+      }
     }
   }
 }
 
-// A block of nc columns: 4-panel column tiles, then one of 2 and one of 1
-// for what is left.
+// A block of nc columns (a multiple of NR), of which the first `live` are
+// kept: 4-panel column tiles, then what is left in tiles of 2 panels, 1 1/2,
+// 1 or 1/2, so that a last panel with at most NR / 2 live columns costs half.
 template <typename T, typename ASrc, typename CDst>
-inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
-                                int64_t ldb, const CDst& C) {
-  constexpr int NR = Tile<T>::NR;
+inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t live, int64_t kc,
+                                const ASrc& A, const T* Bp, int64_t ldb, const CDst& C) {
+  constexpr int NR = Tile<T>::NR, HW = NR / 2;
   int64_t jr = 0;
   for (; jr + 4 * NR <= nc; jr += 4 * NR)
-    panels_avx512<4>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
-  if (jr + 2 * NR <= nc) {
-    panels_avx512<2>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+    panels_avx512<4, 0>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+  if (live - jr > 2 * NR) {
+    panels_avx512<2, 0>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
     jr += 2 * NR;
   }
-  if (jr < nc) panels_avx512<1>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+  const int64_t left = live - jr;
+  const T* b = Bp + jr / NR * ldb;
+  if (left > NR + HW) panels_avx512<2, 0>(mc, jr, kc, A, b, ldb, C);
+  else if (left > NR) panels_avx512<1, 1>(mc, jr, kc, A, b, ldb, C);
+  else if (left > HW) panels_avx512<1, 0>(mc, jr, kc, A, b, ldb, C);
+  else if (left > 0) panels_avx512<0, 1>(mc, jr, kc, A, b, ldb, C);
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -476,10 +513,10 @@ inline bool writes_in_place(int64_t nc) {
 }
 
 template <typename T, typename ASrc, typename CDst>
-inline void gemm_block(int64_t mc, int64_t nc, int64_t kc, const ASrc& A, const T* Bp,
-                       int64_t ldb, const CDst& C) {
+inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
+                       const T* Bp, int64_t ldb, const CDst& C) {
 #ifdef CKS_X86_AVX2
-  if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, kc, A, Bp, ldb, C);
+  if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, live, kc, A, Bp, ldb, C);
   if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C);
 #endif
   macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
