@@ -233,86 +233,89 @@ CKS_AVX2_FN void vstream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
 CKS_AVX2_FN void vstream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
 CKS_AVX2_FN void vaddto(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_add_ps(vload(p), v)); }
 CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_pd(vload(p), v)); }
-// One reduction index of an MR x 2 ymm tile: acc[i] += r[i][o] * b[0 : 2W].
-template <int MR, typename T, typename V>
-CKS_AVX2_FN void avx2_step(const T* const* r, int64_t o, const T* b, V (&acc)[MR][2]) {
+// One reduction index of an MR x NV ymm tile: acc[i] += r[i][o] * b[0 : NV W].
+template <int MR, int NV, typename T, typename V>
+CKS_AVX2_FN void avx2_step(const T* const* r, int64_t o, const T* b, V (&acc)[MR][NV]) {
   constexpr int W = 32 / sizeof(T);
-  const V b0 = vload(b), b1 = vload(b + W);
+  V bv[NV];
+  for (int v = 0; v < NV; ++v) bv[v] = vload(b + v * W);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     const V ai = vbcast(r[i] + o);
-    acc[i][0] = vfma(ai, b0, acc[i][0]);
-    acc[i][1] = vfma(ai, b1, acc[i][1]);
+    for (int v = 0; v < NV; ++v) acc[i][v] = vfma(ai, bv[v], acc[i][v]);
   }
 }
 
-// MR x NR tile = MR x 2 ymm: 12 accumulators + 2 B vectors + 1 broadcast
-// = 15 of 16 ymm registers, no spills (checked with objdump).
-template <typename T, typename ASrc, typename CDst>
-__attribute__((target("avx2,fma"))) void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t kc,
-                                                           const ASrc& A, const T* Bp,
-                                                           int64_t ldb, const CDst& C) {
+// Columns [jr, jr + NV W) of a block: MR x NV ymm tiles. NV = 2 is a whole
+// panel (12 accumulators + 2 B vectors + 1 broadcast = 15 of 16 ymm
+// registers, no spills, checked with objdump); NV = 1 a last panel with at
+// most W live columns (21 classes: 16 + 5), at half the FMAs.
+template <int NV, typename T, typename ASrc, typename CDst>
+__attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int64_t kc,
+                                                    const ASrc& A, const T* b,
+                                                    const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
-  static_assert(NR == 2 * W, "tile is MR x 2 ymm");
+  static_assert(NR == 2 * W, "a panel is 2 ymm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
-  using V = decltype(vload(Bp));
-  for (int64_t jr = 0; jr < nc; jr += NR) {
-    for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* b = Bp + jr / NR * ldb;
-      V acc[MR][2];
+  using V = decltype(vload(b));
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    V acc[MR][NV];
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
-      const T* rb[MR];
-      A.rows(ir, rb);
-      auto cur = A.begin();
-      for (int64_t p = 0; p < kc;) {
-        const T* r[MR];
-        const int64_t n = A.segment(cur, kc - p, rb, r);
-        opaque<MR>(r);
-        if constexpr (ASrc::kTable) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    const T* rb[MR];
+    A.rows(ir, rb);
+    auto cur = A.begin();
+    for (int64_t p = 0; p < kc;) {
+      const T* r[MR];
+      const int64_t n = A.segment(cur, kc - p, rb, r);
+      opaque<MR>(r);
+      if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-          for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], b + q * NR, acc);
-        } else {
-          const int64_t s = A.step;
-#pragma GCC unroll 4
-          for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, b + q * NR, acc);
-        }
-        p += n;
-      }
-      if constexpr (kOut) {
-        if (ir + MR <= C.mc && jr + NR <= C.nc) {
-#pragma GCC unroll 6
-          for (int i = 0; i < MR; ++i) {
-            T* c = C.base + C.rows[ir + i] + jr;
-            if (C.add) {
-              vaddto(c, acc[i][0]);
-              vaddto(c + W, acc[i][1]);
-            } else if (C.stream) {
-              vstream(c, acc[i][0]);
-              vstream(c + W, acc[i][1]);
-            } else {
-              vstore(c, acc[i][0]);
-              vstore(c + W, acc[i][1]);
-            }
-          }
-        } else {
-          T t[MR * NR];
-#pragma GCC unroll 6
-          for (int i = 0; i < MR; ++i) {
-            vstore(t + i * NR, acc[i][0]);
-            vstore(t + i * NR + W, acc[i][1]);
-          }
-          store_edge(C, ir, jr, t);
-        }
+        for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], b + q * NR, acc);
       } else {
-        T* c = C.C + ir * C.ldc + jr;
+        const int64_t s = A.step;
+#pragma GCC unroll 4
+        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, b + q * NR, acc);
+      }
+      p += n;
+    }
+    if constexpr (kOut) {
+      if (ir + MR <= C.mc && jr + NV * W <= C.nc) {
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          vaddto(c + i * C.ldc, acc[i][0]);
-          vaddto(c + i * C.ldc + W, acc[i][1]);
+          T* c = C.base + C.rows[ir + i] + jr;
+          for (int v = 0; v < NV; ++v) {
+            if (C.add) vaddto(c + v * W, acc[i][v]);
+            else if (C.stream) vstream(c + v * W, acc[i][v]);
+            else vstore(c + v * W, acc[i][v]);
+          }
         }
+      } else {  // store_edge reads no more than the NV W live columns
+        T t[MR * NR];
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i)
+          for (int v = 0; v < NV; ++v) vstore(t + i * NR + v * W, acc[i][v]);
+        store_edge(C, ir, jr, t);
       }
+    } else {
+      T* c = C.C + ir * C.ldc + jr;
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) vaddto(c + i * C.ldc + v * W, acc[i][v]);
     }
+  }
+}
+
+// A block of nc columns (a multiple of NR), of which the first `live` are
+// kept: panel by panel, the last at half width where it can be.
+template <typename T, typename ASrc, typename CDst>
+inline void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
+                              const T* Bp, int64_t ldb, const CDst& C) {
+  constexpr int NR = Tile<T>::NR;
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    if (live - jr <= NR / 2) panel_avx2<1>(mc, jr, kc, A, Bp + jr / NR * ldb, C);
+    else panel_avx2<2>(mc, jr, kc, A, Bp + jr / NR * ldb, C);
   }
 }
 #undef CKS_AVX2_FN
@@ -517,7 +520,7 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const A
                        const T* Bp, int64_t ldb, const CDst& C) {
 #ifdef CKS_X86_AVX2
   if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, live, kc, A, Bp, ldb, C);
-  if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, kc, A, Bp, ldb, C);
+  if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, live, kc, A, Bp, ldb, C);
 #endif
   macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
 }
