@@ -1,8 +1,10 @@
 """cks_jax.explain: algorithm, sub-problems and zeros avoided."""
 import jax
 import numpy as np
+import pytest
 
 import cks_jax
+from cks_jax._src import backends
 
 
 def test_transposed_conv_stride2_k4():
@@ -81,6 +83,22 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   x = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
                       dimension_numbers=dn, platform="cpu", backend="xla")
   assert x.scratch is None
+
+
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="AVX-512 only: the AVX2 kernel streams "
+                    "outputs it writes in place anyway, and the portable kernel none")
+def test_cpu_scratch_leaves_out_the_block_of_streamed_tiles():
+  # U-Net's k2 s2 64->128 forward: a 16 MB output from one reduction block, rows aligned to a zmm,
+  # so the AVX-512 kernel streams its tiles in place and no task holds a scratch block
+  # (96 rows x 32 columns of float32); with features not innermost (NCHW) every task does.
+  block = 96 * 32 * 4
+  kw = dict(window_strides=(1, 1), padding=[(1, 1), (1, 1)], lhs_dilation=(2, 2),
+            platform="cpu", backend="ffi")
+  streamed = cks_jax.explain((8, 64, 64, 64), (2, 2, 64, 32),
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+  copied = cks_jax.explain((8, 64, 64, 64), (2, 2, 64, 32),
+                           dimension_numbers=("NHWC", "HWIO", "NCHW"), **kw)
+  assert streamed.scratch["per_thread"] < block <= copied.scratch["per_thread"]
 
 
 def test_cpu_scratch_counts_the_pool_the_kernel_saw():

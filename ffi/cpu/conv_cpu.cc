@@ -799,6 +799,15 @@ struct CksConv {
            out_bytes() > kStreamTilesBytes;
   }
 
+  // Whether run writes a column block nc_pad wide, of a task whose reduction
+  // is `blocks` blocks, as streamed whole tiles in place (streams_tiles),
+  // which the AVX-512 kernel writes in any width; else it writes in place
+  // only where writes_out_in_place. task_buffers asks too.
+  bool streams_block(int64_t blocks, int64_t nc_pad) const {
+    return blocks == 1 && streams_tiles() &&
+           (gemm::gemm_isa() == 2 || writes_out_in_place(nc_pad));
+  }
+
   // How one task reads A (run, run_taps): its row offsets, the runs or the
   // offset table of its reduction, B's offset table where B is packed here.
   struct TaskA {
@@ -888,10 +897,7 @@ struct CksConv {
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
       const int64_t blk0 = nc0 / kNC * kNC, blk_pad = round_up(std::min(kNC, Fg - blk0), NR);
       const int64_t nc = std::min(blk0 + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      // In place where writes_out_in_place, and as streamed whole tiles
-      // (streams_tiles), which the AVX-512 kernel writes in any width.
-      const bool stream_tiles = blocks == 1 && streams_tiles() &&
-                                (gemm::gemm_isa() == 2 || writes_out_in_place(nc_pad));
+      const bool stream_tiles = streams_block(blocks, nc_pad);
       const bool in_place = stream_tiles || writes_out_in_place(nc_pad);
       streamed = streamed || stream_tiles;
       // The column block's product, reduction block by reduction block: into
@@ -1260,7 +1266,16 @@ struct CksConv {
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
       b[5] = packed ? mc_pad * kc_max * A : 0;                           // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
-      b[7] = writes_out_in_place(nc_pad) ? 0 : mc_pad * nc_pad * A;      // Cbuf
+      int64_t blocks = (red + kKC - 1) / kKC;  // as run counts them
+      if (sb.phase) {
+        std::vector<int64_t> f0;
+        std::vector<PhaseBlock> pblocks;
+        run_starts(sp, f0);
+        phase_blocks(f0, R * pb.group_in(), pblocks);
+        blocks = static_cast<int64_t>(pblocks.size());
+      }
+      const bool in_place = streams_block(blocks, nc_pad) || writes_out_in_place(nc_pad);
+      b[7] = in_place ? 0 : mc_pad * nc_pad * A;                         // Cbuf
       b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
     }
     for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
