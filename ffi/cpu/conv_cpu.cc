@@ -883,14 +883,9 @@ struct CksConv {
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
     prepare_a(t, !(Bph || Bsp), a);
     const bool stream = stream_out();
-    const int64_t Cg = pb.group_in(), ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
-    const int64_t run_len = (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * Cg;
+    const int64_t ph_ldb = Bph ? phase_ldb(combo_of(sp)) : 0;
     thread_local std::vector<PhaseBlock> pblocks;
-    if (Bph) {
-      run_starts(sp, f0);
-      phase_blocks(f0, run_len, pblocks);
-    }
-    const int64_t blocks = Bph ? static_cast<int64_t>(pblocks.size()) : (red + kKC - 1) / kKC;
+    const int64_t blocks = reduction_blocks(sp, red, Bph != nullptr, f0, pblocks);
     bool streamed = stream;
     // Column blocks of at most kNC, cut at multiples of kNC so that a shared
     // B's block (pack_b) is found at blk0: panel (nc0 - blk0) / NR of it.
@@ -973,6 +968,17 @@ struct CksConv {
       out_blocks.push_back({r * run_len, (r2 - r) * run_len, f0[r] * Cg});
       r = r2;
     }
+  }
+
+  // How many reduction blocks run takes for sub-problem sp (red indices):
+  // with the phase B, its runs of taps merged by phase_blocks (into pblocks,
+  // f0 the runs' first taps); else blocks of kKC. run and task_buffers ask.
+  int64_t reduction_blocks(const SubProblem& sp, int64_t red, bool phase,
+                           std::vector<int64_t>& f0, std::vector<PhaseBlock>& pblocks) const {
+    if (!phase) return (red + kKC - 1) / kKC;
+    run_starts(sp, f0);
+    phase_blocks(f0, (sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo) * pb.group_in(), pblocks);
+    return static_cast<int64_t>(pblocks.size());
   }
 
   // The reduction of sub-problem s as runs with constant steps, in the order
@@ -1266,14 +1272,9 @@ struct CksConv {
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
       b[5] = packed ? mc_pad * kc_max * A : 0;                           // Ap
       b[6] = own_b ? nc_pad * std::min(kKC, red) * A : 0;                // Bp
-      int64_t blocks = (red + kKC - 1) / kKC;  // as run counts them
-      if (sb.phase) {
-        std::vector<int64_t> f0;
-        std::vector<PhaseBlock> pblocks;
-        run_starts(sp, f0);
-        phase_blocks(f0, R * pb.group_in(), pblocks);
-        blocks = static_cast<int64_t>(pblocks.size());
-      }
+      std::vector<int64_t> f0;
+      std::vector<PhaseBlock> pblocks;
+      const int64_t blocks = reduction_blocks(sp, red, sb.phase, f0, pblocks);
       const bool in_place = streams_block(blocks, nc_pad) || writes_out_in_place(nc_pad);
       b[7] = in_place ? 0 : mc_pad * nc_pad * A;                         // Cbuf
       b[8] = as_runs ? 2 * runs * I : 0;                                 // ra, rb
