@@ -50,7 +50,10 @@ namespace {
 // ---------------------------------------------------------------- threading
 // The caller runs tasks too and only waits for tasks a helper has started,
 // so this cannot deadlock even when every pool thread is busy or the caller
-// is itself a pool thread.
+// is itself a pool thread. With the caller, num_threads() workers in all:
+// XLA sizes its pool to the CPUs, and the caller (often a thread outside the
+// pool) is on one of them. One helper per pool thread ran three workers on
+// two cores (in process on Zen 4: 0.94-0.99x the time with two).
 struct ParallelState {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -74,7 +77,7 @@ struct ParallelState {
 void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;
   int64_t helpers = 0;
-  if (pool != nullptr && n > 1) helpers = std::min<int64_t>(pool->num_threads(), n - 1);
+  if (pool != nullptr && n > 1) helpers = std::min<int64_t>(pool->num_threads() - 1, n - 1);
   if (helpers <= 0) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
