@@ -7,8 +7,7 @@
 - ``"xla"``: XLA's own convolution (computes on the zeros).
 - ``"auto"`` (default): the FFI kernel where one is registered, except on
   the CPU for some outputs with fewer than ``CPU_MIN_FEATURES`` features per
-  group and for large bfloat16 1-D forwards and input gradients (see
-  :func:`cpu_alternative`). Elsewhere the
+  group (see :func:`cpu_alternative`). Elsewhere the
   portable path for convolutions with lhs dilation: those are transposed
   convolutions and the filter gradients of transposed ones (batch-grouped for
   grouped layers), where the whole gradient was measured 6.0-69x faster than
@@ -240,36 +239,15 @@ def portable_16bit_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
   return deconv and not gradient
 
 
-# A one-dimensional, ungrouped convolution without lhs dilation whose output
-# has more positions than its kernel has taps (the forward or input gradient
-# of a 1-D layer, not a filter gradient) computes on no zeros in XLA's own
-# convolution either (it takes rhs dilation natively). In bfloat16 the kernel
-# (which takes 16-bit operands widened) was not ahead there: on an AVX-512
-# Zen 4 (2 cores, every backend timed in blocks with its operands in the
-# caches) WaveNet's k2 layers (4 x 4096 x 64 channels, dilations 1-512) and
-# the 1-D k4 s2 transposed layer's input gradient (a stride-2 conv) ran at
-# 0.83-1.08x XLA's bfloat16. So ``"auto"`` sends bfloat16 ones of at least
-# CPU_MIN_MACS multiply-adds to XLA; their filter gradients stay on the kernel.
-# float32 ones stay on the kernel: the rule once covered them too (0.75-0.91x
-# on that VM before its AVX-512 GEMM tile of 6 x 64 floats), and there the
-# kernel now runs them at 1.02-1.25x XLA (in process, 2026-12-03; 1.00-1.12x
-# on the AVX2 and Zen 5 EPYCs before).
-CPU_1D_XLA_DTYPES = (np.dtype(ml_dtypes.bfloat16),)
-
-
-def xla_1d_rule(params, lhs_shape, rhs_shape, dtype=None) -> bool:
-  """Whether ``"auto"`` sends this problem to XLA's convolution on the CPU
-  as a 1-D layer's forward or input gradient (see ``CPU_1D_XLA_DTYPES``)."""
-  if dtype is None or np.dtype(dtype) not in CPU_1D_XLA_DTYPES:
-    return False
-  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-  if (len(lhs_spec) != 3 or any(a > 1 for a in params["lhs_dilation"])
-      or params["feature_group_count"] * params["batch_group_count"] != 1):
-    return False
-  out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
-  taps = rhs_shape[rhs_spec[2]]
-  macs = math.prod(out_shape) * rhs_shape[rhs_spec[1]] * taps
-  return out_shape[out_spec[2]] > taps and macs >= CPU_MIN_MACS
+# 1-D layers stay on the kernel in every dtype. C-K-S skips only rhs
+# dilation's zeros there, which XLA's own CPU convolution skips too, so
+# "auto" once sent large 1-D forwards and input gradients to XLA: float32 ones
+# until the AVX-512 tile of 6 x 64 floats, bfloat16 ones until the tile kept
+# its accumulators in registers across 64-channel runs. On the Zen 4 VM (2
+# cores, in process, medians of 3-6 interleaved runs, 2026-12-03) the kernel
+# then ran WaveNet's k2 layers (4 x 4096 x 64, dilations 1-512) and the 1-D
+# k4 s2 transposed layer's input gradient at 1.02-1.19x XLA's bfloat16
+# (forwards and input gradients; 1.02-1.25x in float32).
 
 
 def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str | None:
@@ -282,12 +260,8 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   so (``isa`` as there) or :func:`portable_16bit_rule` does; else it stays on
   the kernel if its narrow path takes it (:func:`kernel_narrow`), else goes to
   the portable path when it has the shape of a filter gradient (fewer output
-  positions than kernel taps) with lhs dilation, else to XLA's convolution. A
-  1-D layer's forward or input gradient goes to XLA where :func:`xla_1d_rule`
-  says so.
+  positions than kernel taps) with lhs dilation, else to XLA's convolution.
   """
-  if xla_1d_rule(params, lhs_shape, rhs_shape, dtype):
-    return "xla"
   facts = _narrow_facts(params, lhs_shape, rhs_shape)
   if facts is None:
     return None

@@ -117,10 +117,6 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     return f"cks-{platform}", why
   if requested != "auto":
     why = f"backend={requested!r} requested"
-  elif platform in kernels and backends.xla_1d_rule(params, lhs_shape, rhs_shape, dtype):
-    why = ("a large bfloat16 1-D forward or input gradient without lhs dilation (XLA's CPU "
-           "convolution skips rhs dilation's zeros too), where the CPU kernel was measured "
-           "no faster")
   elif platform in kernels:
     why = (f"fewer than {backends.CPU_MIN_FEATURES} output features per group, where the "
            "CPU kernel was measured slower")
