@@ -74,11 +74,17 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   for _, g in e.gradients:
     assert g.scratch is not None and g.scratch["total"] < out_bytes
   assert "scratch:" in str(e)
-  # 16-bit operands: the float32 copies around the kernel count too.
+  # 16-bit operands: the kernel's float32 copies of them count too; of the output only on the
+  # dot path, which writes float32 in place (the others round each output as they store it).
   b = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
                       dimension_numbers=dn, platform="cpu", backend="ffi", dtype=jax.numpy.bfloat16)
-  assert b.scratch["widened"] == 4 * (16 * 16 * 16 * 128 + 4 * 4 * 128 * 64 + 16 * 32 * 32 * 64)
+  assert b.cpu_path == "gemm"
+  assert b.scratch["widened"] == 4 * (16 * 16 * 16 * 128 + 4 * 4 * 128 * 64)
   assert "float32 copies" in str(b)
+  d = cks_jax.explain((3, 16, 16, 32), (3, 3, 32, 3), (1, 1), "SAME", dimension_numbers=dn,
+                      platform="cpu", backend="ffi", dtype=jax.numpy.bfloat16)
+  assert d.cpu_path == "dot"
+  assert d.scratch["widened"] == 4 * (3 * 16 * 16 * 32 + 3 * 3 * 32 * 3 + 3 * 16 * 16 * 3)
   # Other backends: no kernel, no scratch to report.
   x = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
                       dimension_numbers=dn, platform="cpu", backend="xla")

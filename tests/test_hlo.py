@@ -56,16 +56,18 @@ def test_training_step_has_no_xla_convolution():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_cpu_kernel_runs_16bit_operands_widened(dtype):
-  # 16-bit operands reach the CPU kernel as float32 (primitive._widened),
-  # forward and both gradients, and the results come back in the 16-bit dtype.
+  # 16-bit operands reach the CPU kernel as they are, forward and both gradients, with no
+  # converts around it (it makes its float32 copies itself, in parallel: conv_cpu.cc RunConv),
+  # and the results come back in the 16-bit dtype.
   x, w = jnp.ones((2, 8, 8, 16), dtype), jnp.ones((3, 3, 16, 8), dtype)
   f = lambda x, w: jnp.sum(cks_jax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=DN))
   with cks_jax.use_backend("ffi"):
     hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(x, w).as_text()
   calls = re.findall(r"@cks_conv_cpu\(.*\}\s*:\s*\(([^)]*)\)\s*->\s*(\S+)", hlo)
   assert len(calls) == 3, hlo
+  short = {jnp.bfloat16: "xbf16>", jnp.float16: "xf16>"}[dtype]
   for operands, result in calls:
-    assert operands.count("xf32>") == 2 and result.endswith("xf32>"), (operands, result)
+    assert operands.count(short) == 2 and result.endswith(short), (operands, result)
   val, (gx, gw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
   assert val.dtype == gx.dtype == gw.dtype == dtype
   e = cks_jax.explain(x, w, (1, 1), "SAME", dimension_numbers=DN, platform="cpu", backend="ffi")

@@ -120,7 +120,7 @@ def test_narrow_forward_with_batch_last(dtype):
 def test_narrow_needs_a_full_strip():
   # Fewer batch entries than one strip or more than 8 features: the ordinary
   # GEMM path (no narrow claim), still correct. 16-bit inputs reach the kernel
-  # widened to float32 (primitive._widened), so they take float32's strips.
+  # widened to float32 (by the kernel: RunConv), so they take float32's strips.
   p = lambda fgc=1, bgc=1, dn=(0, 3, 1, 2): {
       "dimension_numbers": (dn, (3, 2, 0, 1), (0, 3, 1, 2)),
       "feature_group_count": fgc, "batch_group_count": bgc}
@@ -284,7 +284,7 @@ def test_row_vectorised_filter_gradient(case, dtype):
 
 
 def test_interleaved_taps_16bit():
-  # bfloat16 operands, widened to float32 around the kernel (as every 16-bit conv on the CPU):
+  # bfloat16 operands, widened to float32 by the kernel (as every 16-bit conv on the CPU):
   # the float32 operands are what reach kTapsMinBytes
   lhs_shape, rhs_shape, args, kw = TAPS_CASES[0]
   check_on_kernel(((16,) + lhs_shape[1:], rhs_shape, args, kw), jnp.bfloat16, seed=50)
@@ -331,7 +331,7 @@ def test_dot_forward(case, dtype):
 
 
 def test_dot_forward_16bit():
-  # bfloat16 operands reach the kernel widened to float32, so they take the dot path too
+  # bfloat16 operands run widened to float32 in the kernel, so they take the dot path too
   lhs_shape, rhs_shape, args, kw = DOT_CASES[0]
   assert dot_here(lhs_shape, rhs_shape, jnp.bfloat16, *args, dimension_numbers=DN2)
   check_on_kernel(DOT_CASES[0], jnp.bfloat16, seed=70)

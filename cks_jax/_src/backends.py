@@ -92,17 +92,17 @@ KERNEL_NARROW_F = 8
 # AVX-512 Zen 4 (2 cores, hot caches, float32): DCGAN's 3-channel layer
 # 1.3 ms (portable 1.5, XLA 2.2), FSRCNN's 1-channel layer 0.8 ms (portable
 # 2.1, XLA 3.2); with the AVX2 kernel (CKS_CPU_ISA=1) 1.4 and 1.6 ms. With
-# 16-bit operands, widened to float32 around the kernel, the portable path
+# 16-bit operands, widened to float32 for the kernel, the portable path
 # was faster (1.5 and 2.0 ms, kernel 1.8 and 2.5), so those keep their route.
 KERNEL_DOT_F = 8
 KERNEL_DOT_MIN_C = 16
 
 
-# On the CPU, 16-bit operands are widened to float32 by XLA around the kernel,
-# which then reads its operands in place: measured faster than converting
-# inside the kernel's packing (the k8 s4 head's forward 23 -> 11 ms, the
-# grouped deconv's 6.5 -> 2.6 ms; benchmarks/results/, same machine). The
-# values are the same: the kernel accumulates 16-bit inputs in float32 anyway.
+# On the CPU, the kernel runs 16-bit operands widened to float32 copies that
+# it makes first (conv_cpu.cc, RunConv), and then reads in place: measured
+# faster than converting inside its packing (the k8 s4 head's forward 23 -> 11
+# ms, the grouped deconv's 6.5 -> 2.6 ms; benchmarks/results/, same machine).
+# The values are the same: it accumulates 16-bit inputs in float32 anyway.
 CPU_WIDENED = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 
 

@@ -38,7 +38,9 @@ class Explanation:
       tasks, the buffers of each thread that runs tasks (offset tables, packed
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
-      float32 copies of 16-bit operands and output. None on other backends.
+      float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
+      output), made by the kernel on the calling thread and kept for the next
+      call. None on other backends.
       Never a padded or zero-inserted copy of any tensor.
     cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
       code: ``"gemm"`` (the GEMM vectorised over output features),
@@ -113,7 +115,8 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):
       why += " (dot path: vectorised along the contiguous channels, not the few features)"
     if platform == "cpu" and backends.cpu_widened(dtype):
-      why += "; 16-bit operands widened to float32 around it (float32 accumulation either way)"
+      why += ("; 16-bit operands widened to float32 by the kernel, in parallel (float32 "
+              "accumulation either way)")
     return f"cks-{platform}", why
   if requested != "auto":
     why = f"backend={requested!r} requested"
@@ -150,15 +153,17 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
   spec = shapes.spec_of(params)
   lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
   widened = backends.cpu_widened(dtype)
-  in_dt = "float32" if widened else np.dtype(dtype).name
-  out_dt = "float32" if widened else np.dtype(params["out_dtype"]).name
+  in_dt, out_dt = np.dtype(dtype).name, np.dtype(params["out_dtype"]).name
   threads = _pool_threads()
   packed_b, per_thread, path = ffi.extension().cpu_scratch(
       list(lhs_shape), list(rhs_shape), list(out_shape), list(spec.window_strides),
       list(spec.lhs_dilation), list(spec.rhs_dilation), [lo for lo, _ in spec.padding],
       list(lhs_spec), list(rhs_spec), list(out_spec), params["feature_group_count"],
       params["batch_group_count"], in_dt, out_dt, threads)
-  copies = 4 * sum(int(np.prod(s)) for s in (lhs_shape, rhs_shape, out_shape)) if widened else 0
+  # The kernel's float32 copies (conv_cpu.cc, RunConv): the operands, and a
+  # 16-bit output where its dot path writes float32 in place.
+  wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32" and path == "dot" else ())
+  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
           "widened": copies, "total": total}, path

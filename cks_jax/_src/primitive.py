@@ -79,19 +79,10 @@ def _is_empty(lhs_aval, rhs_aval, out_aval) -> bool:
   return lhs_aval.size == 0 or rhs_aval.size == 0 or out_aval.size == 0
 
 
-def _widened(lhs, rhs, **params):
-  wide = {**params, "out_dtype": np.dtype(np.float32), "backend": "ffi"}
-  out = cks_conv_p.bind(lhs.astype(np.float32), rhs.astype(np.float32), **wide)
-  return out.astype(params["out_dtype"])
-
-
 def _lower_ffi(target: str, ctx, lhs, rhs, **params):
   if sharding.needs_partitioning(ctx):
     # XLA cannot split a custom call: wrap it so it can (sharding.py).
     return sharding.lower(ctx, lhs, rhs, bind=bind, params=params)
-  if target == ffi.CPU_TARGET and backends.cpu_widened(ctx.avals_in[0].dtype):
-    return mlir.lower_fun(functools.partial(_widened, **params), multiple_results=False)(
-        ctx, lhs, rhs)
   ffi.register()
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   i64 = lambda xs: np.asarray(xs, dtype=np.int64)
