@@ -4,8 +4,8 @@ A tile whose accumulators the compiler keeps on the stack still gives the right 
 slower, so no value test sees it: one rolled loop over the panels of an edge tile (a runtime
 index into the accumulator array) made GCC store and reload the whole 6 x 64 tile at every
 segment of a RunA, and cost 64-channel forwards 2-7 %. This compiles every tile template the
-way the extension is built (-O3) and counts, per instantiation, the vector loads and stores
-stored to the stack: only an edge tile's stores to its scratch copy (one per accumulator
+way the extension is built (-O3) and counts, per instantiation, the ymm/zmm registers it
+stores to the stack: only an edge tile's stores to its scratch copy (one per accumulator
 vector) may be there.
 
 Needs GCC for x86-64 and objdump; skipped elsewhere, with the reason.

@@ -867,8 +867,6 @@ struct CksConv {
         }
 #endif
         std::memcpy(dst, src, nc * sizeof(Acc));
-      } else if (pb.out_c == 1) {  // a loop the compiler vectorises (rounding to 16 bits)
-        for (int64_t j = 0; j < nc; ++j) dst[j] = store<Tout, Acc>(src[j]);
       } else {
         for (int64_t j = 0; j < nc; ++j) dst[j * pb.out_c] = store<Tout, Acc>(src[j]);
       }
@@ -1382,29 +1380,34 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
 // accumulation either way). XLA's converts around the kernel did this work on
 // one thread, into fresh buffers, with a pass for the output: in process on
 // Zen 4, bfloat16 layers took 0.74-1.0x the time (WaveNet 0.98-1.0x).
-constexpr int64_t kConvertChunk = int64_t{1} << 16;
+// dst[i] = convert(src[i]) for i < n, in chunks over the pool.
+template <typename From, typename To, typename Convert>
+void convert_all(const From* src, int64_t n, To* dst, ffi::ThreadPool* pool, Convert convert) {
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  parallel_for(pool, (n + kChunk - 1) / kChunk, [&](int64_t c) {
+    const int64_t i1 = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < i1; ++i) dst[i] = convert(src[i]);
+  });
+}
 
 template <typename T>
 const float* widened(const T* src, int64_t n, std::vector<float>& buf, ffi::ThreadPool* pool) {
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  float* dst = buf.data();
-  parallel_for(pool, (n + kConvertChunk - 1) / kConvertChunk, [&](int64_t c) {
-    const int64_t i1 = std::min(n, (c + 1) * kConvertChunk);
-    for (int64_t i = c * kConvertChunk; i < i1; ++i) dst[i] = load<float>(src[i]);
-  });
-  return dst;
-}
-
-template <typename T>
-void narrowed(const float* src, int64_t n, T* dst, ffi::ThreadPool* pool) {
-  parallel_for(pool, (n + kConvertChunk - 1) / kConvertChunk, [&](int64_t c) {
-    const int64_t i1 = std::min(n, (c + 1) * kConvertChunk);
-    for (int64_t i = c * kConvertChunk; i < i1; ++i) dst[i] = store<T, float>(src[i]);
-  });
+  convert_all(src, n, buf.data(), pool, [](T x) { return load<float>(x); });
+  return buf.data();
 }
 
 template <typename Tin>
 constexpr bool kWidened = sizeof(Tin) == 2;
+
+// Whether RunConv writes a float32 copy of a 16-bit output and rounds it
+// after: where the float32 kernel takes its dot path, which writes float32 in
+// place. ScratchOf asks too.
+template <typename Tin, typename Tout>
+bool widened_output(const ConvProblem& pb, const Plan& plan) {
+  if constexpr (!kWidened<Tin> || std::is_same<Tout, float>::value) return false;
+  return CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.dot();
+}
 
 template <typename Tin, typename Acc, typename Tout>
 struct RunConv {
@@ -1415,15 +1418,13 @@ struct RunConv {
       const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, wl, pool);
       const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, wr, pool);
       const Plan plan = make_plan(pb);
-      if constexpr (std::is_same<Tout, float>::value) {
-        CksConv<float, float, float>{pb, plan, l, r, static_cast<float*>(out)}.run_all(pool);
-      } else if (!CksConv<float, float, float>{pb, plan, l, r, nullptr}.dot()) {
-        // rounds each output as it stores it
+      if (!widened_output<Tin, Tout>(pb, plan)) {  // rounds each output as it stores it
         CksConv<float, float, Tout>{pb, plan, l, r, static_cast<Tout*>(out)}.run_all(pool);
-      } else {  // the dot path writes float32 in place: into a copy, rounded after
+      } else {
         if (static_cast<int64_t>(wo.size()) < out_n) wo.resize(out_n);
         CksConv<float, float, float>{pb, plan, l, r, wo.data()}.run_all(pool);
-        narrowed(wo.data(), out_n, static_cast<Tout*>(out), pool);
+        convert_all(wo.data(), out_n, static_cast<Tout*>(out), pool,
+                    [](float x) { return store<Tout, float>(x); });
       }
     } else {
       run_conv<Tin, Acc, Tout>(pb, lhs, rhs, out, pool);
@@ -1439,12 +1440,12 @@ struct ScratchOf {
                   const char** path) {
     using In = std::conditional_t<kWidened<Tin>, float, Tin>;
     const Plan plan = make_plan(pb);
-    const CksConv<In, Acc, Tout> conv{pb, plan, nullptr, nullptr, nullptr};
-    const CksConv<In, Acc, Acc> wide{pb, plan, nullptr, nullptr, nullptr};
-    if (kWidened<Tin> && wide.dot()) {  // as RunConv: a float32 output copy
-      wide.scratch(workers, shared, per_thread);
-      *path = wide.path();
+    if (widened_output<Tin, Tout>(pb, plan)) {
+      const CksConv<float, float, float> conv{pb, plan, nullptr, nullptr, nullptr};
+      conv.scratch(workers, shared, per_thread);
+      *path = conv.path();
     } else {
+      const CksConv<In, Acc, Tout> conv{pb, plan, nullptr, nullptr, nullptr};
       conv.scratch(workers, shared, per_thread);
       *path = conv.path();
     }
