@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import cks_jax
-from oracle import assert_close, random
+from oracle import assert_close, check, random
 
 DN = ("NHWC", "HWIO", "NHWC")
 CASES = [
@@ -195,6 +195,14 @@ def test_auto_keeps_1d_layers_on_the_kernel_in_every_dtype():
     up = cks_jax.explain((8, 2048, 64), (4, 64, 64), (1,), [(2, 2)], lhs_dilation=(2,),
                          dimension_numbers=DN1, dtype=dtype, gradients=True)  # transposed 1-D
     assert {up.backend} | {g.backend for _, g in up.gradients} == {"cks-cpu"}, dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float16])
+def test_16bit_1d_layers_match_lax_under_auto(dtype):
+  # WaveNet's k2 d8 layer, which "auto" now runs on the kernel in 16 bits too (widened there):
+  # values and both gradients against lax's in float64.
+  lhs, rhs = WAVENET
+  check(lhs, rhs, (1,), [(8, 0)], (1,), (8,), dtype=dtype, dimension_numbers=DN1)
 
 
 def test_1d_layers_match_lax_under_auto():
