@@ -4,9 +4,9 @@ A tile whose accumulators the compiler keeps on the stack still gives the right 
 slower, so no value test sees it: one rolled loop over the panels of an edge tile (a runtime
 index into the accumulator array) made GCC store and reload the whole 6 x 64 tile at every
 segment of a RunA, and cost 64-channel forwards 2-7 %. This compiles every tile template the
-way the extension is built (-O3) and counts, per instantiation, the ymm/zmm registers it
-stores to the stack: only an edge tile's stores to its scratch copy (one per accumulator
-vector) may be there.
+way the extension is built (-O3), for every A source, B source and C destination, and counts,
+per instantiation, the ymm/zmm registers it stores to the stack: only an edge tile's stores to
+its scratch copy (one per accumulator vector) may be there.
 
 Needs GCC for x86-64 and objdump; skipped elsewhere, with the reason.
 """
@@ -27,6 +27,7 @@ MR = 6  # rows of every tile (gemm::Tile)
 AVX512_TILES = [(4, 0), (2, 0), (1, 1), (1, 0), (0, 1)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
 A_SOURCES = ["RunA", "IndirectA", "PackedA"]
+B_SOURCES = ["PanelB", "TableB"]
 C_DESTS = ["OutC", "BufC"]
 
 
@@ -51,16 +52,16 @@ def _instantiations() -> dict[str, int]:
   out = {}
   for t in ("float", "double"):
     for a in A_SOURCES:
-      for c in C_DESTS:
-        for p, h in AVX512_TILES:
-          line = (f"template void cks::gemm::panels_avx512<{p}, {h}, {t}, {a}<{t}>, {c}<{t}>>("
-                  f"int64_t, int64_t, int64_t, const {a}<{t}>&, const {t}*, int64_t, "
-                  f"const {c}<{t}>&);")
-          out[line] = MR * (p + h) if c == "OutC" else 0
-        for nv in AVX2_TILES:
-          line = (f"template void cks::gemm::panel_avx2<{nv}, {t}, {a}<{t}>, {c}<{t}>>("
-                  f"int64_t, int64_t, int64_t, const {a}<{t}>&, const {t}*, const {c}<{t}>&);")
-          out[line] = MR * nv if c == "OutC" else 0
+      for b in B_SOURCES:
+        for c in C_DESTS:
+          srcs = f"{a}<{t}>, {b}<{t}>, {c}<{t}>"
+          args = f"int64_t, int64_t, int64_t, const {a}<{t}>&, const {b}<{t}>&, const {c}<{t}>&"
+          for p, h in AVX512_TILES:
+            line = f"template void cks::gemm::panels_avx512<{p}, {h}, {t}, {srcs}>({args});"
+            out[line] = MR * (p + h) if c == "OutC" else 0
+          for nv in AVX2_TILES:
+            line = f"template void cks::gemm::panel_avx2<{nv}, {t}, {srcs}>({args});"
+            out[line] = MR * nv if c == "OutC" else 0
   return out
 
 
@@ -87,7 +88,7 @@ def _stack_vector_stores(obj: Path) -> dict[str, int]:
 
 
 def _key(signature: str) -> str:
-  """'panels_avx512<4, 0, float, RunA, OutC>' from a demangled name or an instantiation."""
+  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' from a demangled name or an instantiation."""
   m = re.search(r"(panels?_avx\w+)<(.*?)>\(", signature)
   args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2))
   return f"{m.group(1)}<{', '.join(a.strip() for a in args.split(','))}>"

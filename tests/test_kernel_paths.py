@@ -12,8 +12,9 @@
   groups, 1D/3D, several column panels).
 - Outputs over 8 MB are written with non-temporal stores where rows are aligned vectors.
 - The GEMM's A sources (RunA, IndirectA, PackedA, and A packed where a strided conv's filter
-  gradient would read it in place) and C destinations (the output itself, or a
-  scratch block), and the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
+  gradient would read it in place), B sources (packed panels, or read in place through an
+  offset per index on AVX-512) and C destinations (the output itself, or a scratch block), and
+  the portable and AVX2 kernels, selected with CKS_CPU_ISA in a subprocess.
 - Filter gradients of large operands with the taps interleaved (run_taps). explain names each
   path (cpu_path) from the kernel's own code.
 - The dot path (run_dot): outputs with at most 8 features per group whose lhs channels are
@@ -180,7 +181,7 @@ def test_large_output_written_with_streaming_stores():
           dimension_numbers=DN2, grads=False)
 
 
-# (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A sources and C destinations:
+# (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A and B sources and C destinations:
 # A read in place as long runs (RunA) or through an offset per index (IndirectA), or packed
 # (PackedA); the product written straight into the output (OutC, masked at the row and column
 # edges) or through a scratch block (BufC).
@@ -227,6 +228,14 @@ GEMM_CASES = [
     # half); 21 features, as in the first case, take a panel and a half
     ((2, 9, 10, 12), (5, 5, 12, 8), ((1, 1), "SAME"), {}),
     ((2, 6, 7, 20), (3, 3, 20, 72), ((1, 1), "SAME"), {}),
+    # filter gradients with whole panels of contiguous features read B (the cotangent) in
+    # place on AVX-512 (TableB): 2 groups of 320 features (column blocks of 256 + 64, the
+    # group offsetting B), 432 reduction indices per tap (two blocks); 1D with 48 features,
+    # 900 indices per tap; the k2 s2 case above packs B for float (24 features: a partial
+    # panel) and reads it in place for double
+    ((3, 12, 12, 40), (3, 3, 20, 640), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    ((3, 300, 16), (3, 16, 48), ((1,), [(2, 2)], (1,), (2,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
 ]
 
 

@@ -1,12 +1,13 @@
-// GEMM block of the CPU kernels: C[mc x nc] (+)= A * Bp.
+// GEMM block of the CPU kernels: C[mc x nc] (+)= A * B.
 //   A : an A source, walked as segments of the reduction along which each
 //       row's elements are a constant step apart: PackedA (MR-row panels,
 //       each [kc][MR]: one segment), IndirectA (read in place through an
 //       offset per index) or RunA (read in place: long runs of contiguous
 //       channels, or of one dimension's taps);
-//   Bp: NR-column panels, each [kc][NR], ldb elements apart (kc * NR when
-//       packed block by block; more when a block is a window of a larger
-//       packed B);
+//   B : a B source: PanelB (NR-column panels, each [kc][NR], ldb elements
+//       apart: kc * NR when packed block by block, more when a block is a
+//       window of a larger packed B) or TableB (read in place, row k
+//       through an offset per index, its columns contiguous);
 //   C : a C destination: BufC (row-major scratch, whole tiles, mc and nc
 //       multiples of MR and NR) or OutC (the output itself, through row
 //       offsets; tiles past mc rows or nc columns are masked).
@@ -145,6 +146,30 @@ __attribute__((always_inline)) inline void opaque(const T** r) {
   for (int i = 0; i < MR; ++i) asm("" : "+r"(r[i]));
 }
 
+// B sources: row(k) points at row k of the block's first panel; panel p of
+// the row is ldb elements further. cols(j) is the source of the block's
+// columns from j (a multiple of NR) on.
+template <typename T>
+struct PanelB {  // packed NR-column panels [kc][NR], ldb apart
+  const T* b;
+  int64_t ldb;
+  const T* row(int64_t k) const { return b + k * Tile<T>::NR; }
+  PanelB cols(int64_t j) const { return {b + j / Tile<T>::NR * ldb, ldb}; }
+};
+// Row k at base + red[k], columns contiguous: B read in place through an
+// offset per index, as IndirectA reads A. Every panel is read whole, so the
+// block's columns must all exist (nc == live). A filter gradient's B, the
+// cotangent, spread over megabytes, was packed at a third of the time of
+// U-Net's k2 s2 d-filter.
+template <typename T>
+struct TableB {
+  const T* base;
+  const int64_t* red;  // kc entries
+  static constexpr int64_t ldb = Tile<T>::NR;
+  const T* row(int64_t k) const { return base + red[k]; }
+  TableB cols(int64_t j) const { return {base + j, red}; }
+};
+
 // C destinations. BufC: a row-major scratch block, C += the product.
 template <typename T>
 struct BufC {
@@ -179,15 +204,15 @@ inline void store_edge(const OutC<T>& C, int64_t ir, int64_t jr, const T* t) {
 }
 
 // Portable kernel (the compiler vectorises it as it can).
-template <typename T, typename ASrc, typename CDst>
+template <typename T, typename ASrc, typename BSrc, typename CDst>
 inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, int64_t kc,
-                                                        const ASrc& A, const T* Bp, int64_t ldb,
+                                                        const ASrc& A, const BSrc& B,
                                                         const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
   for (int64_t jr = 0; jr < nc; jr += NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
-      const T* b = Bp + jr / NR * ldb;
+      const BSrc b = B.cols(jr);
       T acc[MR][NR] = {};
       const T* rb[MR];
       A.rows(ir, rb);
@@ -199,8 +224,9 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
           int64_t o;
           if constexpr (ASrc::kTable) o = A.red[p + q];
           else o = q * A.step;
+          const T* bk = b.row(p + q);
           for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][o] * b[(p + q) * NR + j];
+            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][o] * bk[j];
         }
         p += n;
       }
@@ -250,14 +276,14 @@ CKS_AVX2_FN void avx2_step(const T* const* r, int64_t o, const T* b, V (&acc)[MR
 // panel (12 accumulators + 2 B vectors + 1 broadcast = 15 of 16 ymm
 // registers, no spills, checked with objdump); NV = 1 a last panel with at
 // most W live columns (21 classes: 16 + 5), at half the FMAs.
-template <int NV, typename T, typename ASrc, typename CDst>
+template <int NV, typename T, typename ASrc, typename BSrc, typename CDst>
 __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int64_t kc,
-                                                    const ASrc& A, const T* b,
+                                                    const ASrc& A, const BSrc& B,
                                                     const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "a panel is 2 ymm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
-  using V = decltype(vload(b));
+  using V = decltype(vload(B.row(0)));
   for (int64_t ir = 0; ir < mc; ir += MR) {
     V acc[MR][NV];
 #pragma GCC unroll 6
@@ -272,11 +298,11 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
       opaque<MR>(r);
       if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-        for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], b + q * NR, acc);
+        for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], B.row(q), acc);
       } else {
         const int64_t s = A.step;
 #pragma GCC unroll 4
-        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, b + q * NR, acc);
+        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, B.row(q), acc);
       }
       p += n;
     }
@@ -309,13 +335,13 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
 
 // A block of nc columns (a multiple of NR), of which the first `live` are
 // kept: panel by panel, the last at half width where it can be.
-template <typename T, typename ASrc, typename CDst>
+template <typename T, typename ASrc, typename BSrc, typename CDst>
 inline void macro_kernel_avx2(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
-                              const T* Bp, int64_t ldb, const CDst& C) {
+                              const BSrc& B, const CDst& C) {
   constexpr int NR = Tile<T>::NR;
   for (int64_t jr = 0; jr < nc; jr += NR) {
-    if (live - jr <= NR / 2) panel_avx2<1>(mc, jr, kc, A, Bp + jr / NR * ldb, C);
-    else panel_avx2<2>(mc, jr, kc, A, Bp + jr / NR * ldb, C);
+    if (live - jr <= NR / 2) panel_avx2<1, T>(mc, jr, kc, A, B.cols(jr), C);
+    else panel_avx2<2, T>(mc, jr, kc, A, B.cols(jr), C);
   }
 }
 #undef CKS_AVX2_FN
@@ -366,8 +392,8 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 }
 
 // Columns [jr, jr + P NR + H NR / 2) of a block, rows [0, mc): MR x P zmm
-// tiles (plus MR ymm for a half panel), the B panels of those columns from b
-// on, ldb apart. P = 4 (6 x 64 floats: 24 accumulators + 4 B vectors + 1
+// tiles (plus MR ymm for a half panel), B the source of those columns
+// (cols(jr) of the block's). P = 4 (6 x 64 floats: 24 accumulators + 4 B vectors + 1
 // broadcast of 32 zmm, no spills, checked with objdump) broadcasts each A
 // element once per 64 columns instead of per 32: in process on Zen 4,
 // against the 6 x 2 zmm tile, 64-feature forwards (3x3, dilated, k4 s2 and
@@ -377,16 +403,15 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 // NR / 2 live columns (21 classes of a segmentation head: 16 + 5) at half
 // the FMAs of a whole one. Writes a BufC, or an OutC (masked to the rows
 // and columns that exist; whole tiles streamed where it asks).
-template <int P, int H, typename T, typename ASrc, typename CDst>
+template <int P, int H, typename T, typename ASrc, typename BSrc, typename CDst>
 __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64_t jr,
                                                                int64_t kc, const ASrc& A,
-                                                               const T* b, int64_t ldb,
-                                                               const CDst& C) {
+                                                               const BSrc& B, const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, HW = NR / 2;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
-  using V = decltype(zload(b));
-  using VH = decltype(vload(b));
+  using V = decltype(zload(B.row(0)));
+  using VH = decltype(vload(B.row(0)));
   constexpr int kWidth = P * NR + H * HW;
   for (int64_t ir = 0; ir < mc; ir += MR) {
     V acc[MR][P > 0 ? P : 1];
@@ -407,12 +432,12 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
       if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
         for (int64_t q = p; q < p + n; ++q)
-          avx512_step<MR, P, H>(r, A.red[q], b + q * NR, ldb, acc, hacc);
+          avx512_step<MR, P, H>(r, A.red[q], B.row(q), B.ldb, acc, hacc);
       } else {
         const int64_t s = A.step;
 #pragma GCC unroll 4
         for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
-          avx512_step<MR, P, H>(r, o, b + q * NR, ldb, acc, hacc);
+          avx512_step<MR, P, H>(r, o, B.row(q), B.ldb, acc, hacc);
       }
       p += n;
     }
@@ -464,23 +489,22 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
 // A block of nc columns (a multiple of NR), of which the first `live` are
 // kept: 4-panel column tiles, then what is left in tiles of 2 panels, 1 1/2,
 // 1 or 1/2, so that a last panel with at most NR / 2 live columns costs half.
-template <typename T, typename ASrc, typename CDst>
+template <typename T, typename ASrc, typename BSrc, typename CDst>
 inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t live, int64_t kc,
-                                const ASrc& A, const T* Bp, int64_t ldb, const CDst& C) {
+                                const ASrc& A, const BSrc& B, const CDst& C) {
   constexpr int NR = Tile<T>::NR, HW = NR / 2;
   int64_t jr = 0;
-  for (; jr + 4 * NR <= nc; jr += 4 * NR)
-    panels_avx512<4, 0>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+  for (; jr + 4 * NR <= nc; jr += 4 * NR) panels_avx512<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
   if (live - jr > 2 * NR) {
-    panels_avx512<2, 0>(mc, jr, kc, A, Bp + jr / NR * ldb, ldb, C);
+    panels_avx512<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
     jr += 2 * NR;
   }
   const int64_t left = live - jr;
-  const T* b = Bp + jr / NR * ldb;
-  if (left > NR + HW) panels_avx512<2, 0>(mc, jr, kc, A, b, ldb, C);
-  else if (left > NR) panels_avx512<1, 1>(mc, jr, kc, A, b, ldb, C);
-  else if (left > HW) panels_avx512<1, 0>(mc, jr, kc, A, b, ldb, C);
-  else if (left > 0) panels_avx512<0, 1>(mc, jr, kc, A, b, ldb, C);
+  const BSrc b = B.cols(jr);
+  if (left > NR + HW) panels_avx512<2, 0, T>(mc, jr, kc, A, b, C);
+  else if (left > NR) panels_avx512<1, 1, T>(mc, jr, kc, A, b, C);
+  else if (left > HW) panels_avx512<1, 0, T>(mc, jr, kc, A, b, C);
+  else if (left > 0) panels_avx512<0, 1, T>(mc, jr, kc, A, b, C);
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -518,14 +542,14 @@ inline bool writes_in_place(int64_t nc) {
   return gemm_isa() != 2 || nc <= Tile<T>::NR;
 }
 
-template <typename T, typename ASrc, typename CDst>
+template <typename T, typename ASrc, typename BSrc, typename CDst>
 inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
-                       const T* Bp, int64_t ldb, const CDst& C) {
+                       const BSrc& B, const CDst& C) {
 #ifdef CKS_X86_AVX2
-  if (gemm_isa() == 2) return macro_kernel_avx512(mc, nc, live, kc, A, Bp, ldb, C);
-  if (gemm_isa() >= 1) return macro_kernel_avx2(mc, nc, live, kc, A, Bp, ldb, C);
+  if (gemm_isa() == 2) return macro_kernel_avx512<T>(mc, nc, live, kc, A, B, C);
+  if (gemm_isa() >= 1) return macro_kernel_avx2<T>(mc, nc, live, kc, A, B, C);
 #endif
-  macro_kernel<T>(mc, nc, kc, A, Bp, ldb, C);
+  macro_kernel<T>(mc, nc, kc, A, B, C);
 }
 
 // ---------------------------------------------------------------- narrow
