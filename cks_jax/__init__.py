@@ -18,7 +18,7 @@ from cks_jax._src.api import (  # noqa: E402
 )
 from cks_jax._src.backends import BACKENDS, use_backend  # noqa: E402
 from cks_jax._src.explain import Explanation, explain  # noqa: E402
-from cks_jax._src.ffi import kernel_platforms  # noqa: E402
+from cks_jax._src.ffi import kernel_platforms, release_cpu_buffers  # noqa: E402
 
 __all__ = [
     "conv",
@@ -28,6 +28,7 @@ __all__ = [
     "explain",
     "Explanation",
     "kernel_platforms",
+    "release_cpu_buffers",
     "use_backend",
     "BACKENDS",
 ]

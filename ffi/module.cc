@@ -25,6 +25,8 @@ bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t
                        int64_t* shared, int64_t* per_thread, const char** path);
 int64_t cpu_pool_threads();
 int cpu_isa();
+int64_t cpu_widened_held_bytes();
+void cpu_widened_release();
 }
 
 namespace nb = nanobind;
@@ -134,4 +136,8 @@ NB_MODULE(_cks, m) {
   m.def("cpu_pool_threads", &cks::cpu_pool_threads);
   // The CPU kernel's instruction set: 2 AVX-512F, 1 AVX2+FMA, 0 portable C++.
   m.def("cpu_isa", &cks::cpu_isa);
+  // Bytes of the float32 copies of 16-bit operands held for reuse between
+  // calls, and freeing them (conv_cpu.cc: WidenedPool).
+  m.def("cpu_widened_held_bytes", &cks::cpu_widened_held_bytes);
+  m.def("cpu_widened_release", &cks::cpu_widened_release);
 }

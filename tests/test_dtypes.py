@@ -1,9 +1,13 @@
 """float32, float64, bfloat16, float16 and preferred_element_type."""
+import threading
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cks_jax
+from cks_jax._src import ffi
 from oracle import check, random
 
 ARGS = ((2, 1), [(1, 2), (2, 1)], (2, 1), (1, 2))
@@ -36,3 +40,42 @@ def test_float32_precision_is_full():
   # The kernels accumulate float32 exactly like an fp32 GEMM; compare
   # against a float64 reference with a tight bound.
   check((2, 64, 10, 10), (32, 64, 3, 3), (1, 1), "SAME", dtype=np.float32, grads=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel's float32 copies")
+def test_16bit_float32_copies_are_shared_between_threads_and_released():
+  # The CPU kernel runs 16-bit operands on float32 copies kept for the next call, in one
+  # process-wide free list: calls from several threads, one after another, leave one set held,
+  # the size explain reports, not one per thread; two threads at once hold at most two.
+  # release_cpu_buffers frees them and says how much it freed.
+  ext = ffi.extension()
+  l, r = random((2, 16, 12, 12), jnp.bfloat16, 0), random((24, 16, 3, 3), jnp.bfloat16, 1)
+  copies = cks_jax.explain(l, r, (1, 1), "SAME", backend="ffi").scratch["widened"]
+  assert copies == 4 * (l.size + r.size)
+  with cks_jax.use_backend("ffi"):
+    f = jax.jit(lambda a, b: cks_jax.conv_general_dilated(a, b, (1, 1), "SAME"))
+    want = np.asarray(f(l, r), np.float32)
+  check((2, 16, 12, 12), (24, 16, 3, 3), (1, 1), "SAME", dtype=jnp.bfloat16, grads=False)
+  cks_jax.release_cpu_buffers()
+  assert ext.cpu_widened_held_bytes() == 0
+  outs = []
+
+  def call(times):
+    for _ in range(times):
+      outs.append(np.asarray(f(l, r), np.float32))
+
+  for _ in range(3):
+    t = threading.Thread(target=call, args=(1,))
+    t.start()
+    t.join()
+  assert ext.cpu_widened_held_bytes() == copies
+  ts = [threading.Thread(target=call, args=(20,)) for _ in range(2)]
+  for t in ts:
+    t.start()
+  for t in ts:
+    t.join()
+  assert len(outs) == 43 and all(np.array_equal(o, want) for o in outs)
+  assert copies <= ext.cpu_widened_held_bytes() <= 2 * copies
+  held = ext.cpu_widened_held_bytes()
+  assert cks_jax.release_cpu_buffers() == held
+  assert ext.cpu_widened_held_bytes() == 0 and cks_jax.release_cpu_buffers() == 0

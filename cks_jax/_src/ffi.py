@@ -46,3 +46,19 @@ def kernel_platforms() -> frozenset[str]:
   ``"cuda"`` is listed when the CUDA library was built (nvcc at install time).
   """
   return register()
+
+
+def release_cpu_buffers() -> int:
+  """Frees the float32 copies the CPU kernel keeps for 16-bit operands; returns the bytes freed.
+
+  bfloat16 and float16 convolutions on the CPU run on float32 copies of their operands (and, on
+  the dot path, of their output), which the kernel keeps for the next call instead of allocating
+  them afresh: one set per call that ran at the same time as another (usually one set in all),
+  each as large as the largest copies it has served. ``explain(...).scratch["widened"]`` gives
+  their size for one problem. Call this after a run of large 16-bit layers to hand that memory
+  back; the next 16-bit call allocates again. A no-op (returns 0) when nothing is held.
+  """
+  ext = extension()
+  held = int(ext.cpu_widened_held_bytes())
+  ext.cpu_widened_release()
+  return held

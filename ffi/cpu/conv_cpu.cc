@@ -1405,8 +1405,8 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
 }
 
 // 16-bit operands run widened: float32 copies made once per call, in
-// parallel, into buffers of the calling thread that persist between calls
-// (fresh buffers would be paged in on every call), then the float32 kernel,
+// parallel, into buffers kept between calls (WidenedPool; fresh buffers would
+// be paged in on every call), then the float32 kernel,
 // which reads them in place and rounds a 16-bit output as it stores it (its
 // dot path, which writes float32 in place, into a float32 copy rounded in a
 // parallel pass). The values are those of the 16-bit kernel (float32
@@ -1442,21 +1442,73 @@ bool widened_output(const ConvProblem& pb, const Plan& plan) {
   return CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.dot();
 }
 
+// The float32 copies of one call's 16-bit operands (and output, on the dot
+// path). Kept for the next call, in one process-wide free list: a call takes
+// a set and gives it back when done, so the sets held are as many as calls
+// ever ran at once (usually one), each as large as the largest copies it
+// served. Per-thread buffers held one set per thread that had ever called (XLA
+// runs custom calls on its pool threads as well as the caller's).
+struct WidenedSet {
+  std::vector<float> lhs, rhs, out;
+  int64_t bytes() const {
+    return static_cast<int64_t>((lhs.capacity() + rhs.capacity() + out.capacity()) * 4);
+  }
+};
+class WidenedPool {
+ public:
+  std::unique_ptr<WidenedSet> take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return std::make_unique<WidenedSet>();
+    std::unique_ptr<WidenedSet> w = std::move(free_.back());
+    free_.pop_back();
+    return w;
+  }
+  void give(std::unique_ptr<WidenedSet> w) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(w));
+  }
+  // Bytes held by the sets not in use; release() frees them.
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t n = 0;
+    for (const auto& w : free_) n += w->bytes();
+    return n;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.clear();
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<WidenedSet>> free_;
+};
+WidenedPool& widened_pool() {
+  static WidenedPool* pool = new WidenedPool;  // never destroyed: calls may outlive statics
+  return *pool;
+}
+// A set taken from the pool for one call, given back when it ends.
+struct WidenedLease {
+  std::unique_ptr<WidenedSet> set = widened_pool().take();
+  ~WidenedLease() { widened_pool().give(std::move(set)); }
+};
+
 template <typename Tin, typename Acc, typename Tout>
 struct RunConv {
   static void run(const ConvProblem& pb, const void* lhs, const void* rhs, int64_t lhs_n,
                   int64_t rhs_n, void* out, int64_t out_n, ffi::ThreadPool* pool) {
     if constexpr (kWidened<Tin>) {
-      thread_local std::vector<float> wl, wr, wo;
-      const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, wl, pool);
-      const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, wr, pool);
+      WidenedLease lease;
+      WidenedSet& w = *lease.set;
+      const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, w.lhs, pool);
+      const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, w.rhs, pool);
       const Plan plan = make_plan(pb);
       if (!widened_output<Tin, Tout>(pb, plan)) {  // rounds each output as it stores it
         CksConv<float, float, Tout>{pb, plan, l, r, static_cast<Tout*>(out)}.run_all(pool);
       } else {
-        if (static_cast<int64_t>(wo.size()) < out_n) wo.resize(out_n);
-        CksConv<float, float, float>{pb, plan, l, r, wo.data()}.run_all(pool);
-        convert_all(wo.data(), out_n, static_cast<Tout*>(out), pool,
+        if (static_cast<int64_t>(w.out.size()) < out_n) w.out.resize(out_n);
+        CksConv<float, float, float>{pb, plan, l, r, w.out.data()}.run_all(pool);
+        convert_all(w.out.data(), out_n, static_cast<Tout*>(out), pool,
                     [](float x) { return store<Tout, float>(x); });
       }
     } else {
@@ -1517,6 +1569,9 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
 int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
 int cpu_isa() { return gemm::gemm_isa(); }
+
+int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
+void cpu_widened_release() { widened_pool().release(); }
 
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
 // packed B shared by all tasks, and the buffers of each thread that runs tasks;
