@@ -27,7 +27,7 @@ MR = 6  # rows of every tile (gemm::Tile)
 AVX512_TILES = [(4, 0), (2, 0), (1, 1), (1, 0), (0, 1)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
 A_SOURCES = ["RunA", "IndirectA", "PackedA"]
-B_SOURCES = ["PanelB", "TableB"]
+B_SOURCES = ["PanelB", "TableB", "RunB"]
 C_DESTS = ["OutC", "BufC"]
 
 

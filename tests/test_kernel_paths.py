@@ -229,13 +229,17 @@ GEMM_CASES = [
     ((2, 9, 10, 12), (5, 5, 12, 8), ((1, 1), "SAME"), {}),
     ((2, 6, 7, 20), (3, 3, 20, 72), ((1, 1), "SAME"), {}),
     # filter gradients with whole panels of contiguous features read B (the cotangent) in
-    # place on AVX-512 (TableB): 2 groups of 320 features (column blocks of 256 + 64, the
-    # group offsetting B), 432 reduction indices per tap (two blocks); 1D with 48 features,
-    # 900 indices per tap; the k2 s2 case above packs B for float (24 features: a partial
-    # panel) and reads it in place for double
+    # place on AVX-512, through an offset per index (TableB): 2 groups of 320 features (column
+    # blocks of 256 + 64, the group offsetting B), runs of 12 positions (too short to walk),
+    # 432 reduction indices per tap (two blocks); the k2 s2 case above packs B for float (24
+    # features: a partial panel) and reads it through the table for double (runs of 20)...
     ((3, 12, 12, 40), (3, 3, 20, 640), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # ... or as runs (RunB) where they are at least 32 positions long: 1D with 48 features, runs
+    # of 298-300 (900 indices per tap), and a stride-2 filter gradient whose A is packed
+    # (packs_strided_a), 144 features, runs of 32-33 positions cut by the reduction blocks
     ((3, 300, 16), (3, 16, 48), ((1,), [(2, 2)], (1,), (2,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    ((2, 66, 66, 24), (3, 3, 24, 144), ((2, 2), "SAME"), {}),
 ]
 
 

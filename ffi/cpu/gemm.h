@@ -6,8 +6,9 @@
 //       channels, or of one dimension's taps);
 //   B : a B source: PanelB (NR-column panels, each [kc][NR], ldb elements
 //       apart: kc * NR when packed block by block, more when a block is a
-//       window of a larger packed B) or TableB (read in place, row k
-//       through an offset per index, its columns contiguous);
+//       window of a larger packed B), TableB (read in place, row k
+//       through an offset per index, its columns contiguous) or RunB (read
+//       in place as runs with a constant step);
 //   C : a C destination: BufC (row-major scratch, whole tiles, mc and nc
 //       multiples of MR and NR) or OutC (the output itself, through row
 //       offsets; tiles past mc rows or nc columns are masked).
@@ -77,13 +78,16 @@ struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   int64_t kc;
   static constexpr bool kTable = false;
   static constexpr int64_t step = Tile<T>::MR;
-  struct Cursor {};
-  Cursor begin() const { return {}; }
+  struct Cursor {
+    int64_t p;
+  };
+  Cursor begin() const { return {0}; }
   void rows(int64_t ir, const T** base) const {
     for (int i = 0; i < Tile<T>::MR; ++i) base[i] = Ap + ir * kc + i;
   }
-  int64_t segment(Cursor&, int64_t left, const T* const* base, const T** r) const {
-    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = base[i] + (kc - left) * step;
+  int64_t segment(Cursor& c, int64_t left, const T* const* base, const T** r) const {
+    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = base[i] + c.p * step;
+    c.p += left;
     return left;
   }
 };
@@ -153,6 +157,7 @@ template <typename T>
 struct PanelB {  // packed NR-column panels [kc][NR], ldb apart
   const T* b;
   int64_t ldb;
+  static constexpr bool kRuns = false;
   const T* row(int64_t k) const { return b + k * Tile<T>::NR; }
   PanelB cols(int64_t j) const { return {b + j / Tile<T>::NR * ldb, ldb}; }
 };
@@ -165,9 +170,43 @@ template <typename T>
 struct TableB {
   const T* base;
   const int64_t* red;  // kc entries
+  static constexpr bool kRuns = false;
   static constexpr int64_t ldb = Tile<T>::NR;
   const T* row(int64_t k) const { return base + red[k]; }
   TableB cols(int64_t j) const { return {base + j, red}; }
+};
+// Row k at base + starts[k / len] + (k % len) * step, columns contiguous: B
+// read in place as runs with a constant step, as RunA reads A (a filter
+// gradient's cotangent rows along one line of positions), with no offset
+// table to build or read. The block starts at index q0 of run run0. The
+// AVX-512 tiles walk it as segments (kRuns) that end where a run of A or of B
+// ends; the other kernels ask row(k).
+template <typename T>
+struct RunB {
+  const T* base;
+  const int64_t* starts;
+  int64_t len, step, run0, q0;
+  static constexpr bool kRuns = true;
+  static constexpr int64_t ldb = Tile<T>::NR;
+  struct Cursor {
+    int64_t run, q;
+  };
+  Cursor begin() const { return {run0, q0}; }
+  // The row at the cursor; returns how many indices (at most left) its run
+  // has from there on. advance moves the cursor n indices on, within the run.
+  int64_t segment(const Cursor& c, int64_t left, const T** row) const {
+    *row = base + starts[c.run] + c.q * step;
+    return std::min(len - c.q, left);
+  }
+  void advance(Cursor& c, int64_t n) const {
+    c.q += n;
+    if (c.q == len) c = {c.run + 1, 0};
+  }
+  const T* row(int64_t k) const {
+    const int64_t i = q0 + k;
+    return base + starts[run0 + i / len] + (i % len) * step;
+  }
+  RunB cols(int64_t j) const { return {base + j, starts, len, step, run0, q0}; }
 };
 
 // C destinations. BufC: a row-major scratch block, C += the product.
@@ -425,21 +464,45 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
     const T* rb[MR];
     A.rows(ir, rb);
     auto cur = A.begin();
-    for (int64_t p = 0; p < kc;) {
-      const T* r[MR];
-      const int64_t n = A.segment(cur, kc - p, rb, r);
-      opaque<MR>(r);
-      if constexpr (ASrc::kTable) {
+    if constexpr (BSrc::kRuns) {  // segments end where A's or B's run ends
+      auto bcur = B.begin();
+      for (int64_t p = 0; p < kc;) {
+        const T* bq;
+        const int64_t nb = B.segment(bcur, kc - p, &bq);
+        const T* r[MR];
+        const int64_t n = A.segment(cur, nb, rb, r);
+        opaque<MR>(r);
+        const int64_t sb = B.step;
+        if constexpr (ASrc::kTable) {
 #pragma GCC unroll 4
-        for (int64_t q = p; q < p + n; ++q)
-          avx512_step<MR, P, H>(r, A.red[q], B.row(q), B.ldb, acc, hacc);
-      } else {
-        const int64_t s = A.step;
+          for (int64_t q = p; q < p + n; ++q, bq += sb)
+            avx512_step<MR, P, H>(r, A.red[q], bq, B.ldb, acc, hacc);
+        } else {
+          const int64_t s = A.step;
 #pragma GCC unroll 4
-        for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
-          avx512_step<MR, P, H>(r, o, B.row(q), B.ldb, acc, hacc);
+          for (int64_t q = 0, o = 0; q < n; ++q, o += s, bq += sb)
+            avx512_step<MR, P, H>(r, o, bq, B.ldb, acc, hacc);
+        }
+        B.advance(bcur, n);
+        p += n;
       }
-      p += n;
+    } else {
+      for (int64_t p = 0; p < kc;) {
+        const T* r[MR];
+        const int64_t n = A.segment(cur, kc - p, rb, r);
+        opaque<MR>(r);
+        if constexpr (ASrc::kTable) {
+#pragma GCC unroll 4
+          for (int64_t q = p; q < p + n; ++q)
+            avx512_step<MR, P, H>(r, A.red[q], B.row(q), B.ldb, acc, hacc);
+        } else {
+          const int64_t s = A.step;
+#pragma GCC unroll 4
+          for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
+            avx512_step<MR, P, H>(r, o, B.row(q), B.ldb, acc, hacc);
+        }
+        p += n;
+      }
     }
     if constexpr (kOut) {
       if (ir + MR <= C.mc && jr + kWidth <= C.nc) {
