@@ -39,8 +39,9 @@ class Explanation:
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
-      output), made by the kernel on the calling thread and kept for the next
-      call. None on other backends.
+      output), made by the kernel and kept for the next call (one set per
+      call running at once; ``cks_jax.release_cpu_buffers()`` frees them).
+      None on other backends.
       Never a padded or zero-inserted copy of any tensor.
     cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
       code: ``"gemm"`` (the GEMM vectorised over output features),

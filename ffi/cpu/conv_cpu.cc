@@ -813,8 +813,8 @@ struct CksConv {
   }
 
   // How one task reads A (run, run_taps): its row offsets, the runs or the
-  // offset table of its reduction, B's offset table where B is packed here.
-  // B_runs: B's runs (reduction_runs), where it is walked as runs (b_as_runs).
+  // offset table of its reduction; and B where the task reads it itself: its
+  // runs (b_runs, where b_as_runs) or else its offset table (rhs_red).
   struct TaskA {
     std::vector<int64_t> lhs_row, out_row, lhs_red, rhs_red, ra, rb, bra, brb;
     gemm::NarrowRuns runs, b_runs;
@@ -859,8 +859,8 @@ struct CksConv {
     }
   }
   // B's reduction block [kc0, kc0 + kc) x columns [nc0, nc0 + nc) of group g,
-  // multiplied by multiply_a: read in place where reads_b_in_place, else
-  // packed into Bp first (pack_b_block).
+  // multiplied by multiply_a: read in place as runs (b_as_runs) or through
+  // its offset table (reads_b_in_place), else packed into Bp first.
   template <typename CDst>
   void multiply_b(const TaskA& x, int64_t mc, int64_t g, int64_t nc0, int64_t nc, int64_t kc0,
                   int64_t kc, const CDst& C, std::vector<Acc>& Ap, std::vector<Acc>& Bp) const {
@@ -888,6 +888,10 @@ struct CksConv {
   // 16->32 and 64->128 0.87-0.91x the time, atrous 0.86-0.98x, 7x7 0.85x,
   // V-Net 3D 0.86x, 1-D 0.91-0.95x; DCGAN 8->16 1.02x. With the AVX2 tile
   // (one 64-byte line of each B row per tile) mixed, 0.90-1.12x: packed there.
+  bool reads_b_in_place(int64_t nc) const {
+    return std::is_same<Tin, Acc>::value && pb.rhs_o == 1 && nc % NR == 0 &&
+           gemm::gemm_isa() == 2;
+  }
   // B in place as runs with a constant step (RunB) where every block of task
   // t reads it in place and its runs (reduction_runs) are at least kMinRun
   // long: no offset table to build or read per index. As fast as TableB in
@@ -898,10 +902,6 @@ struct CksConv {
     const SubProblem& sp = plan.subproblems[t.sp];
     const int64_t last = pb.nd - 1;
     return (channels_inner() ? pb.group_in() : sp.seg[last].t_hi - sp.seg[last].t_lo) >= kMinRun;
-  }
-  bool reads_b_in_place(int64_t nc) const {
-    return std::is_same<Tin, Acc>::value && pb.rhs_o == 1 && nc % NR == 0 &&
-           gemm::gemm_isa() == 2;
   }
   // Rows [0, mc) of a scratch block (row stride ldc) to output columns
   // [nc0, nc0 + nc) of group g, with non-temporal stores where `stream`.
