@@ -163,9 +163,9 @@ struct PanelB {  // packed NR-column panels [kc][NR], ldb apart
 };
 // Row k at base + red[k], columns contiguous: B read in place through an
 // offset per index, as IndirectA reads A. Every panel is read whole, so the
-// block's columns must all exist (nc == live). A filter gradient's B, the
-// cotangent, spread over megabytes, was packed at a third of the time of
-// U-Net's k2 s2 d-filter.
+// block's columns must all exist (nc == live). Packing a filter gradient's B
+// (the cotangent: megabytes) block by block took a third of U-Net's k2 s2
+// d-filter time.
 template <typename T>
 struct TableB {
   const T* base;
@@ -432,8 +432,8 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 
 // Columns [jr, jr + P NR + H NR / 2) of a block, rows [0, mc): MR x P zmm
 // tiles (plus MR ymm for a half panel), B the source of those columns
-// (cols(jr) of the block's). P = 4 (6 x 64 floats: 24 accumulators + 4 B vectors + 1
-// broadcast of 32 zmm, no spills, checked with objdump) broadcasts each A
+// (cols(jr) of the block's). P = 4 (6 x 64 floats: 24 accumulators + 4 B
+// vectors + 1 broadcast of 32 zmm, no spills, checked with objdump) broadcasts each A
 // element once per 64 columns instead of per 32: in process on Zen 4,
 // against the 6 x 2 zmm tile, 64-feature forwards (3x3, dilated, k4 s2 and
 // k2 s2 transposed) took 0.94-0.98x the time, wider layers and gradients
