@@ -641,8 +641,9 @@ struct CksConv {
   }
 
   // lhs (relative to a row's offset) and rhs element offsets of the
-  // reduction index k. Either output may be null.
+  // reduction index k. Either output may be null (both: nothing to do).
   void red_offsets(int64_t s, std::vector<int64_t>* lhs_red, std::vector<int64_t>* rhs_red) const {
+    if (lhs_red == nullptr && rhs_red == nullptr) return;
     const SubProblem& sp = plan.subproblems[s];
     const int64_t Cg = pb.group_in(), red = red_size(s), taps = sp.taps;
     thread_local std::vector<int64_t> tap_l, tap_r;
@@ -835,9 +836,8 @@ struct CksConv {
       for (int64_t r = mc; r < round_up(mc, MR); ++r) x.lhs_row[r] = x.lhs_row[0];
     x.b_as_runs = b_source && reads_b_as_runs(t);
     if (x.b_as_runs) x.b_runs = reduction_runs(t.sp, x.bra, x.brb);
-    if (!x.as_runs || (b_source && !x.b_as_runs))
-      red_offsets(t.sp, x.as_runs ? nullptr : &x.lhs_red,
-                  b_source && !x.b_as_runs ? &x.rhs_red : nullptr);
+    red_offsets(t.sp, x.as_runs ? nullptr : &x.lhs_red,
+                b_source && !x.b_as_runs ? &x.rhs_red : nullptr);
   }
   // C (+)= A[:, kc0 : kc0 + kc] * B over the task's mc rows and nc columns
   // (B a gemm B source, its panels padded to NR); Ap holds A where it is packed.
