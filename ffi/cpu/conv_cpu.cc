@@ -885,8 +885,9 @@ struct CksConv {
   // are filter gradients' (few rows, long reductions): their B, the
   // cotangent, is megabytes read once per row block. Measured in process on
   // Zen 4 (2 cores, interleaved A/B, same bits): filter gradients of U-Net
-  // 16->32 and 64->128 0.87-0.91x the time, atrous 0.86-0.98x, 7x7 0.85x,
-  // V-Net 3D 0.86x, 1-D 0.91-0.95x; DCGAN 8->16 1.02x. With the AVX2 tile
+  // 16->32 and 64->128 0.87-0.95x the time, atrous 0.86-0.98x (64-channel d2
+  // 1.05x once, 0.97x re-run), 7x7 0.85x, V-Net 3D 0.86x, 1-D 0.91-0.95x
+  // (WaveNet d1 1.02x once, 0.94x re-run); DCGAN 8->16 1.02-1.04x. With the AVX2 tile
   // (one 64-byte line of each B row per tile) slower: in place (mostly as
   // runs) 0.96-1.37x the time (U-Net 64->128 1.37x, 1-D 1.32x, atrous 1.13x;
   // 7x7 0.96x, U-Net 16->32 0.97x): packed there.
