@@ -30,6 +30,7 @@
 // order, so results do not depend on the thread count.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <cstdint>
@@ -77,6 +78,31 @@ struct ParallelState {
   }
 };
 
+// Once its own share is done, the caller polls for up to kSpinWait before
+// sleeping on the condition variable: the helpers' last tasks mostly end
+// within it, and a futex wake-up on this VM took tens of microseconds, twice
+// per call (pass 1 and pass 2). In process on Zen 4 (2 cores), spinning
+// against not: ops of 0.3-2.5 ms took 0.81-0.99x the time (3-D U-Net k2 s2
+// 0.82-0.89x, DCGAN's 1->4 0.84x, 3-D atrous forward 0.93-0.99x), ops of
+// 5-22 ms 0.99-1.04x (noise); 100 us recovered less, 1000 us no more.
+constexpr auto kSpinWait = std::chrono::microseconds(300);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+void spin_until_done(const ParallelState& st) {
+  const auto start = std::chrono::steady_clock::now();
+  while (st.done.load(std::memory_order_acquire) != st.n) {
+    for (int i = 0; i < 64; ++i) cpu_relax();
+    if (std::chrono::steady_clock::now() - start > kSpinWait) return;
+  }
+}
+
 void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;
   int64_t helpers = 0;
@@ -90,6 +116,7 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, const std::function<void(int
   st->fn = &fn;
   for (int64_t h = 0; h < helpers; ++h) pool->Schedule([st] { st->work(); });
   st->work();
+  spin_until_done(*st);
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->done.load() == n; });
 }
