@@ -91,6 +91,22 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   assert x.scratch is None
 
 
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="AVX-512 only: there the cotangent is read "
+                    "in place as runs; the AVX2 and portable kernels pack it through an offset "
+                    "per position (1.2 MB per thread here)")
+def test_cpu_filter_gradient_scratch_has_no_table_per_cotangent_position():
+  # U-Net's k2 s2 64->128 d-filter: a 32 KB output whose reduction runs over 4096 cotangent
+  # positions per tap, in runs of 64 along the last dimension. Its tables hold an entry per
+  # run, not per position: with two 8-byte tables of every position (64 KB a tap) the four
+  # taps' tables took 0.58 MB per thread, 18x the output.
+  e = cks_jax.explain((8, 64, 64, 64), (2, 2, 64, 32), (1, 1), [(1, 1), (1, 1)], (2, 2),
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"), platform="cpu",
+                      backend="ffi", gradients=True)
+  d_rhs = dict(e.gradients)["d rhs"]
+  assert d_rhs.cpu_path == "interleaved taps" and d_rhs.scratch["packed_b"] == 0
+  assert 0 < d_rhs.scratch["per_thread"] < 2 * 2**16
+
+
 @pytest.mark.skipif(backends.cpu_isa() != 2, reason="AVX-512 only: the AVX2 kernel streams "
                     "outputs it writes in place anyway, and the portable kernel none")
 def test_cpu_scratch_leaves_out_the_block_of_streamed_tiles():

@@ -648,13 +648,23 @@ struct CksConv {
 
   // lhs (relative to a row's offset) and rhs element offsets of each tap of
   // sub-problem sp, taps relative to t_lo, last dimension fastest: an
-  // odometer, no division per tap.
+  // odometer, no division per tap. With run_starts, only of each run's first
+  // tap (the last dimension at t_lo: taps / R entries), all that
+  // reduction_runs reads when the channels are outer: a filter gradient's
+  // taps are the cotangent's positions, and a table of every one held
+  // 0.5 MB per thread for U-Net's 32 KB k2 s2 d-filter.
+  int64_t tap_entries(const SubProblem& sp, bool run_starts) const {
+    const int64_t R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
+    return !run_starts ? sp.taps : R > 0 ? sp.taps / R : 0;
+  }
   void tap_offsets(const SubProblem& sp, std::vector<int64_t>& tap_l,
-                   std::vector<int64_t>& tap_r) const {
-    tap_l.resize(sp.taps);
-    tap_r.resize(sp.taps);
+                   std::vector<int64_t>& tap_r, bool run_starts = false) const {
+    const int64_t n = tap_entries(sp, run_starts);
+    const int inner = run_starts ? pb.nd - 2 : pb.nd - 1;  // the odometer's last digit
+    tap_l.resize(n);
+    tap_r.resize(n);
     int64_t tt[kMaxSpatial] = {0, 0, 0};
-    for (int64_t i = 0; i < sp.taps; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       int64_t li = 0, ri = 0;
       for (int d = 0; d < pb.nd; ++d) {
         const Phase& ph = *sp.phase[d];
@@ -663,7 +673,7 @@ struct CksConv {
       }
       tap_l[i] = li;
       tap_r[i] = ri;
-      for (int d = pb.nd - 1; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
+      for (int d = inner; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
     }
   }
 
@@ -1080,7 +1090,7 @@ struct CksConv {
     const SubProblem& sp = plan.subproblems[s];
     const int64_t Cg = pb.group_in(), last = pb.nd - 1;
     thread_local std::vector<int64_t> tap_l, tap_r;
-    tap_offsets(sp, tap_l, tap_r);
+    tap_offsets(sp, tap_l, tap_r, !channels_inner());
     if (channels_inner()) {
       ra = tap_l;
       rb = tap_r;
@@ -1092,8 +1102,8 @@ struct CksConv {
     rb.resize(Cg * outer);
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t o = 0; o < outer; ++o) {
-        ra[c * outer + o] = tap_l[o * R] + c * pb.lhs_c;
-        rb[c * outer + o] = tap_r[o * R] + c * pb.rhs_i;
+        ra[c * outer + o] = tap_l[o] + c * pb.lhs_c;
+        rb[c * outer + o] = tap_r[o] + c * pb.rhs_i;
       }
     return {ra.data(), rb.data(), Cg * outer, R, ph.tstride * pb.lhs_sp[last],
             ph.kstep * pb.rhs_sp[last], pb.rhs_o};
@@ -1309,7 +1319,7 @@ struct CksConv {
         const int64_t P = sp.rows / pb.out_batch();
         const int64_t R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
         if (P == 0) continue;
-        b[0] = std::max(b[0], 4 * sp.taps * I);                       // taps (reduction_runs)
+        b[0] = std::max(b[0], 2 * tap_entries(sp, !channels_inner()) * I);  // reduction_runs'
         b[1] += round_up(n * P, MR) * I;                              // lhs_row
         b[2] += n * P * I;                                            // out_row
         b[3] += 2 * (R > 0 ? pb.group_in() * (sp.taps / R) : 0) * I;  // ra, rb
@@ -1325,8 +1335,10 @@ struct CksConv {
         if (u.row1 <= u.row0) continue;
         int64_t one[kBuffers] = {};
         task_buffers(u, sb, one);
-        for (int i = 0; i < kBuffers; ++i) sum[i] = i == 5 || i == 6 ? std::max(sum[i], one[i])
-                                                                     : sum[i] + one[i];
+        // The tap tables, Ap and Bp are the thread's, reused sub-problem
+        // after sub-problem; the rest is held for all of them at once.
+        for (int i = 0; i < kBuffers; ++i)
+          sum[i] = i == 0 || i == 5 || i == 6 ? std::max(sum[i], one[i]) : sum[i] + one[i];
       }
       sum[7] = nsp() * round_up(t.row1 - t.row0, MR) *
                  round_up(std::min(kNC, t.col1 - t.col0), NR) * static_cast<int64_t>(sizeof(Acc));
@@ -1349,16 +1361,20 @@ struct CksConv {
     const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
     const bool as_runs = !narrow() && reads_a_as_runs(t.sp);
     const bool b_runs = !narrow() && own_b && reads_b_as_runs(t);
-    // taps (tap_l, tap_r of red_offsets, and of reduction_runs where it runs),
-    // lhs_row, out_row
-    int64_t b[kBuffers] = {2 * sp.taps * I * (narrow() || as_runs || b_runs ? 2 : 1),
+    const bool packed = !narrow() && packs_a(t), lhs_red = !narrow() && (!as_runs || packed);
+    const bool rhs_red = !narrow() && own_b && !b_runs;
+    // taps: tap_l, tap_r of red_offsets where it builds a table, and of
+    // reduction_runs where it runs (prepare_a runs it wherever A is read in
+    // place); lhs_row, out_row
+    const bool walks_runs = narrow() || reads_a_in_place() || b_runs;
+    int64_t b[kBuffers] = {2 * I * ((lhs_red || rhs_red ? sp.taps : 0) +
+                                    (walks_runs ? tap_entries(sp, !channels_inner()) : 0)),
                            mc_pad * I, rows * I};
     if (narrow()) {
       b[3] = 2 * runs * I;                                             // ra, rb
       b[7] = pb.group_out() * gemm::kStrip<Acc> * A;                   // cs
     } else {
-      const bool packed = packs_a(t), lhs_red = !as_runs || packed;
-      b[3] = red * I * ((lhs_red ? 1 : 0) + (own_b && !b_runs ? 1 : 0)); // lhs_red, rhs_red
+      b[3] = red * I * ((lhs_red ? 1 : 0) + (rhs_red ? 1 : 0));         // lhs_red, rhs_red
       b[4] = sb.phase ? (R > 0 ? sp.taps / R : 0) * I : 0;               // f0
       const int64_t kc_max = std::min(sb.phase ? std::max(kKC, kKCPhase) : kKC, red);
       b[5] = packed ? mc_pad * kc_max * A : 0;                           // Ap
