@@ -150,15 +150,28 @@ __attribute__((always_inline)) inline void opaque(const T** r) {
   for (int i = 0; i < MR; ++i) asm("" : "+r"(r[i]));
 }
 
-// B sources: row(k) points at row k of the block's first panel; panel p of
-// the row is ldb elements further. cols(j) is the source of the block's
-// columns from j (a multiple of NR) on.
+// B sources, walked alongside A: segment(cur, left, row) points *row at the
+// row at the cursor (the block's first panel; panel p of a row is ldb
+// elements further) and returns how many indices (at most left) follow it
+// with a constant step (step elements apart); advance(cur, n) moves the
+// cursor n indices on, within that segment. A kTable source instead gives
+// each index's row, row(k). cols(j) is the source of the block's columns
+// from j (a multiple of NR) on.
 template <typename T>
-struct PanelB {  // packed NR-column panels [kc][NR], ldb apart
+struct PanelB {  // packed NR-column panels [kc][NR], ldb apart: one segment
   const T* b;
   int64_t ldb;
-  static constexpr bool kRuns = false;
-  const T* row(int64_t k) const { return b + k * Tile<T>::NR; }
+  static constexpr bool kTable = false;
+  static constexpr int64_t step = Tile<T>::NR;
+  struct Cursor {
+    int64_t q;
+  };
+  Cursor begin() const { return {0}; }
+  int64_t segment(const Cursor& c, int64_t left, const T** row) const {
+    *row = b + c.q * step;
+    return left;
+  }
+  void advance(Cursor& c, int64_t n) const { c.q += n; }
   PanelB cols(int64_t j) const { return {b + j / Tile<T>::NR * ldb, ldb}; }
 };
 // Row k at base + red[k], columns contiguous: B read in place through an
@@ -170,30 +183,35 @@ template <typename T>
 struct TableB {
   const T* base;
   const int64_t* red;  // kc entries
-  static constexpr bool kRuns = false;
+  static constexpr bool kTable = true;
   static constexpr int64_t ldb = Tile<T>::NR;
+  static constexpr int64_t step = 0;  // rows come from red
+  struct Cursor {};
+  Cursor begin() const { return {}; }
+  int64_t segment(const Cursor&, int64_t left, const T** row) const {
+    *row = nullptr;  // rows come from the table
+    return left;
+  }
+  void advance(Cursor&, int64_t) const {}
   const T* row(int64_t k) const { return base + red[k]; }
   TableB cols(int64_t j) const { return {base + j, red}; }
 };
 // Row k at base + starts[k / len] + (k % len) * step, columns contiguous: B
 // read in place as runs with a constant step, as RunA reads A (a filter
 // gradient's cotangent rows along one line of positions), with no offset
-// table to build or read. The block starts at index q0 of run run0. The
-// AVX-512 tiles walk it as segments (kRuns) that end where a run of A or of B
-// ends; the other kernels ask row(k).
+// table to build or read. The block starts at index q0 of run run0; a
+// segment ends where its run does.
 template <typename T>
 struct RunB {
   const T* base;
   const int64_t* starts;
   int64_t len, step, run0, q0;
-  static constexpr bool kRuns = true;
+  static constexpr bool kTable = false;
   static constexpr int64_t ldb = Tile<T>::NR;
   struct Cursor {
     int64_t run, q;
   };
   Cursor begin() const { return {run0, q0}; }
-  // The row at the cursor; returns how many indices (at most left) its run
-  // has from there on. advance moves the cursor n indices on, within the run.
   int64_t segment(const Cursor& c, int64_t left, const T** row) const {
     *row = base + starts[c.run] + c.q * step;
     return std::min(len - c.q, left);
@@ -202,12 +220,26 @@ struct RunB {
     c.q += n;
     if (c.q == len) c = {c.run + 1, 0};
   }
-  const T* row(int64_t k) const {
-    const int64_t i = q0 + k;
-    return base + starts[run0 + i / len] + (i % len) * step;
-  }
   RunB cols(int64_t j) const { return {base + j, starts, len, step, run0, q0}; }
 };
+
+// Every kernel walks a block as segments, each ending where a segment of A
+// or of B ends. In a segment, index q's A elements are at r[i] + a_at(A, q,
+// o) and its B row at b_at(B, q, bq), where o and bq start at 0 and at the
+// segment's first row and step by A.step and B.step: a table source's entry
+// for q (its step is 0), else o and bq themselves. One loop thus serves
+// every pair of sources (the hot loops compile to the instructions the
+// separate loops had, but one lea more per index with TableB).
+template <typename ASrc>
+__attribute__((always_inline)) inline int64_t a_at(const ASrc& A, int64_t q, int64_t o) {
+  if constexpr (ASrc::kTable) return A.red[q];
+  else return o;
+}
+template <typename BSrc, typename T>
+__attribute__((always_inline)) inline const T* b_at(const BSrc& B, int64_t q, const T* bq) {
+  if constexpr (BSrc::kTable) return B.row(q);
+  else return bq;
+}
 
 // C destinations. BufC: a row-major scratch block, C += the product.
 template <typename T>
@@ -256,17 +288,18 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
       const T* rb[MR];
       A.rows(ir, rb);
       auto cur = A.begin();
+      auto bcur = b.begin();
       for (int64_t p = 0; p < kc;) {
         const T* r[MR];
-        const int64_t n = A.segment(cur, kc - p, rb, r);
-        for (int64_t q = 0; q < n; ++q) {
-          int64_t o;
-          if constexpr (ASrc::kTable) o = A.red[p + q];
-          else o = q * A.step;
-          const T* bk = b.row(p + q);
+        const T* bq;
+        const int64_t n = A.segment(cur, b.segment(bcur, kc - p, &bq), rb, r);
+        for (int64_t q = p, o = 0; q < p + n; ++q, o += A.step, bq += b.step) {
+          const int64_t ao = a_at(A, q, o);
+          const T* bk = b_at(b, q, bq);
           for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][o] * bk[j];
+            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][ao] * bk[j];
         }
+        b.advance(bcur, n);
         p += n;
       }
       if constexpr (kOut) {
@@ -322,7 +355,7 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "a panel is 2 ymm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
-  using V = decltype(vload(B.row(0)));
+  using V = decltype(vload(static_cast<const T*>(nullptr)));
   for (int64_t ir = 0; ir < mc; ir += MR) {
     V acc[MR][NV];
 #pragma GCC unroll 6
@@ -331,18 +364,17 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
     const T* rb[MR];
     A.rows(ir, rb);
     auto cur = A.begin();
+    auto bcur = B.begin();
     for (int64_t p = 0; p < kc;) {
       const T* r[MR];
-      const int64_t n = A.segment(cur, kc - p, rb, r);
+      const T* bq;
+      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), rb, r);
       opaque<MR>(r);
-      if constexpr (ASrc::kTable) {
+      const int64_t sa = A.step, sb = B.step;
 #pragma GCC unroll 4
-        for (int64_t q = p; q < p + n; ++q) avx2_step(r, A.red[q], B.row(q), acc);
-      } else {
-        const int64_t s = A.step;
-#pragma GCC unroll 4
-        for (int64_t q = p, o = 0; q < p + n; ++q, o += s) avx2_step(r, o, B.row(q), acc);
-      }
+      for (int64_t q = p, o = 0; q < p + n; ++q, o += sa, bq += sb)
+        avx2_step(r, a_at(A, q, o), b_at(B, q, bq), acc);
+      B.advance(bcur, n);
       p += n;
     }
     if constexpr (kOut) {
@@ -449,8 +481,8 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, HW = NR / 2;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
-  using V = decltype(zload(B.row(0)));
-  using VH = decltype(vload(B.row(0)));
+  using V = decltype(zload(static_cast<const T*>(nullptr)));
+  using VH = decltype(vload(static_cast<const T*>(nullptr)));
   constexpr int kWidth = P * NR + H * HW;
   for (int64_t ir = 0; ir < mc; ir += MR) {
     V acc[MR][P > 0 ? P : 1];
@@ -464,45 +496,18 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
     const T* rb[MR];
     A.rows(ir, rb);
     auto cur = A.begin();
-    if constexpr (BSrc::kRuns) {  // segments end where A's or B's run ends
-      auto bcur = B.begin();
-      for (int64_t p = 0; p < kc;) {
-        const T* bq;
-        const int64_t nb = B.segment(bcur, kc - p, &bq);
-        const T* r[MR];
-        const int64_t n = A.segment(cur, nb, rb, r);
-        opaque<MR>(r);
-        const int64_t sb = B.step;
-        if constexpr (ASrc::kTable) {
+    auto bcur = B.begin();
+    for (int64_t p = 0; p < kc;) {
+      const T* r[MR];
+      const T* bq;
+      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), rb, r);
+      opaque<MR>(r);
+      const int64_t sa = A.step, sb = B.step;
 #pragma GCC unroll 4
-          for (int64_t q = p; q < p + n; ++q, bq += sb)
-            avx512_step<MR, P, H>(r, A.red[q], bq, B.ldb, acc, hacc);
-        } else {
-          const int64_t s = A.step;
-#pragma GCC unroll 4
-          for (int64_t q = 0, o = 0; q < n; ++q, o += s, bq += sb)
-            avx512_step<MR, P, H>(r, o, bq, B.ldb, acc, hacc);
-        }
-        B.advance(bcur, n);
-        p += n;
-      }
-    } else {
-      for (int64_t p = 0; p < kc;) {
-        const T* r[MR];
-        const int64_t n = A.segment(cur, kc - p, rb, r);
-        opaque<MR>(r);
-        if constexpr (ASrc::kTable) {
-#pragma GCC unroll 4
-          for (int64_t q = p; q < p + n; ++q)
-            avx512_step<MR, P, H>(r, A.red[q], B.row(q), B.ldb, acc, hacc);
-        } else {
-          const int64_t s = A.step;
-#pragma GCC unroll 4
-          for (int64_t q = p, o = 0; q < p + n; ++q, o += s)
-            avx512_step<MR, P, H>(r, o, B.row(q), B.ldb, acc, hacc);
-        }
-        p += n;
-      }
+      for (int64_t q = p, o = 0; q < p + n; ++q, o += sa, bq += sb)
+        avx512_step<MR, P, H>(r, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
+      B.advance(bcur, n);
+      p += n;
     }
     if constexpr (kOut) {
       if (ir + MR <= C.mc && jr + kWidth <= C.nc) {
