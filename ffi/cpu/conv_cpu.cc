@@ -926,8 +926,9 @@ struct CksConv {
   // 1.05x once, 0.97x re-run), 7x7 0.85x, V-Net 3D 0.86x, 1-D 0.91-0.95x
   // (WaveNet d1 1.02x once, 0.94x re-run); DCGAN 8->16 1.02-1.04x. With the AVX2 tile
   // (one 64-byte line of each B row per tile) slower: in place (mostly as
-  // runs) 0.96-1.37x the time (U-Net 64->128 1.37x, 1-D 1.32x, atrous 1.13x;
-  // 7x7 0.96x, U-Net 16->32 0.97x): packed there.
+  // runs, walked as segments) 1.00-1.10x the time (U-Net 16->32 1.10x,
+  // 64->128 1.07x, 7x7 1.10x, 1-D 1.03-1.06x, 3-D 1.05x, atrous 1.00x;
+  // 0.96-1.37x when RunB was read per index): packed there.
   bool reads_b_in_place(int64_t nc) const {
     return std::is_same<Tin, Acc>::value && pb.rhs_o == 1 && nc % NR == 0 &&
            gemm::gemm_isa() == 2;
