@@ -80,11 +80,13 @@ struct ParallelState {
 
 // Once its own share is done, the caller polls for up to kSpinWait before
 // sleeping on the condition variable: the helpers' last tasks mostly end
-// within it, and a futex wake-up on this VM took tens of microseconds, twice
-// per call (pass 1 and pass 2). In process on Zen 4 (2 cores), spinning
-// against not: ops of 0.3-2.5 ms took 0.81-0.99x the time (3-D U-Net k2 s2
-// 0.82-0.89x, DCGAN's 1->4 0.84x, 3-D atrous forward 0.93-0.99x), ops of
-// 5-22 ms 0.99-1.04x (noise); 100 us recovered less, 1000 us no more.
+// within it, and sleeping costs a futex wake-up, twice per call (pass 1 and
+// pass 2; in a trace of one call the pool's helper, woken the same way,
+// started 10-100 us after the caller). In process on Zen 4 (2 cores), spinning
+// against not: ops of 0.3-2.5 ms took 0.81-1.03x the time (3-D U-Net k2 s2
+// 0.81-0.89x, DCGAN's 1->4 0.84x, 3-D atrous 0.93-0.99x, WaveNet 0.97-0.99x;
+// V-Net and grouped 1.00-1.03x), ops of 3-22 ms 0.97-1.04x (noise); 100 us
+// recovered less, 1000 us no more.
 constexpr auto kSpinWait = std::chrono::microseconds(300);
 
 inline void cpu_relax() {
