@@ -97,8 +97,8 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
 def test_cpu_filter_gradient_scratch_has_no_table_per_cotangent_position():
   # U-Net's k2 s2 64->128 d-filter: a 32 KB output whose reduction runs over 4096 cotangent
   # positions per tap, in runs of 64 along the last dimension. Its tables hold an entry per
-  # run, not per position: with two 8-byte tables of every position (64 KB a tap) the four
-  # taps' tables took 0.58 MB per thread, 18x the output.
+  # run, not per position: two 8-byte tables of every position are 64 KB a tap (and explain
+  # counted them once per tap, 0.58 MB per thread in all, 18x the output).
   e = cks_jax.explain((8, 64, 64, 64), (2, 2, 64, 32), (1, 1), [(1, 1), (1, 1)], (2, 2),
                       dimension_numbers=("NHWC", "HWIO", "NHWC"), platform="cpu",
                       backend="ffi", gradients=True)

@@ -653,8 +653,8 @@ struct CksConv {
   // odometer, no division per tap. With run_starts, only of each run's first
   // tap (the last dimension at t_lo: taps / R entries), all that
   // reduction_runs reads when the channels are outer: a filter gradient's
-  // taps are the cotangent's positions, and a table of every one held
-  // 0.5 MB per thread for U-Net's 32 KB k2 s2 d-filter.
+  // taps are the cotangent's positions: 64 KB of tables per thread for
+  // U-Net's 64->128 k2 s2 d-filter (a 32 KB output), 1 KB with run_starts.
   int64_t tap_entries(const SubProblem& sp, bool run_starts) const {
     const int64_t R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
     return !run_starts ? sp.taps : R > 0 ? sp.taps / R : 0;
