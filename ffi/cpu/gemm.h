@@ -228,8 +228,9 @@ struct RunB {
 // o) and its B row at b_at(B, q, bq), where o and bq start at 0 and at the
 // segment's first row and step by A.step and B.step: a table source's entry
 // for q (its step is 0), else o and bq themselves. One loop thus serves
-// every pair of sources (the hot loops compile to the instructions the
-// separate loops had, but one lea more per index with TableB).
+// every pair of sources (objdump: its innermost loops have as many
+// instructions as the separate loops had, or fewer; with TableB one lea more
+// per index).
 template <typename ASrc>
 __attribute__((always_inline)) inline int64_t a_at(const ASrc& A, int64_t q, int64_t o) {
   if constexpr (ASrc::kTable) return A.red[q];
