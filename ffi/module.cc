@@ -25,6 +25,7 @@ bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t
                        int64_t* shared, int64_t* per_thread, const char** path);
 int64_t cpu_pool_threads();
 int cpu_isa();
+bool cpu_bf16_pairs();
 int64_t cpu_widened_held_bytes();
 void cpu_widened_release();
 }
@@ -136,6 +137,8 @@ NB_MODULE(_cks, m) {
   m.def("cpu_pool_threads", &cks::cpu_pool_threads);
   // The CPU kernel's instruction set: 2 AVX-512F, 1 AVX2+FMA, 0 portable C++.
   m.def("cpu_isa", &cks::cpu_isa);
+  // Whether bfloat16 operands run on the AVX512_BF16 pair kernel where it applies.
+  m.def("cpu_bf16_pairs", &cks::cpu_bf16_pairs);
   // Bytes of the float32 copies of 16-bit operands held for reuse between
   // calls, and freeing them (conv_cpu.cc: WidenedPool).
   m.def("cpu_widened_held_bytes", &cks::cpu_widened_held_bytes);

@@ -26,6 +26,7 @@ MR = 6  # rows of every tile (gemm::Tile)
 # (P, H) of panels_avx512: P zmm panels and H ymm half panels per row.
 AVX512_TILES = [(4, 0), (2, 0), (1, 1), (1, 0), (0, 1)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
+PAIR_TILES = [4, 2, 1]  # P: zmm per row of pairs_avx512
 A_SOURCES = ["RunA", "IndirectA", "PackedA"]
 B_SOURCES = ["PanelB", "TableB", "RunB"]
 C_DESTS = ["OutC", "BufC"]
@@ -62,6 +63,9 @@ def _instantiations() -> dict[str, int]:
           for nv in AVX2_TILES:
             line = f"template void cks::gemm::panel_avx2<{nv}, {t}, {srcs}>({args});"
             out[line] = MR * nv if c == "OutC" else 0
+  for p in PAIR_TILES:  # bfloat16 pairs: a float32 BufC only, no edge tile
+    out[f"template void cks::gemm::pairs_avx512<{p}>(int64_t, int64_t, int64_t, const PairRunA&, "
+        "const uint16_t*, int64_t, const BufC<float>&);"] = 0
   return out
 
 
@@ -88,8 +92,9 @@ def _stack_vector_stores(obj: Path) -> dict[str, int]:
 
 
 def _key(signature: str) -> str:
-  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' from a demangled name or an instantiation."""
-  m = re.search(r"(panels?_avx\w+)<(.*?)>\(", signature)
+  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4>') from a demangled
+  name or an instantiation."""
+  m = re.search(r"((?:panels?|pairs)_avx\w+)<(.*?)>\(", signature)
   args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2))
   return f"{m.group(1)}<{', '.join(a.strip() for a in args.split(','))}>"
 

@@ -76,11 +76,19 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   assert "scratch:" in str(e)
   # 16-bit operands: the kernel's float32 copies of them count too; of the output only on the
   # dot path, which writes float32 in place (the others round each output as they store it).
-  b = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
-                      dimension_numbers=dn, platform="cpu", backend="ffi", dtype=jax.numpy.bfloat16)
-  assert b.cpu_path == "gemm"
-  assert b.scratch["widened"] == 4 * (16 * 16 * 16 * 128 + 4 * 4 * 128 * 64)
-  assert "float32 copies" in str(b)
+  # float16 always; bfloat16 where the pair path does not read them as they are.
+  for dtype in (jax.numpy.float16, jax.numpy.bfloat16):
+    b = cks_jax.explain((16, 16, 16, 128), (4, 4, 128, 64), (1, 1), ((2, 2), (2, 2)), (2, 2),
+                        dimension_numbers=dn, platform="cpu", backend="ffi", dtype=dtype)
+    if dtype == jax.numpy.bfloat16 and backends.cpu_bf16_pairs():
+      # the phase B as bfloat16 pairs: half of float32's; no copies
+      assert b.cpu_path == "bf16 pairs" and b.scratch["packed_b"] == 4 * 4 * 128 * 64 * 2
+      assert b.scratch["widened"] == 0 and "float32 copies" not in str(b)
+      assert b.scratch["total"] < out_bytes / 2
+      continue
+    assert b.cpu_path == "gemm"
+    assert b.scratch["widened"] == 4 * (16 * 16 * 16 * 128 + 4 * 4 * 128 * 64)
+    assert "float32 copies" in str(b)
   d = cks_jax.explain((3, 16, 16, 32), (3, 3, 32, 3), (1, 1), "SAME", dimension_numbers=dn,
                       platform="cpu", backend="ffi", dtype=jax.numpy.bfloat16)
   assert d.cpu_path == "dot"

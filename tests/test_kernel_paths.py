@@ -31,10 +31,13 @@ import textwrap
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 import cks_jax
 from cks_jax._src import backends
+from cks_jax._src.explain import explain_params
+from cks_jax._src.primitive import cks_conv_p
 
 from oracle import check
 
@@ -169,6 +172,105 @@ PHASE_B_CASES = [
 @pytest.mark.parametrize("case", range(len(PHASE_B_CASES)))
 def test_phase_b(case, dtype):
   check_on_kernel(PHASE_B_CASES[case], dtype, seed=10 + case)
+
+
+# (lhs shape, rhs shape, conv args, kwargs): bfloat16 forwards (and, with an even number of at
+# least 32 features, input gradients) on the pair path: the phase-B cases with an even number of
+# channels per group, and its own edges.
+def per_group(case, dim):
+  """Channels ("I") or features ("O") per group of a case's kernel."""
+  _, rhs_shape, _, kw = case
+  return rhs_shape[kw.get("dimension_numbers", DN2)[1].index(dim)] // (
+      1 if dim == "I" else kw.get("feature_group_count", 1))
+
+
+# (not the phase-B cases with at most 8 features per group: the dot path takes those)
+PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_group(c, "O") > 8] + [
+    # 130 features: tiles of 4, then 1 panel (2 columns live), over two column blocks (kNC)
+    ((2, 5, 7, 34), (3, 3, 34, 130), ((1, 1), "VALID"), {}),
+    # runs of 288 channels, longer than a reduction block (kKC = 256): blocks start mid-run
+    ((1, 4, 5, 288), (2, 2, 288, 32), ((1, 1), [(1, 0), (0, 1)]), {}),
+    # U-Net's k2 s2 transposed layer: one tap per phase, phases run as task units; 38 rows
+    # per phase (not a multiple of the 6-row tile)
+    ((2, 1, 19, 64), (2, 2, 64, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    # dilated 1D (WaveNet-like)
+    ((2, 50, 64), (2, 64, 64), ((1,), [(8, 0)], (1,), (8,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+]
+
+
+def pairs_paths(case, dtype=jnp.bfloat16, **extra):
+  lhs_shape, rhs_shape, args, kw = case
+  e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                      gradients=True, platform="cpu", backend="ffi",
+                      **{"dimension_numbers": DN2, **kw, **extra})
+  return e, dict(e.gradients)
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16 (and "
+                    "no CKS_CPU_ISA cap): elsewhere bfloat16 runs widened to float32, as "
+                    "test_dtypes and the 16-bit cases here test")
+@pytest.mark.parametrize("case", range(len(PAIRS_CASES)))
+def test_bf16_pairs(case):
+  e, g = pairs_paths(PAIRS_CASES[case])
+  assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0, str(e)
+  assert "AVX512_BF16" in e.reason and "widened" not in e.reason
+  features = per_group(PAIRS_CASES[case], "O")  # the d-input's channels per group
+  # The d-input is on the pair path where it has the same shape of problem; the d-rhs never
+  # (its reduction runs over positions, channels outer): widened
+  on_pairs = features % 2 == 0 and features >= 32
+  assert (g["d lhs"].cpu_path == "bf16 pairs") == on_pairs, str(g["d lhs"])
+  assert g["d rhs"].cpu_path != "bf16 pairs" and g["d rhs"].scratch["widened"] > 0
+  check_on_kernel(PAIRS_CASES[case], jnp.bfloat16, seed=200 + case)
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
+def test_bf16_pairs_edges():
+  # float32 output (preferred_element_type): the float32 block copied out unrounded
+  lhs_shape, rhs_shape, args, kw = PAIRS_CASES[0]
+  l, r = jnp.zeros(lhs_shape, jnp.bfloat16), jnp.zeros(rhs_shape, jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda l, r: cks_jax.conv_general_dilated(
+      l, r, *args, preferred_element_type=np.float32, backend="ffi",
+      **{"dimension_numbers": DN2, **kw}))(l, r)
+  (eqn,) = [e for e in jaxpr.eqns if e.primitive is cks_conv_p]
+  assert eqn.params["out_dtype"] == np.float32
+  e = explain_params(lhs_shape, rhs_shape, eqn.params, "cpu", jnp.bfloat16)
+  assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=jnp.bfloat16, seed=90,
+          preferred_element_type=np.float32, **{"dimension_numbers": DN2, **kw})
+  # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 32, and
+  # float16 (no pair instruction): widened, the GEMM path
+  for lhs_shape, rhs_shape, dtype in (((2, 6, 6, 33), (3, 3, 33, 32), jnp.bfloat16),
+                                      ((2, 6, 6, 30), (3, 3, 30, 32), jnp.bfloat16),
+                                      ((2, 6, 6, 32), (3, 3, 32, 32), jnp.float16)):
+    case = (lhs_shape, rhs_shape, ((1, 1), "SAME"), {})
+    e = pairs_paths(case, dtype)[0]
+    assert e.cpu_path == "gemm" and e.scratch["widened"] > 0 and "widened" in e.reason, str(e)
+    check_on_kernel(case, dtype, seed=91)
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
+def test_bf16_pairs_can_be_turned_off():
+  # CKS_CPU_BF16_PAIRS=0 (read once per process, so in a subprocess) runs bfloat16 widened.
+  code = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import jax.numpy as jnp, test_kernel_paths as k
+      from cks_jax._src import backends
+      assert not backends.cpu_bf16_pairs()
+      case = k.PAIRS_CASES[0]
+      e = k.pairs_paths(case)[0]
+      assert e.cpu_path == "gemm" and e.scratch["widened"] > 0, str(e)
+      k.check_on_kernel(case, jnp.bfloat16, seed=92)
+      print("ok")
+  """)
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "CKS_CPU_BF16_PAIRS": "0", "PYTHONPATH": here}
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=here, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split()[-1] == "ok"
 
 
 def test_large_output_written_with_streaming_stores():

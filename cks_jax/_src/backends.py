@@ -182,6 +182,15 @@ def cpu_isa() -> int:
   return int(ffi.extension().cpu_isa())
 
 
+def cpu_bf16_pairs() -> bool:
+  """Whether the CPU kernel runs bfloat16 operands on its AVX512_BF16 pair
+  path where it applies (``cpu_path == "bf16 pairs"`` in :func:`cks_jax.explain`):
+  an AVX-512 CPU with AVX512_BF16, unless ``CKS_CPU_ISA`` caps the ISA or
+  ``CKS_CPU_BF16_PAIRS=0`` turns it off."""
+  from cks_jax._src import ffi
+  return bool(ffi.extension().cpu_bf16_pairs())
+
+
 def _narrow_facts(params, lhs_shape, rhs_shape):
   """For a narrow output (fewer than ``CPU_MIN_FEATURES`` features per group)
   of at least ``CPU_MIN_MACS`` multiply-adds: (features per group, whether it

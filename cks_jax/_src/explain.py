@@ -39,8 +39,9 @@ class Explanation:
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
-      output), made by the kernel and kept for the next call (one set per
-      call running at once; ``cks_jax.release_cpu_buffers()`` frees them).
+      output; none on the ``"bf16 pairs"`` path), made by the kernel and kept
+      for the next call (one set per call running at once;
+      ``cks_jax.release_cpu_buffers()`` frees them).
       None on other backends.
       Never a padded or zero-inserted copy of any tensor.
     cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
@@ -49,9 +50,12 @@ class Explanation:
       layers with few output channels), ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the
-      contiguous channels: forwards with few output channels) or
+      contiguous channels: forwards with few output channels),
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
-      run chunk by chunk). None on other backends.
+      run chunk by chunk) or ``"bf16 pairs"`` (bfloat16 operands on a CPU with
+      AVX512_BF16, read as they are and multiplied two reduction indices per
+      lane: forwards and input gradients with channels innermost, an even
+      number of at least 32 per group). None on other backends.
   """
   algorithm: str
   backend: str
@@ -101,6 +105,10 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
+_WIDENED = ("; 16-bit operands widened to float32 by the kernel, in parallel (float32 "
+            "accumulation either way)")
+
+
 def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, str]:
   platform = {"gpu": "cuda"}.get(platform, platform)
   requested = params.get("backend", "auto")
@@ -116,8 +124,7 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):
       why += " (dot path: vectorised along the contiguous channels, not the few features)"
     if platform == "cpu" and backends.cpu_widened(dtype):
-      why += ("; 16-bit operands widened to float32 by the kernel, in parallel (float32 "
-              "accumulation either way)")
+      why += _WIDENED
     return f"cks-{platform}", why
   if requested != "auto":
     why = f"backend={requested!r} requested"
@@ -147,6 +154,11 @@ def _pool_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# The CPU kernel's path for bfloat16 operands on AVX512_BF16 CPUs (conv_cpu.cc,
+# Bf16Pairs): read in place, multiplied in pairs by vdpbf16ps.
+PAIRS = "bf16 pairs"
+
+
 def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, str]:
   """The CPU kernel's extra memory for one call (see ``Explanation.scratch``)
   and its path (``Explanation.cpu_path``), computed by the kernel's own code
@@ -162,9 +174,10 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
       list(lhs_spec), list(rhs_spec), list(out_spec), params["feature_group_count"],
       params["batch_group_count"], in_dt, out_dt, threads)
   # The kernel's float32 copies (conv_cpu.cc, RunConv): the operands, and a
-  # 16-bit output where its dot path writes float32 in place.
+  # 16-bit output where its dot path writes float32 in place; none on the
+  # bfloat16 pair path, which reads the operands as they are.
   wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32" and path == "dot" else ())
-  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened else 0
+  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path != PAIRS else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
           "widened": copies, "total": total}, path
@@ -193,6 +206,9 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
   scratch = path = None
   if backend == "cks-cpu" and min((*lhs_shape, *rhs_shape, *out_shape)) > 0:
     scratch, path = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
+    if path == PAIRS:
+      reason = reason.replace(_WIDENED, "; bfloat16 operands read as they are, multiplied in "
+                              "pairs by AVX512_BF16 dot-product instructions (float32 sums)")
   return Explanation(scratch=scratch, cpu_path=path,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),

@@ -1469,6 +1469,130 @@ struct CksConv {
   }
 };
 
+// ---------------------------------------------------------------- bfloat16 pairs
+// bfloat16 operands of the phase-B path (channels contiguous and inner, at
+// least kPhaseBMinC per group, an even number) on AVX512_BF16: the operands
+// are read as they are, not widened, and multiplied by the pair kernel
+// (gemm.h, pairs_block), which does twice the multiply-adds per instruction.
+// The tasks, rows, runs and reduction blocks are CksConv's (the float32
+// kernel would take the same); B is the phase B packed as pairs of reduction
+// indices; each task sums into a float32 block and rounds it as it copies it
+// out. Sums are float32, but each instruction adds a pair of products, so the
+// bits differ from the widened kernel's (not the thread count's).
+template <typename Tout>
+struct Bf16Pairs {
+  using Conv = CksConv<bf16, float, Tout>;
+  using Task = typename Conv::Task;
+  using PhaseBlock = typename Conv::PhaseBlock;
+  static constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
+  Conv c;
+
+  static bool applies(const ConvProblem& pb, const Plan& plan) {
+    if (!gemm::bf16_pairs() || pb.lhs_c != 1 || pb.group_in() % 2 != 0) return false;
+    const CksConv<float, float, float> f{pb, plan, nullptr, nullptr, nullptr};
+    return f.phase_b() && f.shared_b().phase;
+  }
+
+  // As CksConv::pack_phase_b, with row (tap f, channel ci) of panel q at
+  // dst + q * ldb + (f * Cg + ci) / 2 * 2 NR + 2 j + ci % 2 for column j.
+  void pack_phase_b(int64_t k, int64_t g, int64_t q0, int64_t q1, uint16_t* dst) const {
+    const ConvProblem& pb = c.pb;
+    const Phase* ph[kMaxSpatial];
+    c.combo_phases(k, ph);
+    const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = c.phase_ldb(k);
+    const int64_t taps = c.combo_taps(k), ri = pb.rhs_i, ro = pb.rhs_o;
+    int64_t tt[kMaxSpatial] = {0, 0, 0};
+    for (int64_t f = 0; f < taps; ++f) {
+      int64_t roff = g * Fg * ro;
+      for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
+      for (int64_t q = q0; q < q1; ++q) {
+        uint16_t* panel = dst + q * ldb + f * Cg * NR;
+        const bf16* src = c.rhs + roff + q * NR * ro;
+        const int64_t n = std::min<int64_t>(NR, Fg - q * NR);  // columns present
+        for (int64_t ci = 0; ci < Cg; ++ci)
+          for (int j = 0; j < NR; ++j)
+            panel[ci / 2 * 2 * NR + 2 * j + ci % 2] = j < n ? src[ci * ri + j * ro].bits : 0;
+      }
+      for (int d = pb.nd - 1; d >= 0 && ++tt[d] == ph[d]->T; --d) tt[d] = 0;
+    }
+  }
+
+  // One task of CksConv::tasks: its rows x columns, from the phase B of its
+  // phase combination (Bph).
+  void run(const Task& t, const uint16_t* Bph) const {
+#ifdef CKS_X86_AVX2
+    const ConvProblem& pb = c.pb;
+    const SubProblem& sp = c.plan.subproblems[t.sp];
+    const int64_t Fg = pb.group_out(), mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
+    thread_local std::vector<int64_t> lhs_row, out_row, ra, rb, f0;
+    thread_local std::vector<PhaseBlock> pblocks;
+    thread_local std::vector<float> Cbuf;
+    c.row_offsets(t, lhs_row, out_row);
+    for (int64_t r = mc; r < mc_pad; ++r) lhs_row[r] = lhs_row[0];  // never stored
+    const gemm::NarrowRuns k = c.a_runs(t.sp, ra, rb);               // channel runs: even
+    c.reduction_blocks(sp, c.red_size(t.sp), true, f0, pblocks);
+    const int64_t ldb = c.phase_ldb(c.combo_of(sp));
+    const uint16_t* lhs = reinterpret_cast<const uint16_t*>(c.lhs);
+    for (int64_t nc0 = t.col0; nc0 < t.col1;) {
+      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
+      Cbuf.assign(mc_pad * nc_pad, 0.0f);
+      const uint16_t* Bcols = Bph + nc0 / NR * ldb;
+      for (const PhaseBlock& b : pblocks)
+        gemm::pairs_block(mc_pad, nc_pad, b.kc,
+                          gemm::PairRunA{lhs, lhs_row.data(), k.ra, k.R, b.kc0 / k.R, b.kc0 % k.R},
+                          Bcols + b.brow * NR, ldb, gemm::BufC<float>{Cbuf.data(), nc_pad});
+      c.copy_out(out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
+      nc0 += nc;
+    }
+    (void)Fg;
+#else
+    (void)t, (void)Bph;
+#endif
+  }
+
+  void run_all(ffi::ThreadPool* pool) const {
+    const int64_t G = c.pb.groups();
+    const auto sb = c.shared_b();
+    std::unique_ptr<uint16_t[]> packed(new uint16_t[sb.elements()]);
+    uint16_t* const B = packed.get();
+    const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+    const int64_t cg = c.ncombos() * G, panels = round_up(c.pb.group_out(), NR) / NR;
+    const int64_t chunks = std::min(panels, (Conv::kTasksPerWorker * workers + cg - 1) / cg);
+    parallel_for(pool, cg * chunks, [&](int64_t i) {
+      const int64_t k = i / chunks, q = i % chunks;
+      if (sb.ph_off[k + 1] > sb.ph_off[k])
+        pack_phase_b(k / G, k % G, q * panels / chunks, (q + 1) * panels / chunks,
+                     B + sb.ph_off[k]);
+    });
+    const auto ts = c.tasks(workers);
+    const int64_t unit = c.task_unit(workers);
+    parallel_for(pool, static_cast<int64_t>(ts.size()) / unit, [&](int64_t u) {
+      for (int64_t i = u * unit; i < (u + 1) * unit; ++i) {
+        const Task& t = ts[i];
+        run(t, B + sb.ph_off[c.combo_of(c.plan.subproblems[t.sp]) * G + t.group]);
+      }
+    });
+  }
+
+  // Scratch of one call (as CksConv::scratch): the pair phase B, shared, and
+  // per thread the largest task's row offsets, runs (with reduction_runs' tap
+  // tables), runs' first taps and float32 block.
+  void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
+    constexpr int64_t I = sizeof(int64_t);
+    *shared = c.shared_b().elements() * static_cast<int64_t>(sizeof(uint16_t));
+    *per_thread = 0;
+    for (const Task& t : c.tasks(workers)) {
+      const SubProblem& sp = c.plan.subproblems[t.sp];
+      const int64_t rows = t.row1 - t.row0, mc_pad = round_up(rows, MR);
+      const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
+      const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
+      const int64_t bytes = (mc_pad + rows + 4 * sp.taps + (R > 0 ? sp.taps / R : 0)) * I +
+                            mc_pad * nc_pad * static_cast<int64_t>(sizeof(float));
+      *per_thread = std::max(*per_thread, bytes);
+    }
+  }
+};
+
 template <typename Tin, typename Acc, typename Tout>
 void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out,
               ffi::ThreadPool* pool) {
@@ -1571,6 +1695,15 @@ template <typename Tin, typename Acc, typename Tout>
 struct RunConv {
   static void run(const ConvProblem& pb, const void* lhs, const void* rhs, int64_t lhs_n,
                   int64_t rhs_n, void* out, int64_t out_n, ffi::ThreadPool* pool) {
+    if constexpr (std::is_same<Tin, bf16>::value) {
+      const Plan plan = make_plan(pb);
+      if (Bf16Pairs<Tout>::applies(pb, plan)) {
+        Bf16Pairs<Tout>{{pb, plan, static_cast<const bf16*>(lhs), static_cast<const bf16*>(rhs),
+                         static_cast<Tout*>(out)}}
+            .run_all(pool);
+        return;
+      }
+    }
     if constexpr (kWidened<Tin>) {
       WidenedLease lease;
       WidenedSet& w = *lease.set;
@@ -1599,6 +1732,13 @@ struct ScratchOf {
                   const char** path) {
     using In = std::conditional_t<kWidened<Tin>, float, Tin>;
     const Plan plan = make_plan(pb);
+    if constexpr (std::is_same<Tin, bf16>::value) {
+      if (Bf16Pairs<Tout>::applies(pb, plan)) {
+        Bf16Pairs<Tout>{{pb, plan, nullptr, nullptr, nullptr}}.scratch(workers, shared, per_thread);
+        *path = "bf16 pairs";
+        return;
+      }
+    }
     if (widened_output<Tin, Tout>(pb, plan)) {
       const CksConv<float, float, float> conv{pb, plan, nullptr, nullptr, nullptr};
       conv.scratch(workers, shared, per_thread);
@@ -1643,6 +1783,8 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
 int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
 int cpu_isa() { return gemm::gemm_isa(); }
+
+bool cpu_bf16_pairs() { return gemm::bf16_pairs(); }
 
 int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
 void cpu_widened_release() { widened_pool().release(); }
