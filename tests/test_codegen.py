@@ -63,9 +63,10 @@ def _instantiations() -> dict[str, int]:
           for nv in AVX2_TILES:
             line = f"template void cks::gemm::panel_avx2<{nv}, {t}, {srcs}>({args});"
             out[line] = MR * nv if c == "OutC" else 0
-  for p in PAIR_TILES:  # bfloat16 pairs: a float32 BufC only, no edge tile
-    out[f"template void cks::gemm::pairs_avx512<{p}>(int64_t, int64_t, int64_t, const PairRunA&, "
-        "const uint16_t*, int64_t, const BufC<float>&);"] = 0
+  for p in PAIR_TILES:  # bfloat16 pairs: masked stores, no edge tile copy
+    for to in ("uint16_t", "float"):
+      out[f"template void cks::gemm::pairs_avx512<{p}, {to}>(int64_t, int64_t, int64_t, "
+          f"const PairRunA&, const uint16_t*, int64_t, const PairC<{to}>&);"] = 0
   return out
 
 
@@ -92,10 +93,11 @@ def _stack_vector_stores(obj: Path) -> dict[str, int]:
 
 
 def _key(signature: str) -> str:
-  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4>') from a demangled
+  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4, float>') from a demangled
   name or an instantiation."""
   m = re.search(r"((?:panels?|pairs)_avx\w+)<(.*?)>\(", signature)
-  args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2))
+  args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2)).replace("unsigned short",
+                                                                        "uint16_t")
   return f"{m.group(1)}<{', '.join(a.strip() for a in args.split(','))}>"
 
 

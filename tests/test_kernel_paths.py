@@ -239,6 +239,17 @@ def test_bf16_pairs_edges():
   with cks_jax.use_backend("ffi"):
     check(lhs_shape, rhs_shape, *args, dtype=jnp.bfloat16, seed=90,
           preferred_element_type=np.float32, **{"dimension_numbers": DN2, **kw})
+  # A bfloat16 output is the float32 one rounded to nearest even, NaN kept (the kernel rounds
+  # 16 lanes at a time as it stores them): bit for bit
+  rng = np.random.default_rng(93)
+  l = rng.standard_normal(lhs_shape).astype(np.float32)
+  l[0, 1, 2, 3] = np.nan
+  l, r = jnp.asarray(l, jnp.bfloat16), jnp.asarray(rng.standard_normal(rhs_shape), jnp.bfloat16)
+  f = lambda pet: jax.jit(lambda l, r: cks_jax.conv_general_dilated(
+      l, r, *args, preferred_element_type=pet, backend="ffi", **{"dimension_numbers": DN2, **kw}))
+  b16, f32 = np.asarray(f(None)(l, r)), np.asarray(f(np.float32)(l, r))
+  assert b16.dtype == jnp.bfloat16 and np.isnan(f32).any() and not np.isnan(f32).all()
+  np.testing.assert_array_equal(b16.view(np.uint16), f32.astype(jnp.bfloat16).view(np.uint16))
   # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 32, and
   # float16 (no pair instruction): widened, the GEMM path
   for lhs_shape, rhs_shape, dtype in (((2, 6, 6, 33), (3, 3, 33, 32), jnp.bfloat16),

@@ -1533,18 +1533,31 @@ struct Bf16Pairs {
     c.reduction_blocks(sp, c.red_size(t.sp), true, f0, pblocks);
     const int64_t ldb = c.phase_ldb(c.combo_of(sp));
     const uint16_t* lhs = reinterpret_cast<const uint16_t*>(c.lhs);
+    // Output element type as the kernel stores it: bfloat16 bits or float.
+    using To = std::conditional_t<std::is_same<Tout, bf16>::value, uint16_t, float>;
+    const bool direct = pb.out_c == 1;  // features contiguous: stored by the kernel
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
       const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      Cbuf.assign(mc_pad * nc_pad, 0.0f);
+      const int64_t nblocks = static_cast<int64_t>(pblocks.size());
+      Cbuf.resize(mc_pad * nc_pad);  // read only where more than one block, or !direct
+      if (!direct) std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
+      To* o = direct ? reinterpret_cast<To*>(c.out) + t.group * Fg + nc0 : nullptr;
       const uint16_t* Bcols = Bph + nc0 / NR * ldb;
-      for (const PhaseBlock& b : pblocks)
+      for (int64_t i = 0; i < nblocks; ++i) {
+        const PhaseBlock& b = pblocks[i];
         gemm::pairs_block(mc_pad, nc_pad, b.kc,
                           gemm::PairRunA{lhs, lhs_row.data(), k.ra, k.R, b.kc0 / k.R, b.kc0 % k.R},
-                          Bcols + b.brow * NR, ldb, gemm::BufC<float>{Cbuf.data(), nc_pad});
-      c.copy_out(out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
+                          Bcols + b.brow * NR, ldb,
+                          gemm::PairC<To>{Cbuf.data(), nc_pad, o, out_row.data(), mc, nc,
+                                          direct && i == 0, i + 1 == nblocks});
+      }
+      if (!direct) {
+        c.copy_out(out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
+      } else if (nblocks == 0) {  // a sub-problem whose outputs are all zero
+        for (int64_t r = 0; r < mc; ++r) std::fill_n(o + out_row[r], nc, To(0));
+      }
       nc0 += nc;
     }
-    (void)Fg;
 #else
     (void)t, (void)Bph;
 #endif

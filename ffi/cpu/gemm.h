@@ -603,7 +603,7 @@ struct PairRunA {
 };
 constexpr int kPairNR = 16;  // float32 lanes of a zmm: columns per panel
 
-#define CKS_BF16_TARGET "avx512f,avx512bf16,avx2,fma"
+#define CKS_BF16_TARGET "avx512f,avx512bf16,avx512bw,avx512vl,avx2,fma"
 // One pair of reduction indices of an MR x P zmm tile: acc[i][p] +=
 // r[i][o, o + 1] . b[p * ldb : p * ldb + 2 NR] (lane j: both products of
 // column j's pair).
@@ -623,14 +623,57 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline void pair_step(
   }
 }
 
-// Columns [jr, jr + P NR) of a block, rows [0, mc) (a multiple of MR): C +=
-// A[:, block] * B, B's first panel at b. P = 4: 24 accumulators + 4 B
+// Where a block's product goes. Reduction blocks before the last go to a
+// float32 scratch block (buf, row stride ldc: the first stores, later ones
+// add); the last (or only) one adds the scratch (if any came before) and
+// stores the sum into the output, rounded to To (bfloat16 bits or float):
+// row r at out + rows[r], columns contiguous, masked to mc rows and nc
+// columns. With out null every block goes to buf (an output whose features
+// are not contiguous, copied out by the caller).
+template <typename To>
+struct PairC {
+  float* buf;
+  int64_t ldc;
+  To* out;
+  const int64_t* rows;
+  int64_t mc, nc;
+  bool first, last;
+};
+
+// 16 floats rounded to bfloat16 as float_to_bf16 does (to nearest even,
+// NaN quieted), as 16 bits each. (Zero-masked forms: GCC 12's unmasked ones
+// trip -Wmaybe-uninitialized on an undefined vector.)
+__attribute__((target(CKS_BF16_TARGET), always_inline)) inline __m256i round_bf16(__m512 v) {
+  constexpr __mmask16 all = 0xffff;
+  const __m512i u = _mm512_castps_si512(v), hi = _mm512_maskz_srli_epi32(all, u, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                        _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_maskz_srli_epi32(all, _mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                            _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_maskz_cvtepi32_epi16(all, r);
+}
+// The first n (<= 16) columns of v to p, rounded to To.
+__attribute__((target(CKS_BF16_TARGET), always_inline)) inline void store_cols(uint16_t* p, __m512 v,
+                                                                              int64_t n) {
+  if (n >= kPairNR) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(v));
+  else _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), round_bf16(v));
+}
+__attribute__((target(CKS_BF16_TARGET), always_inline)) inline void store_cols(float* p, __m512 v,
+                                                                              int64_t n) {
+  if (n >= kPairNR) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+}
+
+// Columns [jr, jr + P NR) of a block, rows [0, mc) (a multiple of MR):
+// A[:, block] * B to C, B's first panel at b. P = 4: 24 accumulators + 4 B
 // vectors + 1 broadcast of 32 zmm.
-template <int P>
+template <int P, typename To>
 __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t jr, int64_t kc,
                                                           const PairRunA& A, const uint16_t* b,
-                                                          int64_t ldb, const BufC<float>& C) {
+                                                          int64_t ldb, const PairC<To>& C) {
   constexpr int MR = Tile<float>::MR;
+  const bool to_out = C.last && C.out != nullptr;
   for (int64_t ir = 0; ir < mc; ir += MR) {
     __m512 acc[MR][P];
 #pragma GCC unroll 6
@@ -652,27 +695,38 @@ __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t j
       if (q == A.len) run += 1, q = 0;
       p += n;
     }
-    float* c = C.C + ir * C.ldc + jr;
+    float* c = C.buf + ir * C.ldc + jr;
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i) {
+      if (!C.first) {
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) {
-        float* d = c + i * C.ldc + p * kPairNR;
-        _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[i][p]));
+        for (int p = 0; p < P; ++p)
+          acc[i][p] = _mm512_add_ps(acc[i][p], _mm512_loadu_ps(c + i * C.ldc + p * kPairNR));
       }
+      if (!to_out) {
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) _mm512_storeu_ps(c + i * C.ldc + p * kPairNR, acc[i][p]);
+      } else if (ir + i < C.mc) {
+        To* o = C.out + C.rows[ir + i] + jr;
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p)
+          if (jr + p * kPairNR < C.nc) store_cols(o + p * kPairNR, acc[i][p], C.nc - jr - p * kPairNR);
+      }
+    }
   }
 }
 
-// A block of nc columns (a multiple of NR, B's panels zero past the live
-// ones), rows [0, mc) (a multiple of MR), reduction [0, kc) (even): C += A B.
-inline void pairs_block(int64_t mc, int64_t nc, int64_t kc, const PairRunA& A, const uint16_t* b,
-                        int64_t ldb, const BufC<float>& C) {
+// A block of nc_pad columns (a multiple of NR, B's panels zero past the
+// live ones), rows [0, mc) (a multiple of MR), reduction [0, kc) (even).
+template <typename To>
+inline void pairs_block(int64_t mc, int64_t nc_pad, int64_t kc, const PairRunA& A,
+                        const uint16_t* b, int64_t ldb, const PairC<To>& C) {
   int64_t jr = 0;
-  for (; jr + 4 * kPairNR <= nc; jr += 4 * kPairNR)
+  for (; jr + 4 * kPairNR <= nc_pad; jr += 4 * kPairNR)
     pairs_avx512<4>(mc, jr, kc, A, b + jr / kPairNR * ldb, ldb, C);
-  for (; jr + 2 * kPairNR <= nc; jr += 2 * kPairNR)
+  for (; jr + 2 * kPairNR <= nc_pad; jr += 2 * kPairNR)
     pairs_avx512<2>(mc, jr, kc, A, b + jr / kPairNR * ldb, ldb, C);
-  if (jr < nc) pairs_avx512<1>(mc, jr, kc, A, b + jr / kPairNR * ldb, ldb, C);
+  if (jr < nc_pad) pairs_avx512<1>(mc, jr, kc, A, b + jr / kPairNR * ldb, ldb, C);
 }
 #undef CKS_BF16_TARGET
 #endif  // CKS_X86_AVX2
@@ -701,8 +755,8 @@ inline int gemm_isa() {
 // blocks in place took 0.91-0.97x the time (3D atrous, V-Net, U-Net 64->128
 // forwards and 3D input gradients; in process, interleaved), but blocks of
 // four panels (64 features) up to 1.03x.
-// Whether bfloat16 operands run on the pair kernel (pairs_block): AVX-512F
-// and AVX512_BF16, unless CKS_CPU_ISA caps the ISA below AVX-512 or
+// Whether bfloat16 operands run on the pair kernel (pairs_block): AVX-512F,
+// BW, VL and AVX512_BF16, unless CKS_CPU_ISA caps the ISA below AVX-512 or
 // CKS_CPU_BF16_PAIRS=0 turns it off (read once; then they run widened to
 // float32, as everywhere else).
 inline bool bf16_pairs() {
@@ -710,6 +764,7 @@ inline bool bf16_pairs() {
 #ifdef CKS_X86_AVX2
     const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
     return gemm_isa() == 2 && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
            !(off != nullptr && std::strcmp(off, "0") == 0);
 #else
     return false;
