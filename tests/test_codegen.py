@@ -65,8 +65,9 @@ def _instantiations() -> dict[str, int]:
             out[line] = MR * nv if c == "OutC" else 0
   for p in PAIR_TILES:  # bfloat16 pairs: masked stores, no edge tile copy
     for to in ("uint16_t", "float"):
-      out[f"template void cks::gemm::pairs_avx512<{p}, {to}>(int64_t, int64_t, int64_t, "
-          f"const PairRunA&, const uint16_t*, int64_t, const PairC<{to}>&);"] = 0
+      for a in ("PairRunA", "PairPackedA"):
+        out[f"template void cks::gemm::pairs_avx512<{p}, {to}, {a}>(int64_t, int64_t, int64_t, "
+            f"const {a}&, const uint16_t*, int64_t, const PairC<{to}>&);"] = 0
   return out
 
 
@@ -93,7 +94,7 @@ def _stack_vector_stores(obj: Path) -> dict[str, int]:
 
 
 def _key(signature: str) -> str:
-  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4, float>') from a demangled
+  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4, float, PairRunA>') from a demangled
   name or an instantiation."""
   m = re.search(r"((?:panels?|pairs)_avx\w+)<(.*?)>\(", signature)
   args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2)).replace("unsigned short",

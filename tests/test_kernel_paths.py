@@ -196,6 +196,14 @@ PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_gr
     # dilated 1D (WaveNet-like)
     ((2, 50, 64), (2, 64, 64), ((1,), [(8, 0)], (1,), (8,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # an NCHW output: the forward's float32 block is copied out, not stored by the kernel; the
+    # d-input (its lhs, the cotangent, has strided channels) stays widened; the d-rhs's
+    # cotangent has its features strided (B packed element by element)
+    ((2, 6, 7, 34), (3, 3, 34, 48), ((1, 1), "SAME"),
+     {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}),
+    # strided and dilated, 33 features: an odd number, so the d-input stays widened; the d-rhs
+    # packs pairs (two panels, one live column in the second)
+    ((3, 5, 6, 40), (3, 3, 40, 33), ((2, 1), [(1, 2), (1, 1)], (1, 2)), {}),
 ]
 
 
@@ -216,12 +224,39 @@ def test_bf16_pairs(case):
   assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0, str(e)
   assert "AVX512_BF16" in e.reason and "widened" not in e.reason
   features = per_group(PAIRS_CASES[case], "O")  # the d-input's channels per group
-  # The d-input is on the pair path where it has the same shape of problem; the d-rhs never
-  # (its reduction runs over positions, channels outer): widened
-  on_pairs = features % 2 == 0 and features >= 32
+  # The d-input is on the pair path where it has the same shape of problem; the d-rhs (its
+  # reduction runs over positions, channels outer) packs pairs where it has >= 16 features
+  out_spec = PAIRS_CASES[case][3].get("dimension_numbers", DN2)[2]
+  on_pairs = features % 2 == 0 and features >= 32 and out_spec.endswith("C")
   assert (g["d lhs"].cpu_path == "bf16 pairs") == on_pairs, str(g["d lhs"])
-  assert g["d rhs"].cpu_path != "bf16 pairs" and g["d rhs"].scratch["widened"] > 0
+  packed = g["d rhs"].cpu_path == "bf16 packed pairs"
+  assert packed == (features >= 16) and (g["d rhs"].scratch["widened"] == 0) == packed
   check_on_kernel(PAIRS_CASES[case], jnp.bfloat16, seed=200 + case)
+
+
+# (lhs shape, rhs shape, conv args, kwargs): bfloat16 filter gradients on the packed pair path
+# (>= 16 features per group) whose forwards are not on the pair path.
+PACKED_PAIRS_CASES = [
+    # odd channels (33) and an odd reduction (3 x 5 x 7 positions per tap): pairs straddle runs
+    # and the last is half empty; 16 features (one panel)
+    ((3, 5, 7, 33), (3, 3, 33, 16), ((1, 1), "SAME"), {}),
+    # a long reduction (blocks of kKC) over 2 x 40 x 40 positions, 96 + 4 rows (two row blocks)
+    ((2, 40, 40, 100), (2, 2, 100, 20), ((2, 2), "VALID"), {}),
+    # k4 s2 transposed with 3D volumes, and a grouped one (16 features per group)
+    ((2, 3, 4, 3, 16), (4, 4, 4, 16, 24), ((1, 1, 1), [(2, 2)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    ((2, 6, 6, 32), (4, 4, 16, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 2}),
+]
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
+@pytest.mark.parametrize("case", range(len(PACKED_PAIRS_CASES)))
+def test_bf16_packed_pairs(case):
+  e, g = pairs_paths(PACKED_PAIRS_CASES[case])
+  assert g["d rhs"].cpu_path == "bf16 packed pairs" and g["d rhs"].scratch["widened"] == 0
+  assert "packed as pairs" in g["d rhs"].reason
+  check_on_kernel(PACKED_PAIRS_CASES[case], jnp.bfloat16, seed=400 + case)
 
 
 @pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")

@@ -39,7 +39,7 @@ class Explanation:
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
-      output; none on the ``"bf16 pairs"`` path), made by the kernel and kept
+      output; none on the ``"bf16 ..."`` pair paths), made by the kernel and kept
       for the next call (one set per call running at once;
       ``cks_jax.release_cpu_buffers()`` frees them).
       None on other backends.
@@ -52,10 +52,12 @@ class Explanation:
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels),
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
-      run chunk by chunk) or ``"bf16 pairs"`` (bfloat16 operands on a CPU with
+      run chunk by chunk), ``"bf16 pairs"`` (bfloat16 operands on a CPU with
       AVX512_BF16, read as they are and multiplied two reduction indices per
       lane: forwards and input gradients with channels innermost, an even
-      number of at least 32 per group). None on other backends.
+      number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
+      instructions on pairs packed block by block: bfloat16 filter gradients
+      with at least 16 features per group). None on other backends.
   """
   algorithm: str
   backend: str
@@ -154,9 +156,10 @@ def _pool_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# The CPU kernel's path for bfloat16 operands on AVX512_BF16 CPUs (conv_cpu.cc,
-# Bf16Pairs): read in place, multiplied in pairs by vdpbf16ps.
-PAIRS = "bf16 pairs"
+# The CPU kernel's paths for bfloat16 operands on AVX512_BF16 CPUs: read in
+# place (conv_cpu.cc, Bf16Pairs) or packed as pairs (Bf16PackedPairs), and
+# multiplied two reduction indices per lane by vdpbf16ps; no float32 copies.
+PAIRS = ("bf16 pairs", "bf16 packed pairs")
 
 
 def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, str]:
@@ -177,7 +180,7 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
   # 16-bit output where its dot path writes float32 in place; none on the
   # bfloat16 pair path, which reads the operands as they are.
   wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32" and path == "dot" else ())
-  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path != PAIRS else 0
+  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path not in PAIRS else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
           "widened": copies, "total": total}, path
@@ -206,9 +209,10 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
   scratch = path = None
   if backend == "cks-cpu" and min((*lhs_shape, *rhs_shape, *out_shape)) > 0:
     scratch, path = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
-    if path == PAIRS:
-      reason = reason.replace(_WIDENED, "; bfloat16 operands read as they are, multiplied in "
-                              "pairs by AVX512_BF16 dot-product instructions (float32 sums)")
+    if path in PAIRS:
+      how = "read as they are" if path == PAIRS[0] else "packed as pairs block by block"
+      reason = reason.replace(_WIDENED, f"; bfloat16 operands {how}, multiplied in pairs by "
+                              "AVX512_BF16 dot-product instructions (float32 sums)")
   return Explanation(scratch=scratch, cpu_path=path,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),

@@ -1606,6 +1606,169 @@ struct Bf16Pairs {
   }
 };
 
+// bfloat16 filter gradients (the rows, input channels, contiguous; the
+// reduction over batch and positions, channels outer) with at least kMinF
+// features per group on AVX512_BF16: successive reduction indices are not
+// adjacent in memory, so each task packs A (its rows) and B (the cotangent's
+// rows for its columns) as pairs, block by block (kKC indices), and runs
+// the pair kernel on them. The widened path converted both whole operands to
+// float32 first and ran at half the multiply-adds per instruction. Fewer
+// features (up to 8: the narrow path's) would waste most of a 16-column
+// panel; they stay widened.
+template <typename Tout>
+struct Bf16PackedPairs {
+  using Conv = CksConv<bf16, float, Tout>;
+  using Task = typename Conv::Task;
+  static constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
+  static constexpr int64_t kMinF = 16;
+  Conv c;
+
+  static bool applies(const ConvProblem& pb, const Plan& plan) {
+    if (!gemm::bf16_pairs() || pb.lhs_n != 1 || pb.group_out() < kMinF) return false;
+    return !CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.channels_inner();
+  }
+
+  // Row blocks of kMC rows per (sub-problem, group); with fewer than
+  // kTasksPerWorker per worker the columns are split too, in whole 2-panel
+  // tiles, as CksConv::tasks does (a filter gradient has few rows).
+  std::vector<Task> tasks(int64_t workers) const {
+    const ConvProblem& pb = c.pb;
+    const int64_t Fg = pb.group_out(), G = pb.groups();
+    int64_t row_blocks = 0;
+    for (const SubProblem& sp : c.plan.subproblems) row_blocks += (sp.rows + kMC - 1) / kMC;
+    row_blocks *= G;
+    int64_t width = Fg;
+    const int64_t want = Conv::kTasksPerWorker * workers;
+    if (row_blocks > 0 && row_blocks < want && Fg > 2 * NR) {
+      const int64_t splits = std::min((want + row_blocks - 1) / row_blocks, Fg / (2 * NR));
+      width = round_up((Fg + splits - 1) / splits, 2 * NR);
+    }
+    std::vector<Task> ts;
+    for (int64_t s = 0; s < c.nsp(); ++s)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < c.plan.subproblems[s].rows; r += kMC)
+          for (int64_t col = 0; col < Fg; col += width)
+            ts.push_back({s, g, r, std::min(c.plan.subproblems[s].rows, r + kMC), col,
+                          std::min(Fg, col + width)});
+    return ts;
+  }
+
+  void run(const Task& t) const {
+#ifdef CKS_X86_AVX2
+    const ConvProblem& pb = c.pb;
+    const int64_t Fg = pb.group_out(), mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
+    thread_local std::vector<int64_t> lhs_row, out_row, ra, rb, ao, bo;
+    thread_local std::vector<uint16_t> Ap, Bp;
+    thread_local std::vector<float> Cbuf;
+    c.row_offsets(t, lhs_row, out_row);
+    const gemm::NarrowRuns k = c.reduction_runs(t.sp, ra, rb);
+    const int64_t red = k.nruns * k.R, nblocks = (red + kKC - 1) / kKC;
+    const uint16_t* lhs = reinterpret_cast<const uint16_t*>(c.lhs);
+    const uint16_t* rhs = reinterpret_cast<const uint16_t*>(c.rhs);
+    bool contiguous = true;  // the rows: input channels, adjacent in memory
+    for (int64_t r = 1; r < mc; ++r) contiguous = contiguous && lhs_row[r] == lhs_row[0] + r;
+    using To = std::conditional_t<std::is_same<Tout, bf16>::value, uint16_t, float>;
+    const bool direct = pb.out_c == 1;
+    ao.resize(kKC);
+    bo.resize(kKC);
+    for (int64_t nc0 = t.col0; nc0 < t.col1;) {
+      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
+      Cbuf.resize(mc_pad * nc_pad);
+      if (!direct) std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
+      To* o = direct ? reinterpret_cast<To*>(c.out) + t.group * Fg + nc0 : nullptr;
+      const uint16_t* cols = rhs + (t.group * Fg + nc0) * pb.rhs_o;
+      int64_t run = 0, q = 0;  // the reduction cursor: index run * R + q
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t kc = std::min(kKC, red - blk * kKC), kp = (kc + 1) / 2;  // pairs
+        for (int64_t i = 0; i < kc; ++i) {  // the block's offsets, in reduction order
+          ao[i] = k.ra[run] + q * k.sa;
+          bo[i] = k.rb[run] + q * k.sb;
+          if (++q == k.R) run += 1, q = 0;
+        }
+        // A: pair p of row r at Ap[p * 2 mc_pad + 2 r]; rows past mc zero.
+        Ap.resize(kp * 2 * mc_pad);
+        for (int64_t p = 0; p < kp; ++p) {
+          uint16_t* dst = Ap.data() + p * 2 * mc_pad;
+          const bool odd = 2 * p + 1 == kc;  // the block's last index has no partner
+          if (contiguous) {
+            const uint16_t* a0 = lhs + lhs_row[0] + ao[2 * p];
+            const uint16_t* a1 = odd ? nullptr : lhs + lhs_row[0] + ao[2 * p + 1];
+            for (int64_t r = 0; r < mc; r += 32)
+              gemm::interleave_pairs(a0 + r, a1 ? a1 + r : nullptr, std::min<int64_t>(32, mc - r),
+                                     dst + 2 * r);
+          } else {
+            for (int64_t r = 0; r < mc; ++r) {
+              dst[2 * r] = lhs[lhs_row[r] + ao[2 * p]];
+              dst[2 * r + 1] = odd ? 0 : lhs[lhs_row[r] + ao[2 * p + 1]];
+            }
+          }
+          std::fill(dst + 2 * mc, dst + 2 * mc_pad, uint16_t{0});
+        }
+        // B: panel j's pair p at Bp[j * ldb + p * 2 NR], columns past nc zero.
+        const int64_t ldb = kp * 2 * NR;
+        Bp.resize(nc_pad / NR * ldb);
+        for (int64_t j = 0; j < nc_pad / NR; ++j) {
+          const int64_t n = std::min<int64_t>(NR, nc - j * NR);
+          for (int64_t p = 0; p < kp; ++p) {
+            uint16_t* dst = Bp.data() + j * ldb + p * 2 * NR;
+            const bool odd = 2 * p + 1 == kc;
+            const uint16_t* b0 = cols + bo[2 * p] + j * NR * pb.rhs_o;
+            const uint16_t* b1 = odd ? nullptr : cols + bo[2 * p + 1] + j * NR * pb.rhs_o;
+            if (pb.rhs_o == 1) {
+              gemm::interleave_pairs(b0, b1, n, dst);
+            } else {
+              for (int64_t x = 0; x < n; ++x) {
+                dst[2 * x] = b0[x * pb.rhs_o];
+                dst[2 * x + 1] = odd ? 0 : b1[x * pb.rhs_o];
+              }
+            }
+            std::fill(dst + 2 * n, dst + 2 * NR, uint16_t{0});
+          }
+        }
+        gemm::pairs_block(mc_pad, nc_pad, 2 * kp, gemm::PairPackedA{Ap.data(), mc_pad, 2 * mc_pad},
+                          Bp.data(), ldb,
+                          gemm::PairC<To>{Cbuf.data(), nc_pad, o, out_row.data(), mc, nc,
+                                          direct && blk == 0, blk + 1 == nblocks});
+      }
+      if (!direct) {
+        c.copy_out(out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
+      } else if (nblocks == 0) {  // a sub-problem whose outputs are all zero
+        for (int64_t r = 0; r < mc; ++r) std::fill_n(o + out_row[r], nc, To(0));
+      }
+      nc0 += nc;
+    }
+#else
+    (void)t;
+#endif
+  }
+
+  void run_all(ffi::ThreadPool* pool) const {
+    const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+    const auto ts = tasks(workers);
+    parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) { run(ts[i]); });
+  }
+
+  // Scratch of one call: nothing shared; per thread the largest task's row
+  // offsets, runs (with reduction_runs' tap tables), block offsets, packed A
+  // and B blocks and float32 block.
+  void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
+    constexpr int64_t I = sizeof(int64_t), H = sizeof(uint16_t), F = sizeof(float);
+    *shared = 0;
+    *per_thread = 0;
+    for (const Task& t : tasks(workers)) {
+      const SubProblem& sp = c.plan.subproblems[t.sp];
+      const int64_t rows = t.row1 - t.row0, mc_pad = round_up(rows, MR);
+      const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
+      const int64_t runs = R > 0 ? c.pb.group_in() * (sp.taps / R) : 0;
+      const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
+      const int64_t kc = round_up(std::min(kKC, c.red_size(t.sp)), 2);
+      const int64_t bytes = (mc_pad + rows + 2 * runs + 2 * c.tap_entries(sp, true) + 2 * kKC) * I +
+                            kc * (mc_pad + nc_pad) * H + mc_pad * nc_pad * F;
+      *per_thread = std::max(*per_thread, bytes);
+    }
+  }
+};
+
 template <typename Tin, typename Acc, typename Tout>
 void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out,
               ffi::ThreadPool* pool) {
@@ -1706,16 +1869,15 @@ struct WidenedLease {
 
 template <typename Tin, typename Acc, typename Tout>
 struct RunConv {
+  using Conv16 = CksConv<bf16, float, Tout>;
   static void run(const ConvProblem& pb, const void* lhs, const void* rhs, int64_t lhs_n,
                   int64_t rhs_n, void* out, int64_t out_n, ffi::ThreadPool* pool) {
     if constexpr (std::is_same<Tin, bf16>::value) {
       const Plan plan = make_plan(pb);
-      if (Bf16Pairs<Tout>::applies(pb, plan)) {
-        Bf16Pairs<Tout>{{pb, plan, static_cast<const bf16*>(lhs), static_cast<const bf16*>(rhs),
-                         static_cast<Tout*>(out)}}
-            .run_all(pool);
-        return;
-      }
+      const Conv16 conv{pb, plan, static_cast<const bf16*>(lhs), static_cast<const bf16*>(rhs),
+                        static_cast<Tout*>(out)};
+      if (Bf16Pairs<Tout>::applies(pb, plan)) return Bf16Pairs<Tout>{conv}.run_all(pool);
+      if (Bf16PackedPairs<Tout>::applies(pb, plan)) return Bf16PackedPairs<Tout>{conv}.run_all(pool);
     }
     if constexpr (kWidened<Tin>) {
       WidenedLease lease;
@@ -1741,14 +1903,21 @@ struct RunConv {
 // their widened copies are counted by the caller).
 template <typename Tin, typename Acc, typename Tout>
 struct ScratchOf {
+  using Conv16 = CksConv<bf16, float, Tout>;
   static void run(const ConvProblem& pb, int64_t workers, int64_t* shared, int64_t* per_thread,
                   const char** path) {
     using In = std::conditional_t<kWidened<Tin>, float, Tin>;
     const Plan plan = make_plan(pb);
     if constexpr (std::is_same<Tin, bf16>::value) {
+      const Conv16 conv{pb, plan, nullptr, nullptr, nullptr};
       if (Bf16Pairs<Tout>::applies(pb, plan)) {
-        Bf16Pairs<Tout>{{pb, plan, nullptr, nullptr, nullptr}}.scratch(workers, shared, per_thread);
+        Bf16Pairs<Tout>{conv}.scratch(workers, shared, per_thread);
         *path = "bf16 pairs";
+        return;
+      }
+      if (Bf16PackedPairs<Tout>::applies(pb, plan)) {
+        Bf16PackedPairs<Tout>{conv}.scratch(workers, shared, per_thread);
+        *path = "bf16 packed pairs";
         return;
       }
     }

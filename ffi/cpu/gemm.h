@@ -595,11 +595,51 @@ __attribute__((target("avx512f"))) inline void stream_copy(float* dst, const flo
 // (conv_cpu.cc, Bf16Pairs): A read in place as runs of an even number of
 // contiguous channels, B a window of the packed phase B (ldb elements
 // between panels), C a float32 scratch block.
+// A sources of the pair kernel, walked as the float ones are (segments);
+// `step` elements from one pair of a row to the next. PairRunA: A read in
+// place as runs of an even number of contiguous channels (a forward's);
+// PairPackedA: A packed as pairs, [kc / 2][ld][2] (a filter gradient's,
+// whose successive reduction indices are not adjacent in memory).
 struct PairRunA {
   const uint16_t* base;
   const int64_t* rows_;   // mc entries, all valid offsets
   const int64_t* starts;  // offset of each run's first index
   int64_t len, run0, q0;  // even run length; the block's first index (q0 even)
+  static constexpr int64_t step = 2;
+  struct Cursor {
+    int64_t run, q;
+  };
+  Cursor begin() const { return {run0, q0}; }
+  template <int MR>
+  void rows(int64_t ir, const uint16_t** rb) const {
+    for (int i = 0; i < MR; ++i) rb[i] = scalar(base + rows_[ir + i]);
+  }
+  // r[i]: row i at the cursor; returns the segment's length (the rest of a
+  // run, at most left) and moves the cursor past it.
+  template <int MR>
+  int64_t segment(Cursor& c, int64_t left, const uint16_t* const* rb, const uint16_t** r) const {
+    const int64_t off = starts[c.run] + c.q, n = std::min(len - c.q, left);
+    for (int i = 0; i < MR; ++i) r[i] = scalar(rb[i] + off);
+    c.q += n;
+    if (c.q == len) c = {c.run + 1, 0};
+    return n;
+  }
+};
+struct PairPackedA {
+  const uint16_t* Ap;
+  int64_t ld;  // rows per pair (the block's padded rows)
+  int64_t step;  // 2 ld
+  struct Cursor {};
+  Cursor begin() const { return {}; }
+  template <int MR>
+  void rows(int64_t ir, const uint16_t** rb) const {
+    for (int i = 0; i < MR; ++i) rb[i] = scalar(Ap + 2 * (ir + i));
+  }
+  template <int MR>
+  int64_t segment(Cursor&, int64_t left, const uint16_t* const* rb, const uint16_t** r) const {
+    for (int i = 0; i < MR; ++i) r[i] = rb[i];
+    return left;  // one segment: the whole block
+  }
 };
 constexpr int kPairNR = 16;  // float32 lanes of a zmm: columns per panel
 
@@ -668,9 +708,9 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline void store_cols(f
 // Columns [jr, jr + P NR) of a block, rows [0, mc) (a multiple of MR):
 // A[:, block] * B to C, B's first panel at b. P = 4: 24 accumulators + 4 B
 // vectors + 1 broadcast of 32 zmm.
-template <int P, typename To>
+template <int P, typename To, typename ASrc>
 __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t jr, int64_t kc,
-                                                          const PairRunA& A, const uint16_t* b,
+                                                          const ASrc& A, const uint16_t* b,
                                                           int64_t ldb, const PairC<To>& C) {
   constexpr int MR = Tile<float>::MR;
   const bool to_out = C.last && C.out != nullptr;
@@ -681,18 +721,17 @@ __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t j
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) acc[i][p] = _mm512_setzero_ps();
     const uint16_t* rb[MR];
-    for (int i = 0; i < MR; ++i) rb[i] = scalar(A.base + A.rows_[ir + i]);
-    int64_t run = A.run0, q = A.q0;
+    A.template rows<MR>(ir, rb);
+    auto cur = A.begin();
     const uint16_t* bq = b;
-    for (int64_t p = 0; p < kc;) {  // a segment: the rest of a run, or of the block
-      const int64_t off = A.starts[run] + q, n = std::min(A.len - q, kc - p);
+    for (int64_t p = 0; p < kc;) {
       const uint16_t* r[MR];
-      for (int i = 0; i < MR; ++i) r[i] = scalar(rb[i] + off);
+      const int64_t n = A.template segment<MR>(cur, kc - p, rb, r);
       opaque<MR>(r);
+      const int64_t sa = A.step;
 #pragma GCC unroll 4
-      for (int64_t o = 0; o < n; o += 2, bq += 2 * kPairNR) pair_step<MR, P>(r, o, bq, ldb, acc);
-      q += n;
-      if (q == A.len) run += 1, q = 0;
+      for (int64_t e = 0, o = 0; e < n; e += 2, o += sa, bq += 2 * kPairNR)
+        pair_step<MR, P>(r, o, bq, ldb, acc);
       p += n;
     }
     float* c = C.buf + ir * C.ldc + jr;
@@ -716,10 +755,33 @@ __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t j
   }
 }
 
+// Packing pairs: dst[2 i] = a[i], dst[2 i + 1] = b[i] for i < n <= 32 (b
+// null: zeros), 2 n elements written: two rows of a reduction index pair
+// side by side, 32 at a time.
+__attribute__((target(CKS_BF16_TARGET))) inline void interleave_pairs(const uint16_t* a,
+                                                                     const uint16_t* b,
+                                                                     int64_t n, uint16_t* dst) {
+  const __mmask32 in = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+  const __m512i va = _mm512_maskz_loadu_epi16(in, a);
+  const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(in, b) : _mm512_setzero_si512();
+  alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                   11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo_idx = _mm512_load_si512(kLo);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t m = 2 * n;  // elements out
+  const __mmask32 first = m >= 32 ? ~__mmask32{0} : (__mmask32{1} << m) - 1;
+  _mm512_mask_storeu_epi16(dst, first, _mm512_permutex2var_epi16(va, lo_idx, vb));
+  if (m > 32) {
+    const __mmask32 second = m >= 64 ? ~__mmask32{0} : (__mmask32{1} << (m - 32)) - 1;
+    _mm512_mask_storeu_epi16(dst + 32, second, _mm512_permutex2var_epi16(va, hi_idx, vb));
+  }
+}
+
 // A block of nc_pad columns (a multiple of NR, B's panels zero past the
 // live ones), rows [0, mc) (a multiple of MR), reduction [0, kc) (even).
-template <typename To>
-inline void pairs_block(int64_t mc, int64_t nc_pad, int64_t kc, const PairRunA& A,
+template <typename To, typename ASrc>
+inline void pairs_block(int64_t mc, int64_t nc_pad, int64_t kc, const ASrc& A,
                         const uint16_t* b, int64_t ldb, const PairC<To>& C) {
   int64_t jr = 0;
   for (; jr + 4 * kPairNR <= nc_pad; jr += 4 * kPairNR)
