@@ -260,6 +260,17 @@ def test_bf16_packed_pairs(case):
 
 
 @pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
+def test_bf16_packed_pairs_interleaved_taps():
+  # Operands of at least 12 MB of bfloat16 (6.4 M elements): the d-rhs runs its 9 taps chunk by
+  # chunk, each into its own float32 block. 48 features (tiles of two panels and of one).
+  case = ((14, 64, 64, 64), (3, 3, 64, 48), ((1, 1), "SAME"), {})
+  g = pairs_paths(case)[1]
+  assert g["d rhs"].cpu_path == "bf16 packed pairs, interleaved taps", str(g["d rhs"])
+  assert g["d rhs"].scratch["widened"] == 0
+  check_on_kernel(case, jnp.bfloat16, seed=410)
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
 def test_bf16_pairs_edges():
   # float32 output (preferred_element_type): the float32 block copied out unrounded
   lhs_shape, rhs_shape, args, kw = PAIRS_CASES[0]

@@ -57,7 +57,8 @@ class Explanation:
       lane: forwards and input gradients with channels innermost, an even
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
-      with at least 16 features per group). None on other backends.
+      with at least 16 features per group; ``", interleaved taps"`` added
+      where their operands are large). None on other backends.
   """
   algorithm: str
   backend: str
@@ -159,7 +160,7 @@ def _pool_threads() -> int:
 # The CPU kernel's paths for bfloat16 operands on AVX512_BF16 CPUs: read in
 # place (conv_cpu.cc, Bf16Pairs) or packed as pairs (Bf16PackedPairs), and
 # multiplied two reduction indices per lane by vdpbf16ps; no float32 copies.
-PAIRS = ("bf16 pairs", "bf16 packed pairs")
+PAIRS = ("bf16 pairs", "bf16 packed pairs", "bf16 packed pairs, interleaved taps")
 
 
 def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, str]:
