@@ -1476,8 +1476,9 @@ struct CksConv {
 // (gemm.h, pairs_block), which does twice the multiply-adds per instruction.
 // The tasks, rows, runs and reduction blocks are CksConv's (the float32
 // kernel would take the same); B is the phase B packed as pairs of reduction
-// indices; each task sums into a float32 block and rounds it as it copies it
-// out. Sums are float32, but each instruction adds a pair of products, so the
+// indices; a task's last reduction block stores its float32 sums straight
+// into the output, rounded (the blocks before it sum into a float32 block).
+// Sums are float32, but each instruction adds a pair of products, so the
 // bits differ from the widened kernel's (not the thread count's).
 template <typename Tout>
 struct Bf16Pairs {
@@ -1589,7 +1590,8 @@ struct Bf16Pairs {
 
   // Scratch of one call (as CksConv::scratch): the pair phase B, shared, and
   // per thread the largest task's row offsets, runs (with reduction_runs' tap
-  // tables), runs' first taps and float32 block.
+  // tables), runs' first taps, reduction blocks (3 words each: at most one
+  // per run, or one per kKC of a longer run) and float32 block.
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     constexpr int64_t I = sizeof(int64_t);
     *shared = c.shared_b().elements() * static_cast<int64_t>(sizeof(uint16_t));
@@ -1599,7 +1601,9 @@ struct Bf16Pairs {
       const int64_t rows = t.row1 - t.row0, mc_pad = round_up(rows, MR);
       const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
       const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
-      const int64_t bytes = (mc_pad + rows + 4 * sp.taps + (R > 0 ? sp.taps / R : 0)) * I +
+      const int64_t runs = R > 0 ? sp.taps / R : 0;
+      const int64_t blocks = runs * std::max<int64_t>(1, (R * c.pb.group_in() + kKC - 1) / kKC);
+      const int64_t bytes = (mc_pad + rows + 4 * sp.taps + runs + 3 * blocks) * I +
                             mc_pad * nc_pad * static_cast<int64_t>(sizeof(float));
       *per_thread = std::max(*per_thread, bytes);
     }
