@@ -225,27 +225,29 @@ def test_bf16_pairs(case):
   assert "AVX512_BF16" in e.reason and "widened" not in e.reason
   features = per_group(PAIRS_CASES[case], "O")  # the d-input's channels per group
   # The d-input is on the pair path where it has the same shape of problem; the d-rhs (its
-  # reduction runs over positions, channels outer) packs pairs where it has >= 16 features
+  # reduction runs over positions, channels outer) packs pairs where it has >= 16 features and
+  # >= 64 rows (input channels per group)
   out_spec = PAIRS_CASES[case][3].get("dimension_numbers", DN2)[2]
   on_pairs = features % 2 == 0 and features >= 32 and out_spec.endswith("C")
   assert (g["d lhs"].cpu_path == "bf16 pairs") == on_pairs, str(g["d lhs"])
   packed = g["d rhs"].cpu_path == "bf16 packed pairs"
-  assert packed == (features >= 16) and (g["d rhs"].scratch["widened"] == 0) == packed
+  assert packed == (features >= 16 and per_group(PAIRS_CASES[case], "I") >= 64)
+  assert (g["d rhs"].scratch["widened"] == 0) == packed
   check_on_kernel(PAIRS_CASES[case], jnp.bfloat16, seed=200 + case)
 
 
 # (lhs shape, rhs shape, conv args, kwargs): bfloat16 filter gradients on the packed pair path
-# (>= 16 features per group) whose forwards are not on the pair path.
+# (>= 16 features and >= 64 input channels per group) whose forwards are not on the pair path.
 PACKED_PAIRS_CASES = [
-    # odd channels (33) and an odd reduction (3 x 5 x 7 positions per tap): pairs straddle runs
-    # and the last is half empty; 16 features (one panel)
-    ((3, 5, 7, 33), (3, 3, 33, 16), ((1, 1), "SAME"), {}),
+    # 65 rows (odd: 11 tiles, the last with one live row) and an odd reduction (3 x 5 x 7
+    # positions per tap): pairs straddle runs and the last is half empty; 16 features (one panel)
+    ((3, 5, 7, 65), (3, 3, 65, 16), ((1, 1), "SAME"), {}),
     # a long reduction (blocks of kKC) over 2 x 40 x 40 positions, 96 + 4 rows (two row blocks)
     ((2, 40, 40, 100), (2, 2, 100, 20), ((2, 2), "VALID"), {}),
     # k4 s2 transposed with 3D volumes, and a grouped one (16 features per group)
-    ((2, 3, 4, 3, 16), (4, 4, 4, 16, 24), ((1, 1, 1), [(2, 2)] * 3, (2, 2, 2)),
+    ((2, 3, 4, 3, 64), (4, 4, 4, 64, 24), ((1, 1, 1), [(2, 2)] * 3, (2, 2, 2)),
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
-    ((2, 6, 6, 32), (4, 4, 16, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+    ((2, 6, 6, 128), (4, 4, 64, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
      {"feature_group_count": 2}),
 ]
 
@@ -296,6 +298,9 @@ def test_bf16_pairs_edges():
   b16, f32 = np.asarray(f(None)(l, r)), np.asarray(f(np.float32)(l, r))
   assert b16.dtype == jnp.bfloat16 and np.isnan(f32).any() and not np.isnan(f32).all()
   np.testing.assert_array_equal(b16.view(np.uint16), f32.astype(jnp.bfloat16).view(np.uint16))
+  # A filter gradient with 32 rows (input channels) stays widened (row-vectorised there)
+  g = pairs_paths(((2, 8, 8, 32), (3, 3, 32, 32), ((1, 1), "SAME"), {}))[1]
+  assert g["d rhs"].cpu_path != "bf16 packed pairs" and g["d rhs"].scratch["widened"] > 0
   # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 32, and
   # float16 (no pair instruction): widened, the GEMM path
   for lhs_shape, rhs_shape, dtype in (((2, 6, 6, 33), (3, 3, 33, 32), jnp.bfloat16),
@@ -558,7 +563,7 @@ def test_explain_names_the_kernels_path():
         e, g = paths(case, dtype)
         # bfloat16 with >= 16 features packs pairs instead where the CPU has AVX512_BF16
         packed = (dtype == jnp.bfloat16 and backends.cpu_bf16_pairs()
-                  and per_group(case, "O") >= 16)
+                  and per_group(case, "O") >= 16 and per_group(case, "I") >= 64)
         want = "bf16 packed pairs" if packed else "row-vectorised"
         assert g["d rhs"].cpu_path == want, (case, dtype)
         assert f"CPU kernel path: {want}" in str(e)

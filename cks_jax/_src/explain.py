@@ -57,7 +57,8 @@ class Explanation:
       lane: forwards and input gradients with channels innermost, an even
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
-      with at least 16 features per group; ``", interleaved taps"`` added
+      with at least 16 features and 64 input channels per group;
+      ``", interleaved taps"`` added
       where their operands are large). None on other backends.
   """
   algorithm: str

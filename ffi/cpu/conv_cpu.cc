@@ -1616,19 +1616,26 @@ struct Bf16Pairs {
 // adjacent in memory, so each task packs A (its rows) and B (the cotangent's
 // rows for its columns) as pairs, block by block (kKC indices), and runs
 // the pair kernel on them. The widened path converted both whole operands to
-// float32 first and ran at half the multiply-adds per instruction. Fewer
-// features (up to 8: the narrow path's) would waste most of a 16-column
-// panel; they stay widened.
+// float32 first and ran at half the multiply-adds per instruction. In
+// process on Zen 4 (2 cores), against the widened kernel: 1.1-2.8x as fast
+// on the bench's filter gradients with 64 rows or more (DCGAN's
+// discriminator 1.05x). Fewer features (up to 8: the narrow path's) would
+// waste most of a 16-column panel, and with 32 rows (input channels per
+// group) the float32 row-vectorised kernel, vectorised over those rows with
+// its taps interleaved, was faster (3D U-Net and atrous 0.75-0.98x, grouped
+// k4 s2 0.87-1.11x): those stay widened.
 template <typename Tout>
 struct Bf16PackedPairs {
   using Conv = CksConv<bf16, float, Tout>;
   using Task = typename Conv::Task;
   static constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
-  static constexpr int64_t kMinF = 16;
+  static constexpr int64_t kMinF = 16, kMinRows = 64;
   Conv c;
 
   static bool applies(const ConvProblem& pb, const Plan& plan) {
-    if (!gemm::bf16_pairs() || pb.lhs_n != 1 || pb.group_out() < kMinF) return false;
+    if (!gemm::bf16_pairs() || pb.lhs_n != 1 || pb.group_out() < kMinF ||
+        pb.out_batch() < kMinRows)
+      return false;
     return !CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.channels_inner();
   }
 
