@@ -94,8 +94,8 @@ def _stack_vector_stores(obj: Path) -> dict[str, int]:
 
 
 def _key(signature: str) -> str:
-  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4, float, PairRunA>') from a demangled
-  name or an instantiation."""
+  """'panels_avx512<4, 0, float, RunA, PanelB, OutC>' (or 'pairs_avx512<4, float, PairRunA>')
+  from a demangled name or an instantiation."""
   m = re.search(r"((?:panels?|pairs)_avx\w+)<(.*?)>\(", signature)
   args = re.sub(r"cks::gemm::|<(float|double)>", "", m.group(2)).replace("unsigned short",
                                                                         "uint16_t")

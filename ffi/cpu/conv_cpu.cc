@@ -1981,7 +1981,8 @@ struct RunConv {
       const Conv16 conv{pb, plan, static_cast<const bf16*>(lhs), static_cast<const bf16*>(rhs),
                         static_cast<Tout*>(out)};
       if (Bf16Pairs<Tout>::applies(pb, plan)) return Bf16Pairs<Tout>{conv}.run_all(pool);
-      if (Bf16PackedPairs<Tout>::applies(pb, plan)) return Bf16PackedPairs<Tout>{conv}.run_all(pool);
+      if (Bf16PackedPairs<Tout>::applies(pb, plan))
+        return Bf16PackedPairs<Tout>{conv}.run_all(pool);
     }
     if constexpr (kWidened<Tin>) {
       WidenedLease lease;

@@ -591,10 +591,9 @@ __attribute__((target("avx512f"))) inline void stream_copy(float* dst, const flo
 // core, a 6 x 64 tile in L1: 195-209 against 97-106 GFLOP/s). A pair of
 // reduction indices (k, k + 1), k even, is one 32-bit element: A's (two
 // adjacent channels, read in place) is broadcast, B's is packed as pair
-// panels [kc / 2][NR][2]. It serves one shape of problem, the phase-B path's
-// (conv_cpu.cc, Bf16Pairs): A read in place as runs of an even number of
-// contiguous channels, B a window of the packed phase B (ldb elements
-// between panels), C a float32 scratch block.
+// panels [kc / 2][NR][2] (ldb elements between panels): the phase B
+// (conv_cpu.cc, Bf16Pairs) or a block packed by the task (Bf16PackedPairs).
+//
 // A sources of the pair kernel, walked as the float ones are (segments);
 // `step` elements from one pair of a row to the next. PairRunA: A read in
 // place as runs of an even number of contiguous channels (a forward's);
@@ -694,8 +693,8 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline __m256i round_bf1
   return _mm512_maskz_cvtepi32_epi16(all, r);
 }
 // The first n (<= 16) columns of v to p, rounded to To.
-__attribute__((target(CKS_BF16_TARGET), always_inline)) inline void store_cols(uint16_t* p, __m512 v,
-                                                                              int64_t n) {
+__attribute__((target(CKS_BF16_TARGET), always_inline)) inline void store_cols(uint16_t* p,
+                                                                              __m512 v, int64_t n) {
   if (n >= kPairNR) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(v));
   else _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), round_bf16(v));
 }
@@ -748,8 +747,10 @@ __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t j
       } else if (ir + i < C.mc) {
         To* o = C.out + C.rows[ir + i] + jr;
 #pragma GCC unroll 4
-        for (int p = 0; p < P; ++p)
-          if (jr + p * kPairNR < C.nc) store_cols(o + p * kPairNR, acc[i][p], C.nc - jr - p * kPairNR);
+        for (int p = 0; p < P; ++p) {
+          const int64_t live = C.nc - jr - p * kPairNR;  // columns of panel p in the output
+          if (live > 0) store_cols(o + p * kPairNR, acc[i][p], live);
+        }
       }
     }
   }
@@ -810,13 +811,6 @@ inline int gemm_isa() {
   return isa;
 }
 
-// Callers use OutC for a block nc columns wide where writes_in_place. On an
-// AVX-512 machine only blocks of one or two panels: a grouped transposed
-// layer with 16 features per group spent 15 % of its forward copying 64-byte
-// rows out of a BufC; with the tiles' accumulators in registers, 32-feature
-// blocks in place took 0.91-0.97x the time (3D atrous, V-Net, U-Net 64->128
-// forwards and 3D input gradients; in process, interleaved), but blocks of
-// four panels (64 features) up to 1.03x.
 // Whether bfloat16 operands run on the pair kernel (pairs_block): AVX-512F,
 // BW, VL and AVX512_BF16, unless CKS_CPU_ISA caps the ISA below AVX-512 or
 // CKS_CPU_BF16_PAIRS=0 turns it off (read once; then they run widened to
@@ -835,6 +829,13 @@ inline bool bf16_pairs() {
   return on;
 }
 
+// Callers use OutC for a block nc columns wide where writes_in_place. On an
+// AVX-512 machine only blocks of one or two panels: a grouped transposed
+// layer with 16 features per group spent 15 % of its forward copying 64-byte
+// rows out of a BufC; with the tiles' accumulators in registers, 32-feature
+// blocks in place took 0.91-0.97x the time (3D atrous, V-Net, U-Net 64->128
+// forwards and 3D input gradients; in process, interleaved), but blocks of
+// four panels (64 features) up to 1.03x.
 template <typename T>
 inline bool writes_in_place(int64_t nc) {
   return gemm_isa() != 2 || nc <= 2 * Tile<T>::NR;
