@@ -144,3 +144,17 @@ def test_cpu_scratch_counts_the_pool_the_kernel_saw():
   e = cks_jax.explain(x.shape, w.shape, (1, 1), [(1, 1), (1, 1)], (2, 2),
                       dimension_numbers=("NHWC", "HWIO", "NHWC"), platform="cpu", backend="ffi")
   assert e.scratch["threads"] == seen + 1
+
+
+def test_explain_takes_conv_general_dilateds_arguments():
+  # The same positional arguments as conv_general_dilated (but out_sharding), precision and
+  # preferred_element_type included; the output type reaches the explained primitive.
+  import inspect
+  ours = list(inspect.signature(cks_jax.explain).parameters)
+  theirs = [p for p in inspect.signature(cks_jax.conv_general_dilated).parameters
+            if p not in ("out_sharding", "backend")]
+  assert ours[:len(theirs)] == theirs
+  e = cks_jax.explain((2, 8, 8, 16), (3, 3, 16, 24), (1, 1), "SAME", None, None,
+                      ("NHWC", "HWIO", "NHWC"), 1, 1, "highest", np.float32,
+                      dtype=jax.numpy.bfloat16, platform="cpu", backend="ffi")
+  assert e.params["out_dtype"] == np.float32 and e.params["precision"] is not None

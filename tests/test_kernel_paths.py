@@ -36,8 +36,6 @@ import jax.numpy as jnp
 
 import cks_jax
 from cks_jax._src import backends
-from cks_jax._src.explain import explain_params
-from cks_jax._src.primitive import cks_conv_p
 
 from oracle import check
 
@@ -276,13 +274,8 @@ def test_bf16_packed_pairs_interleaved_taps():
 def test_bf16_pairs_edges():
   # float32 output (preferred_element_type): the float32 block copied out unrounded
   lhs_shape, rhs_shape, args, kw = PAIRS_CASES[0]
-  l, r = jnp.zeros(lhs_shape, jnp.bfloat16), jnp.zeros(rhs_shape, jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(lambda l, r: cks_jax.conv_general_dilated(
-      l, r, *args, preferred_element_type=np.float32, backend="ffi",
-      **{"dimension_numbers": DN2, **kw}))(l, r)
-  (eqn,) = [e for e in jaxpr.eqns if e.primitive is cks_conv_p]
-  assert eqn.params["out_dtype"] == np.float32
-  e = explain_params(lhs_shape, rhs_shape, eqn.params, "cpu", jnp.bfloat16)
+  e = pairs_paths(PAIRS_CASES[0], preferred_element_type=np.float32)[0]
+  assert e.params["out_dtype"] == np.float32
   assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0
   with cks_jax.use_backend("ffi"):
     check(lhs_shape, rhs_shape, *args, dtype=jnp.bfloat16, seed=90,

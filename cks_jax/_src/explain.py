@@ -226,8 +226,10 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
 def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
             lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
             dimension_numbers: Any = None, feature_group_count: int = 1,
-            batch_group_count: int = 1, *, dtype: Any = np.float32, gradients: bool = False,
-            platform: str | None = None, backend: str | None = None) -> Explanation:
+            batch_group_count: int = 1, precision: Any = None,
+            preferred_element_type: Any = None, *, dtype: Any = np.float32,
+            gradients: bool = False, platform: str | None = None,
+            backend: str | None = None) -> Explanation:
   """Explains how ``cks_jax.conv_general_dilated`` with these arguments runs.
 
   Takes the same arguments as ``conv_general_dilated``; ``lhs`` and ``rhs`` may
@@ -235,6 +237,8 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
   is used). Nothing is computed.
 
   Args:
+    preferred_element_type: as ``conv_general_dilated``'s: the output type (the
+      CPU kernel's path and scratch can depend on it).
     gradients: also explain the two convolutions of the VJP (d lhs, d rhs).
     platform: the platform to report for (default: ``jax.default_backend()``).
     backend: as ``conv_general_dilated``'s ``backend``.
@@ -252,7 +256,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
   def f(l, r):
     return api.conv_general_dilated(l, r, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,
-                                    backend=backend)
+                                    precision, preferred_element_type, backend=backend)
 
   fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
   (eqn,) = [e for e in fwd.eqns if e.primitive is cks_conv_p]
