@@ -184,7 +184,8 @@ def cpu_isa() -> int:
 
 def cpu_bf16_pairs() -> bool:
   """Whether the CPU kernel runs bfloat16 operands on its AVX512_BF16 pair
-  path where it applies (``cpu_path == "bf16 pairs"`` in :func:`cks_jax.explain`):
+  paths where they apply (``cpu_path`` ``"bf16 pairs"`` or ``"bf16 packed
+  pairs"`` in :func:`cks_jax.explain`):
   an AVX-512 CPU with AVX512_BF16, unless ``CKS_CPU_ISA`` caps the ISA or
   ``CKS_CPU_BF16_PAIRS=0`` turns it off."""
   from cks_jax._src import ffi

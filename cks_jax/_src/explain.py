@@ -39,8 +39,8 @@ class Explanation:
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
-      output; none on the ``"bf16 ..."`` pair paths), made by the kernel and kept
-      for the next call (one set per call running at once;
+      output; none on the ``"bf16 ..."`` pair paths), made by the kernel and
+      kept for the next call (one set per call running at once;
       ``cks_jax.release_cpu_buffers()`` frees them).
       None on other backends.
       Never a padded or zero-inserted copy of any tensor.
@@ -58,8 +58,8 @@ class Explanation:
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
       with at least 16 features and 64 input channels per group;
-      ``", interleaved taps"`` added
-      where their operands are large). None on other backends.
+      ``", interleaved taps"`` added where their operands are large). None on
+      other backends.
   """
   algorithm: str
   backend: str
@@ -180,7 +180,7 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
       params["batch_group_count"], in_dt, out_dt, threads)
   # The kernel's float32 copies (conv_cpu.cc, RunConv): the operands, and a
   # 16-bit output where its dot path writes float32 in place; none on the
-  # bfloat16 pair path, which reads the operands as they are.
+  # bfloat16 pair paths (PAIRS).
   wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32" and path == "dot" else ())
   copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path not in PAIRS else 0
   total = packed_b + (threads + 1) * per_thread + copies
