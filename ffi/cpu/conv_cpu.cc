@@ -297,14 +297,9 @@ struct CksConv {
   // (HWIO) or channels (a d-input's swapped kernel) is contiguous; a panel's
   // rows of one tap (Cg x NR) are written while they are in L1.
   void pack_phase_b(int64_t c, int64_t g, int64_t q0, int64_t q1, Acc* dst) const {
-    const Phase* ph[kMaxSpatial];
-    combo_phases(c, ph);
     const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = phase_ldb(c);
-    const int64_t taps = combo_taps(c), ri = pb.rhs_i, ro = pb.rhs_o;
-    int64_t tt[kMaxSpatial] = {0, 0, 0};
-    for (int64_t f = 0; f < taps; ++f) {
-      int64_t roff = g * Fg * ro;
-      for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
+    const int64_t ri = pb.rhs_i, ro = pb.rhs_o;
+    phase_taps(c, g, [&](int64_t f, int64_t roff) {
       for (int64_t q = q0; q < q1; ++q) {
         Acc* panel = dst + q * ldb + f * Cg * NR;
         const Tin* src = rhs + roff + q * NR * ro;
@@ -322,6 +317,21 @@ struct CksConv {
               panel[ci * NR + j] = j < n ? load<Acc>(src[ci * ri + j * ro]) : Acc(0);
         }
       }
+    });
+  }
+  // fn(f, roff) for each full tap f of phase combination c, in order, with
+  // roff the rhs offset of that tap's group-g kernel slice (pack_phase_b
+  // here and in Bf16Pairs).
+  template <typename Fn>
+  void phase_taps(int64_t c, int64_t g, Fn&& fn) const {
+    const Phase* ph[kMaxSpatial];
+    combo_phases(c, ph);
+    const int64_t taps = combo_taps(c);
+    int64_t tt[kMaxSpatial] = {0, 0, 0};
+    for (int64_t f = 0; f < taps; ++f) {
+      int64_t roff = g * pb.group_out() * pb.rhs_o;
+      for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
+      fn(f, roff);
       for (int d = pb.nd - 1; d >= 0 && ++tt[d] == ph[d]->T; --d) tt[d] = 0;
     }
   }
@@ -419,16 +429,20 @@ struct CksConv {
   // 4->8, one chunk per 16 batch entries: 1.08-1.19x).
   static constexpr int64_t kTapsMinBytes = int64_t{6} << 20, kTapsMaxSubproblems = 16;
   static constexpr int64_t kTapsMinChunks = 8, kTapsOutBytes = int64_t{512} << 10;
-  bool interleaves_taps() const {
-    if (narrow() || pb.lhs_n != 1 || channels_inner() || nsp() < 2 || stream_out() ||
-        nsp() > kTapsMaxSubproblems)
-      return false;
+  // Elements of lhs and rhs together.
+  int64_t operand_elements() const {
     int64_t lhs_n = pb.batch * pb.in_feat, rhs_n = pb.out_feat * pb.group_in();
     for (int d = 0; d < pb.nd; ++d) {
       lhs_n *= pb.dim[d].in_size;
       rhs_n *= pb.dim[d].k_size;
     }
-    return (lhs_n + rhs_n) * static_cast<int64_t>(sizeof(Tin)) >= kTapsMinBytes &&
+    return lhs_n + rhs_n;
+  }
+  bool interleaves_taps() const {
+    if (narrow() || pb.lhs_n != 1 || channels_inner() || nsp() < 2 || stream_out() ||
+        nsp() > kTapsMaxSubproblems)
+      return false;
+    return operand_elements() * static_cast<int64_t>(sizeof(Tin)) >= kTapsMinBytes &&
            pb.group_in() * pb.dim[0].k_size >= kTapsMinChunks * tap_chunk_rows();
   }
   // Tasks of run_taps: row and column blocks, each over all sub-problems.
@@ -1498,14 +1512,9 @@ struct Bf16Pairs {
   // dst + q * ldb + (f * Cg + ci) / 2 * 2 NR + 2 j + ci % 2 for column j.
   void pack_phase_b(int64_t k, int64_t g, int64_t q0, int64_t q1, uint16_t* dst) const {
     const ConvProblem& pb = c.pb;
-    const Phase* ph[kMaxSpatial];
-    c.combo_phases(k, ph);
     const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = c.phase_ldb(k);
-    const int64_t taps = c.combo_taps(k), ri = pb.rhs_i, ro = pb.rhs_o;
-    int64_t tt[kMaxSpatial] = {0, 0, 0};
-    for (int64_t f = 0; f < taps; ++f) {
-      int64_t roff = g * Fg * ro;
-      for (int d = 0; d < pb.nd; ++d) roff += (ph[d]->k0 + ph[d]->kstep * tt[d]) * pb.rhs_sp[d];
+    const int64_t ri = pb.rhs_i, ro = pb.rhs_o;
+    c.phase_taps(k, g, [&](int64_t f, int64_t roff) {
       for (int64_t q = q0; q < q1; ++q) {
         uint16_t* panel = dst + q * ldb + f * Cg * NR;
         const bf16* src = c.rhs + roff + q * NR * ro;
@@ -1514,8 +1523,7 @@ struct Bf16Pairs {
           for (int j = 0; j < NR; ++j)
             panel[ci / 2 * 2 * NR + 2 * j + ci % 2] = j < n ? src[ci * ri + j * ro].bits : 0;
       }
-      for (int d = pb.nd - 1; d >= 0 && ++tt[d] == ph[d]->T; --d) tt[d] = 0;
-    }
+    });
   }
 
   // One task of CksConv::tasks: its rows x columns, from the phase B of its
@@ -1789,13 +1797,8 @@ struct Bf16PackedPairs {
   // 6-8 MB (DCGAN 8->16, atrous 64 d2) 1.10-1.13x, the 7x7 (4 MB) 1.10x.
   static constexpr int64_t kTapsMinBytes = int64_t{12} << 20;
   bool interleaves() const {
-    const ConvProblem& pb = c.pb;
-    int64_t l = pb.batch * pb.in_feat, r = pb.out_feat * pb.group_in();  // operand elements
-    for (int d = 0; d < pb.nd; ++d) {
-      l *= pb.dim[d].in_size;
-      r *= pb.dim[d].k_size;
-    }
-    return c.interleaves_taps() && (l + r) * static_cast<int64_t>(sizeof(bf16)) >= kTapsMinBytes;
+    return c.interleaves_taps() &&
+           c.operand_elements() * static_cast<int64_t>(sizeof(bf16)) >= kTapsMinBytes;
   }
   void run_taps(const Task& task) const {
     const ConvProblem& pb = c.pb;
