@@ -26,19 +26,19 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// x86-64 with GCC or Clang: the AVX2 and AVX-512 kernels, chosen at run time.
+// CKS_PORTABLE_ONLY leaves them out, as on any other CPU (tests/
+// test_portable_build.py compiles the kernel so on x86-64 too).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CKS_PORTABLE_ONLY)
 #include <immintrin.h>
-#endif
-
-namespace cks {
-namespace gemm {
-
-#if defined(__x86_64__) && defined(__GNUC__)
 #define CKS_X86_AVX2 1
 #ifndef CKS_GEMM_AVX512
 #define CKS_GEMM_AVX512 1  // -DCKS_GEMM_AVX512=0: never use zmm
 #endif
 #endif
+
+namespace cks {
+namespace gemm {
 
 template <typename T>
 struct Tile;
@@ -313,6 +313,25 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
     }
   }
 }
+
+// Where a block of the bfloat16 pair kernel (pairs_block, x86-64 only; this
+// plain struct is declared everywhere, as conv_cpu.cc names it) puts its
+// product. Reduction blocks before the last go to a float32 scratch block
+// (buf, row stride ldc: the first stores, later ones add); the last (or
+// only) one adds the scratch (if any came before) and stores the sum into
+// the output, rounded to To (bfloat16 bits or float): row r at out +
+// rows[r], columns contiguous, masked to mc rows and nc columns. With out
+// null every block goes to buf (an output whose features are not
+// contiguous, copied out by the caller).
+template <typename To>
+struct PairC {
+  float* buf;
+  int64_t ldc;
+  To* out;
+  const int64_t* rows;
+  int64_t mc, nc;
+  bool first, last;
+};
 
 #ifdef CKS_X86_AVX2
 // Thin overloads so one template serves float (8 lanes) and double (4 lanes).
@@ -662,22 +681,6 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline void pair_step(
   }
 }
 
-// Where a block's product goes. Reduction blocks before the last go to a
-// float32 scratch block (buf, row stride ldc: the first stores, later ones
-// add); the last (or only) one adds the scratch (if any came before) and
-// stores the sum into the output, rounded to To (bfloat16 bits or float):
-// row r at out + rows[r], columns contiguous, masked to mc rows and nc
-// columns. With out null every block goes to buf (an output whose features
-// are not contiguous, copied out by the caller).
-template <typename To>
-struct PairC {
-  float* buf;
-  int64_t ldc;
-  To* out;
-  const int64_t* rows;
-  int64_t mc, nc;
-  bool first, last;
-};
 
 // 16 floats rounded to bfloat16 as float_to_bf16 does (to nearest even,
 // NaN quieted), as 16 bits each. (Zero-masked forms: GCC 12's unmasked ones
