@@ -66,12 +66,14 @@ __attribute__((always_inline)) inline const T* scalar(const T* p) {
 }
 
 // A sources, walked tile by tile: rows(ir, base) points base[i] at row
-// ir + i; segment(cur, left, base, r) points r[i] at the element of row i at
-// the cursor and returns how many reduction indices from it on (at most
-// `left`) form the next segment, advancing the cursor past them. Inside a
-// segment the elements of its index q are at r[i] + q * step (PackedA,
-// RunA), or at r[i] + red[p + q] with p the segment's first index
-// (IndirectA, kTable).
+// ir + i; segment(cur, left, o) sets o to the offset from base[i] of row i's
+// element at the cursor and returns how many reduction indices from it on
+// (at most `left`) form the next segment, advancing the cursor past them.
+// Inside a segment the elements of its index q are at base[i] + o + q * step
+// (PackedA, RunA), or at base[i] + red[p + q] with p the segment's first
+// index (IndirectA, kTable). The row pointers stay put for the whole tile:
+// a segment moves one offset, not six pointers (recomputing them at each of
+// a RunA's runs, with the cursor, ran out of registers and spilled them).
 template <typename T>
 struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   const T* Ap;
@@ -85,8 +87,8 @@ struct PackedA {  // MR-row panels [kc][MR], contiguous: one segment
   void rows(int64_t ir, const T** base) const {
     for (int i = 0; i < Tile<T>::MR; ++i) base[i] = Ap + ir * kc + i;
   }
-  int64_t segment(Cursor& c, int64_t left, const T* const* base, const T** r) const {
-    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = base[i] + c.p * step;
+  int64_t segment(Cursor& c, int64_t left, int64_t& o) const {
+    o = c.p * step;
     c.p += left;
     return left;
   }
@@ -108,8 +110,8 @@ struct IndirectA {
   void rows(int64_t ir, const T** b) const {
     for (int i = 0; i < Tile<T>::MR; ++i) b[i] = scalar(base + rows_[ir + i]);
   }
-  int64_t segment(Cursor&, int64_t left, const T* const* b, const T** r) const {
-    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = b[i];
+  int64_t segment(Cursor&, int64_t left, int64_t& o) const {
+    o = 0;
     return left;  // one segment: the whole block, offsets from the table
   }
 };
@@ -133,9 +135,9 @@ struct RunA {
   void rows(int64_t ir, const T** b) const {
     for (int i = 0; i < Tile<T>::MR; ++i) b[i] = scalar(base + rows_[ir + i]);
   }
-  int64_t segment(Cursor& c, int64_t left, const T* const* b, const T** r) const {
-    const int64_t off = starts[c.run] + c.q * step, n = std::min(len - c.q, left);
-    for (int i = 0; i < Tile<T>::MR; ++i) r[i] = scalar(b[i] + off);
+  int64_t segment(Cursor& c, int64_t left, int64_t& o) const {
+    const int64_t n = std::min(len - c.q, left);
+    o = starts[c.run] + c.q * step;
     c.q += n;
     if (c.q == len) c = {c.run + 1, 0};
     return n;
@@ -291,14 +293,14 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
       auto cur = A.begin();
       auto bcur = b.begin();
       for (int64_t p = 0; p < kc;) {
-        const T* r[MR];
         const T* bq;
-        const int64_t n = A.segment(cur, b.segment(bcur, kc - p, &bq), rb, r);
-        for (int64_t q = p, o = 0; q < p + n; ++q, o += A.step, bq += b.step) {
+        int64_t o0;
+        const int64_t n = A.segment(cur, b.segment(bcur, kc - p, &bq), o0);
+        for (int64_t q = p, o = o0; q < p + n; ++q, o += A.step, bq += b.step) {
           const int64_t ao = a_at(A, q, o);
           const T* bk = b_at(b, q, bq);
           for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] += r[i][ao] * bk[j];
+            for (int j = 0; j < NR; ++j) acc[i][j] += rb[i][ao] * bk[j];
         }
         b.advance(bcur, n);
         p += n;
@@ -383,17 +385,17 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
       for (int v = 0; v < NV; ++v) acc[i][v] = V{};
     const T* rb[MR];
     A.rows(ir, rb);
+    opaque<MR>(rb);
     auto cur = A.begin();
     auto bcur = B.begin();
     for (int64_t p = 0; p < kc;) {
-      const T* r[MR];
       const T* bq;
-      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), rb, r);
-      opaque<MR>(r);
+      int64_t o0;
+      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), o0);
       const int64_t sa = A.step, sb = B.step;
 #pragma GCC unroll 4
-      for (int64_t q = p, o = 0; q < p + n; ++q, o += sa, bq += sb)
-        avx2_step(r, a_at(A, q, o), b_at(B, q, bq), acc);
+      for (int64_t q = p, o = o0; q < p + n; ++q, o += sa, bq += sb)
+        avx2_step(rb, a_at(A, q, o), b_at(B, q, bq), acc);
       B.advance(bcur, n);
       p += n;
     }
@@ -515,17 +517,17 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
     }
     const T* rb[MR];
     A.rows(ir, rb);
+    opaque<MR>(rb);
     auto cur = A.begin();
     auto bcur = B.begin();
     for (int64_t p = 0; p < kc;) {
-      const T* r[MR];
       const T* bq;
-      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), rb, r);
-      opaque<MR>(r);
+      int64_t o0;
+      const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), o0);
       const int64_t sa = A.step, sb = B.step;
 #pragma GCC unroll 4
-      for (int64_t q = p, o = 0; q < p + n; ++q, o += sa, bq += sb)
-        avx512_step<MR, P, H>(r, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
+      for (int64_t q = p, o = o0; q < p + n; ++q, o += sa, bq += sb)
+        avx512_step<MR, P, H>(rb, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
       B.advance(bcur, n);
       p += n;
     }
@@ -632,12 +634,12 @@ struct PairRunA {
   void rows(int64_t ir, const uint16_t** rb) const {
     for (int i = 0; i < MR; ++i) rb[i] = scalar(base + rows_[ir + i]);
   }
-  // r[i]: row i at the cursor; returns the segment's length (the rest of a
-  // run, at most left) and moves the cursor past it.
-  template <int MR>
-  int64_t segment(Cursor& c, int64_t left, const uint16_t* const* rb, const uint16_t** r) const {
-    const int64_t off = starts[c.run] + c.q, n = std::min(len - c.q, left);
-    for (int i = 0; i < MR; ++i) r[i] = scalar(rb[i] + off);
+  // o: the offset of the cursor's pair from each row's base; returns the
+  // segment's length (the rest of a run, at most left) and moves the cursor
+  // past it.
+  int64_t segment(Cursor& c, int64_t left, int64_t& o) const {
+    const int64_t n = std::min(len - c.q, left);
+    o = starts[c.run] + c.q;
     c.q += n;
     if (c.q == len) c = {c.run + 1, 0};
     return n;
@@ -653,9 +655,8 @@ struct PairPackedA {
   void rows(int64_t ir, const uint16_t** rb) const {
     for (int i = 0; i < MR; ++i) rb[i] = scalar(Ap + 2 * (ir + i));
   }
-  template <int MR>
-  int64_t segment(Cursor&, int64_t left, const uint16_t* const* rb, const uint16_t** r) const {
-    for (int i = 0; i < MR; ++i) r[i] = rb[i];
+  int64_t segment(Cursor&, int64_t left, int64_t& o) const {
+    o = 0;
     return left;  // one segment: the whole block
   }
 };
@@ -724,16 +725,16 @@ __attribute__((target(CKS_BF16_TARGET))) void pairs_avx512(int64_t mc, int64_t j
       for (int p = 0; p < P; ++p) acc[i][p] = _mm512_setzero_ps();
     const uint16_t* rb[MR];
     A.template rows<MR>(ir, rb);
+    opaque<MR>(rb);
     auto cur = A.begin();
     const uint16_t* bq = b;
     for (int64_t p = 0; p < kc;) {
-      const uint16_t* r[MR];
-      const int64_t n = A.template segment<MR>(cur, kc - p, rb, r);
-      opaque<MR>(r);
+      int64_t o;
+      const int64_t n = A.segment(cur, kc - p, o);
       const int64_t sa = A.step;
 #pragma GCC unroll 4
-      for (int64_t e = 0, o = 0; e < n; e += 2, o += sa, bq += 2 * kPairNR)
-        pair_step<MR, P>(r, o, bq, ldb, acc);
+      for (int64_t e = 0; e < n; e += 2, o += sa, bq += 2 * kPairNR)
+        pair_step<MR, P>(rb, o, bq, ldb, acc);
       p += n;
     }
     float* c = C.buf + ir * C.ldc + jr;
