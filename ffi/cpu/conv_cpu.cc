@@ -1484,6 +1484,42 @@ struct CksConv {
 };
 
 // ---------------------------------------------------------------- bfloat16 pairs
+// The output element type the pair kernel stores: bfloat16 bits or float.
+template <typename Tout>
+using PairOut = std::conditional_t<std::is_same<Tout, bf16>::value, uint16_t, float>;
+
+// The output of one pair task (both pair paths): column blocks of at most
+// kNC in [t.col0, t.col1), each the sum of nblocks reduction blocks,
+// mul(i, nc0, nc, C) multiplying block i into C. Where the features are
+// contiguous (out_c == 1) the last block stores straight into the output
+// (rows out_row), the ones before it sum into Cbuf; else every block sums
+// into Cbuf, copied out. A task with no block (a sub-problem whose outputs
+// are all zero) writes zeros.
+template <typename Tout, typename Task, typename Mul>
+void pair_task_output(const CksConv<bf16, float, Tout>& c, const Task& t, const int64_t* out_row,
+                      int64_t nblocks, std::vector<float>& Cbuf, Mul&& mul) {
+  using To = PairOut<Tout>;
+  constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
+  const int64_t Fg = c.pb.group_out(), mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
+  const bool direct = c.pb.out_c == 1;
+  for (int64_t nc0 = t.col0; nc0 < t.col1;) {
+    const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
+    Cbuf.resize(mc_pad * nc_pad);  // read only where more than one block, or !direct
+    if (!direct) std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
+    To* o = direct ? reinterpret_cast<To*>(c.out) + t.group * Fg + nc0 : nullptr;
+    for (int64_t i = 0; i < nblocks; ++i)
+      mul(i, nc0, nc,
+          gemm::PairC<To>{Cbuf.data(), nc_pad, o, out_row, mc, nc, direct && i == 0,
+                          i + 1 == nblocks});
+    if (!direct) {
+      c.copy_out(out_row, mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
+    } else if (nblocks == 0) {
+      for (int64_t r = 0; r < mc; ++r) std::fill_n(o + out_row[r], nc, To(0));
+    }
+    nc0 += nc;
+  }
+}
+
 // bfloat16 operands of the phase-B path (channels contiguous and inner, at
 // least kPhaseBMinC per group, an even number) on AVX512_BF16: the operands
 // are read as they are, not widened, and multiplied by the pair kernel
@@ -1530,9 +1566,8 @@ struct Bf16Pairs {
   // phase combination (Bph).
   void run(const Task& t, const uint16_t* Bph) const {
 #ifdef CKS_X86_AVX2
-    const ConvProblem& pb = c.pb;
     const SubProblem& sp = c.plan.subproblems[t.sp];
-    const int64_t Fg = pb.group_out(), mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
+    const int64_t mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
     thread_local std::vector<int64_t> lhs_row, out_row, ra, rb, f0;
     thread_local std::vector<PhaseBlock> pblocks;
     thread_local std::vector<float> Cbuf;
@@ -1542,31 +1577,15 @@ struct Bf16Pairs {
     c.reduction_blocks(sp, c.red_size(t.sp), true, f0, pblocks);
     const int64_t ldb = c.phase_ldb(c.combo_of(sp));
     const uint16_t* lhs = reinterpret_cast<const uint16_t*>(c.lhs);
-    // Output element type as the kernel stores it: bfloat16 bits or float.
-    using To = std::conditional_t<std::is_same<Tout, bf16>::value, uint16_t, float>;
-    const bool direct = pb.out_c == 1;  // features contiguous: stored by the kernel
-    for (int64_t nc0 = t.col0; nc0 < t.col1;) {
-      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      const int64_t nblocks = static_cast<int64_t>(pblocks.size());
-      Cbuf.resize(mc_pad * nc_pad);  // read only where more than one block, or !direct
-      if (!direct) std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
-      To* o = direct ? reinterpret_cast<To*>(c.out) + t.group * Fg + nc0 : nullptr;
-      const uint16_t* Bcols = Bph + nc0 / NR * ldb;
-      for (int64_t i = 0; i < nblocks; ++i) {
-        const PhaseBlock& b = pblocks[i];
-        gemm::pairs_block(mc_pad, nc_pad, b.kc,
-                          gemm::PairRunA{lhs, lhs_row.data(), k.ra, k.R, b.kc0 / k.R, b.kc0 % k.R},
-                          Bcols + b.brow * NR, ldb,
-                          gemm::PairC<To>{Cbuf.data(), nc_pad, o, out_row.data(), mc, nc,
-                                          direct && i == 0, i + 1 == nblocks});
-      }
-      if (!direct) {
-        c.copy_out(out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
-      } else if (nblocks == 0) {  // a sub-problem whose outputs are all zero
-        for (int64_t r = 0; r < mc; ++r) std::fill_n(o + out_row[r], nc, To(0));
-      }
-      nc0 += nc;
-    }
+    pair_task_output(c, t, out_row.data(), static_cast<int64_t>(pblocks.size()), Cbuf,
+                     [&](int64_t i, int64_t nc0, int64_t nc, const auto& C) {
+                       const PhaseBlock& b = pblocks[i];
+                       gemm::pairs_block(
+                           mc_pad, round_up(nc, NR), b.kc,
+                           gemm::PairRunA{lhs, lhs_row.data(), k.ra, k.R, b.kc0 / k.R,
+                                          b.kc0 % k.R},
+                           Bph + nc0 / NR * ldb + b.brow * NR, ldb, C);
+                     });
 #else
     (void)t, (void)Bph;
 #endif
@@ -1756,34 +1775,19 @@ struct Bf16PackedPairs {
 #endif
   }
 
-  // Output element type as the kernel stores it: bfloat16 bits or float.
-  using To = std::conditional_t<std::is_same<Tout, bf16>::value, uint16_t, float>;
+  using To = PairOut<Tout>;
 
   // One task of one sub-problem: its reduction in blocks of kKC.
   void run(const Task& t) const {
-    const ConvProblem& pb = c.pb;
-    const int64_t Fg = pb.group_out(), mc = t.row1 - t.row0, mc_pad = round_up(mc, MR);
     thread_local SubA x;
     thread_local std::vector<float> Cbuf;
     prepare(t, x);
     const int64_t red = x.k.nruns * x.k.R, nblocks = (red + kKC - 1) / kKC;
-    const bool direct = pb.out_c == 1;  // features contiguous: stored by the kernel
-    for (int64_t nc0 = t.col0; nc0 < t.col1;) {
-      const int64_t nc = std::min(nc0 / kNC * kNC + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      Cbuf.resize(mc_pad * nc_pad);
-      if (!direct) std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
-      To* o = direct ? reinterpret_cast<To*>(c.out) + t.group * Fg + nc0 : nullptr;
-      for (int64_t blk = 0; blk < nblocks; ++blk)
-        multiply(x, mc, t.group, nc0, nc, blk * kKC, std::min(kKC, red - blk * kKC),
-                 gemm::PairC<To>{Cbuf.data(), nc_pad, o, x.out_row.data(), mc, nc,
-                                 direct && blk == 0, blk + 1 == nblocks});
-      if (!direct) {
-        c.copy_out(x.out_row.data(), mc, t.group, nc0, nc, Cbuf.data(), nc_pad, false);
-      } else if (nblocks == 0) {  // a sub-problem whose outputs are all zero
-        for (int64_t r = 0; r < mc; ++r) std::fill_n(o + x.out_row[r], nc, To(0));
-      }
-      nc0 += nc;
-    }
+    pair_task_output(c, t, x.out_row.data(), nblocks, Cbuf,
+                     [&](int64_t blk, int64_t nc0, int64_t nc, const auto& C) {
+                       multiply(x, t.row1 - t.row0, t.group, nc0, nc, blk * kKC,
+                                std::min(kKC, red - blk * kKC), C);
+                     });
   }
 
   // Large operands (CksConv::interleaves_taps, and at least kTapsMinBytes
