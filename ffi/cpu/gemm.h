@@ -682,7 +682,6 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline void pair_step(
   }
 }
 
-
 // 16 floats rounded to bfloat16 as float_to_bf16 does (to nearest even,
 // NaN quieted), as 16 bits each. (Zero-masked forms: GCC 12's unmasked ones
 // trip -Wmaybe-uninitialized on an undefined vector.)
