@@ -140,16 +140,29 @@ def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
 
 
 def test_cpu_isa_is_the_kernels():
+  """The kernels the CPU op picks are the ones /proc/cpuinfo says this CPU has. A build whose
+  feature check reads nothing (zig's clang left __builtin_cpu_supports false everywhere) would
+  run the portable kernel: right values, a fraction of the speed."""
   from cks_jax._src import backends
   assert backends.cpu_isa() in (0, 1, 2)
   try:
     with open("/proc/cpuinfo") as f:
-      flags = f.read()
+      lines = [line for line in f if line.startswith("flags")]
   except OSError:
     pytest.skip("no /proc/cpuinfo to compare with")
-  if "avx2" not in flags or os.environ.get("CKS_CPU_ISA") == "0":
-    pytest.skip("a CPU without AVX2 (or capped at the portable C++ kernel)")
-  assert backends.cpu_isa() >= 1
+  if not lines:
+    pytest.skip("/proc/cpuinfo lists no x86 flags")
+  flags = set(lines[0].split(":", 1)[1].split())
+  want = 0
+  if {"avx2", "fma"} <= flags:
+    want = 2 if "avx512f" in flags else 1
+  cap = os.environ.get("CKS_CPU_ISA")
+  if cap in ("0", "1"):
+    want = min(want, int(cap))
+  assert backends.cpu_isa() == want, (backends.cpu_isa(), sorted(flags & {"avx2", "fma", "avx512f"}))
+  pairs = (want == 2 and {"avx512bw", "avx512vl", "avx512_bf16"} <= flags
+           and os.environ.get("CKS_CPU_BF16_PAIRS") != "0")
+  assert backends.cpu_bf16_pairs() == pairs
 
 
 @pytest.mark.parametrize("case", range(len(NARROW)))

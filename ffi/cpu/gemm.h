@@ -30,6 +30,7 @@
 // CKS_PORTABLE_ONLY leaves them out, as on any other CPU (tests/
 // test_portable_build.py compiles the kernel so on x86-64 too).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CKS_PORTABLE_ONLY)
+#include <cpuid.h>
 #include <immintrin.h>
 #define CKS_X86_AVX2 1
 #ifndef CKS_GEMM_AVX512
@@ -797,14 +798,51 @@ inline void pairs_block(int64_t mc, int64_t nc_pad, int64_t kc, const ASrc& A,
 #undef CKS_BF16_TARGET
 #endif  // CKS_X86_AVX2
 
+#ifdef CKS_X86_AVX2
+// What the kernels need of the CPU, read from cpuid, and of the OS: that it
+// saves the ymm (and zmm, k) registers, per xgetbv. Not __builtin_cpu_supports:
+// that reads __cpu_model, which the toolchain's runtime must fill in, and
+// zig's clang leaves it zero, so a build with it ran the portable kernel.
+struct CpuFeatures {
+  bool avx2_fma = false;     // AVX2 and FMA
+  bool avx512f = false;      // and AVX-512F
+  bool avx512_bf16 = false;  // and AVX-512BW, VL and BF16
+};
+inline CpuFeatures cpu_features() {
+  static const CpuFeatures features = [] {
+    CpuFeatures f;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return f;
+    __cpuid_count(1, 0, a, b, c, d);
+    const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
+    if (!osxsave || !avx) return f;
+    unsigned xcr0 = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+    const bool ymm_saved = (xcr0 & 0x6) == 0x6;     // SSE and AVX state
+    const bool zmm_saved = (xcr0 & 0xe6) == 0xe6;   // and opmask, ZMM_Hi256, Hi16_ZMM
+    __cpuid_count(7, 0, a, b, c, d);
+    const unsigned max_subleaf = a;
+    f.avx2_fma = ymm_saved && fma && (b & (1u << 5));
+    f.avx512f = f.avx2_fma && zmm_saved && (b & (1u << 16));
+    const bool bw = b & (1u << 30), vl = b & (1u << 31);
+    if (max_subleaf >= 1) {
+      __cpuid_count(7, 1, a, b, c, d);
+      f.avx512_bf16 = f.avx512f && bw && vl && (a & (1u << 5));
+    }
+    return f;
+  }();
+  return features;
+}
+#endif
+
 // 2: AVX-512F, 1: AVX2+FMA, 0: portable. CKS_CPU_ISA=0 or 1 caps it (to
 // test the narrower kernels on a wider machine); the cap is read once.
 inline int gemm_isa() {
   static const int isa = [] {
     int best = 0;
 #ifdef CKS_X86_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      best = CKS_GEMM_AVX512 && __builtin_cpu_supports("avx512f") ? 2 : 1;
+    const CpuFeatures f = cpu_features();
+    if (f.avx2_fma) best = CKS_GEMM_AVX512 && f.avx512f ? 2 : 1;
 #endif
     const char* cap = std::getenv("CKS_CPU_ISA");
     if (cap != nullptr && (std::strcmp(cap, "0") == 0 || std::strcmp(cap, "1") == 0))
@@ -822,8 +860,7 @@ inline bool bf16_pairs() {
   static const bool on = [] {
 #ifdef CKS_X86_AVX2
     const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
-    return gemm_isa() == 2 && __builtin_cpu_supports("avx512bf16") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+    return gemm_isa() == 2 && cpu_features().avx512_bf16 &&
            !(off != nullptr && std::strcmp(off, "0") == 0);
 #else
     return false;
