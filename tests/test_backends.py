@@ -159,7 +159,8 @@ def test_cpu_isa_is_the_kernels():
   cap = os.environ.get("CKS_CPU_ISA")
   if cap in ("0", "1"):
     want = min(want, int(cap))
-  assert backends.cpu_isa() == want, (backends.cpu_isa(), sorted(flags & {"avx2", "fma", "avx512f"}))
+  has = sorted(flags & {"avx2", "fma", "avx512f"})
+  assert backends.cpu_isa() == want, f"kernel ISA {backends.cpu_isa()}, /proc/cpuinfo has {has}"
   pairs = (want == 2 and {"avx512bw", "avx512vl", "avx512_bf16"} <= flags
            and os.environ.get("CKS_CPU_BF16_PAIRS") != "0")
   assert backends.cpu_bf16_pairs() == pairs

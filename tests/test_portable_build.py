@@ -75,10 +75,9 @@ def test_portable_only_build(tmp_path, compiler):
 
 
 def test_clang_build(tmp_path):
-  """The whole kernel, x86 tiles included, under clang's warnings at -O3, as CMakeLists builds
-  it: clang checks that the always_inline helpers with target attributes are only inlined into
-  functions of the same target, where gcc checks less. For plain x86-64 (.ci/run's CKS_CLANGXX
-  builds so), the tiles are reached only through the run-time dispatch."""
+  """The whole kernel, x86 tiles included, compiled by clang with the extension's warnings at -O3
+  (.ci/run's CKS_CLANGXX builds for plain x86-64, as an Intel Mac's clang or a Linux clang without
+  -march does: the tiles' target attributes then decide what may be inlined where)."""
   obj = tmp_path / "conv_cpu.o"
   _compile(_compiler("clang"), obj, "-O3", "-fPIC")
   if platform.machine() in ("x86_64", "AMD64") and shutil.which("nm") is not None:
