@@ -62,9 +62,9 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 // value), spilled them and reloaded one per broadcast: 128 tile functions had
 // stack operands in their innermost loop (objdump; 22 not unrolled, most of
 // them the dot path's, where GCC has some too), and a clang build ran DCGAN
-// 16->32's input and filter gradients in 1.8x and 1.3x the time of GCC's
-// build (1.09x and 1.03x not unrolled; other layers 0.95-1.1x either way,
-// separate processes).
+// 16->32's input and filter gradients in 1.8x and 1.4x the time of GCC's
+// build (1.09x and 1.03x not unrolled, 10 other ops 1.00-1.13x; best of two
+// runs, separate processes).
 #if defined(__clang__)
 #define CKS_UNROLL_STEPS _Pragma("clang loop unroll(disable)")
 #else
