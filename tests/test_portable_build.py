@@ -5,11 +5,12 @@ stores) sits behind one guard in gemm.h; other CPUs build the portable kernel al
 runs on such a CPU, so a name used outside that guard but declared inside it (as `gemm::PairC`
 was for a while: the bfloat16 filter-gradient path) would break every source build there unseen.
 This compiles conv_cpu.cc with -DCKS_PORTABLE_ONLY, which takes the guard's other branch on
-x86-64 too, with the extension's warning flags, and checks that no x86 kernel (no function named
-after AVX) is left in the object: with the default compiler, and with clang where CKS_CLANGXX
-names one (Apple silicon builds with Apple's clang), which also compiles the whole kernel. The
-portable kernel's numbers are tested elsewhere (CKS_CPU_ISA=0 in test_kernel_paths), through the
-same code; .ci/run also builds the extension with clang and runs the kernel tests on it.
+x86-64 too, with the extension's warning flags, and checks that no x86 kernel is left in the
+object (no function named after AVX, and no ymm/zmm code where the compiler's default target has
+none): with the default compiler, and with clang where CKS_CLANGXX names one (Apple silicon
+builds with Apple's clang), which also compiles the whole kernel. The portable kernel's numbers
+are tested elsewhere (CKS_CPU_ISA=0 in test_kernel_paths), through the same code; .ci/run also
+builds the extension with clang and runs the kernel tests on it.
 """
 import os
 import platform
@@ -62,16 +63,35 @@ def _kernel_symbols(obj: Path) -> list[str]:
   return [line for line in names.splitlines() if "avx" in line.lower()]
 
 
+def _wide_lines(obj: Path) -> list[str]:
+  """The object's instructions on ymm or zmm registers."""
+  asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True,
+                       text=True, check=True).stdout
+  return [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line]
+
+
+def _targets_avx(cxx: str, tmp_path: Path) -> bool:
+  """Whether `cxx` vectorises with ymm/zmm by default (zig's clang targets the host CPU; some
+  distributions build for x86-64-v3): a loop it may vectorise, compiled at -O3."""
+  src, obj = tmp_path / "probe.cc", tmp_path / "probe.o"
+  src.write_text("void scale(float* a, int n) { for (int i = 0; i < n; ++i) a[i] *= 2.0f; }\n")
+  subprocess.run([cxx, "-O3", "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
+  return bool(_wide_lines(obj))
+
+
 @pytest.mark.parametrize("compiler", sorted(COMPILERS))
 def test_portable_only_build(tmp_path, compiler):
+  cxx = _compiler(compiler)
   obj = tmp_path / "conv_cpu.o"
-  _compile(_compiler(compiler), obj, "-O1", "-DCKS_PORTABLE_ONLY")
+  _compile(cxx, obj, "-O1", "-DCKS_PORTABLE_ONLY")
   if platform.machine() not in ("x86_64", "AMD64") or shutil.which("nm") is None:
-    return  # the compile is the check; the symbol check below is x86's
-  # By name, not by register: a compiler whose default target has AVX (zig's clang targets the
-  # host CPU; some distributions build for x86-64-v3) vectorises the portable GEMM with ymm/zmm.
+    return  # the compile is the check; the checks below are x86's
   left = _kernel_symbols(obj)
   assert not left, f"x86 kernels left in a portable-only build: {left[:5]}"
+  # No ymm/zmm code either, where the compiler's default target has none of its own.
+  if shutil.which("objdump") is not None and not _targets_avx(cxx, tmp_path):
+    wide = _wide_lines(obj)
+    assert not wide, f"x86 vector kernels left in a portable-only build: {wide[:5]}"
 
 
 def test_clang_build(tmp_path):
