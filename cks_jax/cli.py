@@ -49,19 +49,38 @@ def _select(layers, pattern: str | None, quick: bool):
 
 def cmd_bench(args) -> int:
   from cks_jax._src import bench
-  layers = _select(bench.load_layers(args.shapes), args.layers, args.quick)
-  if not layers:
-    print("no layer matches --layers", file=sys.stderr)
-    return 2
-  repeats = args.repeats or (3 if args.quick else 7)
-  budget = 1.5 if args.quick else 5.0
-  progress = Progress(3 * len(layers))
-  report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
-                     with_portable=not getattr(args, "no_portable", False), progress=progress,
-                     dtype=getattr(args, "dtype", "float32"))
-  progress.close()
-  gemm = bench.gemm_gflops()
-  report.machine["xla_gemm_gflops"] = gemm
+  if getattr(args, "load", None):
+    # A saved run's table, summary and plot, without timing anything.
+    if args.json:
+      print("--load prints a saved run; --json would only copy it", file=sys.stderr)
+      return 2
+    try:
+      with open(args.load) as f:
+        report = bench.report_from_json(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      print(f"--load {args.load}: not a results file of cks-jax bench --json ({e})",
+            file=sys.stderr)
+      return 2
+    gemm = report.machine.get("xla_gemm_gflops")
+  else:
+    layers = _select(bench.load_layers(args.shapes), args.layers, args.quick)
+    if not layers:
+      print("no layer matches --layers", file=sys.stderr)
+      return 2
+    repeats = args.repeats or (3 if args.quick else 7)
+    budget = 1.5 if args.quick else 5.0
+    # The GEMM rate is the reference of the 75% target: measured before and after the layers
+    # and the higher kept, so one disturbed measurement does not lower the bar.
+    gemm_before = bench.gemm_gflops()
+    progress = Progress(3 * len(layers))
+    report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
+                       with_portable=not getattr(args, "no_portable", False), progress=progress,
+                       dtype=getattr(args, "dtype", "float32"))
+    progress.close()
+    gemms = [gemm_before, bench.gemm_gflops()]
+    gemm = max(gemms)
+    report.machine["xla_gemm_gflops"] = gemm
+    report.machine["xla_gemm_gflops_measured"] = gemms
   print(bench.format_table(report, gemm))
   if args.json:
     with open(args.json, "w") as f:
@@ -176,6 +195,8 @@ def main(argv=None) -> int:
   b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="operand dtype of every backend (default float32)")
   b.add_argument("--json", help="write the results as JSON")
+  b.add_argument("--load", metavar="JSON",
+                 help="print (and --plot) a saved --json run instead of timing")
   b.add_argument("--plot", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
   b.set_defaults(fn=cmd_bench)
 

@@ -1,5 +1,6 @@
 """The cks-jax command line: explain, bench and train, end to end on tiny settings."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,37 @@ def test_bench_json_and_table(tmp_path, capsys):
   rows = json.loads(path.read_text())["rows"]
   assert [r["op"] for r in rows] == ["fwd", "dlhs", "drhs"]
   assert all(r["cks_ms"] > 0 and r["xla_ms"] > 0 and r["gflop"] > 0 for r in rows)
+
+
+def test_bench_load_reprints_a_saved_run(tmp_path, capsys):
+  path = tmp_path / "b.json"
+  assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--repeats", "1", "--no-torch",
+                   "--no-portable", "--json", str(path)]) == 0
+  timed = capsys.readouterr().out.splitlines()
+  assert cli.main(["bench", "--load", str(path)]) == 0
+  loaded = capsys.readouterr().out.splitlines()
+  assert loaded == timed[:-1]  # all but "wrote b.json"
+  assert any(re.match(r"Sk-dilated, atrous convs \(1\) +drhs +\d", l) for l in loaded)
+  assert cli.main(["bench", "--load", str(path), "--json", str(tmp_path / "c.json")]) == 2
+  (tmp_path / "bad.json").write_text("{}")
+  assert cli.main(["bench", "--load", str(tmp_path / "bad.json")]) == 2
+  assert "not a results file" in capsys.readouterr().err
+
+
+def test_bench_summary_per_family_and_slower_ops():
+  from cks_jax._src import bench
+  row = lambda layer, fam, op, cks, xla, torch: bench.Row(layer, fam, op, 1.0, cks, xla, torch)
+  report = bench.Report(machine={}, rows=[
+      row("a", "ks_deconv", "fwd", 1.0, 4.0, 2.0),   # 4x XLA, 2x torch
+      row("b", "ks_deconv", "fwd", 1.0, 1.0, 8.0),   # 1x XLA, 8x torch
+      row("c", "sk_dilated", "drhs", 2.0, 3.0, 1.0),  # slower than torch: 0.5x
+      row("d", "convv2", "dlhs", 1.0, 0.9, None),     # slower than XLA, no torch: 0.9x
+  ])
+  lines = bench.summarize(report)
+  fwd = next(l for l in lines if re.match(r"KS-deconv, transposed convs \(2\) +fwd ", l))
+  assert "2.00x (1.00-4.00x)" in fwd and "4.00x (2.00-8.00x)" in fwd
+  assert lines[-1] == ("ops slower than the faster of XLA and PyTorch: 2 of 4: "
+                       "c drhs 0.50x, d dlhs 0.90x")
 
 
 def test_bench_bfloat16(tmp_path, capsys):

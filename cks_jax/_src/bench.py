@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Callable, Iterable
 
@@ -349,7 +349,11 @@ def format_table(report: Report, gemm: float | None = None) -> str:
   lines.append("-" * len(head))
   lines.append(f"geometric mean speed-up vs XLA: "
                f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x over {len(ratios)} ops"
-               + (f"; same-run XLA fp32 GEMM rate {gemm:.0f} GFLOP/s" if gemm else ""))
+               + (f"; same-run XLA fp32 GEMM rate {gemm:.0f} GFLOP/s" if gemm else "")
+               + (" (the higher of {:.0f} before and {:.0f} after the layers)".format(
+                   *report.machine["xla_gemm_gflops_measured"])
+                  if gemm and len(report.machine.get("xla_gemm_gflops_measured", ())) == 2
+                  else ""))
   scr = [r for r in report.rows if r.scratch_mb is not None]
   if scr:
     worst = max(scr, key=lambda r: r.scratch_mb / r.out_mb)
@@ -361,11 +365,66 @@ def format_table(report: Report, gemm: float | None = None) -> str:
     ok = sum(r.gflop / r.cks_ms * 1e3 >= 0.75 * gemm for r in big)
     lines.append(f"KS-deconv/Sk-dilated ops of >= 0.5 GFLOP at >= 75% of the GEMM rate "
                  f"({0.75 * gemm:.0f} GFLOP/s): {ok} of {len(big)}")
+  lines += summarize(report)
   m = report.machine
   lines.append(f"{m.get('dtype', 'float32')} operands; "
                f"machine: {m.get('cpu', m['platform'])}, {m['cpu_count']} cores, "
                f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else ""))
   return "\n".join(lines)
+
+
+FAMILIES = (("ks_deconv", "KS-deconv, transposed convs"), ("sk_dilated", "Sk-dilated, atrous convs"),
+            ("convv2", "ConvV2, padded convs"))
+
+
+def _gmean(xs: list[float]) -> float:
+  return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def _spread(xs: list[float]) -> str:
+  """Geometric mean (min-max) of speed-ups, as the README's tables give them."""
+  return f"{_gmean(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f}x)" if xs else "-"
+
+
+def summarize(report: Report) -> list[str]:
+  """The lines under the table: speed-ups per family and op (geometric mean, min-max), and
+  the operations slower than the faster of XLA and PyTorch, each with its ratio."""
+  rows = report.rows
+  has_torch = any(r.torch_ms is not None for r in rows)
+  lines = []
+  fams = [(f, name) for f, name in FAMILIES if any(r.family == f for r in rows)]
+  fams += [(f, f) for f in dict.fromkeys(r.family for r in rows) if f not in dict(FAMILIES)]
+  if fams:
+    lines.append(f"{'family (layers)':32s} {'op':5s} {'vs XLA':>22s}"
+                 + (f" {'vs PyTorch':>22s}" if has_torch else ""))
+  for fam, name in fams:
+    n = len({r.layer for r in rows if r.family == fam})
+    for op in ("fwd", "dlhs", "drhs"):
+      sel = [r for r in rows if r.family == fam and r.op == op]
+      if not sel:
+        continue
+      line = f"{name + f' ({n})':32s} {op:5s} {_spread([r.speedup_vs_xla for r in sel]):>22s}"
+      if has_torch:
+        line += f" {_spread([r.speedup_vs_torch for r in sel if r.torch_ms is not None]):>22s}"
+      lines.append(line)
+  if has_torch:
+    torch_ratios = [r.speedup_vs_torch for r in rows if r.torch_ms is not None]
+    lines.append(f"geometric mean speed-up vs PyTorch: {_gmean(torch_ratios):.2f}x over "
+                 f"{len(torch_ratios)} ops")
+  slower = [(min(r.xla_ms, r.torch_ms or math.inf) / r.cks_ms, r) for r in rows]
+  slower = sorted((x for x in slower if x[0] < 1.0), key=lambda x: x[0])
+  which = "the faster of XLA and PyTorch" if has_torch else "XLA"
+  lines.append(f"ops slower than {which}: {len(slower)} of {len(rows)}"
+               + "".join(f"{',' if i else ':'} {r.layer} {r.op} {x:.2f}x"
+                         for i, (x, r) in enumerate(slower)))
+  return lines
+
+
+def report_from_json(data: dict) -> Report:
+  """A Report back from ``--json``'s file (the derived ratios are recomputed)."""
+  names = {f.name for f in fields(Row)}
+  return Report(machine=data["machine"],
+                rows=[Row(**{k: v for k, v in r.items() if k in names}) for r in data["rows"]])
 
 
 def plot(report: Report, path: str) -> None:
