@@ -57,6 +57,26 @@ def test_bench_summary_per_family_and_slower_ops():
                        "c drhs 0.50x, d dlhs 0.90x")
 
 
+def test_bench_counts_page_faults_per_call():
+  pytest.importorskip("resource", reason="page faults are read with getrusage (POSIX)")
+  import mmap
+  from cks_jax._src import bench
+
+  def fresh():  # touches 256 new pages every call
+    m = mmap.mmap(-1, 256 * mmap.PAGESIZE)
+    m[::mmap.PAGESIZE] = b"\1" * 256
+    m.close()
+
+  faults = {}
+  bench.time_interleaved({"fresh": fresh, "idle": lambda: None}, 3, 1.0, faults)
+  assert faults["fresh"] >= 256 and faults["idle"] < 16, faults
+  report = bench.Report(machine={}, rows=[
+      bench.Row("a", "ks_deconv", "fwd", 1.0, 1.0, 2.0, cks_faults=faults["fresh"], xla_faults=0),
+      bench.Row("b", "ks_deconv", "fwd", 1.0, 1.0, 2.0, cks_faults=faults["idle"])])
+  line = next(l for l in bench.summarize(report) if "page faults" in l)
+  assert f"a fwd {faults['fresh']:.0f} (0)" in line and "b fwd" not in line
+
+
 def test_bench_bfloat16(tmp_path, capsys):
   path = tmp_path / "b.json"
   assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--repeats", "1", "--no-torch",

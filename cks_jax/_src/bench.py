@@ -63,8 +63,17 @@ def time_fn(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
   return time_interleaved({"fn": fn}, repeats, budget_s)["fn"]
 
 
+def _minor_faults() -> int | None:
+  """Minor page faults of this process so far (all threads), where the OS reports them."""
+  try:
+    import resource
+  except ImportError:  # pragma: no cover - not on Windows
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                     budget_s: float) -> dict[str, float]:
+                     budget_s: float, faults: dict[str, float] | None = None) -> dict[str, float]:
   """Median wall time in ms of each of ``fns`` (blocking), timed in rounds:
   within a round each function runs a block of back-to-back calls, an
   untimed one and then timed ones for at least ``BLOCK_S`` seconds (a call
@@ -79,21 +88,28 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   Calling the functions one call each in turn instead left each one's
   operands evicted by the others': the grouped transposed forward took
   2.7-3.1 ms after XLA's or the portable path's call against 1.6-1.9 ms
-  back to back."""
+  back to back.
+
+  ``faults``, if given, receives each function's minor page faults per timed
+  call (only one function runs at a time, so the process's count is its own):
+  fresh pages of outputs or scratch that the allocator had returned to the OS."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
+  flt: dict[str, int] = {k: 0 for k in fns}
   budget = budget_s * len(fns)
   start = time.perf_counter()
   while (min(len(t) for t in times.values()) < repeats
          or time.perf_counter() - start < min(MIN_TIMED_S * len(fns), budget)):
     for k, fn in fns.items():
+      f0 = _minor_faults()
       t_block = time.perf_counter()
       jax.block_until_ready(fn())
       first = time.perf_counter() - t_block
       if first >= BLOCK_S:
         times[k].append(first)
       else:
+        f0 = _minor_faults()  # the untimed call's faults are not counted
         while True:
           t0 = time.perf_counter()
           jax.block_until_ready(fn())
@@ -101,9 +117,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
           times[k].append(t1 - t0)
           if t1 - t_block >= BLOCK_S:
             break
+      if f0 is not None:
+        flt[k] += _minor_faults() - f0
       time.sleep(SETTLE_S)
     if time.perf_counter() - start > budget:
       break
+  if faults is not None and _minor_faults() is not None:
+    faults.update({k: flt[k] / len(t) for k, t in times.items()})
   return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
@@ -215,6 +235,8 @@ class Row:
   portable_ms: float | None = None
   scratch_mb: float | None = None  # the CPU kernel's extra memory (explain's scratch)
   out_mb: float | None = None  # the op's output, for scale
+  cks_faults: float | None = None  # minor page faults per cks-jax call
+  xla_faults: float | None = None
 
   @property
   def speedup_vs_xla(self) -> float:
@@ -315,9 +337,11 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
         fns["portable"] = ops_port[op]
       if torch_ops is not None:  # in the same rounds (time_interleaved's blocks)
         fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
-      ms = time_interleaved(fns, repeats, budget_s)
+      flt: dict[str, float] = {}
+      ms = time_interleaved(fns, repeats, budget_s, flt)
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
-                portable_ms=ms.get("portable"), torch_ms=ms.get("torch"))
+                portable_ms=ms.get("portable"), torch_ms=ms.get("torch"),
+                cks_faults=flt.get("cks"), xla_faults=flt.get("xla"))
       e = per_op[op]
       row.out_mb = math.prod(e.shapes[2]) * np.dtype(dtype).itemsize / 2**20
       if e.scratch is not None:
@@ -377,6 +401,9 @@ FAMILIES = (("ks_deconv", "KS-deconv, transposed convs"), ("sk_dilated", "Sk-dil
             ("convv2", "ConvV2, padded convs"))
 
 
+FAULTS_SHOWN = 256  # 1 MB of 4 KB pages
+
+
 def _gmean(xs: list[float]) -> float:
   return math.exp(sum(map(math.log, xs)) / len(xs))
 
@@ -411,6 +438,15 @@ def summarize(report: Report) -> list[str]:
     torch_ratios = [r.speedup_vs_torch for r in rows if r.torch_ms is not None]
     lines.append(f"geometric mean speed-up vs PyTorch: {_gmean(torch_ratios):.2f}x over "
                  f"{len(torch_ratios)} ops")
+  # A fresh page costs a fault (a few us on these VMs) inside the timed call: a single op's
+  # output is a new buffer at every call (a layer's inside a jitted step is not), and how
+  # often the allocator hands back unmapped memory depends on what the process ran before.
+  faulty = [r for r in rows if (r.cks_faults or 0) >= FAULTS_SHOWN]
+  if faulty:
+    lines.append(f"cks-jax calls with >= {FAULTS_SHOWN} minor page faults each (fresh pages of "
+                 f"outputs or scratch; XLA's in brackets): "
+                 + ", ".join(f"{r.layer} {r.op} {r.cks_faults:.0f} ({r.xla_faults or 0:.0f})"
+                             for r in faulty))
   slower = [(min(r.xla_ms, r.torch_ms or math.inf) / r.cks_ms, r) for r in rows]
   slower = sorted((x for x in slower if x[0] < 1.0), key=lambda x: x[0])
   which = "the faster of XLA and PyTorch" if has_torch else "XLA"
