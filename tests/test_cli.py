@@ -36,9 +36,10 @@ def test_bench_load_reprints_a_saved_run(tmp_path, capsys):
   assert loaded == timed[:-1]  # all but "wrote b.json"
   assert any(re.match(r"Sk-dilated, atrous convs \(1\) +drhs +\d", l) for l in loaded)
   assert cli.main(["bench", "--load", str(path), "--json", str(tmp_path / "c.json")]) == 2
-  (tmp_path / "bad.json").write_text("{}")
-  assert cli.main(["bench", "--load", str(tmp_path / "bad.json")]) == 2
-  assert "not a results file" in capsys.readouterr().err
+  for bad in ("{}", '{"machine": {}, "rows": []}', "not json"):
+    (tmp_path / "bad.json").write_text(bad)
+    assert cli.main(["bench", "--load", str(tmp_path / "bad.json")]) == 2
+    assert "not a results file" in capsys.readouterr().err
 
 
 def test_bench_summary_per_family_and_slower_ops():

@@ -459,6 +459,8 @@ def summarize(report: Report) -> list[str]:
 def report_from_json(data: dict) -> Report:
   """A Report back from ``--json``'s file (the derived ratios are recomputed)."""
   names = {f.name for f in fields(Row)}
+  if not data["rows"]:
+    raise ValueError("it has no rows")
   return Report(machine=data["machine"],
                 rows=[Row(**{k: v for k, v in r.items() if k in names}) for r in data["rows"]])
 
