@@ -171,8 +171,8 @@ def test_gemm_tiles_keep_accumulators_in_registers(tmp_path):
 
 
 # Stack operands per FMA allowed in a float32 or bfloat16 tile's innermost loops. GCC 12's code
-# reloads a value once per unrolled step (at most 0.104, the 6 x 32 double RunA tile into a
-# scratch block); clang 22 with the unroll pragma read 0.5-0.96. float64 tiles are exempt: clang
+# reloads a value once per unrolled step (at most 0.104: the 6 x 64 float32 RunA tile into a
+# scratch block, BufC); clang 22 with the unroll pragma read 0.5-0.96. float64 tiles are exempt: clang
 # keeps the 6 x 32 double IndirectA tile's offsets on the stack (0.375), a path few layers take.
 MAX_STACK_PER_FMA = 1 / 6
 
