@@ -11,8 +11,9 @@ its scratch copy (one per accumulator vector) may be there.
 A second check reads the tiles' innermost FMA loops, with GCC and with clang where CKS_CLANGXX
 names one: operands read from the stack there, per FMA. Clang 22 with GCC's `unroll 4` kept a
 6-row tile's row pointers and steps (24 invariants) on the stack and reloaded one at every
-broadcast, 0.5-0.96 per FMA in 114 of the 264 tiles, and DCGAN 16->32's input gradient took
-1.8x the time of the GCC build (see CKS_UNROLL_STEPS in gemm.h).
+broadcast: 116 of the 264 tiles read 0.04-0.96 stack operands per FMA there, 52 float32 and
+bfloat16 ones more than 1/6, and DCGAN 16->32's input gradient took 1.8x the time of the GCC
+build (see CKS_UNROLL_STEPS in gemm.h).
 
 Needs x86-64 and objdump, and GCC or a named clang; skipped elsewhere, with the reason.
 """
@@ -172,8 +173,9 @@ def test_gemm_tiles_keep_accumulators_in_registers(tmp_path):
 
 # Stack operands per FMA allowed in a float32 or bfloat16 tile's innermost loops. GCC 12's code
 # reloads a value once per unrolled step (at most 0.104: the 6 x 64 float32 RunA tile into a
-# scratch block, BufC); clang 22 with the unroll pragma read 0.5-0.96. float64 tiles are exempt: clang
-# keeps the 6 x 32 double IndirectA tile's offsets on the stack (0.375), a path few layers take.
+# scratch block, BufC); clang 22 with the unroll pragma read up to 0.96 (52 float32 and bfloat16
+# tiles over 1/6, from 0.19). float64 tiles are exempt: clang keeps the 6 x 32 double IndirectA
+# tile's offsets on the stack (0.375), a path few layers take.
 MAX_STACK_PER_FMA = 1 / 6
 
 
