@@ -397,7 +397,8 @@ def format_table(report: Report, gemm: float | None = None) -> str:
   return "\n".join(lines)
 
 
-FAMILIES = (("ks_deconv", "KS-deconv, transposed convs"), ("sk_dilated", "Sk-dilated, atrous convs"),
+FAMILIES = (("ks_deconv", "KS-deconv, transposed convs"),
+            ("sk_dilated", "Sk-dilated, atrous convs"),
             ("convv2", "ConvV2, padded convs"))
 
 
