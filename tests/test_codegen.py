@@ -146,21 +146,31 @@ def _key(signature: str) -> str:
   return f"{m.group(1)}<{', '.join(a.strip() for a in args.split(','))}>"
 
 
-def _compile_tiles(cxx: str, tmp_path: Path) -> Path:
-  src = tmp_path / "tiles.cc"
-  src.write_text('#include "cpu/gemm.h"\nusing namespace cks::gemm;\n'
-                 + "\n".join(_instantiations()) + "\n")
-  obj = tmp_path / "tiles.o"
-  subprocess.run([cxx, "-O3", "-DNDEBUG", "-std=c++17", "-fPIC", f"-I{FFI}", "-c", str(src),
-                  "-o", str(obj)], check=True)
-  return obj
+@pytest.fixture(scope="module")
+def tiles_object(tmp_path_factory):
+  """compiler -> the object of every tile instantiation, compiled once per module and
+  compiler (both tests read GCC's)."""
+  objs: dict[str, Path] = {}
+
+  def compile_tiles(cxx: str) -> Path:
+    if cxx not in objs:
+      d = tmp_path_factory.mktemp("tiles")
+      src = d / "tiles.cc"
+      src.write_text('#include "cpu/gemm.h"\nusing namespace cks::gemm;\n'
+                     + "\n".join(_instantiations()) + "\n")
+      subprocess.run([cxx, "-O3", "-DNDEBUG", "-std=c++17", "-fPIC", f"-I{FFI}", "-c", str(src),
+                      "-o", str(d / "tiles.o")], check=True)
+      objs[cxx] = d / "tiles.o"
+    return objs[cxx]
+
+  return compile_tiles
 
 
 @pytest.mark.skipif(_why_skip_gcc() is not None,
                     reason=f"vector spills checked for GCC only: {_why_skip_gcc()}")
-def test_gemm_tiles_keep_accumulators_in_registers(tmp_path):
+def test_gemm_tiles_keep_accumulators_in_registers(tiles_object):
   allowed = _instantiations()
-  obj = _compile_tiles(CXX, tmp_path)
+  obj = tiles_object(CXX)
   counts = {_key(n): c for n, c in _stack_vector_stores(obj).items() if "_avx" in n}
   want = {_key(line): n for line, n in allowed.items()}
   assert set(want) <= set(counts), sorted(set(want) - set(counts))
@@ -180,7 +190,7 @@ MAX_STACK_PER_FMA = 1 / 6
 
 
 @pytest.mark.parametrize("compiler", ["gcc", "clang"])
-def test_gemm_tiles_keep_their_operands_in_registers(compiler, tmp_path):
+def test_gemm_tiles_keep_their_operands_in_registers(compiler, tiles_object):
   if compiler == "gcc":
     if _why_skip_gcc():
       pytest.skip(str(_why_skip_gcc()))
@@ -189,7 +199,7 @@ def test_gemm_tiles_keep_their_operands_in_registers(compiler, tmp_path):
     cxx = os.environ.get("CKS_CLANGXX", "")
     if not cxx:
       pytest.skip("no clang named: set CKS_CLANGXX to a clang++ (.ci/run uses ziglang's)")
-  funcs = _functions(_compile_tiles(cxx, tmp_path))
+  funcs = _functions(tiles_object(cxx))
   tiles = {_key(n): _stack_operands_per_fma(ins) for n, ins in funcs.items() if "_avx" in n}
   assert set(map(_key, _instantiations())) <= set(tiles)
   no_loop = sorted(k for k, (n, _) in tiles.items() if n == 0)

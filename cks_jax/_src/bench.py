@@ -371,8 +371,7 @@ def format_table(report: Report, gemm: float | None = None) -> str:
     lines.append(line)
   ratios = [r.speedup_vs_xla for r in report.rows]
   lines.append("-" * len(head))
-  lines.append(f"geometric mean speed-up vs XLA: "
-               f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x over {len(ratios)} ops"
+  lines.append(f"geometric mean speed-up vs XLA: {_gmean(ratios):.2f}x over {len(ratios)} ops"
                + (f"; same-run XLA fp32 GEMM rate {gemm:.0f} GFLOP/s" if gemm else "")
                + (" (the higher of {:.0f} before and {:.0f} after the layers)".format(
                    *report.machine["xla_gemm_gflops_measured"])
