@@ -26,6 +26,7 @@ bool cpu_scratch_bytes(const ConvProblem& pb, int in_code, int out_code, int64_t
 int64_t cpu_pool_threads();
 int cpu_isa();
 bool cpu_bf16_pairs();
+bool cpu_bf16_amx();
 int64_t cpu_widened_held_bytes();
 void cpu_widened_release();
 }
@@ -139,6 +140,8 @@ NB_MODULE(_cks, m) {
   m.def("cpu_isa", &cks::cpu_isa);
   // Whether bfloat16 operands run on the AVX512_BF16 pair kernel where it applies.
   m.def("cpu_bf16_pairs", &cks::cpu_bf16_pairs);
+  // Whether those pair paths multiply on AMX tiles (AMX-BF16, granted by the OS).
+  m.def("cpu_bf16_amx", &cks::cpu_bf16_amx);
   // Bytes of the float32 copies of 16-bit operands held for reuse between
   // calls, and freeing them (conv_cpu.cc: WidenedPool).
   m.def("cpu_widened_held_bytes", &cks::cpu_widened_held_bytes);

@@ -202,6 +202,13 @@ PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_gr
     # strided and dilated, 33 features: an odd number, so the d-input stays widened; the d-rhs
     # packs pairs (two panels, one live column in the second)
     ((3, 5, 6, 40), (3, 3, 40, 33), ((2, 1), [(1, 2), (1, 1)], (1, 2)), {}),
+    # AMX's edges (amx_block): 96 channels x 9 taps, reduction blocks of 288 (a last chunk of
+    # B past a multiple of 32 indices), rows in 2 x 16 tiles and a last partial one, 3 panels
+    # (a 2-panel tile and a 1-panel one)
+    ((2, 12, 13, 96), (3, 3, 96, 48), ((1, 1), "SAME", (1, 1), (2, 2)), {}),
+    # an NCHW output: whole 16-row tiles stored straight into the float32 block
+    ((2, 10, 10, 64), (3, 3, 64, 64), ((1, 1), "SAME"),
+     {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}),
 ]
 
 
@@ -221,6 +228,7 @@ def test_bf16_pairs(case):
   e, g = pairs_paths(PAIRS_CASES[case])
   assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0, str(e)
   assert "AVX512_BF16" in e.reason and "widened" not in e.reason
+  assert ("AMX-BF16" in e.reason) == backends.cpu_bf16_amx(), e.reason
   features = per_group(PAIRS_CASES[case], "O")  # the d-input's channels per group
   # The d-input is on the pair path where it has the same shape of problem; the d-rhs (its
   # reduction runs over positions, channels outer) packs pairs where it has >= 16 features and
@@ -322,6 +330,32 @@ def test_bf16_pairs_can_be_turned_off():
   """)
   here = os.path.dirname(os.path.abspath(__file__))
   env = {**os.environ, "CKS_CPU_BF16_PAIRS": "0", "PYTHONPATH": here}
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=here, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split()[-1] == "ok"
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_amx(), reason="needs AMX-BF16 (Sapphire Rapids or "
+                    "later, tile state granted by Linux): elsewhere the pair tests above run "
+                    "the vdpbf16ps kernel")
+def test_bf16_pairs_without_amx():
+  # On an AMX machine the pair tests above run amx_block; CKS_CPU_AMX=0 (read once per process,
+  # so in a subprocess) runs the same cases on the vdpbf16ps tiles, so both stay tested here.
+  code = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import jax.numpy as jnp, test_kernel_paths as k
+      from cks_jax._src import backends
+      assert backends.cpu_bf16_pairs() and not backends.cpu_bf16_amx()
+      for i, case in enumerate(k.PAIRS_CASES + k.PACKED_PAIRS_CASES):
+        e, g = k.pairs_paths(case)
+        assert "AMX-BF16" not in e.reason + g["d rhs"].reason, e.reason
+        k.check_on_kernel(case, jnp.bfloat16, seed=500 + i)
+      print("ok")
+  """)
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "CKS_CPU_AMX": "0", "PYTHONPATH": here}
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=here, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]

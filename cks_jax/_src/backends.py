@@ -192,6 +192,15 @@ def cpu_bf16_pairs() -> bool:
   return bool(ffi.extension().cpu_bf16_pairs())
 
 
+def cpu_bf16_amx() -> bool:
+  """Whether those bfloat16 pair paths multiply on AMX tiles (Intel Xeon
+  Sapphire Rapids and later: AMX-TILE and AMX-BF16, with the tile state
+  granted by Linux), unless ``CKS_CPU_AMX=0`` turns it off. Implies
+  :func:`cpu_bf16_pairs`."""
+  from cks_jax._src import ffi
+  return bool(ffi.extension().cpu_bf16_amx())
+
+
 def _narrow_facts(params, lhs_shape, rhs_shape):
   """For a narrow output (fewer than ``CPU_MIN_FEATURES`` features per group)
   of at least ``CPU_MIN_MACS`` multiply-adds: (features per group, whether it

@@ -213,8 +213,10 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
     scratch, path = cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)
     if path in PAIRS:
       how = "read as they are" if path == PAIRS[0] else "packed as pairs block by block"
+      unit = ("AMX-BF16 tile instructions (16 x 32 tiles, AVX512_BF16's pair layout"
+              if backends.cpu_bf16_amx() else "AVX512_BF16 dot-product instructions (no AMX")
       reason = reason.replace(_WIDENED, f"; bfloat16 operands {how}, multiplied in pairs by "
-                              "AVX512_BF16 dot-product instructions (float32 sums)")
+                              f"{unit}; float32 sums)")
   return Explanation(scratch=scratch, cpu_path=path,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),

@@ -1618,7 +1618,8 @@ struct Bf16Pairs {
   // Scratch of one call (as CksConv::scratch): the pair phase B, shared, and
   // per thread the largest task's row offsets, runs (with reduction_runs' tap
   // tables), runs' first taps, reduction blocks (3 words each: at most one
-  // per run, or one per kKC of a longer run) and float32 block.
+  // per run, or one per kKC of a longer run), float32 block and, on AMX, the
+  // block's A as tiles read it (gemm::amx_block_bytes).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     constexpr int64_t I = sizeof(int64_t);
     *shared = c.shared_b().elements() * static_cast<int64_t>(sizeof(uint16_t));
@@ -1630,8 +1631,10 @@ struct Bf16Pairs {
       const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
       const int64_t runs = R > 0 ? sp.taps / R : 0;
       const int64_t blocks = runs * std::max<int64_t>(1, (R * c.pb.group_in() + kKC - 1) / kKC);
+      const int64_t kc = std::min(std::max(kKC, Conv::kKCPhase), c.red_size(t.sp));
       const int64_t bytes = (mc_pad + rows + 4 * sp.taps + runs + 3 * blocks) * I +
-                            mc_pad * nc_pad * static_cast<int64_t>(sizeof(float));
+                            mc_pad * nc_pad * static_cast<int64_t>(sizeof(float)) +
+                            gemm::amx_block_bytes(mc_pad, kc, nc_pad);
       *per_thread = std::max(*per_thread, bytes);
     }
   }
@@ -1854,7 +1857,8 @@ struct Bf16PackedPairs {
   // Scratch of one call: nothing shared; per thread the largest task's row
   // offsets and runs (with reduction_runs' tap tables) of each sub-problem it
   // holds at once (all of them with interleaved taps), block offsets, packed
-  // A and B blocks, and float32 blocks (one per sub-problem held).
+  // A and B blocks (on AMX, A also as tiles read it), and float32 blocks (one
+  // per sub-problem held).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     constexpr int64_t I = sizeof(int64_t), H = sizeof(uint16_t), F = sizeof(float);
     const bool taps = interleaves();
@@ -1873,7 +1877,8 @@ struct Bf16PackedPairs {
         const int64_t kc = round_up(std::min(kKC, c.red_size(s)), 2);
         held += (mc_pad + rows + 2 * runs) * I + mc_pad * nc_pad * F;
         tables = std::max(tables, 2 * c.tap_entries(sp, true) * I);  // reused
-        blocks = std::max(blocks, 2 * kKC * I + kc * (mc_pad + nc_pad) * H);
+        blocks = std::max(blocks, 2 * kKC * I + kc * (mc_pad + nc_pad) * H +
+                                      gemm::amx_block_bytes(mc_pad, kc, nc_pad));
       }
       *per_thread = std::max(*per_thread, held + tables + blocks);
     }
@@ -2080,6 +2085,7 @@ int64_t cpu_pool_threads() { return g_pool_threads.load(std::memory_order_relaxe
 int cpu_isa() { return gemm::gemm_isa(); }
 
 bool cpu_bf16_pairs() { return gemm::bf16_pairs(); }
+bool cpu_bf16_amx() { return gemm::bf16_amx(); }
 
 int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
 void cpu_widened_release() { widened_pool().release(); }
