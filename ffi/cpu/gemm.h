@@ -832,17 +832,24 @@ __attribute__((target(CKS_AMX_TARGET))) inline void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-// RT x CT C tiles at c (row stride ldc floats), plus A (RT tiles from a, row
-// stride lda elements) times B (CT panels from b, ldb apart; the 32-index
-// chunks past `full` from tail, 16 pair rows a panel): zero (first) or
-// loaded C, then stored back.
+// Where an A tile's 16 rows are read, chunk by chunk: chunk q of the block
+// (reduction indices [32 q, 32 q + 32)) at p + off[q], rows stride bytes
+// apart: in place (the rows' runs, evenly spaced) or in the packed copy.
+struct AmxA {
+  const uint16_t* p;
+  const int64_t* off;
+  int64_t stride;
+};
+
+// RT x CT C tiles at c (row stride ldc floats), plus A (RT tiles a[0..RT))
+// times B (CT panels from b, ldb apart; the 32-index chunks past `full` from
+// tail, 16 pair rows a panel): zero (first) or loaded C, then stored back.
 template <int RT, int CT>
-__attribute__((target(CKS_AMX_TARGET))) inline void amx_tiles(const uint16_t* a, int64_t lda,
-                                                              int64_t chunks, int64_t full,
-                                                              const uint16_t* b, int64_t ldb,
-                                                              const uint16_t* tail, float* c,
-                                                              int64_t ldc, bool first) {
-  const int64_t sa = lda * 2, sc = ldc * 4;
+__attribute__((target(CKS_AMX_TARGET))) inline void amx_tiles(const AmxA* a, int64_t chunks,
+                                                              int64_t full, const uint16_t* b,
+                                                              int64_t ldb, const uint16_t* tail,
+                                                              float* c, int64_t ldc, bool first) {
+  const int64_t sc = ldc * 4;
   constexpr int64_t kPanel = kAmxK * kPairNR;  // elements of a panel chunk: 1 KB
   if (first) {
     _tile_zero(0);
@@ -855,10 +862,11 @@ __attribute__((target(CKS_AMX_TARGET))) inline void amx_tiles(const uint16_t* a,
     if (RT > 1) _tile_loadd(2, c + kAmxRows * ldc, sc);
     if (RT > 1 && CT > 1) _tile_loadd(3, c + kAmxRows * ldc + kPairNR, sc);
   }
+  const AmxA a0 = a[0], a1 = a[RT - 1];
   for (int64_t q = 0; q < chunks; ++q) {
     const uint16_t* b0 = q < full ? b + q * kPanel : tail;
     const int64_t lb = q < full ? ldb : kPanel;
-    _tile_loadd(4, a + q * kAmxK, sa);
+    _tile_loadd(4, a0.p + a0.off[q], a0.stride);
     _tile_loadd(6, b0, 64);
     _tile_dpbf16ps(0, 4, 6);
     if (CT > 1) {
@@ -866,7 +874,7 @@ __attribute__((target(CKS_AMX_TARGET))) inline void amx_tiles(const uint16_t* a,
       _tile_dpbf16ps(1, 4, 7);
     }
     if (RT > 1) {
-      _tile_loadd(5, a + kAmxRows * lda + q * kAmxK, sa);
+      _tile_loadd(5, a1.p + a1.off[q], a1.stride);
       _tile_dpbf16ps(2, 5, 6);
       if (CT > 1) _tile_dpbf16ps(3, 5, 7);
     }
@@ -877,52 +885,150 @@ __attribute__((target(CKS_AMX_TARGET))) inline void amx_tiles(const uint16_t* a,
   if (RT > 1 && CT > 1) _tile_stored(3, c + kAmxRows * ldc + kPairNR, sc);
 }
 
-// A rows [0, mc) of a block, reduction [0, kc), to dst: row r at r * lda
-// (lda = kc rounded up to 32), zeros past kc and in rows [mc, mc16).
-template <typename ASrc>
-__attribute__((target(CKS_BF16_TARGET))) inline void amx_pack_a(int64_t mc, int64_t mc16,
-                                                               int64_t kc, const ASrc& A,
-                                                               int64_t lda, uint16_t* dst) {
-  struct Seg {
-    int64_t p, o, n;
-  };
-  thread_local std::vector<Seg> segs;  // the block's segments: the same for every row
-  segs.clear();
-  auto cur = A.begin();
-  for (int64_t p = 0; p < kc;) {
-    int64_t o;
-    const int64_t n = A.segment(cur, kc - p, o);
-    segs.push_back({p, o, n});
-    p += n;
+// 16 x 16 32-bit elements: row i of dst (ldd apart) = column i of src (rows
+// lds apart; rows past `rows` and columns past `cols` read as zeros).
+__attribute__((target(CKS_BF16_TARGET))) inline void transpose16_epi32(const uint32_t* src,
+                                                                      int64_t lds, int64_t rows,
+                                                                      int64_t cols, uint32_t* dst,
+                                                                      int64_t ldd) {
+  const __mmask16 live = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  // Zero-masked forms: GCC 12's unmasked ones trip -Wmaybe-uninitialized.
+  constexpr __mmask16 all16 = 0xffff;
+  constexpr __mmask8 all8 = 0xff;
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_epi32(live, src + i * lds) : _mm512_setzero_si512();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi32(all16, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi32(all16, r[i], r[i + 1]);
   }
-  for (int64_t r = 0; r < mc; ++r) {
-    const uint16_t* base;
-    A.template rows<1>(r, &base);
-    uint16_t* d = dst + r * lda;
-    for (const Seg& s : segs) {
-      if (A.step == 2) {  // a run of contiguous elements
-        std::memcpy(d + s.p, base + s.o, s.n * sizeof(uint16_t));
-      } else {  // pairs step elements apart
-        for (int64_t e = 0; e < s.n; e += 2)
-          std::memcpy(d + s.p + e, base + s.o + e / 2 * A.step, 2 * sizeof(uint16_t));
-      }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_maskz_unpacklo_epi64(all8, t[i], t[i + 2]);
+    r[i + 1] = _mm512_maskz_unpackhi_epi64(all8, t[i], t[i + 2]);
+    r[i + 2] = _mm512_maskz_unpacklo_epi64(all8, t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_maskz_unpackhi_epi64(all8, t[i + 1], t[i + 3]);
+  }
+  // r[4 g + j] holds, per 128-bit lane l, rows 4 g..4 g + 3 of column 4 l + j.
+  for (int g = 0; g < 4; g += 2)
+    for (int j = 0; j < 4; ++j) {
+      t[4 * g + j] = _mm512_maskz_shuffle_i32x4(all16, r[4 * g + j], r[4 * g + 4 + j], 0x88);
+      t[4 * g + 4 + j] = _mm512_maskz_shuffle_i32x4(all16, r[4 * g + j], r[4 * g + 4 + j], 0xdd);
     }
-    std::memset(d + kc, 0, (lda - kc) * sizeof(uint16_t));
+  for (int j = 0; j < 4; ++j) {
+    // t[j], t[4 + j], t[8 + j], t[12 + j]: columns j, 4 + j, 8 + j, 12 + j in pairs of lanes
+    const __m512i lo0 = _mm512_maskz_shuffle_i32x4(all16, t[j], t[8 + j], 0x88);
+    const __m512i hi0 = _mm512_maskz_shuffle_i32x4(all16, t[j], t[8 + j], 0xdd);
+    const __m512i lo1 = _mm512_maskz_shuffle_i32x4(all16, t[4 + j], t[12 + j], 0x88);
+    const __m512i hi1 = _mm512_maskz_shuffle_i32x4(all16, t[4 + j], t[12 + j], 0xdd);
+    _mm512_storeu_si512(dst + j * ldd, lo0);
+    _mm512_storeu_si512(dst + (8 + j) * ldd, hi0);
+    _mm512_storeu_si512(dst + (4 + j) * ldd, lo1);
+    _mm512_storeu_si512(dst + (12 + j) * ldd, hi1);
   }
-  std::memset(dst + mc * lda, 0, (mc16 - mc) * lda * sizeof(uint16_t));
+}
+
+// The 16-row tiles of a block's A that amx_block cannot read in place, as
+// tiles read them: rows [r0, r0 + 16) to dst (row r at (r - r0) * lda, zeros
+// past kc and from row mc on). segs: the block's segments (the same for
+// every row). PairPackedA's pairs ([kc / 2][ld][2]) are transposed 16 x 16
+// at a time; a run's elements copied.
+struct AmxSeg {
+  int64_t p, o, n;  // reduction index, offset from the row's base, length
+};
+template <typename ASrc>
+__attribute__((target(CKS_BF16_TARGET))) inline void amx_pack_tile(
+    int64_t r0, int64_t mc, int64_t kc, const ASrc& A, const std::vector<AmxSeg>& segs,
+    int64_t lda, uint16_t* dst) {
+  if constexpr (std::is_same<ASrc, PairPackedA>::value) {
+    const int64_t kp = kc / 2, ld = A.ld;
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(A.Ap);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t p0 = 0; p0 < lda / 2; p0 += 16)
+      transpose16_epi32(src + p0 * ld + r0, ld, kp - p0, std::min<int64_t>(16, mc - r0),
+                        d + p0, lda / 2);
+  } else {
+    for (int64_t r = r0; r < r0 + kAmxRows; ++r) {
+      uint16_t* d = dst + (r - r0) * lda;
+      if (r >= mc) {
+        std::memset(d, 0, lda * sizeof(uint16_t));
+        continue;
+      }
+      const uint16_t* base;
+      A.template rows<1>(r, &base);
+      for (const AmxSeg& s : segs) {
+        if (A.step == 2) {  // a run of contiguous elements
+          std::memcpy(d + s.p, base + s.o, s.n * sizeof(uint16_t));
+        } else {  // pairs step elements apart
+          for (int64_t e = 0; e < s.n; e += 2)
+            std::memcpy(d + s.p + e, base + s.o + e / 2 * A.step, 2 * sizeof(uint16_t));
+        }
+      }
+      std::memset(d + kc, 0, (lda - kc) * sizeof(uint16_t));
+    }
+  }
 }
 
 // pairs_block on AMX: the same contract (C, rows [0, mc), nc_pad columns,
-// even kc).
+// even kc). A tile whose 16 rows are evenly spaced, where every 32-index
+// chunk of the block lies in one run of contiguous elements, is read in
+// place (a forward's interior rows); the others are packed first.
 template <typename To, typename ASrc>
 __attribute__((target(CKS_AMX_TARGET))) void amx_block(int64_t mc, int64_t nc_pad, int64_t kc,
                                                        const ASrc& A, const uint16_t* b,
                                                        int64_t ldb, const PairC<To>& C) {
-  const int64_t lda = (kc + kAmxK - 1) / kAmxK * kAmxK, mc16 = (mc + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t lda = (kc + kAmxK - 1) / kAmxK * kAmxK;
+  const int64_t mc16 = (mc + kAmxRows - 1) / kAmxRows * kAmxRows, tiles = mc16 / kAmxRows;
   const int64_t chunks = lda / kAmxK, full = kc / kAmxK, panels = nc_pad / kPairNR;
-  thread_local std::vector<uint16_t> Ap, tail;
+  // One thread_local, its address taken once: in a shared library each
+  // access to one is a call (__tls_get_addr: 16 % of a filter gradient's
+  // time with six of them here).
+  struct Scratch {
+    std::vector<uint16_t> Ap, tail;
+    std::vector<AmxSeg> segs;
+    std::vector<int64_t> run_off, packed_off;
+    std::vector<AmxA> at;
+  };
+  thread_local Scratch scratch;
+  Scratch& x = scratch;
+  auto &Ap = x.Ap, &tail = x.tail;
+  auto& segs = x.segs;
+  auto &run_off = x.run_off, &packed_off = x.packed_off;
+  auto& at = x.at;
+  segs.clear();
+  auto cur = A.begin();
+  bool in_place = A.step == 2 && full == chunks;
+  for (int64_t p = 0; p < kc;) {
+    int64_t o;
+    const int64_t n = A.segment(cur, kc - p, o);
+    segs.push_back({p, o, n});
+    in_place = in_place && p % kAmxK == 0 && n % kAmxK == 0;
+    p += n;
+  }
+  packed_off.resize(chunks);
+  for (int64_t q = 0; q < chunks; ++q) packed_off[q] = q * kAmxK;
+  if (in_place) {
+    run_off.resize(chunks);
+    for (const AmxSeg& s : segs)
+      for (int64_t e = 0; e < s.n; e += kAmxK) run_off[(s.p + e) / kAmxK] = s.o + e;
+  }
   Ap.resize(mc16 * lda);
-  amx_pack_a(mc, mc16, kc, A, lda, Ap.data());
+  at.resize(tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t r0 = t * kAmxRows;
+    if (in_place && r0 + kAmxRows <= mc) {
+      const uint16_t* rp[kAmxRows];
+      for (int i = 0; i < kAmxRows; ++i) A.template rows<1>(r0 + i, rp + i);
+      const int64_t d = rp[1] - rp[0];
+      bool even = true;
+      for (int i = 2; i < kAmxRows; ++i) even = even && rp[i] - rp[i - 1] == d;
+      if (even) {
+        at[t] = {rp[0], run_off.data(), d * static_cast<int64_t>(sizeof(uint16_t))};
+        continue;
+      }
+    }
+    amx_pack_tile(r0, mc, kc, A, segs, lda, Ap.data() + r0 * lda);
+    at[t] = {Ap.data() + r0 * lda, packed_off.data(), lda * static_cast<int64_t>(sizeof(uint16_t))};
+  }
   if (full < chunks) {  // the last chunk's pair rows of each panel, zeros past kc
     tail.assign(panels * kAmxK * kPairNR, 0);
     const int64_t live = (kc - full * kAmxK) * kPairNR;
@@ -938,6 +1044,7 @@ __attribute__((target(CKS_AMX_TARGET))) void amx_block(int64_t mc, int64_t nc_pa
     const int64_t rows = std::min<int64_t>(2 * kAmxRows, mc - ir);  // of the block
     // Straight into the block where every tile row is in it and stays there.
     const bool direct = !to_out && ir + (two_rows ? 2 : 1) * kAmxRows <= mc;
+    const AmxA* a = at.data() + ir / kAmxRows;
     for (int64_t jr = 0; jr < nc_pad; jr += 2 * kPairNR) {
       const bool two_cols = jr + kPairNR < nc_pad;
       float* c = direct ? C.buf + ir * C.ldc + jr : &stage[0][0];
@@ -947,13 +1054,12 @@ __attribute__((target(CKS_AMX_TARGET))) void amx_block(int64_t mc, int64_t nc_pa
           for (int64_t j = 0; j < 2 * kPairNR; ++j)
             stage[i][j] = i < rows && jr + j < nc_pad ? C.buf[(ir + i) * C.ldc + jr + j] : 0.0f;
       }
-      const uint16_t* a = Ap.data() + ir * lda;
       const uint16_t* bj = b + jr / kPairNR * ldb;
       const uint16_t* tj = full < chunks ? tail.data() + jr / kPairNR * kAmxK * kPairNR : nullptr;
-      if (two_rows && two_cols) amx_tiles<2, 2>(a, lda, chunks, full, bj, ldb, tj, c, ldc, C.first);
-      else if (two_rows) amx_tiles<2, 1>(a, lda, chunks, full, bj, ldb, tj, c, ldc, C.first);
-      else if (two_cols) amx_tiles<1, 2>(a, lda, chunks, full, bj, ldb, tj, c, ldc, C.first);
-      else amx_tiles<1, 1>(a, lda, chunks, full, bj, ldb, tj, c, ldc, C.first);
+      if (two_rows && two_cols) amx_tiles<2, 2>(a, chunks, full, bj, ldb, tj, c, ldc, C.first);
+      else if (two_rows) amx_tiles<2, 1>(a, chunks, full, bj, ldb, tj, c, ldc, C.first);
+      else if (two_cols) amx_tiles<1, 2>(a, chunks, full, bj, ldb, tj, c, ldc, C.first);
+      else amx_tiles<1, 1>(a, chunks, full, bj, ldb, tj, c, ldc, C.first);
       if (direct) continue;
       const int64_t width = std::min<int64_t>(2 * kPairNR, nc_pad - jr);
       for (int64_t i = 0; i < rows; ++i) {
