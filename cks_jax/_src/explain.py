@@ -58,8 +58,9 @@ class Explanation:
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
       with at least 16 features and 64 input channels per group;
-      ``", interleaved taps"`` added where their operands are large). None on
-      other backends.
+      ``", interleaved taps"`` added where their operands are large); on CPUs
+      with AMX-BF16 both pair paths multiply on AMX tiles, as ``reason``
+      says. None on other backends.
   """
   algorithm: str
   backend: str

@@ -808,13 +808,17 @@ __attribute__((target(CKS_BF16_TARGET))) inline void interleave_pairs(const uint
 // bfloat16 A tile by a 32 x 16 B tile held as 16 rows of pairs, into a
 // 16 x 16 float32 tile: 512 multiply-adds an instruction. B's pair panels
 // [kc / 2][16][2] are that layout already, so B tiles are read in place, 32
-// reduction indices (1 KB) of a panel at a time. A is copied per block into
-// rows of kc32 (kc rounded up to 32, zeros past kc), 16-row tiles, zero rows
-// past mc. C tiles are loaded from and stored to the float32 block (or a
-// stack copy where a tile passes the block's rows, or goes to the output).
-// On one core of a Xeon (this project's VM) in L1: 950 GFLOP/s, against
-// vdpbf16ps' ~200. Linux hands the tile state out per process on request
-// (arch_prctl; cpu_features asks).
+// reduction indices (1 KB) of a panel at a time. A's 16-row tiles are read
+// in place where they can be (amx_block), else copied per block into rows of
+// kc32 (kc rounded up to 32, zeros past kc; zero rows past mc). C tiles are
+// loaded from and stored to the float32 block (or a stack copy where a tile
+// passes the block's rows, or goes to the output). One core of the Xeon VM
+// (2026-12-04): 2x2 tiles on 64 KB of operands in L1, 3.0 TFLOP/s; the same
+// loop over a block's 100-200 KB (L2), 0.7-1.6; in a convolution about 0.6
+// (the bench's atrous 64 d2 forward: 1.24 TFLOP/s on 2 cores, PyTorch's
+// oneDNN 2.47): what is left is L2 bandwidth and the blocks' C round trips,
+// not the instruction. vdpbf16ps tiles: 0.12 on the same block. Linux hands the tile state out
+// per process on request (arch_prctl; cpu_features asks).
 #define CKS_AMX_TARGET "amx-tile,amx-bf16," CKS_BF16_TARGET
 constexpr int kAmxRows = 16;  // rows of an A and C tile
 constexpr int kAmxK = 32;     // reduction indices of an A tile (64 bytes a row)
