@@ -1084,17 +1084,6 @@ __attribute__((target(CKS_AMX_TARGET))) void amx_block(int64_t mc, int64_t nc_pa
 
 inline bool bf16_amx();
 
-// Bytes amx_block keeps per thread for a block of mc rows, kc reduction
-// indices and nc_pad columns (its packed A and the last chunk of B); 0
-// where the blocks run on vdpbf16ps.
-inline int64_t amx_block_bytes(int64_t mc, int64_t kc, int64_t nc_pad) {
-  if (!bf16_amx()) return 0;
-  const int64_t lda = (kc + kAmxK - 1) / kAmxK * kAmxK;
-  const int64_t rows = (mc + kAmxRows - 1) / kAmxRows * kAmxRows;
-  const int64_t tail = kc % kAmxK != 0 ? nc_pad * kAmxK : 0;
-  return (rows * lda + tail) * static_cast<int64_t>(sizeof(uint16_t));
-}
-
 // A block of nc_pad columns (a multiple of NR, B's panels zero past the
 // live ones), rows [0, mc) (a multiple of MR), reduction [0, kc) (even).
 template <typename To, typename ASrc>
@@ -1207,6 +1196,22 @@ inline bool bf16_amx() {
 #endif
   }();
   return on;
+}
+
+// Bytes amx_block keeps per thread for a block of mc rows, kc reduction
+// indices and nc_pad columns (its packed A and the last chunk of B); 0
+// where the blocks run on vdpbf16ps (or there is no AMX kernel).
+inline int64_t amx_block_bytes(int64_t mc, int64_t kc, int64_t nc_pad) {
+#ifdef CKS_X86_AVX2
+  if (!bf16_amx()) return 0;
+  const int64_t lda = (kc + kAmxK - 1) / kAmxK * kAmxK;
+  const int64_t rows = (mc + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t tail = kc % kAmxK != 0 ? nc_pad * kAmxK : 0;
+  return (rows * lda + tail) * static_cast<int64_t>(sizeof(uint16_t));
+#else
+  (void)mc, (void)kc, (void)nc_pad;
+  return 0;
+#endif
 }
 
 // Callers use OutC for a block nc columns wide where writes_in_place. On an
