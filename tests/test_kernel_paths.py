@@ -202,10 +202,12 @@ PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_gr
     # strided and dilated, 33 features: an odd number, so the d-input stays widened; the d-rhs
     # packs pairs (two panels, one live column in the second)
     ((3, 5, 6, 40), (3, 3, 40, 33), ((2, 1), [(1, 2), (1, 1)], (1, 2)), {}),
-    # AMX's edges (amx_block): 96 channels x 9 taps, reduction blocks of 288 (a last chunk of
-    # B past a multiple of 32 indices), rows in 2 x 16 tiles and a last partial one, 3 panels
-    # (a 2-panel tile and a 1-panel one)
+    # AMX's edges (amx_block): reduction blocks ending past a multiple of 32 (220 and 8: a last
+    # chunk of B copied with zeros), row blocks of 36 and 96 (a last partial 16-row tile), 3
+    # panels (a 2-panel tile and a 1-panel one)
     ((2, 12, 13, 96), (3, 3, 96, 48), ((1, 1), "SAME", (1, 1), (2, 2)), {}),
+    # phases of 20 outputs a row and 64-channel runs: 16-row tiles read in place from the input
+    ((1, 3, 40, 64), (3, 3, 64, 32), ((1, 1), "SAME", (1, 1), (2, 2)), {}),
     # an NCHW output: whole 16-row tiles stored straight into the float32 block
     ((2, 10, 10, 64), (3, 3, 64, 64), ((1, 1), "SAME"),
      {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}),
