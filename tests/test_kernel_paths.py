@@ -49,6 +49,17 @@ def narrow_here(lhs_shape, rhs_shape, dtype, *args, **kw):
   return "narrow" in dict(e.gradients)["d rhs"].reason
 
 
+def run_python(code, timeout=600, **env):
+  """Runs `code` in a fresh Python with the environment variables `env` added (the kernel reads
+  its CKS_CPU_* switches once per process) and returns its stdout's words; fails with its stderr
+  if it fails. Run from tests/, so that the installed cks_jax is imported, not the source tree."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  res = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "PYTHONPATH": here},
+                       capture_output=True, text=True, cwd=here, timeout=timeout)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return res.stdout.split()
+
+
 def check_on_kernel(case, dtype, seed):
   """:func:`check` of one (lhs shape, rhs shape, conv args, kwargs) case on the FFI kernel,
   NHWC unless the kwargs say otherwise."""
@@ -330,12 +341,7 @@ def test_bf16_pairs_can_be_turned_off():
       k.check_on_kernel(case, jnp.bfloat16, seed=92)
       print("ok")
   """)
-  here = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "CKS_CPU_BF16_PAIRS": "0", "PYTHONPATH": here}
-  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=here, timeout=600)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-1] == "ok"
+  assert run_python(code, CKS_CPU_BF16_PAIRS="0")[-1] == "ok"
 
 
 @pytest.mark.skipif(not backends.cpu_bf16_amx(), reason="needs AMX-BF16 (Sapphire Rapids or "
@@ -356,12 +362,7 @@ def test_bf16_pairs_without_amx():
         k.check_on_kernel(case, jnp.bfloat16, seed=500 + i)
       print("ok")
   """)
-  here = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "CKS_CPU_AMX": "0", "PYTHONPATH": here}
-  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=here, timeout=600)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-1] == "ok"
+  assert run_python(code, CKS_CPU_AMX="0")[-1] == "ok"
 
 
 def test_large_output_written_with_streaming_stores():
@@ -618,10 +619,4 @@ def test_narrower_kernels(isa):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  here = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "CKS_CPU_ISA": isa, "PYTHONPATH": here}
-  # Run from tests/, so that the installed cks_jax is imported, not the source tree.
-  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=here, timeout=900)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.split()[-2:] == ["ok", str(len(GEMM_CASES) + 12)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 12)]
