@@ -935,7 +935,7 @@ __attribute__((target(CKS_BF16_TARGET))) inline void transpose16_epi32(const uin
 // tiles read them: rows [r0, r0 + 16) to dst (row r at (r - r0) * lda, zeros
 // past kc and from row mc on). segs: the block's segments (the same for
 // every row). PairPackedA's pairs ([kc / 2][ld][2]) are transposed 16 x 16
-// at a time; a run's elements copied.
+// at a time; PairRunA's runs copied.
 struct AmxSeg {
   int64_t p, o, n;  // reduction index, offset from the row's base, length
 };
@@ -951,6 +951,7 @@ __attribute__((target(CKS_BF16_TARGET))) inline void amx_pack_tile(
       transpose16_epi32(src + p0 * ld + r0, ld, kp - p0, std::min<int64_t>(16, mc - r0),
                         d + p0, lda / 2);
   } else {
+    static_assert(ASrc::step == 2, "a run source: each segment's elements contiguous");
     for (int64_t r = r0; r < r0 + kAmxRows; ++r) {
       uint16_t* d = dst + (r - r0) * lda;
       if (r >= mc) {
@@ -959,14 +960,7 @@ __attribute__((target(CKS_BF16_TARGET))) inline void amx_pack_tile(
       }
       const uint16_t* base;
       A.template rows<1>(r, &base);
-      for (const AmxSeg& s : segs) {
-        if (A.step == 2) {  // a run of contiguous elements
-          std::memcpy(d + s.p, base + s.o, s.n * sizeof(uint16_t));
-        } else {  // pairs step elements apart
-          for (int64_t e = 0; e < s.n; e += 2)
-            std::memcpy(d + s.p + e, base + s.o + e / 2 * A.step, 2 * sizeof(uint16_t));
-        }
-      }
+      for (const AmxSeg& s : segs) std::memcpy(d + s.p, base + s.o, s.n * sizeof(uint16_t));
       std::memset(d + kc, 0, (lda - kc) * sizeof(uint16_t));
     }
   }
