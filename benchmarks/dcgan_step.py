@@ -7,8 +7,10 @@ model from the same weights, channels-last, with ConvTranspose2d, timed after th
 threads would spin into the next JAX step); its first loss is checked against cks-jax's first.
 Run: python benchmarks/dcgan_step.py  (prints median step times and the ratios).
 """
+import functools
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +66,13 @@ def bench(steps, ws, z, y, n=10):
 
 
 def torch_step(ws, z, y):
-  """The same step in PyTorch (CPU, channels-last), or None without torch.
+  """The same step in PyTorch (channels-last), or None without torch: on the GPU
+  when jax runs on one and torch sees CUDA, else on the CPU.
 
   Returns (step, first_loss): ``step()`` runs forward, backward and the SGD
-  update in place.
+  update in place (and waits for the GPU). The first loss is computed in full
+  float32 (no TF32) for the equivalence check; the timed steps run with
+  PyTorch's defaults, as its users do.
   """
   try:
     import torch
@@ -75,12 +80,16 @@ def torch_step(ws, z, y):
     return None
   import os
   torch.set_num_threads(len(os.sched_getaffinity(0)))
+  cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  dev = "cuda" if cuda else "cpu"
   # lax's lhs-dilated conv with kernel w (HWIO) is conv_transpose with the
   # kernel flipped, as [I, O, H, W].
   tw = [torch.tensor(np.ascontiguousarray(np.flip(np.asarray(w), (0, 1)).transpose(2, 3, 0, 1)),
-                     requires_grad=True) for w in ws]
-  tz = torch.tensor(np.asarray(z).transpose(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
-  ty = torch.tensor(np.asarray(y).transpose(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+                     device=dev, requires_grad=True) for w in ws]
+  tz = torch.tensor(np.asarray(z).transpose(0, 3, 1, 2), device=dev).contiguous(
+      memory_format=torch.channels_last)
+  ty = torch.tensor(np.asarray(y).transpose(0, 3, 1, 2), device=dev).contiguous(
+      memory_format=torch.channels_last)
   F = torch.nn.functional
 
   def loss():
@@ -96,9 +105,11 @@ def torch_step(ws, z, y):
     with torch.no_grad():
       for w, g in zip(tw, grads):
         w -= 0.01 * g
+    if cuda:
+      torch.cuda.synchronize()
     return val
 
-  with torch.no_grad():
+  with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
     first = float(loss())
   return step, first
 
@@ -118,7 +129,12 @@ if __name__ == "__main__":
   z = jnp.asarray(np.random.default_rng(0).standard_normal((16, 1, 1, 100)), jnp.float32)
   y = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (16, 64, 64, 3)), jnp.float32)
   assert generator(cks_jax, ws, z).shape == (16, 64, 64, 3)
-  t = bench({"cks": make_step(cks_jax), "xla": make_step(lax)}, ws, z, y)
+  steps = {"cks": make_step(cks_jax), "xla": make_step(lax)}
+  if jax.default_backend() != "cpu":  # the kernel and the lax-ops decomposition, both
+    for b in ("ffi", "portable"):
+      steps[b] = make_step(types.SimpleNamespace(conv_general_dilated=functools.partial(
+          cks_jax.conv_general_dilated, backend=b)))
+  t = bench(steps, ws, z, y)
   t_cks, t_xla = t["cks"], t["xla"]
   line = (f"DCGAN generator step: cks-jax {t_cks:.1f} ms, XLA {t_xla:.1f} ms "
           f"(cks {t_xla / t_cks:.1f}x XLA)")
@@ -128,4 +144,7 @@ if __name__ == "__main__":
     assert abs(tstep[1] - jax_loss) <= 1e-4 * abs(jax_loss), (tstep[1], jax_loss)
     t_torch = bench_torch(tstep[0])
     line += f", PyTorch {t_torch:.1f} ms (cks {t_torch / t_cks:.2f}x PyTorch)"
+  others = [k for k in t if k not in ("cks", "xla")]
+  if others:
+    line += "; " + ", ".join(f"backend={k} {t[k]:.1f} ms" for k in others)
   print(line + f"  ({jax.devices()[0].device_kind}, {len(__import__('os').sched_getaffinity(0))} cores)")

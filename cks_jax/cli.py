@@ -63,6 +63,9 @@ def cmd_bench(args) -> int:
       return 2
     gemm = report.machine.get("xla_gemm_gflops")
   else:
+    if args.min_time is not None and not args.min_time >= 0:
+      print(f"--min-time must be >= 0 seconds, got {args.min_time}", file=sys.stderr)
+      return 2
     layers = _select(bench.load_layers(args.shapes), args.layers, args.quick)
     if not layers:
       print("no layer matches --layers", file=sys.stderr)
@@ -73,9 +76,17 @@ def cmd_bench(args) -> int:
     # and the higher kept, so one disturbed measurement does not lower the bar.
     gemm_before = bench.gemm_gflops()
     progress = Progress(3 * len(layers))
+
+    def checkpoint(report):  # a run cut short still leaves the layers it timed
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump(report.to_json(), f, indent=1)
+
     report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
                        with_portable=not getattr(args, "no_portable", False), progress=progress,
-                       dtype=getattr(args, "dtype", "float32"))
+                       dtype=getattr(args, "dtype", "float32"),
+                       min_time_s=bench.MIN_TIMED_S if args.min_time is None else args.min_time,
+                       checkpoint=checkpoint)
     progress.close()
     gemms = [gemm_before, bench.gemm_gflops()]
     gemm = max(gemms)
@@ -188,6 +199,9 @@ def main(argv=None) -> int:
   b.add_argument("--layers", help="regex on layer name or family (e.g. 'dcgan|atrous')")
   b.add_argument("--quick", action="store_true", help="a representative subset, ~1 minute")
   b.add_argument("--repeats", type=int, help="timed runs per op (median is reported)")
+  b.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
+                 help="timed seconds per op and backend, at least (default 0.3; GPU kernels "
+                      "of microseconds need less)")
   b.add_argument("--shapes", help="a bench_shapes.json of your own")
   b.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
   b.add_argument("--no-portable", action="store_true",

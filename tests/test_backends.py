@@ -1,4 +1,5 @@
-"""Backend choice: the cks FFI kernel, the portable lax decomposition, or XLA."""
+"""Backend choice: the cks FFI kernel, the portable lax decomposition, or XLA. On the CPU
+(on_cpu) also where the default backend is a GPU; the CUDA choice is in test_cuda."""
 import os
 import re
 
@@ -11,6 +12,7 @@ from jax import lax
 import cks_jax
 from oracle import assert_close, check, random
 
+pytestmark = pytest.mark.usefixtures("on_cpu")
 DN = ("NHWC", "HWIO", "NHWC")
 CASES = [
     dict(window_strides=(1, 1), padding=[(2, 2), (2, 2)], lhs_dilation=(2, 2)),   # KS-deconv

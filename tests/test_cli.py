@@ -136,3 +136,16 @@ def test_bench_times_backends_in_rounds_of_blocks():
       assert n == 1  # slower than a block: timed on its own
     else:  # the untimed call, then at least BLOCK_S of timed ones
       assert n >= 1 + bench.BLOCK_S / (naps[k] + 0.01), (k, n)
+
+
+def test_bench_min_time_sets_the_timed_seconds(capsys):
+  # --min-time: GPU kernels of microseconds need far less than the CPU's 0.3 s per backend.
+  import time
+  from cks_jax._src import bench
+  fns = {"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.001)}
+  for min_time, lo, hi in [(0.0, 0.0, 0.2), (0.25, 0.5, 2.0)]:  # seconds per function
+    t0 = time.perf_counter()
+    bench.time_interleaved(fns, repeats=2, budget_s=10.0, min_time_s=min_time)
+    assert lo <= time.perf_counter() - t0 < hi, min_time
+  assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--min-time", "-1"]) == 2
+  assert "--min-time must be >= 0" in capsys.readouterr().err

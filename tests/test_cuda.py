@@ -246,13 +246,17 @@ def test_harness_runs_the_gradient_convolutions(kind):
 
 # ---------------------------------------------------------------- 2. lowering
 DN = ("NHWC", "HWIO", "NHWC")
+# backend="ffi": "auto" does not run the CUDA kernel (backends.AUTO_KERNEL_PLATFORMS).
 PUBLIC = {
     "conv_general_dilated": (lambda l, r: cks_jax.conv_general_dilated(
-        l, r, (1, 1), [(2, 2), (2, 2)], (2, 2), (1, 1), DN), (2, 8, 8, 4), (4, 4, 4, 6)),
-    "conv": (lambda l, r: cks_jax.conv(l, r, (2, 2), "SAME"), (2, 4, 8, 8), (6, 4, 3, 3)),
+        l, r, (1, 1), [(2, 2), (2, 2)], (2, 2), (1, 1), DN, backend="ffi"),
+                             (2, 8, 8, 4), (4, 4, 4, 6)),
+    "conv": (lambda l, r: cks_jax.conv(l, r, (2, 2), "SAME", backend="ffi"),
+             (2, 4, 8, 8), (6, 4, 3, 3)),
     "conv_with_general_padding": (lambda l, r: cks_jax.conv_with_general_padding(
-        l, r, (1, 1), [(1, 1), (2, 2)], (1, 1), (2, 2)), (2, 4, 8, 8), (6, 4, 3, 3)),
-    "conv_transpose": (lambda l, r: cks_jax.conv_transpose(l, r, (2, 2), "SAME"),
+        l, r, (1, 1), [(1, 1), (2, 2)], (1, 1), (2, 2), backend="ffi"),
+                                  (2, 4, 8, 8), (6, 4, 3, 3)),
+    "conv_transpose": (lambda l, r: cks_jax.conv_transpose(l, r, (2, 2), "SAME", backend="ffi"),
                        (2, 8, 8, 4), (4, 4, 4, 6)),
 }
 
@@ -306,11 +310,28 @@ def test_export_for_cpu_and_cuda_together():
 
 def test_explain_reports_the_cuda_backend():
   e = cks_jax.explain((2, 8, 8, 4), (4, 4, 4, 6), (1, 1), "SAME", dimension_numbers=DN,
-                      platform="cuda")
+                      platform="cuda", backend="ffi")
   if cuda.available():
     assert e.backend == "cks-cuda"
   else:
-    assert e.backend == "xla" and "not built" in e.reason
+    assert e.backend == "unavailable" and "nvcc" in e.reason
+
+
+@pytest.mark.parametrize("lhs_dilation,backend", [((1, 1), "xla"), ((2, 2), "portable")])
+def test_auto_on_cuda_does_not_run_the_kernel(lhs_dilation, backend):
+  # Measured slower than XLA's convolution on an H200 (backends.AUTO_KERNEL_PLATFORMS):
+  # "auto" makes the kernel-less platforms' choice, and explain says why.
+  pad = [(2, 2), (2, 2)]
+  e = cks_jax.explain((2, 8, 8, 4), (4, 4, 4, 6), (1, 1), pad, lhs_dilation=lhs_dilation,
+                      dimension_numbers=DN, platform="cuda")
+  assert e.backend == backend
+  assert ("'auto' does not run it" if cuda.available() else "not built") in e.reason
+  f = lambda l, r: cks_jax.conv_general_dilated(l, r, (1, 1), pad, lhs_dilation, None, DN)
+  l, r = jnp.ones((2, 8, 8, 4)), jnp.ones((4, 4, 4, 6))
+  g = jax.grad(lambda l, r: jnp.sum(f(l, r) ** 2), (0, 1))
+  for fn in (f, g):
+    text = jax.jit(fn).trace(l, r).lower(lowering_platforms=("cuda",)).as_text()
+    assert "cks_conv_cuda" not in text
 
 
 # ---------------------------------------------------------------- on a GPU

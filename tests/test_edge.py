@@ -45,10 +45,13 @@ def test_nan_in_a_real_element_propagates_like_lax():
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_inf_in_kernel_never_meets_a_padded_zero():
   # Documented difference: XLA:CPU multiplies padded zeros, so Inf * 0 turns
   # border outputs into NaN; C-K-S never multiplies them, so the outputs that
   # read only real elements stay finite (inf where an inf tap meets data).
+  # The CPU kernel's behaviour (the CUDA kernel's tiles multiply padded zeros,
+  # as XLA does: README, "GPU").
   l = jnp.ones((1, 1, 4, 4))
   r = jnp.ones((1, 1, 3, 3)).at[0, 0, 0, 0].set(jnp.inf)
   out = np.asarray(cks_jax.conv_general_dilated(l, r, (1, 1), "SAME"))[0, 0]
@@ -96,7 +99,7 @@ def test_flat_indices_beyond_int32_lower_without_error():
   rhs = jax.ShapeDtypeStruct((3, 3, 2, 4), jnp.float32)
   f = lambda l, r: cks_jax.conv_general_dilated(l, r, (1, 1), "SAME",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  text = jax.jit(f).trace(lhs, rhs).lower().as_text()
+  text = jax.jit(f).trace(lhs, rhs).lower(lowering_platforms=("cpu",)).as_text()
   assert "cks_conv_cpu" in text
 
 
@@ -146,6 +149,7 @@ NAN_INF_CONFIGS = [
 ]
 
 
+@pytest.mark.usefixtures("on_cpu")  # the CPU kernel against XLA:CPU's semantics
 @pytest.mark.parametrize("kw", NAN_INF_CONFIGS)
 def test_nan_and_inf_in_lhs_propagate_like_lax(kw):
   # NaN, +Inf and -Inf in real input elements reach exactly the outputs (and
@@ -262,7 +266,7 @@ def test_beyond_int32_shapes_lower_forward_and_gradients(lhs, rhs, kw):
                                      lhs, rhs).shape
   assert max(np.prod(s.shape, dtype=object) for s in (lhs, rhs, out)) > 2**31
   grads = jax.grad(lambda l, r: jnp.sum(jnp.square(f(l, r).astype(jnp.float32))), (0, 1))
-  text = jax.jit(grads).trace(lhs, rhs).lower().as_text()
+  text = jax.jit(grads).trace(lhs, rhs).lower(lowering_platforms=("cpu",)).as_text()
   assert text.count("cks_conv_cpu") == 3  # value and both transposes
   assert "convolution" not in text
 

@@ -1,5 +1,6 @@
 """Routing: every convolution of a training step, forward and backward, is a cks custom call,
-and "auto" on the CPU routes narrow outputs as explain says."""
+and "auto" on the CPU routes narrow outputs as explain says. All on the CPU (on_cpu), also
+where the default backend is a GPU."""
 import re
 
 import numpy as np
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 
 import cks_jax
 from oracle import assert_close, random
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -84,8 +84,10 @@ def conv_general_dilated(
     preferred_element_type: output (and accumulation) dtype; 16-bit inputs
       always accumulate in float32.
     out_sharding: not supported; must be ``None``.
-    backend: ``"auto"`` (default: the cks kernel where one exists, else the
-      portable decomposition for transposed/dilated convolutions, else XLA),
+    backend: ``"auto"`` (default: the cks CPU kernel on the CPU, a few narrow
+      outputs excepted as ``cks_jax.explain`` says; elsewhere, the
+      CUDA kernel included, the portable decomposition for transposed
+      convolutions and their filter gradients, else XLA),
       ``"ffi"``, ``"portable"`` or ``"xla"``; ``None`` takes the one set by
       ``cks_jax.use_backend``. ``cks_jax.explain`` tells which one runs.
 

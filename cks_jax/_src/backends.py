@@ -5,9 +5,10 @@
 - ``"portable"``: the same C-K-S decomposition written as dense, undilated
   ``lax`` convolutions over strided slices (any XLA backend).
 - ``"xla"``: XLA's own convolution (computes on the zeros).
-- ``"auto"`` (default): the FFI kernel where one is registered, except on
-  the CPU for some outputs with fewer than ``CPU_MIN_FEATURES`` features per
-  group (see :func:`cpu_alternative`). Elsewhere the
+- ``"auto"`` (default): the CPU's FFI kernel, except for some outputs with
+  fewer than ``CPU_MIN_FEATURES`` features per group (see
+  :func:`cpu_alternative`). Not the CUDA kernel, which measured slower than
+  XLA's convolution on an H200 (``AUTO_KERNEL_PLATFORMS``). Elsewhere the
   portable path for convolutions with lhs dilation: those are transposed
   convolutions and the filter gradients of transposed ones (batch-grouped for
   grouped layers), where the whole gradient was measured 6.0-69x faster than
@@ -28,6 +29,17 @@ import numpy as np
 from cks_jax._src import shapes
 
 BACKENDS = ("auto", "ffi", "portable", "xla")
+
+# The platforms whose FFI kernel "auto" runs. Not "cuda": on an NVIDIA H200
+# (benchmarks/results/gpu_h200.txt, 2026-12-04, jax 0.11.2) the CUDA kernel was
+# slower than XLA's convolution (cuDNN) on 89 of the 90 ops of the benchmark
+# set, 0.16x on the geometric mean in float32 (its float32 path runs on CUDA
+# cores, cuDNN's on TF32 tensor cores) and 0.14x in bfloat16; the choice made
+# where no kernel exists (portable for lhs-dilated convolutions, else XLA)
+# measured 1.26x XLA's time on the geometric mean there (0.47x at worst, 3 of
+# 90 ops below 0.95x), and the DCGAN generator step 1.3 ms against XLA's 1.8.
+# backend="ffi" still runs the CUDA kernel.
+AUTO_KERNEL_PLATFORMS = ("cpu",)
 
 _state = threading.local()
 
@@ -313,7 +325,7 @@ def choose(requested: str, platform: str, kernel_platforms, params,
     return "ffi"
   if requested in ("portable", "xla"):
     return requested
-  if has_kernel:
+  if has_kernel and platform in AUTO_KERNEL_PLATFORMS:
     if platform == "cpu" and shapes is not None:
       return cpu_alternative(params, *shapes, dtype) or "ffi"
     return "ffi"

@@ -73,12 +73,13 @@ def _minor_faults() -> int | None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                     budget_s: float, faults: dict[str, float] | None = None) -> dict[str, float]:
+                     budget_s: float, faults: dict[str, float] | None = None,
+                     min_time_s: float = MIN_TIMED_S) -> dict[str, float]:
   """Median wall time in ms of each of ``fns`` (blocking), timed in rounds:
   within a round each function runs a block of back-to-back calls, an
   untimed one and then timed ones for at least ``BLOCK_S`` seconds (a call
   slower than that is timed on its own), then a pause of ``SETTLE_S``. At
-  least ``repeats`` timed calls and ``MIN_TIMED_S`` seconds of rounds,
+  least ``repeats`` timed calls and ``min_time_s`` seconds of rounds per function,
   stopping early once ``budget_s`` per function is spent.
 
   Every function is thus timed with its own operands in the caches, as a
@@ -100,7 +101,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   budget = budget_s * len(fns)
   start = time.perf_counter()
   while (min(len(t) for t in times.values()) < repeats
-         or time.perf_counter() - start < min(MIN_TIMED_S * len(fns), budget)):
+         or time.perf_counter() - start < min(min_time_s * len(fns), budget)):
     for k, fn in fns.items():
       f0 = _minor_faults()
       t_block = time.perf_counter()
@@ -279,6 +280,10 @@ def machine_info() -> dict:
   if torch is not None:
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
+    if info["backend"] == "gpu":  # float32 convolutions on TF32 tensor cores or not
+      info["torch_cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+  if info["backend"] == "gpu":
+    info["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
   return info
 
 
@@ -300,10 +305,14 @@ def gemm_gflops(n: int = 1024) -> float:
 
 def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
         with_torch: bool = True, with_portable: bool = True,
-        progress: Callable[[str], None] | None = None, dtype: str = "float32") -> Report:
+        progress: Callable[[str], None] | None = None, dtype: str = "float32",
+        min_time_s: float = MIN_TIMED_S,
+        checkpoint: Callable[[Report], None] | None = None) -> Report:
   """Benchmarks each layer's fwd, d-lhs and d-rhs on cks-jax (FFI kernel and
   portable lax decomposition), XLA and PyTorch, with operands of ``dtype``
-  (``"float32"`` or ``"bfloat16"``)."""
+  (``"float32"`` or ``"bfloat16"``). Each op is timed for at least
+  ``min_time_s`` seconds per backend (:func:`time_interleaved`).
+  ``checkpoint``, if given, is called with the report after each layer."""
   report = Report(machine=machine_info())
   report.machine["dtype"] = dtype
   if with_torch and _torch() is not None:
@@ -338,7 +347,7 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       if torch_ops is not None:  # in the same rounds (time_interleaved's blocks)
         fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
       flt: dict[str, float] = {}
-      ms = time_interleaved(fns, repeats, budget_s, flt)
+      ms = time_interleaved(fns, repeats, budget_s, flt, min_time_s)
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
                 portable_ms=ms.get("portable"), torch_ms=ms.get("torch"),
                 cks_faults=flt.get("cks"), xla_faults=flt.get("xla"))
@@ -347,6 +356,8 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       if e.scratch is not None:
         row.scratch_mb = e.scratch["total"] / 2**20
       report.rows.append(row)
+    if checkpoint:
+      checkpoint(report)
   return report
 
 
@@ -390,8 +401,11 @@ def format_table(report: Report, gemm: float | None = None) -> str:
                  f"({0.75 * gemm:.0f} GFLOP/s): {ok} of {len(big)}")
   lines += summarize(report)
   m = report.machine
+  gpu = (f"GPU {m['device']} (jax precision {m.get('jax_default_matmul_precision')}, "
+         f"torch cudnn allow_tf32 {m.get('torch_cudnn_allow_tf32')}) with "
+         if m.get("backend") == "gpu" else "")
   lines.append(f"{m.get('dtype', 'float32')} operands; "
-               f"machine: {m.get('cpu', m['platform'])}, {m['cpu_count']} cores, "
+               f"machine: {gpu}{m.get('cpu', m['platform'])}, {m['cpu_count']} cores, "
                f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else ""))
   return "\n".join(lines)
 

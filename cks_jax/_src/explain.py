@@ -133,6 +133,10 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     return f"cks-{platform}", why
   if requested != "auto":
     why = f"backend={requested!r} requested"
+  elif platform in kernels and platform not in backends.AUTO_KERNEL_PLATFORMS:
+    why = (f"the cks {platform.upper()} kernel is built, but 'auto' does not run it: it measured "
+           "slower than XLA's convolution on an NVIDIA H200 (0.16x on the geometric mean; "
+           "backend='ffi' runs it)")
   elif platform in kernels:
     why = (f"fewer than {backends.CPU_MIN_FEATURES} output features per group, where the "
            "CPU kernel was measured slower")
@@ -189,6 +193,15 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
           "widened": copies, "total": total}, path
 
 
+def default_platform() -> str:
+  """Where an uncommitted computation runs: the platform of ``jax.default_device``
+  when one is set (a device or a platform name), else ``jax.default_backend()``."""
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return jax.default_backend()
+  return dev if isinstance(dev, str) else dev.platform
+
+
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
                    dtype=np.float32) -> Explanation:
   """Explains one ``cks_conv`` primitive application given its shapes, params and lhs dtype."""
@@ -207,7 +220,7 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
         list(spec.rhs_dilation), [lo for lo, _ in spec.padding], out_shape[out_spec[0]],
         rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]])
   phases, subs, zero_subs, cks_macs, direct_macs = stats
-  backend, reason = _backend(platform or jax.default_backend(), params, lhs_shape, rhs_shape,
+  backend, reason = _backend(platform or default_platform(), params, lhs_shape, rhs_shape,
                              dtype)
   scratch = path = None
   if backend == "cks-cpu" and min((*lhs_shape, *rhs_shape, *out_shape)) > 0:
@@ -243,7 +256,7 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
     preferred_element_type: as ``conv_general_dilated``'s: the output type (the
       CPU kernel's path and scratch can depend on it).
     gradients: also explain the two convolutions of the VJP (d lhs, d rhs).
-    platform: the platform to report for (default: ``jax.default_backend()``).
+    platform: the platform to report for (default: :func:`default_platform`).
     backend: as ``conv_general_dilated``'s ``backend``.
 
   Returns:
