@@ -32,7 +32,7 @@ BACKENDS = ("auto", "ffi", "portable", "xla")
 
 # The platforms whose FFI kernel "auto" runs. Not "cuda": on an NVIDIA H200
 # (benchmarks/results/gpu_h200.txt, 2026-12-04, jax 0.11.2) the CUDA kernel was
-# slower than XLA's convolution (cuDNN) on 89 of the 90 ops of the benchmark
+# slower than XLA's convolution (cuDNN) on 88 of the 90 ops of the benchmark
 # set, 0.16x on the geometric mean in float32 (its float32 path runs on CUDA
 # cores, cuDNN's on TF32 tensor cores) and 0.14x in bfloat16; the choice made
 # where no kernel exists (portable for lhs-dilated convolutions, else XLA)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cks_jax._src import api, explain
+from cks_jax._src import api, backends, explain
 
 OPS = ("fwd", "dlhs", "drhs")
 
@@ -315,6 +315,7 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
   ``checkpoint``, if given, is called with the report after each layer."""
   report = Report(machine=machine_info())
   report.machine["dtype"] = dtype
+  report.machine["cks_backend"] = backends.current()  # what the cks column runs
   if with_torch and _torch() is not None:
     _torch().set_num_threads(report.machine["cpu_count"])
   rng = np.random.default_rng(0)
@@ -485,24 +486,29 @@ def plot(report: Report, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rows = report.rows
+  m = report.machine
+  gpu = m.get("backend") == "gpu"
+  # The cks column runs "auto": the kernel, except on a GPU (portable or XLA there).
+  cks = ("cks-jax auto (portable or XLA)"
+         if gpu and str(m.get("cks_backend", "auto")).startswith("auto") else "cks kernel")
   labels = [f"{r.layer} {r.op}" for r in rows]
   y = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
-  ax.barh(y - 0.27, [r.speedup_vs_xla for r in rows], height=0.27, label="cks kernel vs XLA")
+  ax.barh(y - 0.27, [r.speedup_vs_xla for r in rows], height=0.27, label=f"{cks} vs XLA")
   if any(r.portable_ms for r in rows):
     ax.barh(y, [r.portable_vs_xla or 0 for r in rows], height=0.27,
             label="portable (lax ops) vs XLA")
   if any(r.torch_ms for r in rows):
     ax.barh(y + 0.27, [r.speedup_vs_torch or 0 for r in rows], height=0.27,
-            label="cks kernel vs PyTorch")
+            label=f"{cks} vs PyTorch")
   ax.axvline(1.0, color="k", lw=0.8)
   ax.set_xscale("log")
   ax.set_yticks(y, labels, fontsize=7)
   ax.invert_yaxis()
   ax.set_xlabel("speed-up (time of the baseline / time of cks-jax); > 1 is faster")
-  m = report.machine
-  ax.set_title(f"cks-jax vs XLA{' and PyTorch' if 'torch' in m else ''}: "
-               f"{m.get('cpu', '')} ({m['cpu_count']} cores)", fontsize=9)
+  where = (f"{m['device']} (GPU)" if gpu else f"{m.get('cpu', '')} ({m['cpu_count']} cores)")
+  ax.set_title(f"cks-jax vs XLA{' and PyTorch' if 'torch' in m else ''}, "
+               f"{m.get('dtype', 'float32')}: {where}", fontsize=9)
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
