@@ -364,3 +364,20 @@ def test_gpu_tensor_core_dtypes(dtype):
   ref = lax.conv_general_dilated(np.asarray(l, np.float64), np.asarray(r, np.float64), (1, 1),
                                  [(2, 2), (2, 2)], (2, 2), (1, 1), DN)
   assert_close(jax.jit(f)(l, r), ref, dtype, "gpu tensor-core value")
+
+
+@needs_lib
+def test_a_grid_cuda_cannot_launch_is_refused_at_trace_time():
+  # g depthwise groups need g grid rows (one 64-feature tile each); CUDA allows 65535. More are
+  # refused in Python while lowering, not inside XLA. Lowered only, never allocated.
+  def lower(g, backend):
+    lhs = jax.ShapeDtypeStruct((1, 3, 3, g), jnp.float32)
+    rhs = jax.ShapeDtypeStruct((3, 3, 1, g), jnp.float32)
+    f = lambda l, r: cks_jax.conv_general_dilated(
+        l, r, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=g, backend=backend)
+    return jax.jit(f).trace(lhs, rhs).lower(lowering_platforms=("cuda",)).as_text()
+
+  with pytest.raises(ValueError, match="65535"):
+    lower(65536, "ffi")
+  assert "cks_conv_cuda" not in lower(65536, "auto")
+  assert "cks_conv_cuda" in lower(65535, "ffi")

@@ -139,6 +139,21 @@ def block_tile() -> tuple[int, int, int]:
   return bm.value, bn.value, bk.value
 
 
+def check_grid(rhs_shape, params) -> None:
+  """Raises ValueError, at trace time, where the kernel's launch grid would
+  exceed CUDA's 65535 blocks in y: one per 64-wide output tile of each group
+  (conv_cuda.cu, grid_of; else the call would fail inside XLA)."""
+  out_feat = rhs_shape[params["dimension_numbers"][1][0]]
+  groups = max(params["feature_group_count"], params["batch_group_count"])  # plan.h, groups()
+  _, bn, _ = block_tile()
+  tiles = groups * -(-(out_feat // groups) // bn)
+  if tiles > 65535:
+    raise ValueError(
+        f"the CUDA kernel cannot launch this convolution: {groups} groups x "
+        f"{-(-(out_feat // groups) // bn)} tiles of {bn} output features need {tiles} grid "
+        "rows, more than CUDA's 65535; use backend='auto' or 'xla'")
+
+
 def mma_block(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
   """One block tile of the tensor-core product as the harness computes it.
 

@@ -23,7 +23,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from cks_jax._src import backends, ffi, portable, shapes, sharding
+from cks_jax._src import backends, cuda, ffi, portable, shapes, sharding
 
 cks_conv_p = jex_core.Primitive("cks_conv")
 
@@ -119,6 +119,8 @@ def _lowering(platform: str):
     chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params,
                              shapes_in, ctx.avals_in[0].dtype)
     if chosen == "ffi":
+      if platform == "cuda":
+        cuda.check_grid(shapes_in[1], params)
       return _lower_ffi(target, ctx, lhs, rhs, **params)
     if chosen == "portable":
       return _lower_portable(ctx, lhs, rhs, **params)
