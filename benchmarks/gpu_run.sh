@@ -4,6 +4,11 @@
 # smoke check of the CUDA kernel, the GPU tests, the benchmarks. Logs and
 # results under $OUT.
 #   bash benchmarks/gpu_run.sh     (installs a wheel from .whl/, else builds from source)
+# The wheel: built beforehand from the same commit for the GPU machine's Python (3.12 on the
+# device machine of 2026-12), e.g. in a Python 3.12 venv with jax/jaxlib of the GPU machine's
+# version, nanobind and scikit-build-core:
+#   pip wheel --no-build-isolation --no-deps -w .whl .    (.whl/ ignored by git)
+# This tree's Python files are copied over the wheel's, its compiled libraries are not.
 # Knobs (environment): CKS_TESTS=0 skips the tests; CKS_TEST_S / CKS_TEST2_S,
 # CKS_BENCH_S, CKS_BENCH16_S cap each stage's seconds; CKS_BENCH_ARGS and
 # CKS_BENCH16_ARGS are extra `cks-jax bench` arguments (bfloat16: --quick by
