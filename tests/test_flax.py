@@ -270,12 +270,11 @@ def _train_step(model):
   return step
 
 
-needs_cpu_kernel = pytest.mark.skipif(
-    jax.default_backend() not in cks_jax.kernel_platforms(),
-    reason="cks kernels exist only for " + ", ".join(cks_jax.kernel_platforms()))
+# The CPU kernel's HLO, also where the default device is a GPU (whose "auto" runs no kernel).
+runs_on_cpu = pytest.mark.usefixtures("on_cpu")
 
 
-@needs_cpu_kernel
+@runs_on_cpu
 def test_linen_training_step_hlo_has_no_xla_convolution():
   for flax_model, cks_model, inp, _ in _linen_models():
     params = _init(flax_model, inp)
@@ -434,7 +433,7 @@ def test_nnx_model_checkpoint_loads_unchanged():
     _assert_trees_close(y, jax.jit(f_ref)(s_ref, inp), jnp.float32, cls.__name__)
 
 
-@needs_cpu_kernel
+@runs_on_cpu
 def test_nnx_training_step_hlo_has_no_xla_convolution():
   for cls, inp, _ in _nnx_models():
     graphdef, state = nnx.split(_nnx_new(lambda: cls(cnnx, nnx.Rngs(0))))
