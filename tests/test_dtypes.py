@@ -42,7 +42,7 @@ def test_float32_precision_is_full():
   check((2, 64, 10, 10), (32, 64, 3, 3), (1, 1), "SAME", dtype=np.float32, grads=False)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel's float32 copies")
+@pytest.mark.usefixtures("on_cpu")  # the CPU kernel's float32 copies
 def test_16bit_float32_copies_are_shared_between_threads_and_released():
   # The CPU kernel runs 16-bit operands on float32 copies kept for the next call, in one
   # process-wide free list: calls from several threads, one after another, leave one set held,
