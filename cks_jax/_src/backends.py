@@ -34,11 +34,13 @@ BACKENDS = ("auto", "ffi", "portable", "xla")
 # (benchmarks/results/gpu_h200.txt, 2026-12-04, jax 0.11.2) the CUDA kernel was
 # slower than XLA's convolution (cuDNN) on 88 of the 90 ops of the benchmark
 # set, 0.16x on the geometric mean in float32 (its float32 path runs on CUDA
-# cores, cuDNN's on TF32 tensor cores) and 0.14x in bfloat16; the choice made
-# where no kernel exists (portable for lhs-dilated convolutions, else XLA)
-# measured 1.26x XLA's time on the geometric mean there (0.47x at worst, 3 of
-# 90 ops below 0.95x), and the DCGAN generator step 1.3 ms against XLA's 1.8.
-# backend="ffi" still runs the CUDA kernel.
+# cores, cuDNN's on TF32 tensor cores) and 0.14x in bfloat16. The choice made
+# where no kernel exists (portable for lhs-dilated convolutions, else XLA),
+# which "auto" makes on a GPU since, measured 1.29x XLA's speed on the
+# geometric mean there (gpu_h200_auto.txt; 0.54x at worst, the input gradient
+# of the k4 s2 discriminator layer), and the DCGAN generator step 0.8 ms
+# against XLA's 1.4 and the CUDA kernel's 15.2. backend="ffi" still runs the
+# CUDA kernel.
 AUTO_KERNEL_PLATFORMS = ("cpu",)
 
 _state = threading.local()
