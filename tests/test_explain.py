@@ -75,10 +75,12 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
   out_bytes = 16 * 32 * 32 * 64 * 4
   assert sc["total"] < min(zero_inserted_lhs, out_bytes)
   for _, g in e.gradients:
-    # Each pool thread has its own blocks: on 2 threads (CI) the whole scratch is under the
-    # output; on a 16-core machine the gradients' 17 x 0.8 MB are not.
+    # Each thread of the pool has its own blocks: with CI's 2 cores (3 threads, the caller's
+    # included) the whole scratch is under the output; on a 16-core machine the gradients'
+    # 17 x 0.8 MB are not, so the bound counts at most 3 threads.
     assert g.scratch is not None
-    assert g.scratch["packed_b"] + 2 * g.scratch["per_thread"] < out_bytes
+    threads = min(g.scratch["threads"], 3)
+    assert g.scratch["packed_b"] + threads * g.scratch["per_thread"] < out_bytes
   assert "scratch:" in str(e)
   # 16-bit operands: the kernel's float32 copies of them count too; of the output only on the
   # dot path, which writes float32 in place (the others round each output as they store it).
@@ -137,7 +139,6 @@ def test_cpu_scratch_leaves_out_the_block_of_streamed_tiles():
   assert streamed.scratch["per_thread"] < block <= copied.scratch["per_thread"]
 
 
-@pytest.mark.usefixtures("on_cpu")
 def test_cpu_scratch_counts_the_pool_the_kernel_saw():
   # After a kernel call, the thread count is the intra-op pool's size as the
   # kernel read it from XLA (plus the calling thread), not a guess.
