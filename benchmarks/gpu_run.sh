@@ -73,10 +73,12 @@ stage tests
 # use TF32 on the GPU otherwise). The value tests run on the CUDA kernel
 # (CKS_TEST_BACKEND=ffi: "auto" does not choose it); the routing and explain
 # tests pin themselves to the CPU (tests/conftest.py, on_cpu).
+PER_TEST=""  # pytest-timeout, where installed: a hung test fails alone
+$PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 120"
 gpu_pytest() {  # log name, timeout, pytest arguments
   local log=$1 secs=$2; shift 2
   (cd tests && JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$secs" $PY -m pytest -n 12 -v \
-    -p no:cacheprovider --timeout 120 -rfEs --tb=short "$@" > "$OUT/$log" 2>&1)
+    -p no:cacheprovider $PER_TEST -rfEs --tb=short "$@" > "$OUT/$log" 2>&1)
   echo "pytest $log rc=$?"; grep -E " (FAILED|ERROR) " "$OUT/$log" | head -20; tail -1 "$OUT/$log"
 }
 CKS_TEST_BACKEND=ffi gpu_pytest tests_kernel.log "${CKS_TEST_S:-200}" test_cuda.py test_conv.py \
