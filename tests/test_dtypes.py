@@ -1,6 +1,7 @@
 """float32, float64, bfloat16, float16 and preferred_element_type."""
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
