@@ -149,3 +149,42 @@ def test_bench_min_time_sets_the_timed_seconds(capsys):
     assert lo <= time.perf_counter() - t0 < hi, min_time
   assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--min-time", "-1"]) == 2
   assert "--min-time must be >= 0" in capsys.readouterr().err
+
+
+def test_pipelined_blocks_time_a_device_not_the_dispatch():
+  # A fake device: each call costs the host 1 ms to issue and queues 4 ms of work, done in order.
+  # Waiting after every call times both (5 ms); pipelined blocks time the device (4 ms), as a
+  # training loop sees it, and still wait for all of it (sync is called at each wait).
+  import time
+  from cks_jax._src import bench
+  state = {"free_at": 0.0, "syncs": 0, "calls": 0}
+
+  class Pending:
+    def __init__(self, done_at):
+      self.done_at = done_at
+
+    def block_until_ready(self):
+      time.sleep(max(0.0, self.done_at - time.perf_counter()))
+      return self
+
+  def call():
+    time.sleep(0.001)  # dispatch
+    state["free_at"] = max(state["free_at"], time.perf_counter()) + 0.004
+    state["calls"] += 1
+    return Pending(state["free_at"])
+
+  def sync():
+    state["syncs"] += 1
+    time.sleep(max(0.0, state["free_at"] - time.perf_counter()))
+
+  blocking = bench.time_interleaved({"f": call}, 8, 10.0, min_time_s=0.1)["f"]
+  assert 4.9 <= blocking < 6.5, blocking
+  state["calls"] = 0
+  ms = bench.time_interleaved({"f": call}, 8, 10.0, min_time_s=0.1, pipelined=True,
+                              sync=sync)["f"]
+  assert 3.9 <= ms < 4.8, ms  # 4 ms + the first dispatch per block; under the 5 ms above
+  # Waits: the warm-up call's, then per block the untimed call's and the block's one. A block
+  # holds as many calls as the untimed call's ~5 ms fit in BLOCK_S (20 ms): 3 or 4.
+  blocks, rest = divmod(state["syncs"] - 1, 2)
+  assert rest == 0 and blocks >= 8
+  assert 3 * blocks <= state["calls"] - 1 - blocks <= 4 * blocks, (state, blocks)
