@@ -5,6 +5,8 @@ N16, latent 100 (1x1) -> ConvTranspose k4 s1 p0 -> 4x4x256 -> k4 s2 p1 -> 8x8x12
 cks-jax and XLA steps alternate within each timed round. PyTorch (if installed) runs the same
 model from the same weights, channels-last, with ConvTranspose2d, timed after them (its OpenMP
 threads would spin into the next JAX step); its first loss is checked against cks-jax's first.
+On a GPU, PyTorch runs there too, and the steps of backend="ffi" (the CUDA kernel) and
+"portable" are timed beside "auto" (cks) and XLA.
 Run: python benchmarks/dcgan_step.py  (prints median step times and the ratios).
 """
 import functools

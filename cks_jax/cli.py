@@ -63,8 +63,9 @@ def cmd_bench(args) -> int:
       return 2
     gemm = report.machine.get("xla_gemm_gflops")
   else:
-    if args.min_time is not None and not args.min_time >= 0:
-      print(f"--min-time must be >= 0 seconds, got {args.min_time}", file=sys.stderr)
+    min_time = getattr(args, "min_time", None)
+    if min_time is not None and not min_time >= 0:
+      print(f"--min-time must be >= 0 seconds, got {min_time}", file=sys.stderr)
       return 2
     layers = _select(bench.load_layers(args.shapes), args.layers, args.quick)
     if not layers:
@@ -85,7 +86,7 @@ def cmd_bench(args) -> int:
     report = bench.run(layers, repeats=repeats, budget_s=budget, with_torch=not args.no_torch,
                        with_portable=not getattr(args, "no_portable", False), progress=progress,
                        dtype=getattr(args, "dtype", "float32"),
-                       min_time_s=bench.MIN_TIMED_S if args.min_time is None else args.min_time,
+                       min_time_s=bench.MIN_TIMED_S if min_time is None else min_time,
                        checkpoint=checkpoint)
     progress.close()
     gemms = [gemm_before, bench.gemm_gflops()]

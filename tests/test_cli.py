@@ -188,3 +188,17 @@ def test_pipelined_blocks_time_a_device_not_the_dispatch():
   blocks, rest = divmod(state["syncs"] - 1, 2)
   assert rest == 0 and blocks >= 8
   assert 3 * blocks <= state["calls"] - 1 - blocks <= 4 * blocks, (state, blocks)
+
+
+def test_demo_runs_its_three_parts(tmp_path, monkeypatch, capsys):
+  # The README's main job (explain, the quick bench, a short training run), here on one layer
+  # and 2 training steps; its bench arguments once lacked an option cmd_bench read.
+  from cks_jax._src import bench
+  monkeypatch.setattr(cli, "QUICK_LAYERS", ("wavenet_1d_d1",))
+  monkeypatch.setattr(bench, "MIN_TIMED_S", 0.01)
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["demo", "--no-torch", "--steps", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "KS-deconv" in out and "wavenet_1d_d1" in out
+  for name in ("cks_bench.json", "cks_bench.png", "cks_train.json", "cks_train.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
