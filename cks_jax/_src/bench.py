@@ -367,7 +367,6 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
                         lhs, rhs) if with_portable else None
     ops_xla = _jax_ops(lambda l, r: lax.conv_general_dilated(l, r, **kw), lhs, rhs)
     torch_ops = _torch_ops(layer, lhs_np, rhs_np, dtype) if with_torch else None
-    torch_sync = _torch().cuda.synchronize if torch_ops is not None and torch_ops[2] else None
     if torch_ops is not None:
       ref = np.asarray(ops_xla["fwd"](), np.float32)
       got = np.moveaxis(torch_ops[1].numpy(), 1, -1)
@@ -375,6 +374,8 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       rtol, atol = (1e-3, 1e-2) if dtype == "float32" else (3e-2, 3e-2 * scale)
       if got.shape != ref.shape or not np.allclose(got, ref, rtol=rtol, atol=atol):
         torch_ops = None  # never time a mismatched equivalent
+    # Only a timed PyTorch on the GPU needs waiting for (once per block).
+    torch_sync = _torch().cuda.synchronize if torch_ops is not None and torch_ops[2] else None
     for op in OPS:
       if progress:
         progress(f"{layer['name']} {op}")

@@ -146,12 +146,12 @@ def check_grid(rhs_shape, params) -> None:
   out_feat = rhs_shape[params["dimension_numbers"][1][0]]
   groups = max(params["feature_group_count"], params["batch_group_count"])  # plan.h, groups()
   _, bn, _ = block_tile()
-  tiles = groups * -(-(out_feat // groups) // bn)
-  if tiles > 65535:
+  per_group = -(-(out_feat // groups) // bn)
+  if groups * per_group > 65535:
     raise ValueError(
-        f"the CUDA kernel cannot launch this convolution: {groups} groups x "
-        f"{-(-(out_feat // groups) // bn)} tiles of {bn} output features need {tiles} grid "
-        "rows, more than CUDA's 65535; use backend='auto' or 'xla'")
+        f"the CUDA kernel cannot launch this convolution: {groups} groups x {per_group} tiles "
+        f"of {bn} output features need {groups * per_group} grid rows, more than CUDA's 65535; "
+        "use backend='auto' or 'xla'")
 
 
 def mma_block(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
