@@ -37,6 +37,8 @@ PAIR_TILES = [4, 2, 1]  # P: zmm per row of pairs_avx512
 A_SOURCES = ["RunA", "IndirectA", "PackedA"]
 B_SOURCES = ["PanelB", "TableB", "RunB"]
 C_DESTS = ["OutC", "BufC"]
+# The whole-panel tiles a fused GEMM (float32 on AVX-512: gemm_block for a PanelOutC) runs.
+PANEL_OUT_TILES = [(4, 0), (2, 0), (1, 0)]
 
 
 def _why_skip_platform() -> str | None:
@@ -77,6 +79,13 @@ def _instantiations() -> dict[str, int]:
           for nv in AVX2_TILES:
             line = f"template void cks::gemm::panel_avx2<{nv}, {t}, {srcs}>({args});"
             out[line] = MR * nv if c == "OutC" else 0
+  for a in A_SOURCES:
+    for b in B_SOURCES:
+      srcs = f"{a}<float>, {b}<float>, PanelOutC<float>"
+      args = f"int64_t, int64_t, int64_t, const {a}<float>&, const {b}<float>&, " \
+             "const PanelOutC<float>&"
+      for p, h in PANEL_OUT_TILES:
+        out[f"template void cks::gemm::panels_avx512<{p}, {h}, float, {srcs}>({args});"] = MR * p
   for p in PAIR_TILES:  # bfloat16 pairs: masked stores, no edge tile copy
     for to in ("uint16_t", "float"):
       for a in ("PairRunA", "PairPackedA"):

@@ -375,6 +375,39 @@ def test_large_output_written_with_streaming_stores():
           dimension_numbers=DN2, grads=False)
 
 
+# Transposed convs whose kernel equals their stride: every phase reads the same input rows, so
+# the float32 kernel on AVX-512 runs all phases as one GEMM (fuses_phases) where the output is
+# over 2 MB and written in place with streaming stores, with at most 32 features: 32 features x 4
+# phases (4-panel tiles spanning two phases); 16 features x 8 phases of a 3D layer (panels of
+# one feature block each, 2 x 16^3 rows: edge tiles); 1D k3 s3, 32 features x 3 phases (tiles
+# of 4 panels and 2). Not fused: phases that read different rows (k2 s2 with no padding: one
+# phase reads input u, the other u + 1); 48 features; 2 MB exactly (not streamed).
+FUSED_CASES = [
+    ((3, 64, 64, 32), (2, 2, 32, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, True),
+    ((2, 16, 16, 16, 40), (2, 2, 2, 40, 16), ((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}, True),
+    ((8, 4096, 32), (3, 32, 32), ((1,), [(2, 2)], (3,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}, True),
+    ((3, 64, 64, 32), (2, 2, 32, 32), ((1, 1), [(0, 0), (0, 0)], (2, 2)), {}, False),
+    ((2, 64, 64, 32), (2, 2, 32, 48), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, False),
+    ((2, 64, 64, 32), (2, 2, 32, 16), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_fused_phases(case):
+  lhs_shape, rhs_shape, args, kw, fused = FUSED_CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
+                      platform="cpu", backend="ffi", **kw)
+  if backends.cpu_isa() == 2:  # the path is taken on AVX-512 only (measured there)
+    assert e.cpu_path == ("gemm, phases fused" if fused else "gemm"), str(e)
+  else:
+    assert e.cpu_path == "gemm", str(e)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=np.float32, grads=False, seed=700 + case, **kw)
+
+
 # (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A and B sources and C destinations:
 # A read in place as long runs (RunA) or through an offset per index (IndirectA), or packed
 # (PackedA); the product written straight into the output (OutC, masked at the row and column

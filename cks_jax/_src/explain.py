@@ -46,6 +46,10 @@ class Explanation:
       Never a padded or zero-inserted copy of any tensor.
     cpu_path: on the CPU kernel, the path it takes, named by the kernel's own
       code: ``"gemm"`` (the GEMM vectorised over output features),
+      ``"gemm, phases fused"`` (the same GEMM over all phases' features at
+      once, where every phase reads the same input rows: float32 forwards of
+      transposed convolutions whose kernel equals their stride, with at most
+      32 features and outputs over 2 MB, AVX-512 only),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that

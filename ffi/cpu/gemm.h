@@ -284,17 +284,43 @@ struct OutC {
   // reduction block): they skip reading each output line before writing it.
   // Fence before the output is handed on.
   bool stream = false;
+  // Row r, column j of the block.
+  T* at(int64_t r, int64_t j) const { return base + rows[r] + j; }
 };
+// An OutC whose NR-column panels are not adjacent in a row: panel q of the
+// block starts cols[q] elements after the row's start (several
+// sub-problems' columns as one GEMM: conv_cpu.cc, fuses_phases). A type of
+// its own so that OutC's tiles compile as they did: as a field of OutC, the
+// table cost the 6 x 24 tile a stack operand per two FMAs (test_codegen).
+template <typename T>
+struct PanelOutC : OutC<T> {
+  const int64_t* cols;
+  T* at(int64_t r, int64_t j) const {
+    constexpr int NR = Tile<T>::NR;
+    return this->base + this->rows[r] + cols[j / NR] + j % NR;
+  }
+};
+// Whether CDst is the output itself (OutC or PanelOutC), not a BufC.
+template <typename CDst, typename T>
+constexpr bool kOutDst =
+    std::is_same<CDst, OutC<T>>::value || std::is_same<CDst, PanelOutC<T>>::value;
 
 // Stores an MR x W tile t (row stride W) at (ir, jr) of an OutC, masked to
 // the rows and columns that exist.
-template <typename T, int W = Tile<T>::NR>
-inline void store_edge(const OutC<T>& C, int64_t ir, int64_t jr, const T* t) {
+template <typename T, int W = Tile<T>::NR, typename CDst>
+inline void store_edge(const CDst& C, int64_t ir, int64_t jr, const T* t) {
   constexpr int MR = Tile<T>::MR;
   const int64_t mi = std::min<int64_t>(MR, C.mc - ir), nj = std::min<int64_t>(W, C.nc - jr);
   for (int64_t i = 0; i < mi; ++i) {
-    T* c = C.base + C.rows[ir + i] + jr;
-    for (int64_t j = 0; j < nj; ++j) c[j] = C.add ? c[j] + t[i * W + j] : t[i * W + j];
+    if constexpr (std::is_same<CDst, OutC<T>>::value) {
+      T* c = C.base + C.rows[ir + i] + jr;
+      for (int64_t j = 0; j < nj; ++j) c[j] = C.add ? c[j] + t[i * W + j] : t[i * W + j];
+    } else {  // the tile may span panels
+      for (int64_t j = 0; j < nj; ++j) {
+        T* c = C.at(ir + i, jr + j);
+        *c = C.add ? *c + t[i * W + j] : t[i * W + j];
+      }
+    }
   }
 }
 
@@ -304,7 +330,7 @@ inline __attribute__((always_inline)) void macro_kernel(int64_t mc, int64_t nc, 
                                                         const ASrc& A, const BSrc& B,
                                                         const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
+  constexpr bool kOut = kOutDst<CDst, T>;
   for (int64_t jr = 0; jr < nc; jr += NR) {
     for (int64_t ir = 0; ir < mc; ir += MR) {
       const BSrc b = B.cols(jr);
@@ -397,7 +423,7 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
                                                     const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, W = 32 / sizeof(T);
   static_assert(NR == 2 * W, "a panel is 2 ymm");
-  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
+  constexpr bool kOut = kOutDst<CDst, T>;
   using V = decltype(vload(static_cast<const T*>(nullptr)));
   for (int64_t ir = 0; ir < mc; ir += MR) {
     V acc[MR][NV];
@@ -424,7 +450,7 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
       if (ir + MR <= C.mc && jr + NV * W <= C.nc) {
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
-          T* c = C.base + C.rows[ir + i] + jr;
+          T* c = C.at(ir + i, jr);  // NV W <= NR: one panel
           for (int v = 0; v < NV; ++v) {
             if (C.add) vaddto(c + v * W, acc[i][v]);
             else if (C.stream) vstream(c + v * W, acc[i][v]);
@@ -523,7 +549,7 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
                                                                const BSrc& B, const CDst& C) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, HW = NR / 2;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
-  constexpr bool kOut = std::is_same<CDst, OutC<T>>::value;
+  constexpr bool kOut = kOutDst<CDst, T>;
   using V = decltype(zload(static_cast<const T*>(nullptr)));
   using VH = decltype(vload(static_cast<const T*>(nullptr)));
   constexpr int kWidth = P * NR + H * HW;
@@ -559,14 +585,18 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
           T* c = C.base + C.rows[ir + i] + jr;
 #pragma GCC unroll 4
           for (int p = 0; p < P; ++p) {
-            if (C.add) zaddto(c + p * NR, acc[i][p]);
-            else if (C.stream) zstream(c + p * NR, acc[i][p]);
-            else zstore(c + p * NR, acc[i][p]);
+            T* cp = c + p * NR;
+            if constexpr (!std::is_same<CDst, OutC<T>>::value) cp = C.at(ir + i, jr + p * NR);
+            if (C.add) zaddto(cp, acc[i][p]);
+            else if (C.stream) zstream(cp, acc[i][p]);
+            else zstore(cp, acc[i][p]);
           }
           if constexpr (H > 0) {
-            if (C.add) vaddto(c + P * NR, hacc[i]);
-            else if (C.stream) vstream(c + P * NR, hacc[i]);
-            else vstore(c + P * NR, hacc[i]);
+            T* cp = c + P * NR;
+            if constexpr (!std::is_same<CDst, OutC<T>>::value) cp = C.at(ir + i, jr + P * NR);
+            if (C.add) vaddto(cp, hacc[i]);
+            else if (C.stream) vstream(cp, hacc[i]);
+            else vstore(cp, hacc[i]);
           }
         }
       } else {
@@ -1226,6 +1256,29 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const A
 #ifdef CKS_X86_AVX2
   if (gemm_isa() == 2) return macro_kernel_avx512<T>(mc, nc, live, kc, A, B, C);
   if (gemm_isa() >= 1) return macro_kernel_avx2<T>(mc, nc, live, kc, A, B, C);
+#endif
+  macro_kernel<T>(mc, nc, kc, A, B, C);
+}
+// A block of whole panels (nc a multiple of NR) into a PanelOutC: tiles of
+// 4, 2 and 1 panels on AVX-512, the one ISA conv_cpu.cc fuses on (so the
+// tiles with a half panel, whose code GCC builds with spilled invariants for
+// this destination, are never instantiated for it); elsewhere the portable
+// kernel, which keeps every build whole but never runs.
+template <typename T, typename ASrc, typename BSrc>
+inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
+                       const BSrc& B, const PanelOutC<T>& C) {
+#ifdef CKS_X86_AVX2
+  if (gemm_isa() == 2) {
+    constexpr int NR = Tile<T>::NR;
+    int64_t jr = 0;
+    for (; jr + 4 * NR <= nc; jr += 4 * NR) panels_avx512<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+    if (nc - jr >= 2 * NR) {
+      panels_avx512<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+      jr += 2 * NR;
+    }
+    if (jr < nc) panels_avx512<1, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+    return;
+  }
 #endif
   macro_kernel<T>(mc, nc, kc, A, B, C);
 }
