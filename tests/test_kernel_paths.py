@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import cks_jax
 from cks_jax._src import backends
 
-from oracle import check
+from oracle import check, random
 
 DN2 = ("NHWC", "HWIO", "NHWC")
 
@@ -406,6 +406,34 @@ def test_fused_phases(case):
     assert e.cpu_path == "gemm", str(e)
   with cks_jax.use_backend("ffi"):
     check(lhs_shape, rhs_shape, *args, dtype=np.float32, grads=False, seed=700 + case, **kw)
+
+
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="phases are fused on AVX-512 only")
+def test_fused_phases_same_bits(tmp_path):
+  # Fused or not, every output element is the same sum in the same order: the fused GEMM's
+  # values equal, bit for bit, those of the AVX2 kernel (CKS_CPU_ISA=1, in a subprocess), which
+  # runs each phase as its own GEMM (and gives the AVX-512 kernel's bits on unfused problems).
+  code = textwrap.dedent(f"""
+      import numpy as np, cks_jax, test_kernel_paths as k
+      from oracle import random
+      for i in (0, 2):
+        lhs_shape, rhs_shape, args, kw, _ = k.FUSED_CASES[i]
+        kw = {{"dimension_numbers": k.DN2, **kw}}
+        out = cks_jax.conv_general_dilated(random(lhs_shape, np.float32, i),
+                                           random(rhs_shape, np.float32, i + 1), *args,
+                                           backend="ffi", **kw)
+        np.save(r"{tmp_path}/avx2_%d.npy" % i, np.asarray(out))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_ISA="1")[-1] == "ok"
+  for i in (0, 2):
+    lhs_shape, rhs_shape, args, kw, fused = FUSED_CASES[i]
+    kw = {"dimension_numbers": DN2, **kw}
+    assert fused
+    out = cks_jax.conv_general_dilated(random(lhs_shape, np.float32, i),
+                                       random(rhs_shape, np.float32, i + 1), *args,
+                                       backend="ffi", **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.load(tmp_path / f"avx2_{i}.npy"))
 
 
 # (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A and B sources and C destinations:
