@@ -9,6 +9,7 @@
    mma.sync the harness runs through a host model of the instruction; the
    fragment layout both rely on is checked against the PTX ISA's tables.
 """
+import dataclasses
 import itertools
 import re
 import shutil
@@ -364,6 +365,35 @@ def test_gpu_tensor_core_dtypes(dtype):
   ref = lax.conv_general_dilated(np.asarray(l, np.float64), np.asarray(r, np.float64), (1, 1),
                                  [(2, 2), (2, 2)], (2, 2), (1, 1), DN)
   assert_close(jax.jit(f)(l, r), ref, dtype, "gpu tensor-core value")
+
+
+@needs_lib
+def test_launch_grid_is_the_kernels():
+  # launch_grid asks the library (conv_cuda.cu's grid_of over make_launches), so the trace-time
+  # check and the launch share one formula: x = row tiles of the largest phase, y = output-feature
+  # tiles x groups, z = phases of a launch (at most 32).
+  bm, bn, _ = cuda.block_tile()
+
+  def grid(lhs_shape, rhs_shape, strides, padding, lhs_dilation=(1, 1), feature_group_count=1):
+    spec = shapes.canonicalize(lhs_shape, rhs_shape, strides, padding, lhs_dilation, (1, 1), DN,
+                               feature_group_count, 1)
+    params = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return cuda.launch_grid(lhs_shape, rhs_shape, shapes.out_shape(lhs_shape, rhs_shape, spec),
+                            params)
+
+  # k2 s2 transposed: 4 phases of 2 x 40 x 40 rows; 130 features: 3 tiles
+  assert grid((2, 40, 40, 16), (2, 2, 16, 130), (1, 1), [(1, 1), (1, 1)], (2, 2)) == (
+      (-(-2 * 40 * 40 // bm), -(-130 // bn), 4), True)
+  # a plain 3x3: one phase of every output row; 3 groups of 20 features: one tile each
+  assert grid((1, 9, 9, 30), (3, 3, 10, 60), (1, 1), "SAME", feature_group_count=3) == (
+      (-(-81 // bm), 3, 1), True)
+  # 6 x 6 = 36 phases of a k6 s6 transposed conv: launches of 32 and 4 classes
+  assert grid((1, 2, 2, 8), (6, 6, 8, 8), (1, 1), [(5, 5), (5, 5)], (6, 6))[0][2] == 32
+  # depthwise: one grid row per group
+  assert grid((1, 3, 3, 65535), (3, 3, 1, 65535), (1, 1), "SAME",
+              feature_group_count=65535) == ((1, 65535, 1), True)
+  assert grid((1, 3, 3, 65536), (3, 3, 1, 65536), (1, 1), "SAME",
+              feature_group_count=65536) == ((1, 65536, 1), False)
 
 
 @needs_lib

@@ -35,6 +35,8 @@ def library() -> ctypes.CDLL | None:
   lib.cks_cuda_mma_model.argtypes = [ci, p, p, p]
   lib.cks_cuda_mma_block.argtypes = [ci, p, p, p]
   lib.cks_cuda_block_tile.argtypes = [pi, pi, pi]
+  lib.cks_cuda_grid.restype = ctypes.c_char_p
+  lib.cks_cuda_grid.argtypes = [p, p, p, i64, p, p, p, p, p, p, p, i64, i64, p, pi]
   return lib
 
 
@@ -139,19 +141,38 @@ def block_tile() -> tuple[int, int, int]:
   return bm.value, bn.value, bk.value
 
 
-def check_grid(rhs_shape, params) -> None:
-  """Raises ValueError, at trace time, where the kernel's launch grid would
-  exceed CUDA's 65535 blocks in y: one per 64-wide output tile of each group
-  (conv_cuda.cu, grid_of; else the call would fail inside XLA)."""
-  out_feat = rhs_shape[params["dimension_numbers"][1][0]]
-  groups = max(params["feature_group_count"], params["batch_group_count"])  # plan.h, groups()
-  _, bn, _ = block_tile()
-  per_group = -(-(out_feat // groups) // bn)
-  if groups * per_group > 65535:
+def launch_grid(lhs_shape, rhs_shape, out_shape, params) -> tuple[tuple[int, int, int], bool]:
+  """The CUDA kernel's launch grid for a convolution (``params``: cks_conv's).
+
+  Returns ((x, y, z), fits): the most blocks in each dimension over the
+  kernel's launches (conv_cuda.cu's grid_of: x row tiles of the largest
+  phase, y output-feature tiles times groups, z phases of one launch) and
+  whether CUDA can launch every one of them.
+  """
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  grid, fits = (ctypes.c_int64 * 3)(), ctypes.c_int()
+  err = _lib().cks_cuda_grid(
+      _i64(lhs_shape), _i64(rhs_shape), _i64(out_shape), len(lhs_shape),
+      _i64(params["window_strides"]), _i64(params["lhs_dilation"]),
+      _i64(params["rhs_dilation"]), _i64([lo for lo, _ in params["padding"]]), _i64(lhs_spec),
+      _i64(rhs_spec), _i64(out_spec), int(params["feature_group_count"]),
+      int(params["batch_group_count"]), grid, ctypes.byref(fits))
+  if err is not None:
+    raise ValueError(err.decode())
+  return (grid[0], grid[1], grid[2]), bool(fits.value)
+
+
+def check_grid(lhs_shape, rhs_shape, out_shape, params) -> None:
+  """Raises ValueError, at trace time, where the kernel could not launch
+  (launch_grid: CUDA allows 65535 blocks in y, one per 64-feature output tile
+  of each group), instead of failing inside XLA."""
+  (x, y, z), fits = launch_grid(lhs_shape, rhs_shape, out_shape, params)
+  if not fits:
+    _, bn, _ = block_tile()
     raise ValueError(
-        f"the CUDA kernel cannot launch this convolution: {groups} groups x {per_group} tiles "
-        f"of {bn} output features need {groups * per_group} grid rows, more than CUDA's 65535; "
-        "use backend='auto' or 'xla'")
+        f"the CUDA kernel cannot launch this convolution: its grid needs {x} x {y} x {z} "
+        f"blocks, over CUDA's 2^31 - 1 x 65535 x 65535 (y: the groups times their {bn}-feature "
+        "output tiles); use backend='auto' or 'xla'")
 
 
 def mma_block(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

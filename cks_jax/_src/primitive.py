@@ -120,7 +120,7 @@ def _lowering(platform: str):
                              shapes_in, ctx.avals_in[0].dtype)
     if chosen == "ffi":
       if platform == "cuda":
-        cuda.check_grid(shapes_in[1], params)
+        cuda.check_grid(*shapes_in, ctx.avals_out[0].shape, params)
       return _lower_ffi(target, ctx, lhs, rhs, **params)
     if chosen == "portable":
       return _lower_portable(ctx, lhs, rhs, **params)

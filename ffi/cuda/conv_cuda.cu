@@ -64,6 +64,8 @@ Grid grid_of(const LaunchParams& lp) {
   const int64_t col_tiles = (lp.pb.group_out() + kBN - 1) / kBN;
   return {(max_rows + kBM - 1) / kBM, col_tiles * lp.pb.groups(), lp.nclasses};
 }
+// Whether CUDA can launch grid g (x up to 2^31 - 1, y and z up to 65535).
+bool launchable(const Grid& g) { return g.x <= 0x7fffffff && g.y <= 65535 && g.z <= 65535; }
 
 // ---------------------------------------------------------------- device
 // Tiles picks the path: SimtTiles (f32, f64) or MmaTiles (bf16, f16).
@@ -92,7 +94,7 @@ cudaError_t launch(cudaStream_t stream, const ConvProblem& pb, const void* lhs, 
                    void* out) {
   for (const LaunchParams& lp : make_launches(pb)) {
     const Grid g = grid_of(lp);
-    if (g.x > 0x7fffffff || g.y > 65535) return cudaErrorInvalidConfiguration;
+    if (!launchable(g)) return cudaErrorInvalidConfiguration;
     cks_conv_kernel<Tin, Acc, Tout>
         <<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y),
                 static_cast<unsigned>(g.z)),
@@ -235,6 +237,35 @@ extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void*
     if (out_dims[i] == 0) return nullptr;
   if (!cks::dispatch_dtypes<cks::cuda::Emulate>(in_dtype, out_dtype, path, pb, lhs, rhs, out))
     return "cks: unsupported dtype combination";
+  return nullptr;
+}
+
+// The largest launch grid of a problem (ctypes, cuda.check_grid: the Python
+// side refuses at trace time what launch() could not launch), each dimension
+// the maximum over the problem's launches, and whether every launch fits.
+// Returns nullptr or an error message.
+extern "C" const char* cks_cuda_grid(const int64_t* lhs_dims, const int64_t* rhs_dims,
+                                     const int64_t* out_dims, int64_t rank,
+                                     const int64_t* window_strides, const int64_t* lhs_dilation,
+                                     const int64_t* rhs_dilation, const int64_t* padding_lo,
+                                     const int64_t* lhs_spec, const int64_t* rhs_spec,
+                                     const int64_t* out_spec, int64_t feature_group_count,
+                                     int64_t batch_group_count, int64_t* grid, int* fits) {
+  grid[0] = grid[1] = grid[2] = 0;
+  *fits = 1;
+  cks::ConvProblem pb;
+  if (rank < 3 || rank > cks::kMaxSpatial + 2) return "cks: rank must be 3, 4 or 5";
+  const char* err = cks::make_problem(lhs_dims, rhs_dims, out_dims, rank, window_strides,
+                                      lhs_dilation, rhs_dilation, padding_lo, lhs_spec, rhs_spec,
+                                      out_spec, feature_group_count, batch_group_count, &pb);
+  if (err != nullptr) return err;
+  for (const cks::cuda::LaunchParams& lp : cks::cuda::make_launches(pb)) {
+    const cks::cuda::Grid g = cks::cuda::grid_of(lp);
+    grid[0] = std::max(grid[0], g.x);
+    grid[1] = std::max(grid[1], g.y);
+    grid[2] = std::max(grid[2], g.z);
+    *fits = *fits && cks::cuda::launchable(g);
+  }
   return nullptr;
 }
 
