@@ -48,7 +48,7 @@ class Explanation:
       code: ``"gemm"`` (the GEMM vectorised over output features),
       ``"gemm, phases fused"`` (the same GEMM over all phases' features at
       once, where every phase reads the same input rows: float32 forwards of
-      transposed convolutions whose kernel equals their stride, with at most
+      transposed convolutions whose kernel equals their stride, with 16 or
       32 features and outputs over 2 MB, AVX-512 only),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"row-vectorised"`` (the same kernel
