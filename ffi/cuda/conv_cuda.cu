@@ -227,8 +227,7 @@ extern "C" const char* cks_cuda_emulate(int in_dtype, int out_dtype, const void*
                                         const int64_t* out_spec, int64_t feature_group_count,
                                         int64_t batch_group_count, int* path) {
   *path = -1;
-  cks::ConvProblem pb;
-  if (rank < 3 || rank > cks::kMaxSpatial + 2) return "cks: rank must be 3, 4 or 5";
+  cks::ConvProblem pb;  // make_problem checks the rank before it reads any array
   const char* err = cks::make_problem(lhs_dims, rhs_dims, out_dims, rank, window_strides,
                                       lhs_dilation, rhs_dilation, padding_lo, lhs_spec, rhs_spec,
                                       out_spec, feature_group_count, batch_group_count, &pb);
@@ -253,8 +252,7 @@ extern "C" const char* cks_cuda_grid(const int64_t* lhs_dims, const int64_t* rhs
                                      int64_t batch_group_count, int64_t* grid, int* fits) {
   grid[0] = grid[1] = grid[2] = 0;
   *fits = 1;
-  cks::ConvProblem pb;
-  if (rank < 3 || rank > cks::kMaxSpatial + 2) return "cks: rank must be 3, 4 or 5";
+  cks::ConvProblem pb;  // make_problem checks the rank before it reads any array
   const char* err = cks::make_problem(lhs_dims, rhs_dims, out_dims, rank, window_strides,
                                       lhs_dilation, rhs_dilation, padding_lo, lhs_spec, rhs_spec,
                                       out_spec, feature_group_count, batch_group_count, &pb);
