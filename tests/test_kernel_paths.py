@@ -405,7 +405,7 @@ def test_fused_phases(case):
   else:
     assert e.cpu_path == "gemm", str(e)
   with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=np.float32, grads=False, seed=700 + case, **kw)
+    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=700 + case, **kw)
 
 
 @pytest.mark.skipif(backends.cpu_isa() != 2, reason="phases are fused on AVX-512 only")
