@@ -119,7 +119,7 @@ def test_cpu_filter_gradient_scratch_has_no_table_per_cotangent_position():
                       dimension_numbers=("NHWC", "HWIO", "NHWC"), platform="cpu",
                       backend="ffi", gradients=True)
   d_rhs = dict(e.gradients)["d rhs"]
-  assert d_rhs.cpu_path == "interleaved taps" and d_rhs.scratch["packed_b"] == 0
+  assert d_rhs.cpu_path == "interleaved taps, fused" and d_rhs.scratch["packed_b"] == 0
   assert 0 < d_rhs.scratch["per_thread"] < 2 * 2**16
 
 

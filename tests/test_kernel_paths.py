@@ -436,6 +436,67 @@ def test_fused_phases_same_bits(tmp_path):
     np.testing.assert_array_equal(np.asarray(out), np.load(tmp_path / f"avx2_{i}.npy"))
 
 
+# (lhs shape, rhs shape, conv args, kwargs, fused): filter gradients on the interleaved-taps path
+# whose taps are fused into one GEMM on AVX-512 (CksConv::fused_taps), or not.
+FUSED_TAP_CASES = [
+    # U-Net's k2 s2 up-sampling, 32 features: 2 groups of 2 taps, 64 columns each
+    ((2, 64, 64, 64), (2, 2, 64, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, True),
+    # 16 features (groups of 32 columns), 20 input channels (rows: a partial MR tile; with 32
+    # or more the row-vectorised path takes 16 features)
+    ((5, 64, 64, 20), (2, 2, 20, 16), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, True),
+    # 3-D k2 s2, 16 features: 4 groups of 2 taps
+    ((1, 32, 32, 32, 8), (2, 2, 2, 8, 16), ((1, 1, 1), [(1, 1)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}, True),
+    # not fused: 48 features (96 columns a pair), 2 feature groups, a k4 s2 kernel (taps of a
+    # phase read different input rows)
+    ((2, 64, 64, 48), (2, 2, 48, 48), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}, False),
+    ((2, 64, 64, 64), (2, 2, 32, 64), ((1, 1), [(1, 1), (1, 1)], (2, 2)),
+     {"feature_group_count": 2}, False),
+    ((2, 64, 64, 64), (4, 4, 64, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FUSED_TAP_CASES)))
+def test_fused_taps(case):
+  lhs_shape, rhs_shape, args, kw, fused = FUSED_TAP_CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
+                      gradients=True, platform="cpu", backend="ffi", **kw)
+  d_rhs = dict(e.gradients)["d rhs"]
+  if backends.cpu_isa() == 2:  # the taps are fused on AVX-512 only (B read in place there)
+    assert d_rhs.cpu_path == ("interleaved taps, fused" if fused else "interleaved taps"), str(e)
+  else:
+    assert d_rhs.cpu_path == "interleaved taps", str(e)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=720 + case, **kw)
+
+
+def fused_tap_d_rhs(i):
+  """The filter gradient of FUSED_TAP_CASES[i] on the FFI kernel, from seeded operands."""
+  lhs_shape, rhs_shape, args, kw, _ = FUSED_TAP_CASES[i]
+  kw = {"dimension_numbers": DN2, **kw}
+  lhs = random(lhs_shape, np.float32, i)
+  out, vjp = jax.vjp(lambda w: cks_jax.conv_general_dilated(lhs, w, *args, backend="ffi", **kw),
+                     random(rhs_shape, np.float32, i + 1))
+  return np.asarray(vjp(random(out.shape, np.float32, i + 2))[0])
+
+
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="taps are fused on AVX-512 only")
+def test_fused_taps_same_bits(tmp_path):
+  # As test_fused_phases_same_bits: the fused filter gradient equals, bit for bit, that of the
+  # AVX2 kernel (CKS_CPU_ISA=1, in a subprocess), which runs each tap as its own GEMM.
+  code = textwrap.dedent(f"""
+      import numpy as np, test_kernel_paths as k
+      for i in (0, 2):
+        np.save(r"{tmp_path}/avx2_%d.npy" % i, k.fused_tap_d_rhs(i))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_ISA="1")[-1] == "ok"
+  for i in (0, 2):
+    assert FUSED_TAP_CASES[i][-1]
+    np.testing.assert_array_equal(fused_tap_d_rhs(i), np.load(tmp_path / f"avx2_{i}.npy"))
+
+
 # (lhs shape, rhs shape, conv args, kwargs) for the GEMM path's A and B sources and C destinations:
 # A read in place as long runs (RunA) or through an offset per index (IndirectA), or packed
 # (PackedA); the product written straight into the output (OutC, masked at the row and column

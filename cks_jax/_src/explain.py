@@ -56,7 +56,12 @@ class Explanation:
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels),
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
-      run chunk by chunk), ``"bf16 pairs"`` (bfloat16 operands on a CPU with
+      run chunk by chunk), ``"interleaved taps, fused"`` (the same, with the
+      taps that read adjacent cotangent positions multiplied as one GEMM:
+      float32 filter gradients of transposed convolutions whose kernel
+      equals their stride, with 32 features, or 16 and fewer than 32 input
+      channels, AVX-512 only),
+      ``"bf16 pairs"`` (bfloat16 operands on a CPU with
       AVX512_BF16, read as they are and multiplied two reduction indices per
       lane: forwards and input gradients with channels innermost, an even
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
