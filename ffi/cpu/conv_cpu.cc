@@ -588,28 +588,44 @@ struct CksConv {
       k0_min = std::min(k0_min, plan.subproblems[i].phase[last]->k0);
     return plan.subproblems[s].phase[last]->k0 - k0_min;
   }
-  // Tasks of run_taps: row and column blocks, each over all sub-problems.
-  // Columns (whole AVX-512 tiles), then rows (whole MR blocks) are split
-  // until every worker has kTapTasksPerWorker tasks, and rows further until
-  // the tasks divide among the workers; blocks are of equal size (with 2
-  // workers, row blocks of 96 + 32 took 1.4x the time of 64 + 64).
+  // Tasks of run_taps: row blocks, each over all columns and a range of
+  // sub-problems, or over all sub-problems and a column block. On AVX-512
+  // with at most 4 NR features (one 6 x 64 tile), the sub-problems are split
+  // among the tasks (whole groups where fused_taps), in ranges of about equal
+  // work (float32 only: measured there; the bfloat16 pair path's tasks keep
+  // every sub-problem): each task then reads its taps' part of the cotangent, for all rows,
+  // with whole tiles. In process (Xeon, 2 cores, same bits), against
+  // splitting the columns into 6 x 32 tiles: 1-D filter gradients of 64
+  // features 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), 2-D and 3-D
+  // no change (0.99-1.02x); U-Net 64->128's fused taps 0.83x against
+  // splitting the rows.
+  // Otherwise columns (whole AVX-512 tiles, 2 NR), then rows (whole MR
+  // blocks) are split until every worker has kTapTasksPerWorker tasks, and
+  // rows further until the tasks divide among the workers; blocks are of
+  // equal size (with 2 workers, row blocks of 96 + 32 took 1.4x the time of
+  // 64 + 64).
   static constexpr int64_t kTapTasksPerWorker = 1;
   std::vector<Task> tap_tasks(int64_t workers) const {
     int64_t rows = 0;
     for (const SubProblem& sp : plan.subproblems) rows = std::max(rows, sp.rows);
     const int64_t Fg = pb.group_out(), G = pb.groups(), want = kTapTasksPerWorker * workers;
-    // Column units: whole AVX-512 tiles (2 NR), or with fused taps the
-    // groups of m sub-problems (a task then runs a range of groups).
-    const int64_t m = fused_taps(), groups_m = m > 1 ? nsp() / m : 0;
-    const int64_t tiles = m > 1 ? groups_m : std::max<int64_t>(1, Fg / (2 * NR));
+    // Column units: whole AVX-512 tiles (2 NR), or units of m sub-problems
+    // (m = 1, or fused_taps' groups).
+    const int64_t fused = fused_taps();
+    const bool f32 = std::is_same<Tin, float>::value && std::is_same<Acc, float>::value;
+    const int64_t m = fused > 1                                                ? fused
+                      : f32 && gemm::gemm_isa() == 2 && Fg <= 4 * NR && nsp() > 1 ? 1
+                                                                                : 0;
+    const int64_t units = m > 0 ? nsp() / m : 0;
+    const int64_t tiles = m > 0 ? units : std::max<int64_t>(1, Fg / (2 * NR));
     const int64_t max_rb = std::max<int64_t>(1, rows / MR);
     int64_t rb = std::max<int64_t>(1, (rows + kMC - 1) / kMC), cb = 1;
     while (G * rb * cb < want && (cb < tiles || rb < max_rb)) cb < tiles ? ++cb : ++rb;
     // Every sub-problem's output block is live across a task's chunks: keep
     // them within kTapsOutBytes, splitting the longer side.
     auto out_bytes = [&] {
-      const int64_t subs = m > 1 ? (groups_m + cb - 1) / cb * m : nsp();
-      const int64_t cols = m > 1 ? Fg : round_up((Fg + cb - 1) / cb, NR);
+      const int64_t subs = m > 0 ? (units + cb - 1) / cb * m : nsp();
+      const int64_t cols = m > 0 ? Fg : round_up((Fg + cb - 1) / cb, NR);
       return subs * round_up((rows + rb - 1) / rb, MR) * cols * static_cast<int64_t>(sizeof(Acc));
     };
     while (out_bytes() > kTapsOutBytes && (cb < tiles || rb < max_rb)) {
@@ -622,15 +638,32 @@ struct CksConv {
       const int64_t m = (len + u - 1) / u;
       return std::min(len, i * m / n * u);
     };
+    // Sub-problem ranges: cb ranges of whole units, cut where the work
+    // (rows x taps) before them passes j / cb of the whole.
+    std::vector<int64_t> sp_cut(cb + 1, nsp());
+    if (m > 0) {
+      std::vector<int64_t> work(units + 1, 0);
+      for (int64_t u = 0; u < units; ++u) {
+        work[u + 1] = work[u];
+        for (int64_t s = u * m; s < (u + 1) * m; ++s)
+          work[u + 1] += plan.subproblems[s].rows * plan.subproblems[s].taps;
+      }
+      sp_cut[0] = 0;
+      for (int64_t j = 1; j < cb; ++j) {
+        int64_t u = sp_cut[j - 1] / m + 1;  // at least one unit per range
+        while (u < units - (cb - j) && work[u] * cb < work[units] * j) ++u;
+        sp_cut[j] = u * m;
+      }
+    }
     std::vector<Task> ts;
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < rb; ++i)
         for (int64_t j = 0; j < cb; ++j) {
           Task t{0, g, cut(i, rb, rows, MR), cut(i + 1, rb, rows, MR), 0, Fg};
           t.all_taps = true;
-          if (m > 1) {
-            t.sp = cut(j, cb, groups_m, 1) * m;
-            t.sp1 = cut(j + 1, cb, groups_m, 1) * m;
+          if (m > 0) {
+            t.sp = sp_cut[j];
+            t.sp1 = sp_cut[j + 1];
           } else {
             t.col0 = cut(j, cb, Fg, 2 * NR);
             t.col1 = cut(j + 1, cb, Fg, 2 * NR);
@@ -691,7 +724,7 @@ struct CksConv {
     // Sub-problem s's block: Cbuf + (s - s0) * mc_max * nc_max.
     Cbuf.resize((s1 - s0) * mc_max * nc_max);
     const int64_t H = tap_chunk_rows(), J = pb.dim[0].k_size;
-    // Fused taps (fused_taps; the task a range of whole groups, all of Fg):
+    // Fused taps (fused_taps; the task then a range of whole groups, all of Fg):
     // each group of m sub-problems is one GEMM of m x Fg columns from the B
     // of its slot 0, into the group's m blocks read as one block of m x Fg
     // columns (slot j's: columns [j Fg, (j + 1) Fg) of each row).
@@ -1995,7 +2028,7 @@ struct Bf16PackedPairs {
   }
   void run_taps(const Task& task) const {
     const ConvProblem& pb = c.pb;
-    const int64_t S = c.nsp();
+    const int64_t S = c.nsp(), s0 = task.sp, s1 = task.sp1;  // sub-problems [s0, s1)
     thread_local std::vector<SubA> xs;
     thread_local std::vector<Task> sub;
     thread_local std::vector<float> Cbuf;
@@ -2003,31 +2036,31 @@ struct Bf16PackedPairs {
     sub.resize(S);
     const int64_t mc_max = round_up(task.row1 - task.row0, MR);
     const int64_t nc_max = round_up(std::min(kNC, task.col1 - task.col0), NR);
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = s0; s < s1; ++s) {
       sub[s] = c.sub_task(task, s);
       if (sub[s].row1 > sub[s].row0) prepare(sub[s], xs[s]);
     }
-    Cbuf.resize(S * mc_max * nc_max);
+    Cbuf.resize((s1 - s0) * mc_max * nc_max);
     const int64_t H = c.tap_chunk_rows(), J = pb.dim[0].k_size, CJ = pb.group_in() * J;
     for (int64_t nc0 = task.col0; nc0 < task.col1;) {
       const int64_t nc = std::min(nc0 / kNC * kNC + kNC, task.col1) - nc0;
       const int64_t nc_pad = round_up(nc, NR);
       std::fill(Cbuf.begin(), Cbuf.end(), 0.0f);
       for (int64_t g0 = 0; g0 < CJ; g0 += H)
-        for (int64_t s = 0; s < S; ++s) {
+        for (int64_t s = s0; s < s1; ++s) {
           const SubProblem& sp = c.plan.subproblems[s];
           const int64_t mc = sub[s].row1 - sub[s].row0;
           if (mc <= 0 || sp.taps == 0) continue;
           const int64_t k0 = c.tap_index(sp, g0, J), k1 = c.tap_index(sp, std::min(g0 + H, CJ), J);
           for (int64_t kc0 = k0; kc0 < k1; kc0 += kKC)
             multiply(xs[s], mc, task.group, nc0, nc, kc0, std::min(kKC, k1 - kc0),
-                     gemm::PairC<To>{Cbuf.data() + s * mc_max * nc_max, nc_pad, nullptr, nullptr,
+                     gemm::PairC<To>{Cbuf.data() + (s - s0) * mc_max * nc_max, nc_pad, nullptr, nullptr,
                                      mc, nc, false, false});
         }
-      for (int64_t s = 0; s < S; ++s)
+      for (int64_t s = s0; s < s1; ++s)
         if (sub[s].row1 > sub[s].row0)
           c.copy_out(xs[s].out_row.data(), sub[s].row1 - sub[s].row0, task.group, nc0, nc,
-                     Cbuf.data() + s * mc_max * nc_max, nc_pad, false);
+                     Cbuf.data() + (s - s0) * mc_max * nc_max, nc_pad, false);
       nc0 += nc;
     }
   }
