@@ -559,9 +559,7 @@ struct CksConv {
       const SubProblem& a = plan.subproblems[f];
       const Phase& pa = *a.phase[last];
       const Segment& ga = a.seg[last];
-      int64_t k0_min = pa.k0;
       std::vector<char> seen(m, 0);
-      for (int64_t s = f; s < f + m; ++s) k0_min = std::min(k0_min, plan.subproblems[s].phase[last]->k0);
       for (int64_t s = f; s < f + m; ++s) {
         const SubProblem& b = plan.subproblems[s];
         const Phase& pp = *b.phase[last];
@@ -573,8 +571,8 @@ struct CksConv {
             input_index(pp, gb.u0, gb.t_lo) != input_index(pa, ga.u0, ga.t_lo))
           return 0;
         // B one kernel position (Fg elements) per slot from the lowest.
-        const int64_t slot = pp.k0 - k0_min;
-        if (slot < 0 || slot >= m || seen[slot]) return 0;
+        const int64_t slot = tap_slot(s, m);
+        if (slot >= m || seen[slot]) return 0;
         seen[slot] = 1;
       }
     }
@@ -593,8 +591,8 @@ struct CksConv {
   // with at most 4 NR features (one 6 x 64 tile), the sub-problems are split
   // among the tasks (whole groups where fused_taps), in ranges of about equal
   // work (float32 only: measured there; the bfloat16 pair path's tasks keep
-  // every sub-problem): each task then reads its taps' part of the cotangent, for all rows,
-  // with whole tiles. In process (Xeon, 2 cores, same bits), against
+  // every sub-problem): each task then reads its taps' part of the
+  // cotangent, for all rows, with whole tiles. In process (Xeon, 2 cores, same bits), against
   // splitting the columns into 6 x 32 tiles: 1-D filter gradients of 64
   // features 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), 2-D and 3-D
   // no change (0.99-1.02x); U-Net 64->128's fused taps 0.83x against
@@ -2054,8 +2052,8 @@ struct Bf16PackedPairs {
           const int64_t k0 = c.tap_index(sp, g0, J), k1 = c.tap_index(sp, std::min(g0 + H, CJ), J);
           for (int64_t kc0 = k0; kc0 < k1; kc0 += kKC)
             multiply(xs[s], mc, task.group, nc0, nc, kc0, std::min(kKC, k1 - kc0),
-                     gemm::PairC<To>{Cbuf.data() + (s - s0) * mc_max * nc_max, nc_pad, nullptr, nullptr,
-                                     mc, nc, false, false});
+                     gemm::PairC<To>{Cbuf.data() + (s - s0) * mc_max * nc_max, nc_pad, nullptr,
+                                     nullptr, mc, nc, false, false});
         }
       for (int64_t s = s0; s < s1; ++s)
         if (sub[s].row1 > sub[s].row0)
