@@ -590,13 +590,13 @@ struct CksConv {
   // sub-problems, or over all sub-problems and a column block. On AVX-512
   // with at most 4 NR features (one 6 x 64 tile), the sub-problems are split
   // among the tasks (whole groups where fused_taps), in ranges of about equal
-  // work (float32 only: measured there; the bfloat16 pair path's tasks keep
-  // every sub-problem): each task then reads its taps' part of the
-  // cotangent, for all rows, with whole tiles. In process (Xeon, 2 cores, same bits), against
-  // splitting the columns into 6 x 32 tiles: 1-D filter gradients of 64
-  // features 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), 2-D and 3-D
-  // no change (0.99-1.02x); U-Net 64->128's fused taps 0.83x against
-  // splitting the rows.
+  // work (float32 and the bfloat16 pair path: float accumulators): each task
+  // then reads its taps' part of the cotangent, for all rows, with whole
+  // tiles. In process (Xeon, 2 cores, same bits), against splitting the
+  // columns into 6 x 32 tiles: 1-D filter gradients of 64 features
+  // 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), 2-D and 3-D no change
+  // (0.99-1.02x); U-Net 64->128's fused taps 0.83x, and its bfloat16 filter
+  // gradient (pairs on AMX) 0.65x, against splitting the rows.
   // Otherwise columns (whole AVX-512 tiles, 2 NR), then rows (whole MR
   // blocks) are split until every worker has kTapTasksPerWorker tasks, and
   // rows further until the tasks divide among the workers; blocks are of
@@ -610,7 +610,7 @@ struct CksConv {
     // Column units: whole AVX-512 tiles (2 NR), or units of m sub-problems
     // (m = 1, or fused_taps' groups).
     const int64_t fused = fused_taps();
-    const bool f32 = std::is_same<Tin, float>::value && std::is_same<Acc, float>::value;
+    const bool f32 = std::is_same<Acc, float>::value;  // float32, or bfloat16 pairs
     const int64_t m = fused > 1                                                ? fused
                       : f32 && gemm::gemm_isa() == 2 && Fg <= 4 * NR && nsp() > 1 ? 1
                                                                                 : 0;
