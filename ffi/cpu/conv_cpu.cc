@@ -594,9 +594,10 @@ struct CksConv {
   // then reads its taps' part of the cotangent, for all rows, with whole
   // tiles. In process (Xeon, 2 cores, same bits), against splitting the
   // columns into 6 x 32 tiles: 1-D filter gradients of 64 features
-  // 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), 2-D and 3-D no change
-  // (0.99-1.02x); U-Net 64->128's fused taps 0.83x, and its bfloat16 filter
-  // gradient (pairs on AMX) 0.65x, against splitting the rows.
+  // 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), U-Net 32->64's (64
+  // features, 2-D) no change (1.00x); U-Net 64->128's fused taps 0.83x, and
+  // its bfloat16 filter gradient (pairs on AMX) 0.65x, against splitting the
+  // rows.
   // Otherwise columns (whole AVX-512 tiles, 2 NR), then rows (whole MR
   // blocks) are split until every worker has kTapTasksPerWorker tasks, and
   // rows further until the tasks divide among the workers; blocks are of
