@@ -60,10 +60,9 @@ class Explanation:
       taps that read adjacent cotangent positions multiplied as one GEMM:
       float32 filter gradients of transposed convolutions whose kernel
       equals their stride, with 32 features, or 16 and fewer than 32 input
-      channels, AVX-512 only),
-      ``"bf16 pairs"`` (bfloat16 operands on a CPU with
-      AVX512_BF16, read as they are and multiplied two reduction indices per
-      lane: forwards and input gradients with channels innermost, an even
+      channels, AVX-512 only), ``"bf16 pairs"`` (bfloat16 operands on a CPU
+      with AVX512_BF16, read as they are and multiplied two reduction indices
+      per lane: forwards and input gradients with channels innermost, an even
       number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
       with at least 16 features and 64 input channels per group;
