@@ -850,7 +850,6 @@ def _merged_phases(lhs, rhs, dims, phase_lists, dimension_numbers, feature_group
   Returns a function: the phase combination -> its output (as ``phase_output``).
   """
   lhs_spec, rhs_spec, _ = dimension_numbers
-  nd = len(dims)
   if np.prod([len(pl) for pl in phase_lists]) == 1:
     return None
   plan = []
