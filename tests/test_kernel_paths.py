@@ -436,6 +436,66 @@ def test_fused_phases_same_bits(tmp_path):
     np.testing.assert_array_equal(np.asarray(out), np.load(tmp_path / f"avx2_{i}.npy"))
 
 
+# (lhs shape, rhs shape, conv args, kwargs, fused): forwards whose adjacent last-dimension phases
+# read the same input rows, run as one GEMM of m x Fg columns where that saves panels
+# (CksConv::fuses_columns; every ISA, float32).
+COLUMN_CASES = [
+    # k8 s4 p2 head, 21 features: phases 0-1 and 2-3 of each dimension, 42 of 48 columns; edge
+    # sub-problems trimmed to one tap
+    ((3, 8, 8, 64), (8, 8, 64, 21), ((1, 1), [(5, 5), (5, 5)], (4, 4)), {}, True),
+    # k16 s8, 17 features: runs of 4 phases (68 columns, across 5 panels)
+    ((2, 5, 6, 40), (16, 16, 40, 17), ((1, 1), [(11, 11), (11, 11)], (8, 8)), {}, True),
+    # k9 s3 p4 op2, 20 features: phases 0-1 fused (40 columns), phase 2 alone
+    ((2, 7, 9, 40), (9, 9, 40, 20), ((1, 1), [(4, 6), (4, 6)], (3, 3)), {}, True),
+    # 1-D k8 s4, and 3-D with the last dimension's k8 s4 only, 21 features
+    ((3, 10, 64), (8, 64, 21), ((1,), [(5, 5)], (4,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}, True),
+    ((2, 4, 5, 6, 32), (4, 4, 8, 32, 21), ((1, 1, 1), [(3, 3), (3, 3), (5, 5)], (2, 2, 4)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}, True),
+    # k64 s32 (FCN-32s), 21 classes: runs of 16 phases, 336 columns (two column blocks)
+    ((1, 3, 4, 32), (64, 64, 32, 21), ((1, 1), [(47, 47), (47, 47)], (32, 32)), {}, True),
+    # not fused: 32 features (no panel saved), 10 features on k9 s3 (2 x 10 pads to 32 either
+    # way), 2 feature groups, features not innermost in the output, k4 s2 (phases read
+    # different rows)
+    ((3, 8, 8, 64), (8, 8, 64, 32), ((1, 1), [(5, 5), (5, 5)], (4, 4)), {}, False),
+    ((2, 7, 9, 40), (9, 9, 40, 10), ((1, 1), [(4, 6), (4, 6)], (3, 3)), {}, False),
+    ((3, 8, 8, 64), (8, 8, 32, 42), ((1, 1), [(5, 5), (5, 5)], (4, 4)),
+     {"feature_group_count": 2}, False),
+    ((3, 8, 8, 64), (8, 8, 64, 21), ((1, 1), [(5, 5), (5, 5)], (4, 4)),
+     {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}, False),
+    ((3, 8, 8, 64), (4, 4, 64, 21), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(COLUMN_CASES)))
+def test_fused_columns(case):
+  lhs_shape, rhs_shape, args, kw, fused = COLUMN_CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
+                      platform="cpu", backend="ffi", **kw)
+  assert e.cpu_path == ("gemm, adjacent phases fused" if fused else "gemm"), str(e)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=740 + case, **kw)
+
+
+def test_fused_columns_same_bits():
+  # Every output element is the same sum in the same order as on the unfused GEMM, which the
+  # same conv takes with its output's features not innermost (NCHW): equal bit for bit.
+  for i in range(6):
+    lhs_shape, rhs_shape, args, kw, fused = COLUMN_CASES[i]
+    assert fused
+    nd = len(lhs_shape) - 2
+    lhs_spec, rhs_spec, out_spec = kw.get("dimension_numbers", DN2)
+    planar = "NC" + out_spec[1:-1]
+    lhs, rhs = random(lhs_shape, np.float32, i), random(rhs_shape, np.float32, i + 1)
+    run = lambda out: np.asarray(cks_jax.conv_general_dilated(
+        lhs, rhs, *args, dimension_numbers=(lhs_spec, rhs_spec, out), backend="ffi"))
+    e = cks_jax.explain(lhs, rhs, *args, dimension_numbers=(lhs_spec, rhs_spec, planar),
+                        platform="cpu", backend="ffi")
+    assert e.cpu_path == "gemm", str(e)
+    np.testing.assert_array_equal(run(out_spec), np.moveaxis(run(planar), 1, nd + 1))
+
+
 # (lhs shape, rhs shape, conv args, kwargs, fused): filter gradients on the interleaved-taps path
 # whose taps are fused into one GEMM on AVX-512 (CksConv::fused_taps), or not.
 FUSED_TAP_CASES = [

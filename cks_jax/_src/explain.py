@@ -50,6 +50,11 @@ class Explanation:
       once, where every phase reads the same input rows: float32 forwards of
       transposed convolutions whose kernel equals their stride, with 16 or
       32 features and outputs over 2 MB, AVX-512 only),
+      ``"gemm, adjacent phases fused"`` (the GEMM over the features of
+      adjacent phases of the last spatial dimension that read the same input
+      rows, where a feature count that is not a multiple of 16 then pads
+      fewer columns: float32 forwards of transposed convolutions such as a
+      k8 s4 head with 21 classes, features innermost, one group),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that

@@ -290,23 +290,36 @@ struct CksConv {
     return t;
   }
   int64_t phase_ldb(int64_t c) const { return combo_taps(c) * pb.group_in() * NR; }
-  int64_t phase_b_size(int64_t c) const {
-    return round_up(pb.group_out(), NR) / NR * phase_ldb(c);
-  }
+  int64_t phase_b_size(int64_t c) const { return round_up(combo_cols(c), NR) / NR * phase_ldb(c); }
 
   // Packs panels [q0, q1) of the phase B of (phase combination c, group g)
   // into dst, the combination's base: row (tap f, channel ci) of panel q is
   // dst + q * ldb + (f * Cg + ci) * NR. Reads follow whichever of features
   // (HWIO) or channels (a d-input's swapped kernel) is contiguous; a panel's
-  // rows of one tap (Cg x NR) are written while they are in L1.
+  // rows of one tap (Cg x NR) are written while they are in L1. Column j of
+  // fused phases (combo_cols) is feature j % Fg of the j / Fg-th phase of the
+  // run, whose taps are the leader's shifted by the difference of their k0.
   void pack_phase_b(int64_t c, int64_t g, int64_t q0, int64_t q1, Acc* dst) const {
     const int64_t Cg = pb.group_in(), Fg = pb.group_out(), ldb = phase_ldb(c);
-    const int64_t ri = pb.rhs_i, ro = pb.rhs_o;
+    const int64_t ri = pb.rhs_i, ro = pb.rhs_o, cols = combo_cols(c), last = pb.nd - 1;
+    const std::vector<Phase>& ph = plan.phases[last];
+    const int64_t lead = c % static_cast<int64_t>(ph.size());
+    // rhs offset of column j from the leader's tap: its phase's and feature's
+    auto col_off = [&](int64_t j) {
+      return (ph[lead + j / Fg].k0 - ph[lead].k0) * pb.rhs_sp[last] + j % Fg * ro;
+    };
     phase_taps(c, g, [&](int64_t f, int64_t roff) {
       for (int64_t q = q0; q < q1; ++q) {
         Acc* panel = dst + q * ldb + f * Cg * NR;
-        const Tin* src = rhs + roff + q * NR * ro;
-        const int64_t n = std::min<int64_t>(NR, Fg - q * NR);  // columns present
+        const int64_t n = std::min<int64_t>(NR, cols - q * NR);  // columns present
+        if (q * NR / Fg != (q * NR + n - 1) / Fg) {  // across two fused phases
+          for (int64_t ci = 0; ci < Cg; ++ci)
+            for (int j = 0; j < NR; ++j)
+              panel[ci * NR + j] =
+                  j < n ? load<Acc>(rhs[roff + col_off(q * NR + j) + ci * ri]) : Acc(0);
+          continue;
+        }
+        const Tin* src = rhs + roff + col_off(q * NR);
         if (n == NR && ro == 1) {
           for (int64_t ci = 0; ci < Cg; ++ci)
             for (int j = 0; j < NR; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j]);
@@ -373,15 +386,18 @@ struct CksConv {
     const int64_t Fg = pb.group_out(), cols = fused ? nsp() * Fg : Fg;
     int64_t row_blocks = 0;
     for (int64_t s = 0; s < (fused ? 1 : nsp()); ++s)
-      row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
+      if (fused || sp_cols(s) > 0) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
     const int64_t unit = task_unit(workers);
     row_blocks = row_blocks * pb.groups() / unit;  // units run in parallel
-    int64_t width = cols;
+    int64_t splits = 1;
     const int64_t want = kTasksPerWorker * workers;
-    if (row_blocks > 0 && row_blocks < want && cols > 2 * NR) {
-      const int64_t splits = std::min((want + row_blocks - 1) / row_blocks, cols / (2 * NR));
-      width = round_up((cols + splits - 1) / splits, 2 * NR);
-    }
+    if (row_blocks > 0 && row_blocks < want && cols > 2 * NR)
+      splits = std::min((want + row_blocks - 1) / row_blocks, cols / (2 * NR));
+    // Task width for a GEMM of n columns (fused phases: sp_cols).
+    auto width_of = [&](int64_t n) {
+      return splits > 1 ? round_up((n + splits - 1) / splits, 2 * NR) : n;
+    };
+    const int64_t width = width_of(cols);
     std::vector<Task> ts;
     if (fused) {
       const int64_t rows = plan.subproblems[0].rows;
@@ -403,11 +419,11 @@ struct CksConv {
     }
     const int64_t mc = dot() ? kDotMC : kMC;
     for (int64_t s = 0; s < nsp(); ++s) {
-      const int64_t rows = plan.subproblems[s].rows;
+      const int64_t rows = plan.subproblems[s].rows, n = sp_cols(s), w = width_of(n);
       for (int64_t g = 0; g < pb.groups(); ++g)
         for (int64_t r = 0; r < rows; r += mc)
-          for (int64_t c = 0; c < Fg; c += width)
-            ts.push_back({s, g, r, std::min(rows, r + mc), c, std::min(Fg, c + width)});
+          for (int64_t c = 0; c < n; c += w)
+            ts.push_back({s, g, r, std::min(rows, r + mc), c, std::min(n, c + w)});
     }
     return ts;
   }
@@ -421,7 +437,9 @@ struct CksConv {
   // sub-problems (one per tap, a single row block each) would otherwise run
   // as one unit on one thread.
   int64_t task_unit(int64_t workers) const {
-    if (narrow() || dot() || interleaves_taps() || nsp() < 2 || fuses_phases()) return 1;
+    if (narrow() || dot() || interleaves_taps() || nsp() < 2 || fuses_phases() ||
+        fuses_columns())
+      return 1;
     for (const SubProblem& sp : plan.subproblems)
       if (sp.rows != plan.subproblems[0].rows) return 1;
     const int64_t Fg = pb.group_out(), col_splits = Fg > 2 * NR ? Fg / (2 * NR) : 1;
@@ -488,6 +506,55 @@ struct CksConv {
     }
     return cols;
   }
+
+  // Adjacent phases fused as columns. Along the last dimension, consecutive
+  // phases that read the same input through the same taps (same base,
+  // strides, taps and outputs: phases 0-1 and 2-3 of a k8 s4 transposed conv,
+  // 0-1 of a k9 s3 p4) write outputs one position apart; with the features
+  // innermost (out_sp[last] == Fg, one group) the m x Fg outputs of a run of m
+  // such phases are contiguous, so the run is one GEMM of m x Fg columns
+  // whose phase B holds the m sub-kernels side by side. A task reads A once
+  // for all m, and a number of features that is not a multiple of NR pads
+  // once per run instead of once per phase (21 features: 42 of 48 columns,
+  // not 21 of 32 twice). Only where that saves panels, float32 operands.
+  bool same_columns(int64_t pi) const {  // phases pi and pi + 1 of the last dimension
+    const std::vector<Phase>& ph = plan.phases[pb.nd - 1];
+    const Phase &p = ph[pi], &q = ph[pi + 1];
+    return p.T > 0 && q.o0 == p.o0 + 1 && q.L == p.L && q.U == p.U && q.T == p.T &&
+           q.base == p.base && q.ustride == p.ustride && q.tstride == p.tstride &&
+           q.kstep == p.kstep;
+  }
+  // The run of equal phases that last-dimension phase pi leads: its length,
+  // or 0 where pi follows an equal phase (the run's leader computes it).
+  int64_t column_run(int64_t pi) const {
+    const int64_t P = static_cast<int64_t>(plan.phases[pb.nd - 1].size());
+    if (pi > 0 && same_columns(pi - 1)) return 0;
+    int64_t m = 1;
+    while (pi + m < P && same_columns(pi + m - 1)) ++m;
+    return m;
+  }
+  bool fuses_columns() const {
+    const int64_t Fg = pb.group_out(), last = pb.nd - 1;
+    if (!std::is_same<Tin, float>::value || !std::is_same<Acc, float>::value ||
+        Fg % NR == 0 || pb.groups() != 1 || pb.out_c != 1 || pb.out_sp[last] != Fg ||
+        !phase_b())
+      return false;
+    int64_t alone = 0, fused = 0;  // panels
+    for (int64_t pi = 0; pi < static_cast<int64_t>(plan.phases[last].size()); ++pi) {
+      const int64_t m = column_run(pi);
+      alone += m * round_up(Fg, NR) / NR;
+      fused += round_up(m * Fg, NR) / NR;
+    }
+    return fused < alone;
+  }
+  // Columns of the GEMM of phase combination c (sub-problem s): Fg, or m x
+  // Fg where its last-dimension phase leads m fused ones (fuses_columns), or
+  // 0 where another combination's GEMM computes its outputs.
+  int64_t combo_cols(int64_t c) const {
+    const int64_t P = static_cast<int64_t>(plan.phases[pb.nd - 1].size());
+    return pb.group_out() * (fuses_columns() ? column_run(c % P) : 1);
+  }
+  int64_t sp_cols(int64_t s) const { return combo_cols(combo_of(plan.subproblems[s])); }
 
   // A filter gradient (rows: the input channels, contiguous; one sub-problem
   // per tap, or per phase and tap) whose input and cotangent are larger than
@@ -1520,8 +1587,9 @@ struct CksConv {
       return sb;
     }
     if (phase_b()) {
-      std::vector<char> used(ncombos(), 0);
+      std::vector<char> used(ncombos(), 0);  // by a GEMM with taps
       for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
+      for (int64_t c = 0; c < ncombos(); ++c) used[c] = used[c] && combo_cols(c) > 0;
       for (int64_t i = 0; i < ncombos() * G; ++i)
         sb.ph_off[i + 1] = sb.ph_off[i] + (used[i / G] ? phase_b_size(i / G) : 0);
       sb.phase = sb.ph_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal;
@@ -1624,6 +1692,7 @@ struct CksConv {
   const char* path() const {
     if (narrow()) return pb.group_out() <= gemm::kNarrowF ? "narrow" : "row-vectorised";
     if (fuses_phases()) return "gemm, phases fused";
+    if (fuses_columns()) return "gemm, adjacent phases fused";
     if (fused_taps() > 1) return "interleaved taps, fused";
     return dot() ? "dot" : interleaves_taps() ? "interleaved taps" : "gemm";
   }
@@ -1660,8 +1729,9 @@ struct CksConv {
       const int64_t chunks = std::min(panels, (kTasksPerWorker * workers + cg - 1) / cg);
       parallel_for(pool, cg * chunks, [&](int64_t i) {
         const int64_t k = i / chunks, q = i % chunks;
+        const int64_t n = round_up(combo_cols(k / G), NR) / NR;  // this one's panels
         if (sb.ph_off[k + 1] > sb.ph_off[k])
-          pack_phase_b(k / G, k % G, q * panels / chunks, (q + 1) * panels / chunks,
+          pack_phase_b(k / G, k % G, q * n / chunks, (q + 1) * n / chunks,
                        Bshared + sb.ph_off[k]);
       });
     } else if (sb.shared) {
