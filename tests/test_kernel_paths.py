@@ -98,6 +98,11 @@ CASES = [
     # transposed one (16 sub-problems, taps stepping by 2) in 4, with an overlapping strip
     ((4, 40, 33, 40), (3, 3, 40, 2), ((1, 1), "SAME"), {}),
     ((8, 20, 20, 40), (4, 4, 40, 3), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # 32 sub-problems or more (kNarrowManyTaps): chunks of about kNarrowChunkL1 = 128
+    # indices, FSRCNN's k9 s3 p4 op2 transposed d-rhs (81 sub-problems, 1 feature) and a
+    # 7x7 SAME one (49, 5 features), each in 3-4 chunks, with an overlapping strip
+    ((3, 12, 10, 40), (9, 9, 40, 1), ((1, 1), [(4, 6), (4, 6)], (3, 3)), {}),
+    ((2, 17, 15, 45), (7, 7, 45, 5), ((1, 1), "SAME"), {}),
 ]
 
 
