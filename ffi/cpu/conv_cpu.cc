@@ -313,10 +313,12 @@ struct CksConv {
         Acc* panel = dst + q * ldb + f * Cg * NR;
         const int64_t n = std::min<int64_t>(NR, cols - q * NR);  // columns present
         if (q * NR / Fg != (q * NR + n - 1) / Fg) {  // across two fused phases
-          for (int64_t ci = 0; ci < Cg; ++ci)
-            for (int j = 0; j < NR; ++j)
-              panel[ci * NR + j] =
-                  j < n ? load<Acc>(rhs[roff + col_off(q * NR + j) + ci * ri]) : Acc(0);
+          int64_t off[NR];
+          for (int j = 0; j < n; ++j) off[j] = roff + col_off(q * NR + j);
+          for (int64_t ci = 0; ci < Cg; ++ci) {
+            for (int j = 0; j < n; ++j) panel[ci * NR + j] = load<Acc>(rhs[off[j] + ci * ri]);
+            for (int j = static_cast<int>(n); j < NR; ++j) panel[ci * NR + j] = Acc(0);
+          }
           continue;
         }
         const Tin* src = rhs + roff + col_off(q * NR);
@@ -328,9 +330,10 @@ struct CksConv {
             for (int64_t ci = 0; ci < Cg; ++ci)
               panel[ci * NR + j] = j < n ? load<Acc>(src[j * ro + ci]) : Acc(0);
         } else {
-          for (int64_t ci = 0; ci < Cg; ++ci)
-            for (int j = 0; j < NR; ++j)
-              panel[ci * NR + j] = j < n ? load<Acc>(src[ci * ri + j * ro]) : Acc(0);
+          for (int64_t ci = 0; ci < Cg; ++ci) {
+            for (int j = 0; j < n; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j * ro]);
+            for (int j = static_cast<int>(n); j < NR; ++j) panel[ci * NR + j] = Acc(0);
+          }
         }
       }
     });
