@@ -6,7 +6,7 @@
   around the strip boundaries (32 floats, 16 doubles: exact, overlapping last strip, tails).
   With two spatial dimensions or more and several sub-problems its taps are interleaved
   (run_narrow_taps), over chunks of the cotangent's rows.
-- The phase B (pack_phase_b): with 32 or more channels per group read innermost, each phase's
+- The phase B (pack_phase_b): with 16 or more channels per group read innermost, each phase's
   sub-kernel is packed once, and every trimmed sub-problem of that phase reads runs of it.
   Tested where sub-problems trim differently (small maps, big kernels, several phases,
   groups, 1D/3D, several column panels).
@@ -156,7 +156,7 @@ def test_narrow_needs_a_full_strip():
           dimension_numbers=("HWCN", "HWIO", "NHWC"))
 
 
-# (lhs shape, rhs shape, conv args, kwargs) with >= 32 channels per group: the phase B.
+# (lhs shape, rhs shape, conv args, kwargs) with >= 16 channels per group: the phase B.
 PHASE_B_CASES = [
     # transposed k4 s2 on a 3x3 map: 4 phases, every output trims differently; 40 features
     # (two AVX-512 panels plus a partial one)
@@ -179,6 +179,12 @@ PHASE_B_CASES = [
     # reduction block (kKCPhase); with 96 channels two runs of 288 are, the third not
     ((2, 10, 9, 40), (3, 3, 40, 20), ((1, 1), "SAME"), {}),
     ((2, 7, 8, 96), (3, 3, 96, 16), ((1, 1), "SAME"), {}),
+    # 16 to 31 channels: 16 (the floor, kPhaseBMinC), grouped 2 x 18 with 20 features, and
+    # the k8 s4 head's d-input (21 channels, its forward's features) with 24 features
+    ((2, 9, 9, 16), (3, 3, 16, 24), ((1, 1), "SAME"), {}),
+    ((2, 6, 7, 36), (4, 4, 18, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 2}),
+    ((2, 18, 18, 21), (8, 8, 21, 24), ((4, 4), [(2, 2), (2, 2)]), {}),
 ]
 
 
@@ -189,7 +195,7 @@ def test_phase_b(case, dtype):
 
 
 # (lhs shape, rhs shape, conv args, kwargs): bfloat16 forwards (and, with an even number of at
-# least 32 features, input gradients) on the pair path: the phase-B cases with an even number of
+# least 16 features, input gradients) on the pair path: the phase-B cases with an even number of
 # channels per group, and its own edges.
 def per_group(case, dim):
   """Channels ("I") or features ("O") per group of a case's kernel."""
@@ -252,7 +258,7 @@ def test_bf16_pairs(case):
   # reduction runs over positions, channels outer) packs pairs where it has >= 16 features and
   # >= 64 rows (input channels per group)
   out_spec = PAIRS_CASES[case][3].get("dimension_numbers", DN2)[2]
-  on_pairs = features % 2 == 0 and features >= 32 and out_spec.endswith("C")
+  on_pairs = features % 2 == 0 and features >= 16 and out_spec.endswith("C")
   assert (g["d lhs"].cpu_path == "bf16 pairs") == on_pairs, str(g["d lhs"])
   packed = g["d rhs"].cpu_path == "bf16 packed pairs"
   assert packed == (features >= 16 and per_group(PAIRS_CASES[case], "I") >= 64)
@@ -320,10 +326,10 @@ def test_bf16_pairs_edges():
   # A filter gradient with 32 rows (input channels) stays widened (row-vectorised there)
   g = pairs_paths(((2, 8, 8, 32), (3, 3, 32, 32), ((1, 1), "SAME"), {}))[1]
   assert g["d rhs"].cpu_path != "bf16 packed pairs" and g["d rhs"].scratch["widened"] > 0
-  # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 32, and
+  # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 16, and
   # float16 (no pair instruction): widened, the GEMM path
   for lhs_shape, rhs_shape, dtype in (((2, 6, 6, 33), (3, 3, 33, 32), jnp.bfloat16),
-                                      ((2, 6, 6, 30), (3, 3, 30, 32), jnp.bfloat16),
+                                      ((2, 6, 6, 14), (3, 3, 14, 32), jnp.bfloat16),
                                       ((2, 6, 6, 32), (3, 3, 32, 32), jnp.float16)):
     case = (lhs_shape, rhs_shape, ((1, 1), "SAME"), {})
     e = pairs_paths(case, dtype)[0]

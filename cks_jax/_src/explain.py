@@ -68,7 +68,7 @@ class Explanation:
       channels, AVX-512 only), ``"bf16 pairs"`` (bfloat16 operands on a CPU
       with AVX512_BF16, read as they are and multiplied two reduction indices
       per lane: forwards and input gradients with channels innermost, an even
-      number of at least 32 per group) or ``"bf16 packed pairs"`` (the same
+      number of at least 16 per group) or ``"bf16 packed pairs"`` (the same
       instructions on pairs packed block by block: bfloat16 filter gradients
       with at least 16 features and 64 input channels per group;
       ``", interleaved taps"`` added where their operands are large); on CPUs

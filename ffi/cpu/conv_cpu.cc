@@ -258,8 +258,12 @@ struct CksConv {
   // at least kPhaseBMinC of them, the whole sub-kernel of each phase is packed
   // once, as [panel][full tap][Cg][NR]: a sub-problem's reduction is then runs
   // of consecutive full taps (its trimmed range in the last dimension), each
-  // run contiguous in that layout, and no sub-problem packs B again.
-  static constexpr int64_t kPhaseBMinC = 32;
+  // run contiguous in that layout, and no sub-problem packs B again. Down to
+  // 16 channels: in process on Zen 4 (2 cores), input gradients with 16 and
+  // 21 took 0.80-1.00x the time with it as with 32 as the floor (the k8 s4
+  // head's 0.80x, the grouped k4 s2's 0.97x, 3-D U-Net's 1.00x), and their
+  // bfloat16 ones, which the pair path then takes, 0.42-0.84x.
+  static constexpr int64_t kPhaseBMinC = 16;
   bool phase_b() const {
     return !narrow() && !dot() && channels_inner() && pb.group_in() >= kPhaseBMinC;
   }
