@@ -489,6 +489,19 @@ def test_fused_columns(case):
     check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=740 + case, **kw)
 
 
+@pytest.mark.parametrize("case", [0, 3])
+def test_fused_columns_16bit(case):
+  # float16 runs widened: the float32 kernel on float32 copies, each output rounded as the
+  # block of fused columns is copied out
+  lhs_shape, rhs_shape, args, kw, fused = COLUMN_CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  e = cks_jax.explain(jnp.zeros(lhs_shape, jnp.float16), jnp.zeros(rhs_shape, jnp.float16), *args,
+                      platform="cpu", backend="ffi", **kw)
+  assert fused and e.cpu_path == "gemm, adjacent phases fused", str(e)
+  with cks_jax.use_backend("ffi"):
+    check(lhs_shape, rhs_shape, *args, dtype=jnp.float16, seed=760 + case, **kw)
+
+
 def test_fused_columns_same_bits():
   # Every output element is the same sum in the same order as on the unfused GEMM, which the
   # same conv takes with its output's features not innermost (NCHW): equal bit for bit.

@@ -53,7 +53,8 @@ class Explanation:
       ``"gemm, adjacent phases fused"`` (the GEMM over the features of
       adjacent phases of the last spatial dimension that read the same input
       rows, where a feature count that is not a multiple of 16 then pads
-      fewer columns: float32 forwards of transposed convolutions such as a
+      fewer columns: float32 (and widened 16-bit) forwards of transposed
+      convolutions such as a
       k8 s4 head with 21 classes, features innermost, one group),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"row-vectorised"`` (the same kernel

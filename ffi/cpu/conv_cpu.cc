@@ -523,7 +523,9 @@ struct CksConv {
   // whose phase B holds the m sub-kernels side by side. A task reads A once
   // for all m, and a number of features that is not a multiple of NR pads
   // once per run instead of once per phase (21 features: 42 of 48 columns,
-  // not 21 of 32 twice). Only where that saves panels, float32 operands.
+  // not 21 of 32 twice). Only where that saves panels, float32 operands
+  // (16-bit ones widened), and the phase B is shared (shared_b: a task would
+  // pack only its own phase's columns).
   bool same_columns(int64_t pi) const {  // phases pi and pi + 1 of the last dimension
     const std::vector<Phase>& ph = plan.phases[pb.nd - 1];
     const Phase &p = ph[pi], &q = ph[pi + 1];
@@ -546,13 +548,19 @@ struct CksConv {
         Fg % NR == 0 || pb.groups() != 1 || pb.out_c != 1 || pb.out_sp[last] != Fg ||
         !phase_b())
       return false;
+    const int64_t P = static_cast<int64_t>(plan.phases[last].size());
     int64_t alone = 0, fused = 0;  // panels
-    for (int64_t pi = 0; pi < static_cast<int64_t>(plan.phases[last].size()); ++pi) {
+    for (int64_t pi = 0; pi < P; ++pi) {
       const int64_t m = column_run(pi);
       alone += m * round_up(Fg, NR) / NR;
       fused += round_up(m * Fg, NR) / NR;
     }
-    return fused < alone;
+    if (fused >= alone) return false;
+    int64_t bytes = 0;  // the fused phase B, every combination counted (shared_b: the used ones)
+    for (int64_t c = 0; c < ncombos(); ++c)
+      bytes += round_up(Fg * column_run(c % P), NR) / NR * phase_ldb(c) *
+               static_cast<int64_t>(sizeof(Acc));
+    return bytes <= kSharedBTotal;
   }
   // Columns of the GEMM of phase combination c (sub-problem s): Fg, or m x
   // Fg where its last-dimension phase leads m fused ones (fuses_columns), or
