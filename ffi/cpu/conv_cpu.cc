@@ -294,7 +294,10 @@ struct CksConv {
     return t;
   }
   int64_t phase_ldb(int64_t c) const { return combo_taps(c) * pb.group_in() * NR; }
-  int64_t phase_b_size(int64_t c) const { return round_up(combo_cols(c), NR) / NR * phase_ldb(c); }
+  // fc: fuses_columns(), which callers in loops over combinations ask once.
+  int64_t phase_b_size(int64_t c, bool fc) const {
+    return round_up(combo_cols(c, fc), NR) / NR * phase_ldb(c);
+  }
 
   // Packs panels [q0, q1) of the phase B of (phase combination c, group g)
   // into dst, the combination's base: row (tap f, channel ci) of panel q is
@@ -388,12 +391,13 @@ struct CksConv {
   std::vector<Task> tasks(int64_t workers) const {
     if (narrow()) return narrow_tasks(workers);
     if (interleaves_taps()) return tap_tasks(workers);
-    const bool fused = fuses_phases();
+    const bool fused = fuses_phases(), fc = fuses_columns();
     // Columns per row: a fused task's span every sub-problem's.
     const int64_t Fg = pb.group_out(), cols = fused ? nsp() * Fg : Fg;
     int64_t row_blocks = 0;
     for (int64_t s = 0; s < (fused ? 1 : nsp()); ++s)
-      if (fused || sp_cols(s) > 0) row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
+      if (fused || sp_cols(s, fc) > 0)
+        row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
     const int64_t unit = task_unit(workers);
     row_blocks = row_blocks * pb.groups() / unit;  // units run in parallel
     int64_t splits = 1;
@@ -426,7 +430,7 @@ struct CksConv {
     }
     const int64_t mc = dot() ? kDotMC : kMC;
     for (int64_t s = 0; s < nsp(); ++s) {
-      const int64_t rows = plan.subproblems[s].rows, n = sp_cols(s), w = width_of(n);
+      const int64_t rows = plan.subproblems[s].rows, n = sp_cols(s, fc), w = width_of(n);
       for (int64_t g = 0; g < pb.groups(); ++g)
         for (int64_t r = 0; r < rows; r += mc)
           for (int64_t c = 0; c < n; c += w)
@@ -490,7 +494,8 @@ struct CksConv {
           return false;
       }
     }
-    if (nsp() * phase_b_size(c0) * static_cast<int64_t>(sizeof(Acc)) > kSharedBTotal) return false;
+    if (nsp() * phase_b_size(c0, false) * static_cast<int64_t>(sizeof(Acc)) > kSharedBTotal)
+      return false;
     thread_local std::vector<int64_t> f0;
     thread_local std::vector<PhaseBlock> pblocks;
     return streams_block(reduction_blocks(s0, red_size(0), true, f0, pblocks),
@@ -556,20 +561,31 @@ struct CksConv {
       fused += round_up(m * Fg, NR) / NR;
     }
     if (fused >= alone) return false;
-    int64_t bytes = 0;  // the fused phase B, every combination counted (shared_b: the used ones)
-    for (int64_t c = 0; c < ncombos(); ++c)
-      bytes += round_up(Fg * column_run(c % P), NR) / NR * phase_ldb(c) *
-               static_cast<int64_t>(sizeof(Acc));
-    return bytes <= kSharedBTotal;
+    // The fused phase B, every combination counted (shared_b counts the used
+    // ones): panels x taps x Cg x NR, summed over the product of the
+    // dimensions' phases as a product of per-dimension sums.
+    double elements = static_cast<double>(pb.group_in()) * NR;
+    for (int d = 0; d < last; ++d) {
+      int64_t taps = 0;
+      for (const Phase& p : plan.phases[d]) taps += p.T;
+      elements *= static_cast<double>(taps);
+    }
+    int64_t last_sum = 0;
+    for (int64_t pi = 0; pi < P; ++pi)
+      last_sum += round_up(Fg * column_run(pi), NR) / NR * plan.phases[last][pi].T;
+    return elements * static_cast<double>(last_sum) * sizeof(Acc) <= kSharedBTotal;
   }
   // Columns of the GEMM of phase combination c (sub-problem s): Fg, or m x
   // Fg where its last-dimension phase leads m fused ones (fuses_columns), or
   // 0 where another combination's GEMM computes its outputs.
-  int64_t combo_cols(int64_t c) const {
+  int64_t combo_cols(int64_t c, bool fc) const {
     const int64_t P = static_cast<int64_t>(plan.phases[pb.nd - 1].size());
-    return pb.group_out() * (fuses_columns() ? column_run(c % P) : 1);
+    return pb.group_out() * (fc ? column_run(c % P) : 1);
   }
-  int64_t sp_cols(int64_t s) const { return combo_cols(combo_of(plan.subproblems[s])); }
+  int64_t combo_cols(int64_t c) const { return combo_cols(c, fuses_columns()); }
+  int64_t sp_cols(int64_t s, bool fc) const {
+    return combo_cols(combo_of(plan.subproblems[s]), fc);
+  }
 
   // A filter gradient (rows: the input channels, contiguous; one sub-problem
   // per tap, or per phase and tap) whose input and cotangent are larger than
@@ -1612,9 +1628,10 @@ struct CksConv {
     if (phase_b()) {
       std::vector<char> used(ncombos(), 0);  // by a GEMM with taps
       for (const SubProblem& sp : plan.subproblems) used[combo_of(sp)] |= sp.taps > 0;
-      for (int64_t c = 0; c < ncombos(); ++c) used[c] = used[c] && combo_cols(c) > 0;
+      const bool fc = fuses_columns();
+      for (int64_t c = 0; c < ncombos(); ++c) used[c] = used[c] && combo_cols(c, fc) > 0;
       for (int64_t i = 0; i < ncombos() * G; ++i)
-        sb.ph_off[i + 1] = sb.ph_off[i] + (used[i / G] ? phase_b_size(i / G) : 0);
+        sb.ph_off[i + 1] = sb.ph_off[i] + (used[i / G] ? phase_b_size(i / G, fc) : 0);
       sb.phase = sb.ph_off.back() * static_cast<int64_t>(sizeof(Acc)) <= kSharedBTotal;
     }
     if (!sb.phase) {
@@ -1750,9 +1767,10 @@ struct CksConv {
       // d-input has one phase combination, and its B is all of the kernel.
       const int64_t cg = ncombos() * G, panels = round_up(pb.group_out(), NR) / NR;
       const int64_t chunks = std::min(panels, (kTasksPerWorker * workers + cg - 1) / cg);
+      const bool fc = fuses_columns();
       parallel_for(pool, cg * chunks, [&](int64_t i) {
         const int64_t k = i / chunks, q = i % chunks;
-        const int64_t n = round_up(combo_cols(k / G), NR) / NR;  // this one's panels
+        const int64_t n = round_up(combo_cols(k / G, fc), NR) / NR;  // this one's panels
         if (sb.ph_off[k + 1] > sb.ph_off[k])
           pack_phase_b(k / G, k % G, q * n / chunks, (q + 1) * n / chunks,
                        Bshared + sb.ph_off[k]);
