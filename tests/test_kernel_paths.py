@@ -818,11 +818,14 @@ def test_narrower_kernels(isa):
       import jax
       jax.config.update("jax_enable_x64", True)
       import numpy as np, test_kernel_paths as k
+      # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
+      # and 3: adjacent phases fused as columns (float32)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
-               + k.PHASE_B_CASES[-2:] + k.TAPS_CASES[:1] + k.DOT_CASES[:4])
+               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.DOT_CASES[:4]
+               + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 12)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 15)]
