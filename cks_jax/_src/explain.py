@@ -54,8 +54,8 @@ class Explanation:
       adjacent phases of the last spatial dimension that read the same input
       rows, where a feature count that is not a multiple of 16 then pads
       fewer columns: float32 (and widened 16-bit) forwards of transposed
-      convolutions such as a
-      k8 s4 head with 21 classes, features innermost, one group),
+      convolutions such as a k8 s4 head with 21 classes, features innermost,
+      one group),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that
