@@ -236,8 +236,10 @@ PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_gr
 ]
 
 
-def pairs_paths(case, dtype=jnp.bfloat16, **extra):
-  lhs_shape, rhs_shape, args, kw = case
+def case_paths(case, dtype=jnp.bfloat16, **extra):
+  """explain() of a (lhs shape, rhs shape, conv args, kwargs) case on the CPU kernel, NHWC unless
+  the kwargs say otherwise, and its gradients' explanations by name ("d lhs", "d rhs")."""
+  lhs_shape, rhs_shape, args, kw = case[:4]
   e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
                       gradients=True, platform="cpu", backend="ffi",
                       **{"dimension_numbers": DN2, **kw, **extra})
@@ -249,7 +251,7 @@ def pairs_paths(case, dtype=jnp.bfloat16, **extra):
                     "test_dtypes and the 16-bit cases here test")
 @pytest.mark.parametrize("case", range(len(PAIRS_CASES)))
 def test_bf16_pairs(case):
-  e, g = pairs_paths(PAIRS_CASES[case])
+  e, g = case_paths(PAIRS_CASES[case])
   assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0, str(e)
   assert "AVX512_BF16" in e.reason and "widened" not in e.reason
   assert ("AMX-BF16" in e.reason) == backends.cpu_bf16_amx(), e.reason
@@ -285,7 +287,7 @@ PACKED_PAIRS_CASES = [
 @pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
 @pytest.mark.parametrize("case", range(len(PACKED_PAIRS_CASES)))
 def test_bf16_packed_pairs(case):
-  e, g = pairs_paths(PACKED_PAIRS_CASES[case])
+  e, g = case_paths(PACKED_PAIRS_CASES[case])
   assert g["d rhs"].cpu_path == "bf16 packed pairs" and g["d rhs"].scratch["widened"] == 0
   assert "packed as pairs" in g["d rhs"].reason
   check_on_kernel(PACKED_PAIRS_CASES[case], jnp.bfloat16, seed=400 + case)
@@ -296,7 +298,7 @@ def test_bf16_packed_pairs_interleaved_taps():
   # Operands of at least 12 MB of bfloat16 (6.4 M elements): the d-rhs runs its 9 taps chunk by
   # chunk, each into its own float32 block. 48 features (tiles of two panels and of one).
   case = ((14, 64, 64, 64), (3, 3, 64, 48), ((1, 1), "SAME"), {})
-  g = pairs_paths(case)[1]
+  g = case_paths(case)[1]
   assert g["d rhs"].cpu_path == "bf16 packed pairs, interleaved taps", str(g["d rhs"])
   assert g["d rhs"].scratch["widened"] == 0
   check_on_kernel(case, jnp.bfloat16, seed=410)
@@ -306,7 +308,7 @@ def test_bf16_packed_pairs_interleaved_taps():
 def test_bf16_pairs_edges():
   # float32 output (preferred_element_type): the float32 block copied out unrounded
   lhs_shape, rhs_shape, args, kw = PAIRS_CASES[0]
-  e = pairs_paths(PAIRS_CASES[0], preferred_element_type=np.float32)[0]
+  e = case_paths(PAIRS_CASES[0], preferred_element_type=np.float32)[0]
   assert e.params["out_dtype"] == np.float32
   assert e.cpu_path == "bf16 pairs" and e.scratch["widened"] == 0
   with cks_jax.use_backend("ffi"):
@@ -324,7 +326,7 @@ def test_bf16_pairs_edges():
   assert b16.dtype == jnp.bfloat16 and np.isnan(f32).any() and not np.isnan(f32).all()
   np.testing.assert_array_equal(b16.view(np.uint16), f32.astype(jnp.bfloat16).view(np.uint16))
   # A filter gradient with 32 rows (input channels) stays widened (row-vectorised there)
-  g = pairs_paths(((2, 8, 8, 32), (3, 3, 32, 32), ((1, 1), "SAME"), {}))[1]
+  g = case_paths(((2, 8, 8, 32), (3, 3, 32, 32), ((1, 1), "SAME"), {}))[1]
   assert g["d rhs"].cpu_path != "bf16 packed pairs" and g["d rhs"].scratch["widened"] > 0
   # Not on it: an odd number of channels (a pair would straddle two taps), fewer than 16, and
   # float16 (no pair instruction): widened, the GEMM path
@@ -332,7 +334,7 @@ def test_bf16_pairs_edges():
                                       ((2, 6, 6, 14), (3, 3, 14, 32), jnp.bfloat16),
                                       ((2, 6, 6, 32), (3, 3, 32, 32), jnp.float16)):
     case = (lhs_shape, rhs_shape, ((1, 1), "SAME"), {})
-    e = pairs_paths(case, dtype)[0]
+    e = case_paths(case, dtype)[0]
     assert e.cpu_path == "gemm" and e.scratch["widened"] > 0 and "widened" in e.reason, str(e)
     check_on_kernel(case, dtype, seed=91)
 
@@ -347,7 +349,7 @@ def test_bf16_pairs_can_be_turned_off():
       from cks_jax._src import backends
       assert not backends.cpu_bf16_pairs()
       case = k.PAIRS_CASES[0]
-      e = k.pairs_paths(case)[0]
+      e = k.case_paths(case)[0]
       assert e.cpu_path == "gemm" and e.scratch["widened"] > 0, str(e)
       k.check_on_kernel(case, jnp.bfloat16, seed=92)
       print("ok")
@@ -368,7 +370,7 @@ def test_bf16_pairs_without_amx():
       from cks_jax._src import backends
       assert backends.cpu_bf16_pairs() and not backends.cpu_bf16_amx()
       for i, case in enumerate(k.PAIRS_CASES + k.PACKED_PAIRS_CASES):
-        e, g = k.pairs_paths(case)
+        e, g = k.case_paths(case)
         assert "AMX-BF16" not in e.reason + g["d rhs"].reason, e.reason
         k.check_on_kernel(case, jnp.bfloat16, seed=500 + i)
       print("ok")
@@ -407,16 +409,13 @@ FUSED_CASES = [
 
 @pytest.mark.parametrize("case", range(len(FUSED_CASES)))
 def test_fused_phases(case):
-  lhs_shape, rhs_shape, args, kw, fused = FUSED_CASES[case]
-  kw = {"dimension_numbers": DN2, **kw}
-  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
-                      platform="cpu", backend="ffi", **kw)
+  fused = FUSED_CASES[case][-1]
+  e = case_paths(FUSED_CASES[case], np.float32)[0]
   if backends.cpu_isa() == 2:  # the path is taken on AVX-512 only (measured there)
     assert e.cpu_path == ("gemm, phases fused" if fused else "gemm"), str(e)
   else:
     assert e.cpu_path == "gemm", str(e)
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=700 + case, **kw)
+  check_on_kernel(FUSED_CASES[case][:4], np.float32, seed=700 + case)
 
 
 @pytest.mark.skipif(backends.cpu_isa() != 2, reason="phases are fused on AVX-512 only")
@@ -480,26 +479,19 @@ COLUMN_CASES = [
 
 @pytest.mark.parametrize("case", range(len(COLUMN_CASES)))
 def test_fused_columns(case):
-  lhs_shape, rhs_shape, args, kw, fused = COLUMN_CASES[case]
-  kw = {"dimension_numbers": DN2, **kw}
-  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
-                      platform="cpu", backend="ffi", **kw)
+  fused = COLUMN_CASES[case][-1]
+  e = case_paths(COLUMN_CASES[case], np.float32)[0]
   assert e.cpu_path == ("gemm, adjacent phases fused" if fused else "gemm"), str(e)
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=740 + case, **kw)
+  check_on_kernel(COLUMN_CASES[case][:4], np.float32, seed=740 + case)
 
 
 @pytest.mark.parametrize("case", [0, 3])
 def test_fused_columns_16bit(case):
   # float16 runs widened: the float32 kernel on float32 copies, each output rounded as the
   # block of fused columns is copied out
-  lhs_shape, rhs_shape, args, kw, fused = COLUMN_CASES[case]
-  kw = {"dimension_numbers": DN2, **kw}
-  e = cks_jax.explain(jnp.zeros(lhs_shape, jnp.float16), jnp.zeros(rhs_shape, jnp.float16), *args,
-                      platform="cpu", backend="ffi", **kw)
-  assert fused and e.cpu_path == "gemm, adjacent phases fused", str(e)
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=jnp.float16, seed=760 + case, **kw)
+  e = case_paths(COLUMN_CASES[case], jnp.float16)[0]
+  assert COLUMN_CASES[case][-1] and e.cpu_path == "gemm, adjacent phases fused", str(e)
+  check_on_kernel(COLUMN_CASES[case][:4], jnp.float16, seed=760 + case)
 
 
 def test_fused_columns_same_bits():
@@ -542,17 +534,14 @@ FUSED_TAP_CASES = [
 
 @pytest.mark.parametrize("case", range(len(FUSED_TAP_CASES)))
 def test_fused_taps(case):
-  lhs_shape, rhs_shape, args, kw, fused = FUSED_TAP_CASES[case]
-  kw = {"dimension_numbers": DN2, **kw}
-  e = cks_jax.explain(jnp.zeros(lhs_shape, np.float32), jnp.zeros(rhs_shape, np.float32), *args,
-                      gradients=True, platform="cpu", backend="ffi", **kw)
-  d_rhs = dict(e.gradients)["d rhs"]
+  fused = FUSED_TAP_CASES[case][-1]
+  e, g = case_paths(FUSED_TAP_CASES[case], np.float32)
+  d_rhs = g["d rhs"]
   if backends.cpu_isa() == 2:  # the taps are fused on AVX-512 only (B read in place there)
     assert d_rhs.cpu_path == ("interleaved taps, fused" if fused else "interleaved taps"), str(e)
   else:
     assert d_rhs.cpu_path == "interleaved taps", str(e)
-  with cks_jax.use_backend("ffi"):
-    check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=720 + case, **kw)
+  check_on_kernel(FUSED_TAP_CASES[case][:4], np.float32, seed=720 + case)
 
 
 def fused_tap_d_rhs(i):

@@ -319,26 +319,20 @@ struct CksConv {
       for (int64_t q = q0; q < q1; ++q) {
         Acc* panel = dst + q * ldb + f * Cg * NR;
         const int64_t n = std::min<int64_t>(NR, cols - q * NR);  // columns present
-        if (q * NR / Fg != (q * NR + n - 1) / Fg) {  // across two fused phases
+        const bool one_phase = q * NR / Fg == (q * NR + n - 1) / Fg;  // not across fused ones
+        const Tin* src = rhs + roff + col_off(q * NR);
+        if (one_phase && n == NR && ro == 1) {
+          for (int64_t ci = 0; ci < Cg; ++ci)
+            for (int j = 0; j < NR; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j]);
+        } else if (one_phase && ri == 1) {
+          for (int j = 0; j < NR; ++j)
+            for (int64_t ci = 0; ci < Cg; ++ci)
+              panel[ci * NR + j] = j < n ? load<Acc>(src[j * ro + ci]) : Acc(0);
+        } else {  // each column through its rhs offset (col_off), once per panel
           int64_t off[NR];
           for (int j = 0; j < n; ++j) off[j] = roff + col_off(q * NR + j);
           for (int64_t ci = 0; ci < Cg; ++ci) {
             for (int j = 0; j < n; ++j) panel[ci * NR + j] = load<Acc>(rhs[off[j] + ci * ri]);
-            for (int j = static_cast<int>(n); j < NR; ++j) panel[ci * NR + j] = Acc(0);
-          }
-          continue;
-        }
-        const Tin* src = rhs + roff + col_off(q * NR);
-        if (n == NR && ro == 1) {
-          for (int64_t ci = 0; ci < Cg; ++ci)
-            for (int j = 0; j < NR; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j]);
-        } else if (ri == 1) {
-          for (int j = 0; j < NR; ++j)
-            for (int64_t ci = 0; ci < Cg; ++ci)
-              panel[ci * NR + j] = j < n ? load<Acc>(src[j * ro + ci]) : Acc(0);
-        } else {
-          for (int64_t ci = 0; ci < Cg; ++ci) {
-            for (int j = 0; j < n; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j * ro]);
             for (int j = static_cast<int>(n); j < NR; ++j) panel[ci * NR + j] = Acc(0);
           }
         }
