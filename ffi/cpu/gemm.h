@@ -79,7 +79,7 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 // it, with a run-time trip count, cost the 6 x 32 tile 3 % of its rate on
 // runs of 32 channels and 7 % on runs of 16, which end a segment every 32 or
 // 16 indices (Zen 4, one thread: the tile on a 3x3x3 dilated conv's A read in
-// place, 112 -> 116 and 106 -> 115 GFLOP/s; 64-feature tiles and single
+// place, 112 -> 115 and 108 -> 115 GFLOP/s; 64-feature tiles and single
 // segments 0-1 % faster too). The AVX2 tiles keep it (0-1 % faster with).
 #if defined(__clang__)
 #define CKS_ROLLED_STEPS _Pragma("clang loop unroll(disable)")
