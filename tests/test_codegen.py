@@ -34,7 +34,7 @@ MR = 6  # rows of every tile (gemm::Tile)
 AVX512_TILES = [(4, 0), (2, 0), (1, 1), (1, 0), (0, 1)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
 PAIR_TILES = [4, 2, 1]  # P: zmm per row of pairs_avx512
-A_SOURCES = ["RunA", "IndirectA", "PackedA"]
+A_SOURCES = ["RunA", "ChannelRunA", "IndirectA", "PackedA"]
 B_SOURCES = ["PanelB", "TableB", "RunB"]
 C_DESTS = ["OutC", "BufC"]
 # The whole-panel tiles a fused GEMM (float32 on AVX-512: gemm_block for a PanelOutC) runs.

@@ -75,12 +75,15 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 #else
 #define CKS_UNROLL_STEPS _Pragma("GCC unroll 4")
 #endif
-// The AVX-512 float tiles' loop is not unrolled: GCC's 4-fold unrolling of
-// it, with a run-time trip count, cost the 6 x 32 tile 3 % of its rate on
-// runs of 32 channels and 7 % on runs of 16, which end a segment every 32 or
-// 16 indices (Zen 4, one thread: the tile on a 3x3x3 dilated conv's A read in
-// place, 112 -> 115 and 108 -> 115 GFLOP/s; 64-feature tiles and single
-// segments 0-1 % faster too). The AVX2 tiles keep it (0-1 % faster with).
+// The AVX-512 tiles do not unroll segments of A read in place with step 1
+// (ChannelRunA: runs of contiguous channels): GCC's 4-fold unrolling, with a
+// run-time trip count, cost the 6 x 32 tile 3 % of its rate on runs of 32
+// channels and 7 % on runs of 16 (Zen 4, one thread: the tile on a 3x3x3
+// dilated conv's A read in place, 112 -> 115 and 108 -> 115 GFLOP/s;
+// 64-feature tiles and single segments 0-1 % faster too). Strided A (a filter
+// gradient's, step = channels) keeps it: rolled, the 6 x 64 tile lost 5 % of
+// its rate there (103 -> 97 GFLOP/s) and U-Net 64->128's filter gradient took
+// 1.13x the time. So do packed A, and the AVX2 tiles (0-1 % faster with it).
 #if defined(__clang__)
 #define CKS_ROLLED_STEPS _Pragma("clang loop unroll(disable)")
 #else
@@ -175,6 +178,17 @@ struct RunA {
     return n;
   }
 };
+// A RunA whose step is 1 (runs of contiguous channels): a type of its own so
+// that the AVX-512 tiles compile its segments' loop rolled (CKS_ROLLED_STEPS)
+// and a strided RunA's unrolled (one function with both loops, chosen per
+// segment, ran both 1-3 % slower than either alone). The step stays a
+// run-time value: as a constant 1, GCC built a loop 5 % slower (110 GFLOP/s).
+template <typename T>
+struct ChannelRunA : RunA<T> {};
+template <typename ASrc>
+constexpr bool kChannelRuns = false;
+template <typename T>
+constexpr bool kChannelRuns<ChannelRunA<T>> = true;
 
 // The compiler folds six row pointers into one base plus six offsets and
 // then spends an address computation per broadcast (measured: 20 % of the
@@ -583,9 +597,15 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
       int64_t o0;
       const int64_t n = A.segment(cur, B.segment(bcur, kc - p, &bq), o0);
       const int64_t sa = A.step, sb = B.step;
-      CKS_ROLLED_STEPS
-      for (int64_t q = p, o = o0; q < p + n; ++q, o += sa, bq += sb)
-        avx512_step<MR, P, H>(rb, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
+      if constexpr (kChannelRuns<ASrc>) {
+        CKS_ROLLED_STEPS
+        for (int64_t q = p, o = o0; q < p + n; ++q, o += sa, bq += sb)
+          avx512_step<MR, P, H>(rb, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
+      } else {
+        CKS_UNROLL_STEPS
+        for (int64_t q = p, o = o0; q < p + n; ++q, o += sa, bq += sb)
+          avx512_step<MR, P, H>(rb, a_at(A, q, o), b_at(B, q, bq), B.ldb, acc, hacc);
+      }
       B.advance(bcur, n);
       p += n;
     }
