@@ -1195,10 +1195,11 @@ struct CksConv {
     if (x.as_runs) {
       const gemm::RunA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.runs.ra, x.runs.R, x.runs.sa,
                               kc0 / x.runs.R, kc0 % x.runs.R};
-      if (x.runs.sa == 1 && gemm::gemm_isa() == 2)
-        gemm_block<Acc>(mc_pad, nc_pad, nc, kc, gemm::ChannelRunA<Acc>{A}, B, C);
-      else
-        gemm_block<Acc>(mc_pad, nc_pad, nc, kc, A, B, C);
+      if constexpr (std::is_same<Acc, float>::value) {  // float: measured (gemm.h)
+        if (x.runs.sa == 1 && gemm::gemm_isa() == 2)
+          return gemm_block<Acc>(mc_pad, nc_pad, nc, kc, gemm::ChannelRunA<Acc>{A}, B, C);
+      }
+      gemm_block<Acc>(mc_pad, nc_pad, nc, kc, A, B, C);
     } else if (!x.packed) {
       const IndirectA<Acc> A{lhs_in_acc(), x.lhs_row.data(), x.lhs_red.data() + kc0};
       gemm_block<Acc>(mc_pad, nc_pad, nc, kc, A, B, C);

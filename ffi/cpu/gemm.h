@@ -3,7 +3,7 @@
 //       row's elements are a constant step apart: PackedA (MR-row panels,
 //       each [kc][MR]: one segment), IndirectA (read in place through an
 //       offset per index) or RunA (read in place: long runs of contiguous
-//       channels, or of one dimension's taps);
+//       channels, then as ChannelRunA, or of one dimension's taps);
 //   B : a B source: PanelB (NR-column panels, each [kc][NR], ldb elements
 //       apart: kc * NR when packed block by block, more when a block is a
 //       window of a larger packed B), TableB (read in place, row k
@@ -75,12 +75,12 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 #else
 #define CKS_UNROLL_STEPS _Pragma("GCC unroll 4")
 #endif
-// The AVX-512 tiles do not unroll segments of A read in place with step 1
-// (ChannelRunA: runs of contiguous channels): GCC's 4-fold unrolling, with a
+// The AVX-512 float tiles do not unroll segments of A read in place with step
+// 1 (ChannelRunA: runs of contiguous channels): GCC's 4-fold unrolling, with a
 // run-time trip count, cost the 6 x 32 tile 3 % of its rate on runs of 32
-// channels and 7 % on runs of 16 (Zen 4, one thread: the tile on a 3x3x3
-// dilated conv's A read in place, 112 -> 115 and 108 -> 115 GFLOP/s;
-// 64-feature tiles and single segments 0-1 % faster too). Strided A (a filter
+// channels, 7 % on runs of 16 and 11 % on runs of 8 (Zen 4, one thread: the
+// tile on a 3x3x3 dilated conv's A read in place, 112 -> 116, 108 -> 115 and
+// 101 -> 113 GFLOP/s; 64-feature tiles and single segments 0-1 % faster too). Strided A (a filter
 // gradient's, step = channels) keeps it: rolled, the 6 x 64 tile lost 5 % of
 // its rate there (103 -> 97 GFLOP/s) and U-Net 64->128's filter gradient took
 // 1.13x the time. So do packed A, and the AVX2 tiles (0-1 % faster with it).
@@ -181,7 +181,7 @@ struct RunA {
 // A RunA whose step is 1 (runs of contiguous channels): a type of its own so
 // that the AVX-512 tiles compile its segments' loop rolled (CKS_ROLLED_STEPS)
 // and a strided RunA's unrolled (one function with both loops, chosen per
-// segment, ran both 1-3 % slower than either alone). The step stays a
+// segment, ran both 3-4 % slower than either alone). The step stays a
 // run-time value: as a constant 1, GCC built a loop 5 % slower (110 GFLOP/s).
 template <typename T>
 struct ChannelRunA : RunA<T> {};
