@@ -75,15 +75,16 @@ constexpr int64_t kNC = 256;  // column block (multiple of NR)
 #else
 #define CKS_UNROLL_STEPS _Pragma("GCC unroll 4")
 #endif
-// The AVX-512 float tiles do not unroll segments of A read in place with step
-// 1 (ChannelRunA: runs of contiguous channels): GCC's 4-fold unrolling, with a
-// run-time trip count, cost the 6 x 32 tile 3 % of its rate on runs of 32
-// channels, 7 % on runs of 16 and 11 % on runs of 8 (Zen 4, one thread: the
-// tile on a 3x3x3 dilated conv's A read in place, 112 -> 116, 108 -> 115 and
-// 101 -> 113 GFLOP/s; 64-feature tiles and single segments 0-1 % faster too). Strided A (a filter
-// gradient's, step = channels) keeps it: rolled, the 6 x 64 tile lost 5 % of
-// its rate there (103 -> 97 GFLOP/s) and U-Net 64->128's filter gradient took
-// 1.13x the time. So do packed A, and the AVX2 tiles (0-1 % faster with it).
+// The AVX-512 float tiles do not unroll segments of A read in place with
+// step 1 (ChannelRunA: runs of contiguous channels): GCC's 4-fold unrolling,
+// with a run-time trip count, cost the 6 x 32 tile 3 % of its rate on runs
+// of 32 channels, 7 % on runs of 16 and 11 % on runs of 8 (Zen 4, one
+// thread: the tile on a 3x3x3 dilated conv's A read in place, 112 -> 116,
+// 108 -> 115 and 101 -> 113 GFLOP/s; 64-feature tiles and single segments
+// 0-1 % faster too). Strided A (a filter gradient's, step = channels) keeps
+// it: rolled, the 6 x 64 tile lost 5 % of its rate there (103 -> 97 GFLOP/s)
+// and U-Net 64->128's filter gradient took 1.13x the time. So do packed A,
+// and the AVX2 tiles (0-1 % faster with it).
 #if defined(__clang__)
 #define CKS_ROLLED_STEPS _Pragma("clang loop unroll(disable)")
 #else
