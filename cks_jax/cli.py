@@ -109,7 +109,11 @@ def cmd_bench(args) -> int:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+  try:
+    return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a list of integers (e.g. 16,16,16,128 or 16x16x16x128)") from None
 
 
 def _padding(text: str):
@@ -117,18 +121,31 @@ def _padding(text: str):
     return text.upper()
   vals = _ints(text)
   if len(vals) % 2:
-    raise argparse.ArgumentTypeError("explicit padding is lo,hi pairs, e.g. 1,1,2,2")
+    raise argparse.ArgumentTypeError(
+        f"explicit padding is lo,hi pairs per spatial dimension, e.g. 1,1,2,2 (got {text!r})")
   return tuple(zip(vals[::2], vals[1::2]))
+
+
+def _dimension_numbers(text: str) -> tuple[str, str, str]:
+  specs = tuple(v.strip() for v in text.split(","))
+  if len(specs) != 3:
+    raise argparse.ArgumentTypeError(
+        f"dimension numbers are three specs, lhs,rhs,out, e.g. NHWC,HWIO,NHWC (got {text!r})")
+  return specs
 
 
 def cmd_explain(args) -> int:
   import cks_jax
-  e = cks_jax.explain(_ints(args.lhs), _ints(args.rhs), _ints(args.strides) if args.strides
-                      else (1,) * (len(_ints(args.lhs)) - 2), _padding(args.padding),
-                      _ints(args.lhs_dilation) if args.lhs_dilation else None,
-                      _ints(args.rhs_dilation) if args.rhs_dilation else None,
-                      tuple(args.dimension_numbers.split(",")) if args.dimension_numbers
-                      else None, args.groups, gradients=True)
+  try:
+    e = cks_jax.explain(args.lhs, args.rhs, args.strides or (1,) * (len(args.lhs) - 2),
+                        args.padding, args.lhs_dilation, args.rhs_dilation,
+                        args.dimension_numbers, args.groups, gradients=True)
+  except (ValueError, TypeError) as err:
+    # The layer's own error (as lax would raise it), without a traceback.
+    hint = ("" if args.dimension_numbers else
+            "\n(no --dimension-numbers given: lax's default NCHW,OIHW,NCHW applies; channels-last "
+            "layers need e.g. --dimension-numbers NHWC,HWIO,NHWC)")
+    args.parser.error((str(err) or type(err).__name__) + hint)
   print(e)
   return 0
 
@@ -216,15 +233,17 @@ def main(argv=None) -> int:
   b.set_defaults(fn=cmd_bench)
 
   e = sub.add_parser("explain", help="which C-K-S algorithm a layer runs, and zeros avoided")
-  e.add_argument("--lhs", required=True, help="lhs shape, e.g. 16,16,16,128")
-  e.add_argument("--rhs", required=True, help="rhs shape, e.g. 4,4,128,64")
-  e.add_argument("--strides", help="window strides, e.g. 1,1")
-  e.add_argument("--padding", default="VALID", help="SAME, VALID, SAME_LOWER or lo,hi,lo,hi")
-  e.add_argument("--lhs-dilation", help="e.g. 2,2 (transposed convolution)")
-  e.add_argument("--rhs-dilation", help="e.g. 2,2 (atrous convolution)")
-  e.add_argument("--dimension-numbers", help="e.g. NHWC,HWIO,NHWC")
+  e.add_argument("--lhs", required=True, type=_ints, help="lhs shape, e.g. 16,16,16,128")
+  e.add_argument("--rhs", required=True, type=_ints, help="rhs shape, e.g. 4,4,128,64")
+  e.add_argument("--strides", type=_ints, help="window strides, e.g. 1,1 (default all 1)")
+  e.add_argument("--padding", default="VALID", type=_padding,
+                 help="SAME, VALID, SAME_LOWER or lo,hi,lo,hi")
+  e.add_argument("--lhs-dilation", type=_ints, help="e.g. 2,2 (transposed convolution)")
+  e.add_argument("--rhs-dilation", type=_ints, help="e.g. 2,2 (atrous convolution)")
+  e.add_argument("--dimension-numbers", type=_dimension_numbers,
+                 help="e.g. NHWC,HWIO,NHWC (default lax's: NCHW,OIHW,NCHW)")
   e.add_argument("--groups", type=int, default=1, help="feature_group_count")
-  e.set_defaults(fn=cmd_explain)
+  e.set_defaults(fn=cmd_explain, parser=e)
 
   t = sub.add_parser("train", help="train a DCGAN and a dilated net on cks-jax and on lax")
   t.add_argument("--steps", type=int, default=400, help="training steps per model and backend")

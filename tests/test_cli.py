@@ -15,6 +15,33 @@ def test_explain(capsys):
   assert "KS-deconv on cks-cpu" in out and "d rhs" in out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lhs", "2,8,8,a", "--rhs", "4,4,4,3"], "'2,8,8,a' is not a list of integers"),
+    (["--lhs", "2,8,8,4", "--rhs", "4,4,4,3", "--padding", "1,1,1"], "lo,hi pairs"),
+    (["--lhs", "2,8,8,4", "--rhs", "4,4,4,3", "--dimension-numbers", "NHWC,HWIO"],
+     "three specs"),
+    # The layer's own errors, worded as lax words them: channels that do not match, a zero stride.
+    (["--lhs", "2,8,8,4", "--rhs", "4,4,5,3", "--dimension-numbers", "NHWC,HWIO,NHWC"],
+     "feature_group_count must equal the rhs input feature dimension size"),
+    (["--lhs", "2,8,8,4", "--rhs", "4,4,4,3", "--strides", "0,1",
+      "--dimension-numbers", "NHWC,HWIO,NHWC"], "window_strides"),
+])
+def test_explain_bad_input_is_a_usage_error(argv, message, capsys):
+  with pytest.raises(SystemExit) as exc:
+    cli.main(["explain"] + argv)
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert "cks-jax explain: error:" in err and message in err
+  assert "Traceback" not in err
+
+
+def test_explain_error_names_the_default_layout(capsys):
+  # Channels-last shapes without --dimension-numbers are read as NCHW: the error says so.
+  with pytest.raises(SystemExit):
+    cli.main(["explain", "--lhs", "8,64,64,64", "--rhs", "2,2,64,32"])
+  assert "--dimension-numbers NHWC,HWIO,NHWC" in capsys.readouterr().err
+
+
 def test_bench_json_and_table(tmp_path, capsys):
   path = tmp_path / "b.json"
   assert cli.main(["bench", "--layers", "^wavenet_1d_d1$", "--repeats", "1", "--no-torch",
