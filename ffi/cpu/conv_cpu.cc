@@ -898,7 +898,11 @@ struct CksConv {
 
   // lhs and out element offsets of rows [row0, row1) of a sub-problem; rows
   // are (n, j_0, ..., j_{nd-1}) row-major. Padding rows up to a multiple of
-  // MR get -1 (read as zeros).
+  // MR get -1 (read as zeros). Not inlined: inside a task's body, its loops
+  // ran with their pointers and steps spilled to the stack.
+#if defined(__GNUC__)
+  __attribute__((noinline))
+#endif
   void row_offsets(const Task& t, std::vector<int64_t>& lhs_row,
                    std::vector<int64_t>& out_row) const {
     const SubProblem& sp = plan.subproblems[t.sp];
@@ -923,25 +927,28 @@ struct CksConv {
                            static_cast<uint64_t>(pb.lhs_sp[last]);
     const uint64_t ostep = static_cast<uint64_t>(sp.phase[last]->L) *
                            static_cast<uint64_t>(pb.out_sp[last]);
-    uint64_t lo = 0, oo = 0;
-    bool fresh = true;
-    for (int64_t r = 0; r < mc; ++r) {
-      if (fresh) {
-        lo = static_cast<uint64_t>(lhs_group + n * pb.lhs_n);
-        oo = static_cast<uint64_t>(n * pb.out_n);
-        for (int d = 0; d < pb.nd; ++d) {
-          const Phase& ph = *sp.phase[d];
-          const int64_t u = sp.seg[d].u0 + j[d];
-          lo += static_cast<uint64_t>(input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d]);
-          oo += static_cast<uint64_t>((ph.o0 + ph.L * u) * pb.out_sp[d]);
-        }
+    // One span per stretch of the last dimension: its first offsets from
+    // (n, j), then a loop that steps them (an odometer step per row kept j in
+    // memory).
+    const int64_t count = sp.seg[last].count;
+    for (int64_t r = 0; r < mc;) {
+      uint64_t lo = static_cast<uint64_t>(lhs_group + n * pb.lhs_n);
+      uint64_t oo = static_cast<uint64_t>(n * pb.out_n);
+      for (int d = 0; d < pb.nd; ++d) {
+        const Phase& ph = *sp.phase[d];
+        const int64_t u = sp.seg[d].u0 + j[d];
+        lo += static_cast<uint64_t>(input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d]);
+        oo += static_cast<uint64_t>((ph.o0 + ph.L * u) * pb.out_sp[d]);
       }
-      lhs_row[r] = static_cast<int64_t>(lo);
-      out_row[r] = static_cast<int64_t>(oo);
-      lo += lstep;
-      oo += ostep;
-      fresh = ++j[last] == sp.seg[last].count;
-      if (fresh) {
+      const int64_t span = std::min(mc - r, count - j[last]);
+      int64_t* const lr = lhs_row.data() + r;
+      int64_t* const orr = out_row.data() + r;
+      for (int64_t i = 0; i < span; ++i) {
+        lr[i] = static_cast<int64_t>(lo + static_cast<uint64_t>(i) * lstep);
+        orr[i] = static_cast<int64_t>(oo + static_cast<uint64_t>(i) * ostep);
+      }
+      r += span;
+      if ((j[last] += span) == count) {
         j[last] = 0;
         int d = last - 1;
         for (; d >= 0 && ++j[d] == sp.seg[d].count; --d) j[d] = 0;
