@@ -167,7 +167,6 @@ def _transpose_lhs(g, lhs, rhs, **params):
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   G, B = params["feature_group_count"], params["batch_group_count"]
   lhs_shape = lhs.aval.shape
-  nd = len(lhs_spec) - 2
   if G > 1:
     rhs = _reshape_axis_out_of(rhs_spec[0], G, rhs)
     rhs = _reshape_axis_into(rhs_spec[0], rhs_spec[1], rhs)
@@ -175,17 +174,10 @@ def _transpose_lhs(g, lhs, rhs, **params):
     rhs = _reshape_axis_out_of(rhs_spec[0], B, rhs)
     rhs = _reshape_axis_into(rhs_spec[0], rhs_spec[1], rhs)
     G = B
-  in_sp = [lhs_shape[d] for d in lhs_spec[2:]]
-  k_sp = [rhs.shape[d] for d in rhs_spec[2:]]
-  o_sp = [g.shape[d] for d in out_spec[2:]]
-  padding = []
-  for d in range(nd):
-    lhs_dil = shapes.dilate_dim(in_sp[d], params["lhs_dilation"][d])
-    rhs_dil = shapes.dilate_dim(k_sp[d], params["rhs_dilation"][d])
-    out_dil = shapes.dilate_dim(o_sp[d], params["window_strides"][d])
-    before = rhs_dil - params["padding"][d][0] - 1
-    after = lhs_dil + rhs_dil - 1 - out_dil - before
-    padding.append((int(before), int(after)))
+  padding = shapes.vjp_lhs_padding(
+      [lhs_shape[d] for d in lhs_spec[2:]], [rhs.shape[d] for d in rhs_spec[2:]],
+      [g.shape[d] for d in out_spec[2:]], params["window_strides"], params["padding"],
+      params["lhs_dilation"], params["rhs_dilation"])
   rev = lax.rev(rhs, tuple(rhs_spec[2:]))
   rev = _with_dtype(rev, g.dtype)
   out = bind(g, rev,
@@ -213,17 +205,10 @@ def _transpose_rhs(g, lhs, rhs, **params):
   elif G > 1:
     G, B = 1, G
   rhs_shape = rhs.aval.shape
-  nd = len(lhs_spec) - 2
-  in_sp = [lhs.shape[d] for d in lhs_spec[2:]]
-  k_sp = [rhs_shape[d] for d in rhs_spec[2:]]
-  o_sp = [g.shape[d] for d in out_spec[2:]]
-  padding = []
-  for d in range(nd):
-    lhs_dil = shapes.dilate_dim(in_sp[d], params["lhs_dilation"][d])
-    rhs_dil = shapes.dilate_dim(k_sp[d], params["rhs_dilation"][d])
-    out_dil = shapes.dilate_dim(o_sp[d], params["window_strides"][d])
-    lo = params["padding"][d][0]
-    padding.append((int(lo), int(out_dil - lhs_dil + rhs_dil - lo - 1)))
+  padding = shapes.vjp_rhs_padding(
+      [lhs.shape[d] for d in lhs_spec[2:]], [rhs_shape[d] for d in rhs_spec[2:]],
+      [g.shape[d] for d in out_spec[2:]], params["window_strides"], params["padding"],
+      params["lhs_dilation"], params["rhs_dilation"])
   lhs = _with_dtype(lhs, g.dtype)
   out = bind(lhs, g,
              window_strides=params["rhs_dilation"], padding=tuple(padding),
