@@ -325,8 +325,15 @@ struct CksConv {
           for (int64_t ci = 0; ci < Cg; ++ci)
             for (int j = 0; j < NR; ++j) panel[ci * NR + j] = load<Acc>(src[ci * ri + j]);
         } else if (one_phase && ri == 1) {
+          int64_t c0 = 0;  // channels done by whole 16 x 16 blocks
+#ifdef CKS_X86_AVX2
+          if constexpr (std::is_same<Tin, float>::value && std::is_same<Acc, float>::value) {
+            if (n == NR && NR == 16 && gemm::gemm_isa() == 2)
+              for (; c0 + NR <= Cg; c0 += NR) gemm::transpose16(src + c0, ro, panel + c0 * NR, NR);
+          }
+#endif
           for (int j = 0; j < NR; ++j)
-            for (int64_t ci = 0; ci < Cg; ++ci)
+            for (int64_t ci = c0; ci < Cg; ++ci)
               panel[ci * NR + j] = j < n ? load<Acc>(src[j * ro + ci]) : Acc(0);
         } else {  // each column through its rhs offset (col_off), once per panel
           int64_t off[NR];
