@@ -689,8 +689,9 @@ __attribute__((target("avx512f"))) inline void stream_copy(float* dst, const flo
 // dst[c * ldd + j] = src[j * lds + c] for j, c < 16: a 16 x 16 block
 // transposed in registers. pack_phase_b's panels, where the kernel's output
 // features are its outer dimension (input gradients of channels-last
-// convolutions), were one scalar store per element: 10 % of DCGAN 4->8's
-// input gradient (batch 16, 2 cores). Rows are interleaved by 32 then 64
+// convolutions), were one scalar store per element: 10 % of the profile of
+// the DCGAN step's 4->8 input gradient (batch 16, 256 -> 128 channels, 2
+// cores). Rows are interleaved by 32 then 64
 // bits within 128-bit lanes (u[4 q + k], lane L: column 4 L + k, rows
 // 4 q .. 4 q + 3), then the lanes of u[k], u[4 + k], u[8 + k], u[12 + k]
 // are transposed as a 4 x 4 matrix of 128-bit blocks.
