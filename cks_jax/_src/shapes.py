@@ -28,6 +28,14 @@ def stride_dim(padded: int, window: int, stride: int) -> int:
   return 0 if padded < window else (padded - window) // stride + 1
 
 
+def _vjp_sizes(in_sp, k_sp, out_sp, window_strides, padding, lhs_dilation, rhs_dilation):
+  """Per spatial dimension of a convolution: its low padding and the dilated lhs, kernel and
+  output sizes, from which both transposes' paddings follow."""
+  for i, k, o, s, (lo, _), ld, rd in zip(in_sp, k_sp, out_sp, window_strides, padding,
+                                        lhs_dilation, rhs_dilation):
+    yield lo, dilate_dim(i, ld), dilate_dim(k, rd), dilate_dim(o, s)
+
+
 def vjp_lhs_padding(in_sp: Sequence[int], k_sp: Sequence[int], out_sp: Sequence[int],
                     window_strides: Sequence[int], padding: Sequence[tuple[int, int]],
                     lhs_dilation: Sequence[int],
@@ -35,13 +43,9 @@ def vjp_lhs_padding(in_sp: Sequence[int], k_sp: Sequence[int], out_sp: Sequence[
   """Padding of the d-lhs convolution (cotangent * flipped kernel, window strides and lhs
   dilation swapped) that gives back the lhs's spatial sizes ``in_sp``; ``k_sp`` and ``out_sp``
   are the kernel's and the forward output's spatial sizes."""
-  pads = []
-  for i, k, o, s, (lo, _), ld, rd in zip(in_sp, k_sp, out_sp, window_strides, padding,
-                                        lhs_dilation, rhs_dilation):
-    lhs_d, rhs_d, out_d = dilate_dim(i, ld), dilate_dim(k, rd), dilate_dim(o, s)
-    before = rhs_d - lo - 1
-    pads.append((int(before), int(lhs_d + rhs_d - 1 - out_d - before)))
-  return tuple(pads)
+  return tuple((int(rhs_d - lo - 1), int(lhs_d + lo - out_d))
+               for lo, lhs_d, rhs_d, out_d in _vjp_sizes(in_sp, k_sp, out_sp, window_strides,
+                                                         padding, lhs_dilation, rhs_dilation))
 
 
 def vjp_rhs_padding(in_sp: Sequence[int], k_sp: Sequence[int], out_sp: Sequence[int],
@@ -50,12 +54,9 @@ def vjp_rhs_padding(in_sp: Sequence[int], k_sp: Sequence[int], out_sp: Sequence[
                     rhs_dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
   """Padding of the d-rhs convolution (lhs * cotangent, window strides and rhs dilation
   swapped) that gives back the kernel's spatial sizes ``k_sp``."""
-  pads = []
-  for i, k, o, s, (lo, _), ld, rd in zip(in_sp, k_sp, out_sp, window_strides, padding,
-                                        lhs_dilation, rhs_dilation):
-    lhs_d, rhs_d, out_d = dilate_dim(i, ld), dilate_dim(k, rd), dilate_dim(o, s)
-    pads.append((int(lo), int(out_d - lhs_d + rhs_d - lo - 1)))
-  return tuple(pads)
+  return tuple((int(lo), int(out_d - lhs_d + rhs_d - lo - 1))
+               for lo, lhs_d, rhs_d, out_d in _vjp_sizes(in_sp, k_sp, out_sp, window_strides,
+                                                         padding, lhs_dilation, rhs_dilation))
 
 
 def is_supported_dtype(dtype) -> bool:

@@ -328,7 +328,8 @@ struct CksConv {
           int64_t c0 = 0;  // channels done by whole 16 x 16 blocks
 #ifdef CKS_X86_AVX2
           if constexpr (std::is_same<Tin, float>::value && std::is_same<Acc, float>::value) {
-            if (n == NR && NR == 16 && gemm::gemm_isa() == 2)
+            static_assert(NR == 16, "transpose16 fills 16-column float panels");
+            if (n == NR && gemm::gemm_isa() == 2)
               for (; c0 + NR <= Cg; c0 += NR) gemm::transpose16(src + c0, ro, panel + c0 * NR, NR);
           }
 #endif

@@ -691,10 +691,10 @@ __attribute__((target("avx512f"))) inline void stream_copy(float* dst, const flo
 // features are its outer dimension (input gradients of channels-last
 // convolutions), were one scalar store per element: 10 % of the profile of
 // the DCGAN step's 4->8 input gradient (batch 16, 256 -> 128 channels, 2
-// cores). Rows are interleaved by 32 then 64
-// bits within 128-bit lanes (u[4 q + k], lane L: column 4 L + k, rows
-// 4 q .. 4 q + 3), then the lanes of u[k], u[4 + k], u[8 + k], u[12 + k]
-// are transposed as a 4 x 4 matrix of 128-bit blocks.
+// cores). Rows are interleaved by 32 then 64 bits within 128-bit lanes
+// (u[4 q + k], lane L: column 4 L + k, rows 4 q .. 4 q + 3), then the lanes
+// of u[k], u[4 + k], u[8 + k], u[12 + k] are transposed as a 4 x 4 matrix
+// of 128-bit blocks.
 __attribute__((target("avx512f"))) inline void transpose16(const float* src, int64_t lds,
                                                           float* dst, int64_t ldd) {
   constexpr __mmask16 all = 0xffff;  // zero-masked forms: see round_bf16
