@@ -1518,6 +1518,25 @@ struct CksConv {
   // with 16 (DCGAN's 32->64, 3 features) 1.11x (0.64-0.65 -> 0.72), where the
   // calls per chunk cost more than L2 reads.
   static constexpr int64_t kNarrowChunk = 1024, kNarrowChunkL1 = 128, kNarrowManyTaps = 32;
+  // Wider outputs (wide_rows) read more per reduction index: Fg features of
+  // B, and of A the batch at every input position the taps reach, up to the
+  // stride (rhs_dil) per dimension. Their chunks are cut so that both take
+  // at most kNarrowChunkBytes (half of a Zen 4 core's L2). In process on Zen
+  // 4, old and new builds alternating: stride-2 filter gradients of 128
+  // features, whose 1024-index chunks read 1.5 MB, took 0.94-0.98x the time
+  // (DCGAN discriminator, 341 indices; 0.94x on one core) and 0.84-0.94x
+  // (ResNet's stride-2 3x3; 1.01x on one core); the ResNet 3x3's (768 KB,
+  // 682 indices) 0.91-0.96x; 256 KB cut the first two as much and slowed the
+  // atrous 64-channel ones (1.04-1.06x, 512 indices).
+  static constexpr int64_t kNarrowChunkBytes = int64_t{512} << 10;
+  int64_t narrow_chunk() const {
+    if (nsp() >= kNarrowManyTaps) return kNarrowChunkL1;
+    if (pb.group_out() <= gemm::kNarrowF) return kNarrowChunk;
+    int64_t positions = 1;
+    for (int d = 0; d < pb.nd; ++d) positions *= std::min(pb.dim[d].rhs_dil, pb.dim[d].out_size);
+    const int64_t bytes = (positions * pb.out_batch() + pb.group_out()) * sizeof(Acc);
+    return std::clamp(kNarrowChunkBytes / bytes, kNarrowChunkL1, kNarrowChunk);
+  }
   bool narrow_taps() const {
     return narrow() && !channels_inner() && pb.nd >= 2 && nsp() >= 2;
   }
@@ -1553,7 +1572,7 @@ struct CksConv {
     }
     acc.assign(total, Acc(0));
     const Acc* b = reinterpret_cast<const Acc*>(rhs) + t.group * Fg * pb.rhs_o;
-    const int64_t H = chunk_rows(nsp() >= kNarrowManyTaps ? kNarrowChunkL1 : kNarrowChunk);
+    const int64_t H = chunk_rows(narrow_chunk());
     const int64_t J = pb.dim[0].k_size, CJ = pb.group_in() * J;
     for (int64_t g0 = 0; g0 < CJ; g0 += H)
       for (int64_t i = 0; i < ns; ++i) {
