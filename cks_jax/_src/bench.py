@@ -61,9 +61,10 @@ SETTLE_S = 0.01
 # double their share of the run for a refill that is a small part of them).
 # Timing first calls from BLOCK_S on, as before, timed ops of about BLOCK_S
 # on their first call after the other libraries' blocks, where those ran
-# slower: in a full bench run, atrous_32_c256_d6's filter gradient (cks-jax)
-# took 19.0-28.6 ms on the first calls of its 7 blocks (a median of 26.1,
-# 24.95-26.1 in four full runs) and 19.0 ms on the one call after a warm-up.
+# slower: in a bench run of every layer up to it, atrous_32_c256_d6's filter
+# gradient (cks-jax) took 19.0-28.6 ms on the first calls of its 7 blocks (a
+# median of 26.1; 24.95 and 26.0 in two full runs) and 19.0 ms on the one
+# call after a warm-up.
 ALONE_S = 0.25
 # Pipelined blocks (GPUs): at most this many calls in flight, bounding the
 # outputs held at once.
