@@ -1506,7 +1506,7 @@ struct CksConv {
   // from L3 or memory: FSRCNN's 1-feature k9 s3 d-filter (81 taps) streamed
   // 1.8 MB 162 times and ran at 38 GFLOP/s. Its taps are instead
   // interleaved, as run_taps does: each task runs every one of its
-  // sub-problems on a chunk of the cotangent's rows (about kNarrowChunk
+  // sub-problems on a chunk of the cotangent's rows (about narrow_chunk()
   // reduction indices of the densest) before moving on, so that chunk of A
   // stays in cache from the first tap to the last. Needs the reduction's
   // runs to be whole within a chunk: channels outer, two dimensions or more.
