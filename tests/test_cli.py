@@ -83,6 +83,14 @@ def test_bench_summary_per_family_and_slower_ops():
   assert "2.00x (1.00-4.00x)" in fwd and "4.00x (2.00-8.00x)" in fwd
   assert lines[-1] == ("ops slower than the faster of XLA and PyTorch: 2 of 4: "
                        "c drhs 0.50x, d dlhs 0.90x")
+  # With the rounds kept, each slower op says in how many of them cks-jax was ahead of the
+  # faster of the two (here PyTorch for "c", by its median; XLA for "d", which has no PyTorch).
+  report.rows[2].cks_rounds, report.rows[2].torch_rounds = [2.0, 1.0, 2.2], [1.0, 1.1, 0.9]
+  report.rows[2].xla_rounds = [0.5, 0.5, 0.5]  # not the faster by its median: not compared
+  report.rows[3].cks_rounds, report.rows[3].xla_rounds = [1.0, 0.8], [0.9, 0.9]
+  assert bench.summarize(report)[-1] == (
+      "ops slower than the faster of XLA and PyTorch: 2 of 4: "
+      "c drhs 0.50x (ahead in 1 of 3 rounds), d dlhs 0.90x (ahead in 1 of 2 rounds)")
 
 
 def test_bench_counts_page_faults_per_call():
@@ -152,14 +160,19 @@ def test_bench_times_backends_in_rounds_of_blocks(monkeypatch):
       time.sleep(naps[k])
     return f
 
-  ms = bench.time_interleaved({k: fn(k) for k in naps}, repeats=4, budget_s=10.0)
-  assert set(ms) == set(naps)
+  rounds = {}
+  ms = bench.time_interleaved({k: fn(k) for k in naps}, repeats=4, budget_s=10.0,
+                              rounds=rounds)
+  assert set(ms) == set(naps) == set(rounds)
   for k, nap in naps.items():
     assert nap <= ms[k] * 1e-3 < nap + 0.05, (k, ms[k])
   assert calls[:4] == list(naps)  # one warm-up call each
   blocks = [(k, len(list(g))) for k, g in itertools.groupby(calls[4:])]
   assert len(blocks) >= 4 * 4 and len(blocks) % 4 == 0
   assert [k for k, _ in blocks] == list(naps) * (len(blocks) // 4)  # rounds, in turn
+  for k, nap in naps.items():  # each block's median, round by round
+    assert len(rounds[k]) == len(blocks) // 4, (k, rounds[k])
+    assert all(nap <= t * 1e-3 < nap + 0.05 for t in rounds[k]), (k, rounds[k])
   for k, n in blocks:
     if k == "torch":
       assert n == 1  # slower than ALONE_S: timed on its own

@@ -88,7 +88,8 @@ def _minor_faults() -> int | None:
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                      budget_s: float, faults: dict[str, float] | None = None,
                      min_time_s: float = MIN_TIMED_S, pipelined: bool = False,
-                     sync: Callable[[], object] | None = None) -> dict[str, float]:
+                     sync: Callable[[], object] | None = None,
+                     rounds: dict[str, list[float]] | None = None) -> dict[str, float]:
   """Median wall time in ms of each of ``fns`` (blocking), timed in rounds:
   within a round each function runs a block of back-to-back calls, an
   untimed one and then timed ones for at least ``BLOCK_S`` seconds (a call
@@ -109,6 +110,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   call (only one function runs at a time, so the process's count is its own):
   fresh pages of outputs or scratch that the allocator had returned to the OS.
 
+  ``rounds``, if given, receives each function's block medians in ms, round by
+  round (every function has a block in every round): the i-th of two
+  functions' lists were timed side by side, so their ratio round by round
+  shows how much of a small difference between their medians is noise.
+
   ``pipelined`` (for GPUs): a block's timed calls, as many as the untimed
   call's time fits in ``BLOCK_S`` (at most ``MAX_PIPELINED``), are issued back
   to back and waited for once, at the end, and the block adds its mean time
@@ -124,6 +130,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
   for fn in fns.values():
     wait(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
+  blocks: dict[str, list[float]] = {k: [] for k in fns}
   calls: dict[str, int] = {k: 0 for k in fns}
   flt: dict[str, int] = {k: 0 for k in fns}
   budget = budget_s * len(fns)
@@ -132,6 +139,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
          or time.perf_counter() - start < min(min_time_s * len(fns), budget)):
     for k, fn in fns.items():
       f0 = _minor_faults()
+      n_before = len(times[k])
       t_block = time.perf_counter()
       wait(fn())
       first = time.perf_counter() - t_block
@@ -160,11 +168,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
             break
       if f0 is not None:
         flt[k] += _minor_faults() - f0
+      blocks[k].append(1e3 * statistics.median(times[k][n_before:]))
       time.sleep(SETTLE_S)
     if time.perf_counter() - start > budget:
       break
   if faults is not None and _minor_faults() is not None:
     faults.update({k: flt[k] / calls[k] for k in times})
+  if rounds is not None:
+    rounds.update(blocks)
   return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
@@ -279,6 +290,10 @@ class Row:
   out_mb: float | None = None  # the op's output, for scale
   cks_faults: float | None = None  # minor page faults per cks-jax call
   xla_faults: float | None = None
+  # Block medians in ms, round by round (time_interleaved's rounds).
+  cks_rounds: list[float] | None = None
+  xla_rounds: list[float] | None = None
+  torch_rounds: list[float] | None = None
 
   @property
   def speedup_vs_xla(self) -> float:
@@ -395,10 +410,13 @@ def run(layers: Iterable[dict], *, repeats: int = 5, budget_s: float = 3.0,
       if torch_ops is not None:  # in the same rounds (time_interleaved's blocks)
         fns["torch"] = (lambda f: lambda: (f(), None)[1])(torch_ops[0][op])
       flt: dict[str, float] = {}
-      ms = time_interleaved(fns, repeats, budget_s, flt, min_time_s, pipelined, torch_sync)
+      rnd: dict[str, list[float]] = {}
+      ms = time_interleaved(fns, repeats, budget_s, flt, min_time_s, pipelined, torch_sync, rnd)
+      kept = {k: [float(f"{t:.4g}") for t in v] for k, v in rnd.items()}
       row = Row(layer["name"], layer["family"], op, gflop, cks_ms=ms["cks"], xla_ms=ms["xla"],
                 portable_ms=ms.get("portable"), torch_ms=ms.get("torch"),
-                cks_faults=flt.get("cks"), xla_faults=flt.get("xla"))
+                cks_faults=flt.get("cks"), xla_faults=flt.get("xla"),
+                cks_rounds=kept["cks"], xla_rounds=kept["xla"], torch_rounds=kept.get("torch"))
       e = per_op[op]
       row.out_mb = math.prod(e.shapes[2]) * np.dtype(dtype).itemsize / 2**20
       if e.scratch is not None:
@@ -514,9 +532,20 @@ def summarize(report: Report) -> list[str]:
   slower = sorted((x for x in slower if x[0] < 1.0), key=lambda x: x[0])
   which = "the faster of XLA and PyTorch" if has_torch else "XLA"
   lines.append(f"ops slower than {which}: {len(slower)} of {len(rows)}"
-               + "".join(f"{',' if i else ':'} {r.layer} {r.op} {x:.2f}x"
+               + "".join(f"{',' if i else ':'} {r.layer} {r.op} {x:.2f}x{_rounds_ahead(r)}"
                          for i, (x, r) in enumerate(slower)))
   return lines
+
+
+def _rounds_ahead(r: Row) -> str:
+  """In how many rounds cks-jax's block was at least as fast as the same round's
+  block of the faster of XLA and PyTorch (by their medians), as " (ahead in k
+  of n rounds)"; "" for a run saved without its rounds."""
+  other = r.torch_rounds if r.torch_ms is not None and r.torch_ms < r.xla_ms else r.xla_rounds
+  if not r.cks_rounds or not other or len(other) != len(r.cks_rounds):
+    return ""
+  ahead = sum(c <= o for c, o in zip(r.cks_rounds, other))
+  return f" (ahead in {ahead} of {len(other)} rounds)"
 
 
 def report_from_json(data: dict) -> Report:
