@@ -176,9 +176,11 @@ PHASE_B_CASES = [
     ((2, 9, 9, 40), (20, 40, 3, 3), ((2, 2), "SAME"),
      {"dimension_numbers": ("NHWC", "OIHW", "NHWC")}),
     # 3x3 SAME: the untrimmed sub-problem's three runs (120 indices each) are one
-    # reduction block (kKCPhase); with 96 channels two runs of 288 are, the third not
+    # reduction block (kKCPhase = 1152); with 160 channels two runs of 480 are, the third
+    # not; with 400 channels each run of 1200 is cut, its second block starting mid-run
     ((2, 10, 9, 40), (3, 3, 40, 20), ((1, 1), "SAME"), {}),
-    ((2, 7, 8, 96), (3, 3, 96, 16), ((1, 1), "SAME"), {}),
+    ((2, 7, 8, 160), (3, 3, 160, 16), ((1, 1), "SAME"), {}),
+    ((1, 5, 6, 400), (3, 3, 400, 24), ((1, 1), "SAME"), {}),
     # 16 to 31 channels: 16 (the floor, kPhaseBMinC), grouped 2 x 18 with 20 features, and
     # the k8 s4 head's d-input (21 channels, its forward's features) with 24 features
     ((2, 9, 9, 16), (3, 3, 16, 24), ((1, 1), "SAME"), {}),
@@ -208,8 +210,9 @@ def per_group(case, dim):
 PAIRS_CASES = [c for c in PHASE_B_CASES if per_group(c, "I") % 2 == 0 and per_group(c, "O") > 8] + [
     # 130 features: tiles of 4, then 1 panel (2 columns live), over two column blocks (kNC)
     ((2, 5, 7, 34), (3, 3, 34, 130), ((1, 1), "VALID"), {}),
-    # runs of 288 channels, longer than a reduction block (kKC = 256): blocks start mid-run
-    ((1, 4, 5, 288), (2, 2, 288, 32), ((1, 1), [(1, 0), (0, 1)]), {}),
+    # runs of 2 taps x 600 channels, longer than a reduction block (kKCPhase = 1152): blocks
+    # start mid-run; the trimmed sub-problems' runs of 600 are blocks of their own
+    ((1, 4, 5, 600), (2, 2, 600, 32), ((1, 1), [(1, 0), (0, 1)]), {}),
     # U-Net's k2 s2 transposed layer: one tap per phase, phases run as task units; 38 rows
     # per phase (not a multiple of the 6-row tile)
     ((2, 1, 19, 64), (2, 2, 64, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),

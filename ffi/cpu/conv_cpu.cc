@@ -1386,7 +1386,11 @@ struct CksConv {
   // of a 3x3 layer with up to 128 channels is one block: the output tile is
   // stored once instead of read and written back per block (in process: ResNet
   // 3x3 forward 0.87x the time; DCGAN's k4 s2 discriminator layer, two runs of
-  // 512, 0.94x).
+  // 512, 0.94x). Runs are cut only past kKCPhase: cut past kKC (256) as the
+  // other paths' blocks are, the 256-channel atrous, DCGAN 4->8 and 8->16 and
+  // 7x7 forwards and input gradients took 1.01-1.03x the time (in process,
+  // Zen 4, builds alternating, 2 cores and one); bfloat16 pairs the same
+  // either way (0.99-1.01x).
   struct PhaseBlock {
     int64_t kc0, kc, brow;
   };
@@ -1396,9 +1400,10 @@ struct CksConv {
     const int64_t Cg = pb.group_in(), nr = static_cast<int64_t>(f0.size());
     out_blocks.clear();
     for (int64_t r = 0; r < nr;) {
-      if (run_len > kKC) {  // long runs: cut
-        for (int64_t q = 0; q < run_len; q += kKC)
-          out_blocks.push_back({r * run_len + q, std::min(kKC, run_len - q), f0[r] * Cg + q});
+      if (run_len > kKCPhase) {  // long runs: cut
+        for (int64_t q = 0; q < run_len; q += kKCPhase)
+          out_blocks.push_back(
+              {r * run_len + q, std::min(kKCPhase, run_len - q), f0[r] * Cg + q});
         ++r;
         continue;
       }
