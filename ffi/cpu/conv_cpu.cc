@@ -1984,8 +1984,8 @@ struct Bf16Pairs {
   // Scratch of one call (as CksConv::scratch): the pair phase B, shared, and
   // per thread the largest task's row offsets, runs (with reduction_runs' tap
   // tables), runs' first taps, reduction blocks (3 words each: at most one
-  // per run, or one per kKC of a longer run), float32 block and, on AMX, the
-  // block's A as tiles read it (gemm::amx_block_bytes).
+  // per run, or one per kKCPhase of a longer run: phase_blocks), float32
+  // block and, on AMX, the block's A as tiles read it (gemm::amx_block_bytes).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
     constexpr int64_t I = sizeof(int64_t);
     *shared = c.shared_b().elements() * static_cast<int64_t>(sizeof(uint16_t));
@@ -1996,7 +1996,8 @@ struct Bf16Pairs {
       const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
       const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
       const int64_t runs = R > 0 ? sp.taps / R : 0;
-      const int64_t blocks = runs * std::max<int64_t>(1, (R * c.pb.group_in() + kKC - 1) / kKC);
+      const int64_t blocks =
+          runs * std::max<int64_t>(1, (R * c.pb.group_in() + Conv::kKCPhase - 1) / Conv::kKCPhase);
       const int64_t kc = std::min(std::max(kKC, Conv::kKCPhase), c.red_size(t.sp));
       const int64_t bytes = (mc_pad + rows + 4 * sp.taps + runs + 3 * blocks) * I +
                             mc_pad * nc_pad * static_cast<int64_t>(sizeof(float)) +
