@@ -769,6 +769,113 @@ def test_dot_path_bounds():
   check_on_kernel(case, np.float32, seed=71)
 
 
+def depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **kw):
+  """explain's cpu_path of the forward and both gradients (the kernel's own CksConv::path),
+  each checked against the Python mirror (kernel_depthwise) through explain's reason."""
+  e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                      gradients=True, platform="cpu", backend="ffi", **kw)
+  out = []
+  for x in (e,) + tuple(g for _, g in e.gradients):
+    assert (x.cpu_path == "depthwise") == ("depthwise path" in x.reason), (x.cpu_path, x.reason)
+    out.append(x.cpu_path)
+  return out
+
+
+# (lhs shape, rhs shape, conv args, kwargs): depthwise convolutions (one input channel and one
+# output feature per group, as many groups as channels). The forward, the input gradient and
+# the filter gradient (batch groups of one entry) all run on the depthwise path, vectorised over
+# the groups in blocks of 2 vectors; a sub-problem's rows run four at a time, its last rows % 4
+# one at a time (depthwise.h).
+DW_CASES = [
+    # 3x3 SAME, 16 channels (one AVX-512 vector of floats, two of doubles); 9 x 11 maps: the
+    # interior's 126 rows end in a tail of 2
+    ((2, 9, 11, 16), (3, 3, 1, 16), ((1, 1), "SAME"), {"feature_group_count": 16}),
+    # 40 channels (a vector block of 32 and a masked tail of 8) and window strides
+    ((2, 9, 11, 40), (3, 3, 1, 40), ((2, 2), "SAME"), {"feature_group_count": 40}),
+    # dilated 3x3 (DeepLab's depthwise atrous), 70 channels: blocks of 32, 32 and 6
+    ((2, 9, 11, 70), (3, 3, 1, 70), ((1, 1), [(2, 2), (2, 2)], (1, 1), (2, 2)),
+     {"feature_group_count": 70}),
+    # transposed k4 s2 (lhs dilation: four phases), 24 channels
+    ((2, 7, 6, 24), (4, 4, 1, 24), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 24}),
+    # 7x7 SAME (ConvNeXt's), 33 channels, 2 x 12 x 12 rows: several row blocks of 64 per
+    # sub-problem, filter gradient taps with long reductions
+    ((2, 12, 12, 33), (7, 7, 1, 33), ((1, 1), "SAME"), {"feature_group_count": 33}),
+    # 1D k5 with 8 channels (the fewest groups the path takes)
+    ((3, 17, 8), (5, 1, 8), ((1,), "SAME"), {"feature_group_count": 8,
+                                             "dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # 3D 3x3x3
+    ((1, 5, 6, 7, 33), (3, 3, 3, 1, 33), ((1, 1, 1), "SAME"),
+     {"feature_group_count": 33, "dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # padding wider than the input: sub-problems with no taps (outputs all zero)
+    ((2, 3, 3, 16), (5, 5, 1, 16), ((1, 1), [(4, 4), (4, 4)]), {"feature_group_count": 16}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(DW_CASES)))
+def test_depthwise(case, dtype):
+  lhs_shape, rhs_shape, args, kw = DW_CASES[case]
+  kw = {"dimension_numbers": DN2, **kw}
+  assert depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **kw) == ["depthwise"] * 3
+  check_on_kernel(DW_CASES[case], dtype, seed=80 + case)
+
+
+def test_depthwise_16bit():
+  # 16-bit operands run widened to float32, the output written in float32 and rounded after
+  for dtype in (jnp.bfloat16, jnp.float16):
+    lhs_shape, rhs_shape, args, kw = DW_CASES[1]
+    assert depthwise_paths(lhs_shape, rhs_shape, dtype, *args,
+                           **{"dimension_numbers": DN2, **kw}) == ["depthwise"] * 3
+    check_on_kernel(DW_CASES[1], dtype, seed=90)
+
+
+def test_depthwise_path_bounds():
+  # kernel_depthwise mirrors CksConv::depthwise(): one feature per group, one channel per
+  # group (or one batch entry per batch group), at least 8 groups, all contiguous.
+  p = lambda fgc=1, bgc=1, dn=((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)): {
+      "dimension_numbers": dn, "feature_group_count": fgc, "batch_group_count": bgc,
+      "window_strides": (1, 1), "padding": ((0, 0), (0, 0)), "lhs_dilation": (1, 1),
+      "rhs_dilation": (1, 1)}
+  assert backends.kernel_depthwise(p(fgc=8), (2, 5, 5, 8), (3, 3, 1, 8), np.float32)
+  assert backends.kernel_depthwise(p(fgc=8), (2, 5, 5, 8), (3, 3, 1, 8), jnp.bfloat16)
+  assert not backends.kernel_depthwise(p(fgc=7), (2, 5, 5, 7), (3, 3, 1, 7), np.float32)
+  assert not backends.kernel_depthwise(p(fgc=8), (2, 5, 5, 8), (3, 3, 1, 8), np.int32)
+  # a channel multiplier of 2, two channels per group, NCHW, OIHW
+  assert not backends.kernel_depthwise(p(fgc=8), (2, 5, 5, 8), (3, 3, 1, 16), np.float32)
+  assert not backends.kernel_depthwise(p(fgc=8), (2, 5, 5, 16), (3, 3, 2, 8), np.float32)
+  nchw = ((0, 1, 2, 3), (3, 2, 0, 1), (0, 1, 2, 3))
+  assert not backends.kernel_depthwise(p(fgc=8, dn=nchw), (2, 8, 5, 5), (3, 3, 1, 8), np.float32)
+  oihw = ((0, 3, 1, 2), (0, 1, 2, 3), (0, 3, 1, 2))
+  assert not backends.kernel_depthwise(p(fgc=8, dn=oihw), (2, 5, 5, 8), (8, 1, 3, 3), np.float32)
+  # the filter-gradient form: batch groups of one entry, contiguous
+  # (lhs: the input, its channels as the batch; rhs: the cotangent; out: the HWIO kernel)
+  grad = ((3, 0, 1, 2), (3, 0, 1, 2), (2, 3, 0, 1))
+  assert backends.kernel_depthwise(p(bgc=8, dn=grad), (2, 5, 5, 8), (2, 3, 3, 8), np.float32)
+  assert not backends.kernel_depthwise(p(bgc=8, dn=grad), (2, 5, 5, 16), (2, 3, 3, 8),
+                                       np.float32)
+  # Not taken (and still right): a channel multiplier of 2 runs on the GEMM
+  case = ((2, 6, 6, 8), (3, 3, 1, 16), ((1, 1), "SAME"), {"feature_group_count": 8})
+  assert "depthwise" not in depthwise_paths(case[0], case[1], np.float32, *case[2],
+                                            dimension_numbers=DN2, feature_group_count=8)
+  check_on_kernel(case, np.float32, seed=91)
+
+
+def test_depthwise_auto_stays_on_the_kernel():
+  # A depthwise layer has one feature per group, fewer than CPU_MIN_FEATURES: "auto" would
+  # send a large one to XLA (0.01-0.02x the kernel's time here), unless the depthwise path
+  # takes it. 8 x 28 x 28 x 128, 7x7: 39M multiply-adds, over CPU_MIN_MACS.
+  x, w = jnp.zeros((8, 28, 28, 128)), jnp.zeros((7, 7, 1, 128))
+  e = cks_jax.explain(x, w, (1, 1), "SAME", dimension_numbers=DN2, feature_group_count=128,
+                      gradients=True, platform="cpu")
+  for x_ in (e,) + tuple(g for _, g in e.gradients):
+    assert x_.backend == "cks-cpu" and x_.cpu_path == "depthwise", (x_.backend, x_.reason)
+  # Without it (a multiplier of 2), the rule still applies
+  e = cks_jax.explain(jnp.zeros((8, 28, 28, 64)), jnp.zeros((7, 7, 1, 128)), (1, 1), "SAME",
+                      dimension_numbers=DN2, feature_group_count=64, platform="cpu")
+  assert e.backend == "xla", e.reason
+
+
 def test_explain_names_the_kernels_path():
   # explain's cpu_path comes from the kernel's own code (CksConv::path); the case tables'
   # claims, and the Python mirrors that auto and explain's reason use, agree with it.
@@ -815,13 +922,14 @@ def test_narrower_kernels(isa):
       jax.config.update("jax_enable_x64", True)
       import numpy as np, test_kernel_paths as k
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
-      # and 3: adjacent phases fused as columns (float32)
+      # and 3: adjacent phases fused as columns (float32); DW_CASES: lane tails, no taps
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
                + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.DOT_CASES[:4]
-               + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])])
+               + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
+               + k.DW_CASES[1:3] + k.DW_CASES[-1:])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 15)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 18)]

@@ -138,7 +138,9 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     return "unavailable", str(e)
   if chosen == "ffi":
     why = f"cks FFI kernel registered for platform {platform!r}"
-    if platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
+    if platform == "cpu" and backends.kernel_depthwise(params, lhs_shape, rhs_shape, dtype):
+      why += " (depthwise path: vectorised over the groups, one feature each)"
+    elif platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
       why += " (narrow path: vectorised over the contiguous batch, not the few features)"
     elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):
       why += " (dot path: vectorised along the contiguous channels, not the few features)"
@@ -198,9 +200,10 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
       list(lhs_spec), list(rhs_spec), list(out_spec), params["feature_group_count"],
       params["batch_group_count"], in_dt, out_dt, threads)
   # The kernel's float32 copies (conv_cpu.cc, RunConv): the operands, and a
-  # 16-bit output where its dot path writes float32 in place; none on the
-  # bfloat16 pair paths (PAIRS).
-  wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32" and path == "dot" else ())
+  # 16-bit output where its dot or depthwise path writes float32 in place;
+  # none on the bfloat16 pair paths (PAIRS).
+  wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32"
+                                   and path in ("dot", "depthwise") else ())
   copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path not in PAIRS else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,

@@ -44,6 +44,7 @@
 #include "cks/dtypes.h"
 #include "cks/ffi_problem.h"
 #include "cks/plan.h"
+#include "depthwise.h"
 #include "gemm.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -252,6 +253,75 @@ struct CksConv {
            pb.lhs_c == 1 && pb.group_out() <= gemm::kDotF && pb.group_in() >= kDotMinC;
   }
 
+  // Depthwise problems run on the depthwise kernel (depthwise.h), vectorised
+  // over the groups: one output feature per group, and either one input
+  // channel per group (feature groups: a depthwise conv's forward and input
+  // gradient) or one batch entry (batch groups: its filter gradient), the
+  // groups contiguous in lhs, rhs and out (NHWC and HWIO). The GEMM would pad
+  // the one column to a panel and read each group's lane of every row.
+  static constexpr int64_t kDwMinGroups = 8;
+  bool depthwise() const {
+    if (!std::is_same<Tin, Acc>::value || !std::is_same<Tout, Acc>::value ||
+        pb.groups() < kDwMinGroups || pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
+      return false;
+    return pb.feature_groups > 1 ? pb.group_in() == 1 && pb.lhs_c == 1
+                                 : pb.out_batch() == 1 && pb.lhs_n == 1;
+  }
+  // Depthwise tasks: row blocks of kDwRows (a multiple of 4) of each
+  // sub-problem, columns [col0, col1) the groups, split in blocks of
+  // kDwLanes when that leaves fewer than kTasksPerWorker tasks per worker.
+  // A sub-problem's rows run four at a time, its last rows % 4 one at a time
+  // in four chains (depthwise.h): fixed by the shape, so the bits do not
+  // depend on the thread count.
+  static constexpr int64_t kDwRows = 64, kDwLanes = 32;
+  std::vector<Task> depthwise_tasks(int64_t workers) const {
+    const int64_t G = pb.groups();
+    int64_t blocks = 0;
+    for (const SubProblem& sp : plan.subproblems)
+      if (sp.taps > 0) blocks += (sp.rows + kDwRows - 1) / kDwRows;
+    const int64_t want = kTasksPerWorker * workers;
+    const int64_t splits = std::clamp<int64_t>((want + std::max<int64_t>(blocks, 1) - 1) /
+                                                   std::max<int64_t>(blocks, 1),
+                                               1, (G + kDwLanes - 1) / kDwLanes);
+    const int64_t width = round_up((G + splits - 1) / splits, kDwLanes);
+    std::vector<Task> ts;
+    for (int64_t s = 0; s < nsp(); ++s) {
+      const int64_t rows = plan.subproblems[s].rows;
+      for (int64_t r = 0; r < rows; r += kDwRows)
+        for (int64_t c = 0; c < G; c += width)
+          ts.push_back({s, 0, r, std::min(rows, r + kDwRows), c, std::min(G, c + width)});
+    }
+    return ts;
+  }
+  // One depthwise task. A sub-problem with no taps (outputs that read only
+  // padding) writes zeros.
+  void run_depthwise(const Task& t) const {
+    if constexpr (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) {
+    thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
+    const SubProblem& sp = plan.subproblems[t.sp];
+    row_offsets(t, lhs_row, out_row);
+    const int64_t rows = t.row1 - t.row0, n = t.col1 - t.col0;
+    Acc* const o = out + t.col0;
+    if (sp.taps == 0) {
+      for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
+      return;
+    }
+    tap_offsets(sp, tap_l, tap_r);
+    // The reduction (c, tap), c outer: the channels are one (forwards) or
+    // the batch (filter gradients), its stride the largest.
+    const dw::Red k{tap_l.data(), tap_r.data(), sp.taps, pb.group_in(), pb.lhs_c, pb.rhs_i};
+    const Acc* const a = lhs_in_acc() + t.col0;
+    const Acc* const b = rhs + t.col0;
+    const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
+    int64_t r = 0;
+    for (; r < quads; r += 4)
+      dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
+    for (; r < rows; ++r) dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
+    } else {
+      (void)t;
+    }
+  }
+
   // B packed once per phase ("phase B"). Sub-problems of one phase (one
   // Phase per dimension) read the same sub-kernel, each trimmed to its own
   // tap ranges. When the channels are the inner reduction index and there are
@@ -391,6 +461,7 @@ struct CksConv {
   // depend on the thread count.
   static constexpr int64_t kTasksPerWorker = 4;
   std::vector<Task> tasks(int64_t workers) const {
+    if (depthwise()) return depthwise_tasks(workers);
     if (narrow()) return narrow_tasks(workers);
     if (interleaves_taps()) return tap_tasks(workers);
     const bool fused = fuses_phases(), fc = fuses_columns();
@@ -1767,6 +1838,7 @@ struct CksConv {
 
   // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
   const char* path() const {
+    if (depthwise()) return "depthwise";
     if (narrow()) return pb.group_out() <= gemm::kNarrowF ? "narrow" : "row-vectorised";
     if (fuses_phases()) return "gemm, phases fused";
     if (fuses_columns()) return "gemm, adjacent phases fused";
@@ -1778,6 +1850,15 @@ struct CksConv {
   // the thread-local buffers of the largest tasks (on every thread that may
   // run tasks: the pool's and the caller's).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
+    if (depthwise()) {  // row and tap offsets: nothing shared
+      *shared = 0;
+      *per_thread = 0;
+      for (const Task& t : tasks(workers))
+        *per_thread = std::max(*per_thread, 2 * static_cast<int64_t>(sizeof(int64_t)) *
+                                                (round_up(t.row1 - t.row0, MR) +
+                                                 plan.subproblems[t.sp].taps));
+      return;
+    }
     const SharedB sb = shared_b();
     *shared = sb.elements() * static_cast<int64_t>(sizeof(Acc)) +
               (fuses_phases() ? nsp() * pb.group_out() / NR * static_cast<int64_t>(sizeof(int64_t))
@@ -1789,6 +1870,11 @@ struct CksConv {
   }
 
   void run_all(ffi::ThreadPool* pool) const {
+    if (depthwise()) {
+      const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
+      parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) { run_depthwise(ts[i]); });
+      return;
+    }
     const int64_t G = pb.groups();
     // Pass 1: pack B once per phase (phase_b), or else once per sub-problem
     // with three row blocks or more (shares_b), if it all fits. Other tasks
@@ -2291,12 +2377,13 @@ template <typename Tin>
 constexpr bool kWidened = sizeof(Tin) == 2;
 
 // Whether RunConv writes a float32 copy of a 16-bit output and rounds it
-// after: where the float32 kernel takes its dot path, which writes float32 in
-// place. ScratchOf asks too.
+// after: where the float32 kernel takes its dot or depthwise path, which
+// write float32 in place. ScratchOf asks too.
 template <typename Tin, typename Tout>
 bool widened_output(const ConvProblem& pb, const Plan& plan) {
   if constexpr (!kWidened<Tin> || std::is_same<Tout, float>::value) return false;
-  return CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.dot();
+  const CksConv<float, float, float> conv{pb, plan, nullptr, nullptr, nullptr};
+  return conv.dot() || conv.depthwise();
 }
 
 // The float32 copies of one call's 16-bit operands (and output, on the dot
