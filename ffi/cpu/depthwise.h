@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -48,98 +49,156 @@ void rows_portable(const T* a, const int64_t* arow, const T* b, const Red& k, T*
 }
 
 #ifdef CKS_X86_AVX2
-// Masked loads and stores of the first m lanes of a vector (m may be 0 or
-// past the vector: clamped); masked-off lanes are neither read nor written.
-#define CKS_DW512 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
-CKS_DW512 __mmask16 dw_mask16(int64_t m) {
-  return m >= 16 ? __mmask16(0xFFFF) : m <= 0 ? __mmask16(0) : __mmask16((1u << m) - 1);
-}
-CKS_DW512 __m512 dw_zload(const float* p, int64_t m) {
-  return _mm512_maskz_loadu_ps(dw_mask16(m), p);
-}
-CKS_DW512 __m512d dw_zload(const double* p, int64_t m) {
-  return _mm512_maskz_loadu_pd(static_cast<__mmask8>(dw_mask16(std::min<int64_t>(m, 8))), p);
-}
-CKS_DW512 void dw_zstore(float* p, __m512 v, int64_t m) {
-  _mm512_mask_storeu_ps(p, dw_mask16(m), v);
-}
-CKS_DW512 void dw_zstore(double* p, __m512d v, int64_t m) {
-  _mm512_mask_storeu_pd(p, static_cast<__mmask8>(dw_mask16(std::min<int64_t>(m, 8))), v);
-}
-
-#define CKS_DW256 __attribute__((target("avx2,fma"), always_inline)) inline
-CKS_DW256 __m256i dw_mask32(int64_t m) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(m, 0, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-CKS_DW256 __m256i dw_mask64(int64_t m) {
-  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::clamp<int64_t>(m, 0, 4)),
-                            _mm256_setr_epi64x(0, 1, 2, 3));
-}
-CKS_DW256 __m256 dw_vload(const float* p, int64_t m) { return _mm256_maskload_ps(p, dw_mask32(m)); }
-CKS_DW256 __m256d dw_vload(const double* p, int64_t m) {
-  return _mm256_maskload_pd(p, dw_mask64(m));
-}
-CKS_DW256 void dw_vstore(float* p, __m256 v, int64_t m) { _mm256_maskstore_ps(p, dw_mask32(m), v); }
-CKS_DW256 void dw_vstore(double* p, __m256d v, int64_t m) {
-  _mm256_maskstore_pd(p, dw_mask64(m), v);
-}
-
-// The SIMD body for one ISA: lanes in blocks of two vectors (2 L), the last
-// block masked. Ops: load(p, m), store(p, v, m), fma, add, as above.
-#define CKS_DW_STEP(Q, U, LOAD, FMA, L)                                                                \
-  {                                                                                        \
-    const V b0 = LOAD(bc + k.kb[Q], m0), b1 = LOAD(bc + k.kb[Q] + (L), m1);                \
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                  \
-      acc[r][U][0] = FMA(LOAD(ac[r] + k.ka[Q], m0), b0, acc[r][U][0]);                     \
-      acc[r][U][1] = FMA(LOAD(ac[r] + k.ka[Q] + (L), m1), b1, acc[r][U][1]);               \
-    }                                                                                      \
+// Vector operations of one ISA and element type, for CKS_DW_CHUNK: L lanes,
+// masks of the first m lanes (m clamped to [0, L]; masked-off lanes are
+// neither read nor written).
+#define CKS_DW512 static __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+#define CKS_DW256 static __attribute__((target("avx2,fma"), always_inline)) inline
+struct Z512F {
+  using T = float;
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int L = 16;
+  CKS_DW512 M mask(int64_t m) {
+    return m >= L ? M(0xFFFF) : m <= 0 ? M(0) : M((1u << m) - 1);
   }
+  CKS_DW512 V zero() { return _mm512_setzero_ps(); }
+  CKS_DW512 V load(const T* p) { return _mm512_loadu_ps(p); }
+  CKS_DW512 V load(const T* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  CKS_DW512 V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  CKS_DW512 V add(V a, V b) { return _mm512_add_ps(a, b); }
+  CKS_DW512 void store(T* p, V v) { _mm512_storeu_ps(p, v); }
+  CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+};
+struct Z512D {
+  using T = double;
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int L = 8;
+  CKS_DW512 M mask(int64_t m) { return m >= L ? M(0xFF) : m <= 0 ? M(0) : M((1u << m) - 1); }
+  CKS_DW512 V zero() { return _mm512_setzero_pd(); }
+  CKS_DW512 V load(const T* p) { return _mm512_loadu_pd(p); }
+  CKS_DW512 V load(const T* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
+  CKS_DW512 V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  CKS_DW512 V add(V a, V b) { return _mm512_add_pd(a, b); }
+  CKS_DW512 void store(T* p, V v) { _mm512_storeu_pd(p, v); }
+  CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_pd(p, m, v); }
+};
+struct Y256F {
+  using T = float;
+  using V = __m256;
+  using M = __m256i;
+  static constexpr int L = 8;
+  CKS_DW256 M mask(int64_t m) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(m, 0, L))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  CKS_DW256 V zero() { return _mm256_setzero_ps(); }
+  CKS_DW256 V load(const T* p) { return _mm256_loadu_ps(p); }
+  CKS_DW256 V load(const T* p, M m) { return _mm256_maskload_ps(p, m); }
+  CKS_DW256 V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  CKS_DW256 V add(V a, V b) { return _mm256_add_ps(a, b); }
+  CKS_DW256 void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+  CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_ps(p, m, v); }
+};
+struct Y256D {
+  using T = double;
+  using V = __m256d;
+  using M = __m256i;
+  static constexpr int L = 4;
+  CKS_DW256 M mask(int64_t m) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::clamp<int64_t>(m, 0, L)),
+                              _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  CKS_DW256 V zero() { return _mm256_setzero_pd(); }
+  CKS_DW256 V load(const T* p) { return _mm256_loadu_pd(p); }
+  CKS_DW256 V load(const T* p, M m) { return _mm256_maskload_pd(p, m); }
+  CKS_DW256 V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  CKS_DW256 V add(V a, V b) { return _mm256_add_pd(a, b); }
+  CKS_DW256 void store(T* p, V v) { _mm256_storeu_pd(p, v); }
+  CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_pd(p, m, v); }
+};
+#undef CKS_DW512
+#undef CKS_DW256
 
-#define CKS_DW_BODY(LOAD, STORE, FMA, ADD, L)                                              \
-  for (int64_t i = 0; i < n; i += 2 * (L)) {                                               \
-    const int64_t m0 = n - i, m1 = n - i - (L);                                             \
-    V acc[R][S][2];                                                                        \
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
-        _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = V{}; \
-    for (int64_t c = 0; c < k.nc; ++c) {                                                   \
-      const T* bc = b + c * k.cb + i;                                                      \
-      const T* ac[R];                                                                      \
-      _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) ac[r] = a + arow[r] + c * k.ca + i; \
-      int64_t q = 0;                                                                       \
-      for (; q + S <= k.nk; q += S) {                                                      \
-        _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) CKS_DW_STEP(q + u, u, LOAD, FMA, L)          \
-      }                                                                                    \
-      _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) if (q + u < k.nk) CKS_DW_STEP(q + u, u, LOAD, FMA, L) \
-    }                                                                                      \
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                  \
-      _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) {                                \
-        V sum = acc[r][0][h];                                                              \
-        _Pragma("GCC unroll 4") for (int u = 1; u < S; ++u) sum = ADD(sum, acc[r][u][h]);  \
-        STORE(out + orow[r] + i + h * (L), sum, h == 0 ? m0 : m1);                          \
-      }                                                                                    \
-    }                                                                                      \
+// One block of 2 L lanes from lane i (whole vectors where FULL, else the
+// first m lanes, masked) of R rows with S chains each. A macro, stamped
+// into one function per ISA (each with its own target attribute).
+#define CKS_DW_CHUNK(I, FULL)                                                                  \
+  {                                                                                            \
+    using V = typename I::V;                                                                   \
+    constexpr int L = I::L;                                                                    \
+    const typename I::M k0 = I::mask(m), k1 = I::mask(m - L);                                  \
+    V acc[R][S][2];                                                                            \
+    for (int r = 0; r < R; ++r)                                                                \
+      for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = I::zero();                     \
+    const int64_t* const ka = k.ka;                                                            \
+    const int64_t* const kb = k.kb;                                                            \
+    const int64_t nk = k.nk;                                                                   \
+    for (int64_t c = 0; c < k.nc; ++c) {                                                       \
+      const T* const bc = b + c * k.cb + i;                                                    \
+      const T* ac[R];                                                                          \
+      for (int r = 0; r < R; ++r) ac[r] = a + arow[r] + c * k.ca + i;                          \
+      for (int64_t q = 0; q < nk; q += S) {                                                    \
+        _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) {                                  \
+          if (S > 1 && q + u >= nk) break;                                                     \
+          const T* const bp = bc + kb[q + u];                                                  \
+          const V b0 = FULL ? I::load(bp) : I::load(bp, k0);                                   \
+          const V b1 = FULL ? I::load(bp + L) : I::load(bp + L, k1);                           \
+          const int64_t o = ka[q + u];                                                         \
+          _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                \
+            const T* const ap = ac[r] + o;                                                     \
+            acc[r][u][0] = I::fma(FULL ? I::load(ap) : I::load(ap, k0), b0, acc[r][u][0]);     \
+            acc[r][u][1] = I::fma(FULL ? I::load(ap + L) : I::load(ap + L, k1), b1,            \
+                                  acc[r][u][1]);                                               \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+    for (int r = 0; r < R; ++r)                                                                \
+      for (int h = 0; h < 2; ++h) {                                                            \
+        V sum = acc[r][0][h];                                                                  \
+        for (int u = 1; u < S; ++u) sum = I::add(sum, acc[r][u][h]);                           \
+        T* const op = out + orow[r] + i + h * L;                                               \
+        if (FULL)                                                                              \
+          I::store(op, sum);                                                                   \
+        else                                                                                   \
+          I::store(op, sum, h == 0 ? k0 : k1);                                                 \
+      }                                                                                        \
   }
 
 template <int R, int S, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const int64_t* arow,
                                                                const T* b, const Red& k, T* out,
                                                                const int64_t* orow, int64_t n) {
-  using V = decltype(gemm::zload(a));
-  CKS_DW_BODY(dw_zload, dw_zstore, gemm::zfma, gemm::zadd, int64_t{64 / sizeof(T)})
+  using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
+  int64_t i = 0;
+  for (; i + 2 * I::L <= n; i += 2 * I::L) {
+    const int64_t m = 2 * I::L;
+    CKS_DW_CHUNK(I, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_CHUNK(I, false)
+  }
 }
 
 template <int R, int S, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n) {
-  using V = decltype(gemm::vload(a));
-  CKS_DW_BODY(dw_vload, dw_vstore, gemm::vfma, gemm::vadd, int64_t{32 / sizeof(T)})
+  using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
+  int64_t i = 0;
+  for (; i + 2 * I::L <= n; i += 2 * I::L) {
+    const int64_t m = 2 * I::L;
+    CKS_DW_CHUNK(I, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_CHUNK(I, false)
+  }
 }
-#undef CKS_DW_BODY
-#undef CKS_DW_STEP
-#undef CKS_DW512
-#undef CKS_DW256
+#undef CKS_DW_CHUNK
 #endif
 
 // Rows [0, R) of a block (see the top of this file) on the kernel's ISA.
