@@ -785,7 +785,7 @@ def depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **kw):
 # output feature per group, as many groups as channels). The forward, the input gradient and
 # the filter gradient (batch groups of one entry) all run on the depthwise path, vectorised over
 # the groups in blocks of 2 vectors; a sub-problem's rows run four at a time, its last rows % 4
-# one at a time (depthwise.h).
+# one at a time (depthwise.h), four rows of a stride-1 undilated forward as sliding windows.
 DW_CASES = [
     # 3x3 SAME, 16 channels (one AVX-512 vector of floats, two of doubles); 9 x 11 maps: the
     # interior's 126 rows end in a tail of 2
@@ -922,14 +922,15 @@ def test_narrower_kernels(isa):
       jax.config.update("jax_enable_x64", True)
       import numpy as np, test_kernel_paths as k
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
-      # and 3: adjacent phases fused as columns (float32); DW_CASES: lane tails, no taps
+      # and 3: adjacent phases fused as columns (float32); DW_CASES: sliding rows (0, 4), lane
+      # tails, no taps
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
                + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
-               + k.DW_CASES[1:3] + k.DW_CASES[-1:])
+               + k.DW_CASES[:3] + k.DW_CASES[4:5] + k.DW_CASES[-1:])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 18)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 20)]

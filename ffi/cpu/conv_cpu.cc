@@ -314,8 +314,10 @@ struct CksConv {
     const Acc* const b = rhs + t.col0;
     const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
     int64_t r = 0;
+    const int64_t tl = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;  // a run of taps
     for (; r < quads; r += 4)
-      dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
+      if (!dw::slide4(a, lhs_row.data() + r, b, k, tl, o, out_row.data() + r, n))
+        dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
     for (; r < rows; ++r) dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
     } else {
       (void)t;

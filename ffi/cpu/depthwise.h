@@ -199,7 +199,127 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
   }
 }
 #undef CKS_DW_CHUNK
+
+// Sliding rows: R rows whose lhs offsets step by rs, over taps that come in
+// runs of TL (the last dimension's) whose offsets step by rs too (a stride-1
+// undilated forward: row r's tap t reads the position of row r + t's tap 0).
+// Each run's R + TL - 1 input vectors are loaded once instead of R x TL
+// times. One chain per row, taps in order: the same FMAs as rows<R, 1>.
+// NV vectors of lanes per block (as many as the registers allow).
+#define CKS_DW_SLIDE(I, NV, FULL)                                                              \
+  {                                                                                            \
+    using V = typename I::V;                                                                   \
+    constexpr int L = I::L;                                                                    \
+    typename I::M mk[NV];                                                                      \
+    for (int v = 0; v < NV; ++v) mk[v] = I::mask(m - v * L);                                   \
+    V acc[R][NV];                                                                              \
+    for (int r = 0; r < R; ++r)                                                                \
+      for (int v = 0; v < NV; ++v) acc[r][v] = I::zero();                                      \
+    for (int64_t c = 0; c < k.nc; ++c) {                                                       \
+      const T* const arc = a + arow0 + c * k.ca + i;                                           \
+      const T* const bc = b + c * k.cb + i;                                                    \
+      for (int64_t q = 0; q < k.nk; q += TL) {                                                 \
+        const T* const ap = arc + k.ka[q];                                                     \
+        V w[R + TL - 1][NV];                                                                   \
+        _Pragma("GCC unroll 16") for (int j = 0; j < R + TL - 1; ++j)                          \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) w[j][v] =                     \
+            FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]);         \
+        _Pragma("GCC unroll 8") for (int t = 0; t < TL; ++t) {                                 \
+          const T* const bp = bc + k.kb[q + t];                                                \
+          V bv[NV];                                                                            \
+          _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) bv[v] =                         \
+              FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);                         \
+          _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                  \
+              _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) acc[r][v] =                 \
+              I::fma(w[r + t][v], bv[v], acc[r][v]);                                           \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+    for (int r = 0; r < R; ++r)                                                                \
+      for (int v = 0; v < NV; ++v) {                                                           \
+        T* const op = out + orow[r] + i + v * L;                                               \
+        if (FULL)                                                                              \
+          I::store(op, acc[r][v]);                                                             \
+        else                                                                                   \
+          I::store(op, acc[r][v], mk[v]);                                                      \
+      }                                                                                        \
+  }
+
+template <int R, int TL, typename T>
+__attribute__((target("avx512f,avx2,fma"))) void slide_avx512(const T* a, int64_t arow0,
+                                                                int64_t rs, const T* b,
+                                                                const Red& k, T* out,
+                                                                const int64_t* orow, int64_t n) {
+  using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
+  constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
+  int64_t i = 0;
+  for (; i + NV * I::L <= n; i += NV * I::L) {
+    const int64_t m = NV * I::L;
+    CKS_DW_SLIDE(I, NV, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_SLIDE(I, NV, false)
+  }
+}
+
+template <int R, int TL, typename T>
+__attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, int64_t rs,
+                                                    const T* b, const Red& k, T* out,
+                                                    const int64_t* orow, int64_t n) {
+  using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
+  int64_t i = 0;
+  for (; i + I::L <= n; i += I::L) {
+    const int64_t m = I::L;
+    CKS_DW_SLIDE(I, 1, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_SLIDE(I, 1, false)
+  }
+}
+#undef CKS_DW_SLIDE
 #endif
+
+// The largest run of taps the sliding kernel takes (its windows: R + TL - 1
+// vectors per lane vector).
+constexpr int64_t kSlideMaxTL = 7;
+
+// Rows [0, 4) as rows<4, 1> computes them, where their lhs offsets and the
+// taps' runs of tl step by the same rs (see CKS_DW_SLIDE) on a SIMD ISA;
+// returns false (nothing done) elsewhere.
+template <typename T>
+bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, int64_t tl, T* out,
+            const int64_t* orow, int64_t n) {
+#ifdef CKS_X86_AVX2
+  const int isa = gemm::gemm_isa();
+  if (isa == 0 || tl < 2 || tl > kSlideMaxTL || k.nk % tl != 0) return false;
+  const int64_t rs = arow[1] - arow[0];
+  if (arow[2] - arow[1] != rs || arow[3] - arow[2] != rs || k.ka[1] - k.ka[0] != rs) return false;
+  for (int64_t q = 0; q < k.nk; q += tl)
+    for (int64_t t = 1; t < tl; ++t)
+      if (k.ka[q + t] - k.ka[q + t - 1] != rs) return false;
+  auto run = [&](auto tag) {
+    constexpr int TL = decltype(tag)::value;
+    if (isa == 2)
+      slide_avx512<4, TL>(a, arow[0], rs, b, k, out, orow, n);
+    else
+      slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n);
+  };
+  switch (tl) {
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    default: run(std::integral_constant<int, 7>{}); break;
+  }
+  return true;
+#else
+  (void)a, (void)arow, (void)b, (void)k, (void)tl, (void)out, (void)orow, (void)n;
+  return false;
+#endif
+}
 
 // Rows [0, R) of a block (see the top of this file) on the kernel's ISA.
 template <int R, int S, typename T>
