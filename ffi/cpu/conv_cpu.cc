@@ -274,16 +274,50 @@ struct CksConv {
   // in four chains (depthwise.h): fixed by the shape, so the bits do not
   // depend on the thread count.
   static constexpr int64_t kDwRows = 64, kDwLanes = 32;
+  // Lane blocks of a set of tasks: splits of the G groups, as many as
+  // leave kTasksPerWorker tasks per worker (with `base` tasks per block).
+  int64_t dw_width(int64_t base, int64_t workers) const {
+    const int64_t G = pb.groups(), want = kTasksPerWorker * workers;
+    base = std::max<int64_t>(base, 1);
+    const int64_t splits = std::clamp<int64_t>((want + base - 1) / base, 1,
+                                               (G + kDwLanes - 1) / kDwLanes);
+    return round_up((G + splits - 1) / splits, kDwLanes);
+  }
+  // A depthwise filter gradient (batch groups) reduces over the batch
+  // entries c (Cg of them) and the cotangent's positions. Its sub-problems
+  // are the kernel's taps, a few rows each, so tasks by sub-problem would
+  // each read all of the input and cotangent (from L3 for a 3x3's nine
+  // taps). Instead each task takes a chunk of the entries and runs every
+  // sub-problem on them, entry after entry within a sub-problem, so that
+  // an entry's lanes stay in L2 across the taps. Chunk q sums its entries
+  // in order into its own copy of the output (partial q: see
+  // run_depthwise_entries), and the copies are added in order of q. The
+  // chunks (dw_chunks) depend on the shape only: the same bits on any
+  // number of threads.
+  static constexpr int64_t kDwMaxChunks = 64, kDwPartialBytes = int64_t{8} << 20;
+  bool dw_entries() const { return depthwise() && pb.batch_groups > 1 && pb.group_in() > 1; }
+  int64_t dw_chunks() const {
+    return std::clamp<int64_t>(std::min(kDwMaxChunks, kDwPartialBytes / std::max<int64_t>(
+                                                                              out_bytes(), 1)),
+                               1, pb.group_in());
+  }
   std::vector<Task> depthwise_tasks(int64_t workers) const {
     const int64_t G = pb.groups();
+    if (dw_entries()) {  // (chunk q of entries [row0, row1), lanes [col0, col1)), q in j0
+      const int64_t nq = dw_chunks(), Cg = pb.group_in(), width = dw_width(nq, workers);
+      std::vector<Task> ts;
+      for (int64_t q = 0; q < nq; ++q)
+        for (int64_t c = 0; c < G; c += width) {
+          Task t{0, 0, q * Cg / nq, (q + 1) * Cg / nq, c, std::min(G, c + width), q, q + 1};
+          t.all_taps = true;
+          ts.push_back(t);
+        }
+      return ts;
+    }
     int64_t blocks = 0;
     for (const SubProblem& sp : plan.subproblems)
       if (sp.taps > 0) blocks += (sp.rows + kDwRows - 1) / kDwRows;
-    const int64_t want = kTasksPerWorker * workers;
-    const int64_t splits = std::clamp<int64_t>((want + std::max<int64_t>(blocks, 1) - 1) /
-                                                   std::max<int64_t>(blocks, 1),
-                                               1, (G + kDwLanes - 1) / kDwLanes);
-    const int64_t width = round_up((G + splits - 1) / splits, kDwLanes);
+    const int64_t width = dw_width(blocks, workers);
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
       const int64_t rows = plan.subproblems[s].rows;
@@ -292,6 +326,18 @@ struct CksConv {
           ts.push_back({s, 0, r, std::min(rows, r + kDwRows), c, std::min(G, c + width)});
     }
     return ts;
+  }
+  // The depthwise kernel's reduction of sub-problem sp over nc channels:
+  // runs of its taps along the last dimension (tap_offsets' run starts in
+  // tap_l and tap_r), steps as tap_offsets takes them.
+  dw::Red dw_red(const SubProblem& sp, std::vector<int64_t>& tap_l, std::vector<int64_t>& tap_r,
+                 int64_t nc) const {
+    tap_offsets(sp, tap_l, tap_r, true);
+    const int last = pb.nd - 1;
+    const Phase& ph = *sp.phase[last];
+    return dw::Red{tap_l.data(), tap_r.data(), static_cast<int64_t>(tap_l.size()),
+                   sp.seg[last].t_hi - sp.seg[last].t_lo, ph.tstride * pb.lhs_sp[last],
+                   ph.kstep * pb.rhs_sp[last], nc, pb.lhs_c, pb.rhs_i};
   }
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
@@ -306,21 +352,52 @@ struct CksConv {
       for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
       return;
     }
-    tap_offsets(sp, tap_l, tap_r);
     // The reduction (c, tap), c outer: the channels are one (forwards) or
     // the batch (filter gradients), its stride the largest.
-    const dw::Red k{tap_l.data(), tap_r.data(), sp.taps, pb.group_in(), pb.lhs_c, pb.rhs_i};
+    const dw::Red k = dw_red(sp, tap_l, tap_r, pb.group_in());
     const Acc* const a = lhs_in_acc() + t.col0;
     const Acc* const b = rhs + t.col0;
     const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
     int64_t r = 0;
-    const int64_t tl = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;  // a run of taps
     for (; r < quads; r += 4)
-      if (!dw::slide4(a, lhs_row.data() + r, b, k, tl, o, out_row.data() + r, n))
+      if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n))
         dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
     for (; r < rows; ++r) dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
     } else {
       (void)t;
+    }
+  }
+  // One task of a depthwise filter gradient (dw_entries): every sub-problem
+  // on entries [t.row0, t.row1), lanes [t.col0, t.col1), into `part`
+  // (the output's layout): entry c's sum is added to those before it.
+  void run_depthwise_entries(const Task& t, Acc* part) const {
+    if constexpr (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) {
+      thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
+      const int64_t n = t.col1 - t.col0;
+      Acc* const o = part + t.col0;
+      for (int64_t s = 0; s < nsp(); ++s) {
+        const SubProblem& sp = plan.subproblems[s];
+        const int64_t rows = sp.rows;
+        row_offsets(Task{s, 0, 0, rows, 0, 0}, lhs_row, out_row);
+        if (sp.taps == 0) {
+          for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
+          continue;
+        }
+        const dw::Red k = dw_red(sp, tap_l, tap_r, 1);
+        const int64_t quads = rows / 4 * 4;
+        for (int64_t c = t.row0; c < t.row1; ++c) {
+          const Acc* const a = lhs_in_acc() + t.col0 + c * pb.lhs_c;
+          const Acc* const b = rhs + t.col0 + c * pb.rhs_i;
+          const bool add = c > t.row0;
+          int64_t r = 0;
+          for (; r < quads; r += 4)
+            dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, add);
+          for (; r < rows; ++r)
+            dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, add);
+        }
+      }
+    } else {
+      (void)t, (void)part;
     }
   }
 
@@ -1852,13 +1929,21 @@ struct CksConv {
   // the thread-local buffers of the largest tasks (on every thread that may
   // run tasks: the pool's and the caller's).
   void scratch(int64_t workers, int64_t* shared, int64_t* per_thread) const {
-    if (depthwise()) {  // row and tap offsets: nothing shared
+    if (depthwise()) {  // row and tap offsets, and the entry chunks' partial outputs
+      constexpr int64_t I = sizeof(int64_t);
       *shared = 0;
       *per_thread = 0;
+      if (dw_entries()) {
+        const int64_t nq = dw_chunks();
+        *shared = nq > 1 ? nq * out_bytes() : 0;
+        for (const SubProblem& sp : plan.subproblems)
+          *per_thread = std::max(*per_thread, 2 * I * (round_up(sp.rows, MR) +
+                                                       tap_entries(sp, true)));
+        return;
+      }
       for (const Task& t : tasks(workers))
-        *per_thread = std::max(*per_thread, 2 * static_cast<int64_t>(sizeof(int64_t)) *
-                                                (round_up(t.row1 - t.row0, MR) +
-                                                 plan.subproblems[t.sp].taps));
+        *per_thread = std::max(*per_thread, 2 * I * (round_up(t.row1 - t.row0, MR) +
+                                                     tap_entries(plan.subproblems[t.sp], true)));
       return;
     }
     const SharedB sb = shared_b();
@@ -1874,7 +1959,30 @@ struct CksConv {
   void run_all(ffi::ThreadPool* pool) const {
     if (depthwise()) {
       const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
-      parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) { run_depthwise(ts[i]); });
+      if (!dw_entries()) {
+        parallel_for(pool, static_cast<int64_t>(ts.size()),
+                     [&](int64_t i) { run_depthwise(ts[i]); });
+        return;
+      }
+      if constexpr (std::is_same<Tout, Acc>::value) {
+        // Partial outputs of the entry chunks (the first straight into out
+        // when it is the only one), then their sum in chunk order.
+        const int64_t nq = dw_chunks(), E = out_bytes() / static_cast<int64_t>(sizeof(Tout));
+        std::vector<Acc> part(nq > 1 ? nq * E : 0);
+        parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
+          run_depthwise_entries(ts[i], nq > 1 ? part.data() + ts[i].j0 * E : out);
+        });
+        if (nq > 1) {
+          constexpr int64_t kChunk = 4096;
+          parallel_for(pool, (E + kChunk - 1) / kChunk, [&](int64_t u) {
+            for (int64_t e = u * kChunk; e < std::min(E, (u + 1) * kChunk); ++e) {
+              Acc v = part[e];
+              for (int64_t q = 1; q < nq; ++q) v += part[q * E + e];
+              out[e] = v;
+            }
+          });
+        }
+      }
       return;
     }
     const int64_t G = pb.groups();

@@ -4,13 +4,16 @@
 // the groups, which are contiguous in all three operands. The GEMM would
 // multiply a 1-column B padded to a whole panel, group after group.
 //
-// Rows [0, R) of a block, lanes (groups) i < n:
-//   out[orow[r] + i] = sum over c < nc, k < nk of
-//                      a[arow[r] + c * ca + ka[k] + i] * b[c * cb + kb[k] + i]
-// Each lane's sum runs in S chains: index k into chain k % S (restarting at
-// every c), the chains added in order at the end, so that R x S chains per
-// vector hide the FMA latency. Every ISA runs the same fused multiply-adds in
-// the same order per lane, so the same bits whatever the vector width.
+// Rows [0, R) of a block, lanes (groups) i < n (out[...] + the sum where add):
+//   out[orow[r] + i] = sum over c < nc, runs j < nruns, q < len of
+//       a[arow[r] + c * ca + ra[j] + q * sa + i] * b[c * cb + rb[j] + q * sb + i]
+// The reduction's taps come as runs along the last spatial dimension, with
+// constant steps (no table of every tap: a filter gradient's taps are the
+// cotangent's positions). Each lane's sum runs in S chains: index q of a
+// run into chain q % S, the chains added in order at the end, so that R x S
+// chains per vector hide the FMA latency. Every ISA runs the same fused
+// multiply-adds in the same order per lane: the same bits whatever the
+// vector width.
 #pragma once
 
 #include <algorithm>
@@ -24,27 +27,28 @@ namespace cks {
 namespace dw {
 
 struct Red {
-  const int64_t* ka;  // a offset of tap k (relative to a row's)
-  const int64_t* kb;  // b offset of tap k
-  int64_t nk;         // taps
-  int64_t nc, ca, cb;  // channels (outer) and their a and b strides
+  const int64_t* ra;  // a offset of run j's first tap (relative to a row's)
+  const int64_t* rb;  // b offset of run j's first tap
+  int64_t nruns, len, sa, sb;  // runs, taps per run, a and b steps along a run
+  int64_t nc, ca, cb;          // channels (outer) and their a and b strides
 };
 
 template <int R, int S, typename T>
 void rows_portable(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
-                   const int64_t* orow, int64_t n) {
+                   const int64_t* orow, int64_t n, bool add) {
   for (int64_t i = 0; i < n; ++i)
     for (int r = 0; r < R; ++r) {
       T acc[S] = {};
-      for (int64_t c = 0; c < k.nc; ++c) {
-        const T* ap = a + arow[r] + c * k.ca + i;
-        const T* bp = b + c * k.cb + i;
-        for (int64_t q = 0; q < k.nk; ++q)
-          acc[q % S] = std::fma(ap[k.ka[q]], bp[k.kb[q]], acc[q % S]);
-      }
+      for (int64_t c = 0; c < k.nc; ++c)
+        for (int64_t j = 0; j < k.nruns; ++j) {
+          const T* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
+          const T* bp = b + c * k.cb + k.rb[j] + i;
+          for (int64_t q = 0; q < k.len; ++q)
+            acc[q % S] = std::fma(ap[q * k.sa], bp[q * k.sb], acc[q % S]);
+        }
       T sum = acc[0];
       for (int u = 1; u < S; ++u) sum += acc[u];
-      out[orow[r] + i] = sum;
+      out[orow[r] + i] = add ? out[orow[r] + i] + sum : sum;
     }
 }
 
@@ -132,34 +136,34 @@ struct Y256D {
     V acc[R][S][2];                                                                            \
     for (int r = 0; r < R; ++r)                                                                \
       for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = I::zero();                     \
-    const int64_t* const ka = k.ka;                                                            \
-    const int64_t* const kb = k.kb;                                                            \
-    const int64_t nk = k.nk;                                                                   \
-    for (int64_t c = 0; c < k.nc; ++c) {                                                       \
-      const T* const bc = b + c * k.cb + i;                                                    \
-      const T* ac[R];                                                                          \
-      for (int r = 0; r < R; ++r) ac[r] = a + arow[r] + c * k.ca + i;                          \
-      for (int64_t q = 0; q < nk; q += S) {                                                    \
-        _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) {                                  \
-          if (S > 1 && q + u >= nk) break;                                                     \
-          const T* const bp = bc + kb[q + u];                                                  \
-          const V b0 = FULL ? I::load(bp) : I::load(bp, k0);                                   \
-          const V b1 = FULL ? I::load(bp + L) : I::load(bp + L, k1);                           \
-          const int64_t o = ka[q + u];                                                         \
-          _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                \
-            const T* const ap = ac[r] + o;                                                     \
-            acc[r][u][0] = I::fma(FULL ? I::load(ap) : I::load(ap, k0), b0, acc[r][u][0]);     \
-            acc[r][u][1] = I::fma(FULL ? I::load(ap + L) : I::load(ap + L, k1), b1,            \
-                                  acc[r][u][1]);                                               \
+    const int64_t len = k.len, sa = k.sa, sb = k.sb;                                           \
+    for (int64_t c = 0; c < k.nc; ++c)                                                         \
+      for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
+        const T* bp = b + c * k.cb + k.rb[j] + i;                                              \
+        const T* ap[R];                                                                        \
+        for (int r = 0; r < R; ++r) ap[r] = a + arow[r] + c * k.ca + k.ra[j] + i;              \
+        for (int64_t q = 0; q < len; q += S) {                                                 \
+          _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) {                                \
+            if (S > 1 && q + u >= len) break;                                                  \
+            const V b0 = FULL ? I::load(bp) : I::load(bp, k0);                                 \
+            const V b1 = FULL ? I::load(bp + L) : I::load(bp + L, k1);                         \
+            bp += sb;                                                                          \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                              \
+              acc[r][u][0] = I::fma(FULL ? I::load(ap[r]) : I::load(ap[r], k0), b0,            \
+                                    acc[r][u][0]);                                             \
+              acc[r][u][1] = I::fma(FULL ? I::load(ap[r] + L) : I::load(ap[r] + L, k1), b1,    \
+                                    acc[r][u][1]);                                             \
+              ap[r] += sa;                                                                     \
+            }                                                                                  \
           }                                                                                    \
         }                                                                                      \
       }                                                                                        \
-    }                                                                                          \
     for (int r = 0; r < R; ++r)                                                                \
       for (int h = 0; h < 2; ++h) {                                                            \
         V sum = acc[r][0][h];                                                                  \
         for (int u = 1; u < S; ++u) sum = I::add(sum, acc[r][u][h]);                           \
         T* const op = out + orow[r] + i + h * L;                                               \
+        if (add) sum = I::add(FULL ? I::load(op) : I::load(op, h == 0 ? k0 : k1), sum);         \
         if (FULL)                                                                              \
           I::store(op, sum);                                                                   \
         else                                                                                   \
@@ -170,7 +174,8 @@ struct Y256D {
 template <int R, int S, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const int64_t* arow,
                                                                const T* b, const Red& k, T* out,
-                                                               const int64_t* orow, int64_t n) {
+                                                               const int64_t* orow, int64_t n,
+                                                               bool add) {
   using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
@@ -186,7 +191,7 @@ __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const i
 template <int R, int S, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
-                                                   int64_t n) {
+                                                   int64_t n, bool add) {
   using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
@@ -200,9 +205,9 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
 }
 #undef CKS_DW_CHUNK
 
-// Sliding rows: R rows whose lhs offsets step by rs, over taps that come in
-// runs of TL (the last dimension's) whose offsets step by rs too (a stride-1
-// undilated forward: row r's tap t reads the position of row r + t's tap 0).
+// Sliding rows: R rows whose lhs offsets step by rs, over runs of TL taps
+// whose a step is rs too (a stride-1 undilated forward: row r's tap t reads
+// the position of row r + t's tap 0).
 // Each run's R + TL - 1 input vectors are loaded once instead of R x TL
 // times. One chain per row, taps in order: the same FMAs as rows<R, 1>.
 // NV vectors of lanes per block (as many as the registers allow).
@@ -218,14 +223,14 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
       const T* const arc = a + arow0 + c * k.ca + i;                                           \
       const T* const bc = b + c * k.cb + i;                                                    \
-      for (int64_t q = 0; q < k.nk; q += TL) {                                                 \
-        const T* const ap = arc + k.ka[q];                                                     \
+      for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
+        const T* const ap = arc + k.ra[j];                                                     \
         V w[R + TL - 1][NV];                                                                   \
         _Pragma("GCC unroll 16") for (int j = 0; j < R + TL - 1; ++j)                          \
             _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) w[j][v] =                     \
             FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]);         \
         _Pragma("GCC unroll 8") for (int t = 0; t < TL; ++t) {                                 \
-          const T* const bp = bc + k.kb[q + t];                                                \
+          const T* const bp = bc + k.rb[j] + t * k.sb;                                         \
           V bv[NV];                                                                            \
           _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) bv[v] =                         \
               FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);                         \
@@ -285,20 +290,18 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
 // vectors per lane vector).
 constexpr int64_t kSlideMaxTL = 7;
 
-// Rows [0, 4) as rows<4, 1> computes them, where their lhs offsets and the
-// taps' runs of tl step by the same rs (see CKS_DW_SLIDE) on a SIMD ISA;
-// returns false (nothing done) elsewhere.
+// Rows [0, 4) as rows<4, 1> computes them, where their lhs offsets step by
+// the runs' a step and the runs are 2..kSlideMaxTL long (see CKS_DW_SLIDE),
+// on a SIMD ISA; returns false (nothing done) elsewhere.
 template <typename T>
-bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, int64_t tl, T* out,
+bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
             const int64_t* orow, int64_t n) {
 #ifdef CKS_X86_AVX2
   const int isa = gemm::gemm_isa();
-  if (isa == 0 || tl < 2 || tl > kSlideMaxTL || k.nk % tl != 0) return false;
   const int64_t rs = arow[1] - arow[0];
-  if (arow[2] - arow[1] != rs || arow[3] - arow[2] != rs || k.ka[1] - k.ka[0] != rs) return false;
-  for (int64_t q = 0; q < k.nk; q += tl)
-    for (int64_t t = 1; t < tl; ++t)
-      if (k.ka[q + t] - k.ka[q + t - 1] != rs) return false;
+  if (isa == 0 || k.len < 2 || k.len > kSlideMaxTL || k.sa != rs || arow[2] - arow[1] != rs ||
+      arow[3] - arow[2] != rs)
+    return false;
   auto run = [&](auto tag) {
     constexpr int TL = decltype(tag)::value;
     if (isa == 2)
@@ -306,7 +309,7 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, int64_t t
     else
       slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n);
   };
-  switch (tl) {
+  switch (k.len) {
     case 2: run(std::integral_constant<int, 2>{}); break;
     case 3: run(std::integral_constant<int, 3>{}); break;
     case 4: run(std::integral_constant<int, 4>{}); break;
@@ -316,7 +319,7 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, int64_t t
   }
   return true;
 #else
-  (void)a, (void)arow, (void)b, (void)k, (void)tl, (void)out, (void)orow, (void)n;
+  (void)a, (void)arow, (void)b, (void)k, (void)out, (void)orow, (void)n;
   return false;
 #endif
 }
@@ -324,12 +327,12 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, int64_t t
 // Rows [0, R) of a block (see the top of this file) on the kernel's ISA.
 template <int R, int S, typename T>
 void rows(const T* a, const int64_t* arow, const T* b, const Red& k, T* out, const int64_t* orow,
-          int64_t n) {
+          int64_t n, bool add = false) {
 #ifdef CKS_X86_AVX2
-  if (gemm::gemm_isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n);
-  if (gemm::gemm_isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n);
+  if (gemm::gemm_isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add);
+  if (gemm::gemm_isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add);
 #endif
-  rows_portable<R, S>(a, arow, b, k, out, orow, n);
+  rows_portable<R, S>(a, arow, b, k, out, orow, n, add);
 }
 
 }  // namespace dw
