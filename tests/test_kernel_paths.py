@@ -807,6 +807,8 @@ DW_CASES = [
     # 3D 3x3x3
     ((1, 5, 6, 7, 33), (3, 3, 3, 1, 33), ((1, 1, 1), "SAME"),
      {"feature_group_count": 33, "dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # an output over 8 MB (8.7 MB in float32), written with non-temporal stores (AVX-512)
+    ((8, 66, 64, 64), (3, 3, 1, 64), ((1, 1), "SAME"), {"feature_group_count": 64}),
     # padding wider than the input: sub-problems with no taps (outputs all zero)
     ((2, 3, 3, 16), (5, 5, 1, 16), ((1, 1), [(4, 4), (4, 4)]), {"feature_group_count": 16}),
 ]

@@ -339,6 +339,22 @@ struct CksConv {
                    sp.seg[last].t_hi - sp.seg[last].t_lo, ph.tstride * pb.lhs_sp[last],
                    ph.kstep * pb.rhs_sp[last], nc, pb.lhs_c, pb.rhs_i};
   }
+  // Depthwise outputs over kStreamOutBytes are written with non-temporal
+  // stores (AVX-512), where every row starts on a zmm: a depthwise output is
+  // written once, and its input read once, so both stream through memory.
+  // On Zen 4 (2 cores, builds alternating, minima of 4 runs each), MobileNet's
+  // 8 x 112 x 112 x 32 3x3 forward (12.8 MB out) took 0.55-0.69x the time
+  // (0.81-0.83 ms against 1.20-1.57), 0.77-0.80x followed by a ReLU, and
+  // 8 x 56 x 56 x 128's 0.62-0.71x.
+  bool dw_streams() const {
+    constexpr int64_t A = 64 / sizeof(Acc);  // elements per zmm
+    if (!stream_out() || pb.feature_groups == 1 || reinterpret_cast<uintptr_t>(out) % 64 != 0 ||
+        pb.out_n % A != 0)
+      return false;
+    for (int d = 0; d < pb.nd; ++d)
+      if (pb.out_sp[d] % A != 0) return false;
+    return true;
+  }
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
   void run_depthwise(const Task& t) const {
@@ -358,11 +374,16 @@ struct CksConv {
     const Acc* const a = lhs_in_acc() + t.col0;
     const Acc* const b = rhs + t.col0;
     const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
+    const bool nt = dw_streams();
     int64_t r = 0;
     for (; r < quads; r += 4)
-      if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n))
-        dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
-    for (; r < rows; ++r) dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n);
+      if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, nt))
+        dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+    for (; r < rows; ++r)
+      dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+#ifdef CKS_X86_AVX2
+    if (nt) _mm_sfence();
+#endif
     } else {
       (void)t;
     }

@@ -73,6 +73,7 @@ struct Z512F {
   CKS_DW512 V add(V a, V b) { return _mm512_add_ps(a, b); }
   CKS_DW512 void store(T* p, V v) { _mm512_storeu_ps(p, v); }
   CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  CKS_DW512 void stream(T* p, V v) { _mm512_stream_ps(p, v); }
 };
 struct Z512D {
   using T = double;
@@ -87,6 +88,7 @@ struct Z512D {
   CKS_DW512 V add(V a, V b) { return _mm512_add_pd(a, b); }
   CKS_DW512 void store(T* p, V v) { _mm512_storeu_pd(p, v); }
   CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_pd(p, m, v); }
+  CKS_DW512 void stream(T* p, V v) { _mm512_stream_pd(p, v); }
 };
 struct Y256F {
   using T = float;
@@ -104,6 +106,7 @@ struct Y256F {
   CKS_DW256 V add(V a, V b) { return _mm256_add_ps(a, b); }
   CKS_DW256 void store(T* p, V v) { _mm256_storeu_ps(p, v); }
   CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_ps(p, m, v); }
+  CKS_DW256 void stream(T* p, V v) { _mm256_stream_ps(p, v); }
 };
 struct Y256D {
   using T = double;
@@ -121,6 +124,7 @@ struct Y256D {
   CKS_DW256 V add(V a, V b) { return _mm256_add_pd(a, b); }
   CKS_DW256 void store(T* p, V v) { _mm256_storeu_pd(p, v); }
   CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_pd(p, m, v); }
+  CKS_DW256 void stream(T* p, V v) { _mm256_stream_pd(p, v); }
 };
 #undef CKS_DW512
 #undef CKS_DW256
@@ -164,7 +168,9 @@ struct Y256D {
         for (int u = 1; u < S; ++u) sum = I::add(sum, acc[r][u][h]);                           \
         T* const op = out + orow[r] + i + h * L;                                               \
         if (add) sum = I::add(FULL ? I::load(op) : I::load(op, h == 0 ? k0 : k1), sum);         \
-        if (FULL)                                                                              \
+        if (FULL && nt)                                                                        \
+          I::stream(op, sum);                                                                  \
+        else if (FULL)                                                                         \
           I::store(op, sum);                                                                   \
         else                                                                                   \
           I::store(op, sum, h == 0 ? k0 : k1);                                                 \
@@ -175,7 +181,7 @@ template <int R, int S, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const int64_t* arow,
                                                                const T* b, const Red& k, T* out,
                                                                const int64_t* orow, int64_t n,
-                                                               bool add) {
+                                                               bool add, bool nt) {
   using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
@@ -191,7 +197,7 @@ __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const i
 template <int R, int S, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
-                                                   int64_t n, bool add) {
+                                                   int64_t n, bool add, bool nt) {
   using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
@@ -243,7 +249,9 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) {                                                           \
         T* const op = out + orow[r] + i + v * L;                                               \
-        if (FULL)                                                                              \
+        if (FULL && nt)                                                                        \
+          I::stream(op, acc[r][v]);                                                            \
+        else if (FULL)                                                                         \
           I::store(op, acc[r][v]);                                                             \
         else                                                                                   \
           I::store(op, acc[r][v], mk[v]);                                                      \
@@ -254,7 +262,8 @@ template <int R, int TL, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void slide_avx512(const T* a, int64_t arow0,
                                                                 int64_t rs, const T* b,
                                                                 const Red& k, T* out,
-                                                                const int64_t* orow, int64_t n) {
+                                                                const int64_t* orow, int64_t n,
+                                                                bool nt) {
   using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
   int64_t i = 0;
@@ -271,7 +280,7 @@ __attribute__((target("avx512f,avx2,fma"))) void slide_avx512(const T* a, int64_
 template <int R, int TL, typename T>
 __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, int64_t rs,
                                                     const T* b, const Red& k, T* out,
-                                                    const int64_t* orow, int64_t n) {
+                                                    const int64_t* orow, int64_t n, bool nt) {
   using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
@@ -295,7 +304,7 @@ constexpr int64_t kSlideMaxTL = 7;
 // on a SIMD ISA; returns false (nothing done) elsewhere.
 template <typename T>
 bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
-            const int64_t* orow, int64_t n) {
+            const int64_t* orow, int64_t n, bool nt = false) {
 #ifdef CKS_X86_AVX2
   const int isa = gemm::gemm_isa();
   const int64_t rs = arow[1] - arow[0];
@@ -305,9 +314,9 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
   auto run = [&](auto tag) {
     constexpr int TL = decltype(tag)::value;
     if (isa == 2)
-      slide_avx512<4, TL>(a, arow[0], rs, b, k, out, orow, n);
+      slide_avx512<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
     else
-      slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n);
+      slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
   };
   switch (k.len) {
     case 2: run(std::integral_constant<int, 2>{}); break;
@@ -319,18 +328,22 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
   }
   return true;
 #else
-  (void)a, (void)arow, (void)b, (void)k, (void)out, (void)orow, (void)n;
+  (void)a, (void)arow, (void)b, (void)k, (void)out, (void)orow, (void)n, (void)nt;
   return false;
 #endif
 }
 
-// Rows [0, R) of a block (see the top of this file) on the kernel's ISA.
+// Rows [0, R) of a block (see the top of this file) on the kernel's ISA;
+// whole vectors stored non-temporally where nt (they must be aligned: the
+// caller checks, and fences).
 template <int R, int S, typename T>
 void rows(const T* a, const int64_t* arow, const T* b, const Red& k, T* out, const int64_t* orow,
-          int64_t n, bool add = false) {
+          int64_t n, bool add = false, bool nt = false) {
 #ifdef CKS_X86_AVX2
-  if (gemm::gemm_isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add);
-  if (gemm::gemm_isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add);
+  if (gemm::gemm_isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
+  if (gemm::gemm_isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add, nt);
+#else
+  (void)nt;
 #endif
   rows_portable<R, S>(a, arow, b, k, out, orow, n, add);
 }
