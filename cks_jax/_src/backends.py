@@ -179,9 +179,11 @@ def kernel_dot(params, lhs_shape, rhs_shape, dtype) -> bool:
 # input gradient of a depthwise convolution) or one lhs batch entry per group
 # (batch groups: its filter gradient), at least KERNEL_DEPTHWISE_MIN_GROUPS
 # groups, contiguous in every operand (NHWC, HWIO). Measured on the Zen 4 VM
-# (2 cores, float32, in process, hot caches), 8 x 56 x 56 x 64, 3x3: forward
-# 0.77 ms (the GEMM path 9.7, XLA 44), input gradient 0.89 (XLA 44), filter
-# gradient 1.28 (the GEMM path 86, XLA 24).
+# (2 cores, float32, hot caches), 8 x 56 x 56 x 64, 3x3: forward 0.3 ms (the
+# GEMM path 9.7, XLA 44), input gradient 0.4 (XLA 44), filter gradient 0.7
+# (the GEMM path 86, XLA 24); benchmarks/results/*_depthwise.* for more. Under
+# "auto", large ones (over CPU_MIN_MACS) therefore stay on the kernel though
+# they have one feature per group.
 KERNEL_DEPTHWISE_MIN_GROUPS = 8
 
 

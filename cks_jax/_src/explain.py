@@ -61,6 +61,9 @@ class Explanation:
       in tiles of 8 features: filter gradients of wider layers where that
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels),
+      ``"depthwise"`` (vectorised over the groups of a depthwise
+      convolution: one feature and one input channel or batch entry per
+      group, at least 8 groups, contiguous: forwards and both gradients),
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
       run chunk by chunk), ``"interleaved taps, fused"`` (the same, with the
       taps that read adjacent cotangent positions multiplied as one GEMM:
