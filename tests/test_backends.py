@@ -236,3 +236,62 @@ def test_1d_layers_match_lax_under_auto():
   assert_close(y, y_ref, np.float32, "forward")
   for name, g, g_ref in zip(("d lhs", "d rhs"), vjp(ct), vjp_ref(ct)):
     assert_close(g, g_ref, np.float32, name)
+
+
+# Layouts that are not channels-last: "auto" on the CPU runs the kernel on channels-last copies
+# (backends.wants_channels_last), "ffi" on the operands as given.
+NCHW = ("NCHW", "OIHW", "NCHW")
+LAYOUT_CASES = [
+    # NCHW 3x3 SAME (the lax default layout)
+    ((2, 8, 9, 7), (6, 8, 3, 3), ((1, 1), "SAME"), {"dimension_numbers": NCHW}),
+    # NCHW k4 s2 transposed, two feature groups
+    ((2, 8, 5, 6), (6, 4, 4, 4), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"dimension_numbers": NCHW, "feature_group_count": 2}),
+    # a mixed layout: channels first in, features last out, a CHWN-like kernel; 1D and dilated
+    ((3, 5, 17), (5, 4, 3), ((2,), [(2, 1)], (1,), (2,)),
+     {"dimension_numbers": ("NCW", "IWO", "NWC")}),
+    # NCDHW 3D depthwise
+    ((1, 8, 5, 6, 4), (8, 1, 3, 3, 3), ((1, 1, 1), "SAME"),
+     {"dimension_numbers": ("NCDHW", "OIDHW", "NCDHW"), "feature_group_count": 8}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LAYOUT_CASES)))
+def test_auto_runs_other_layouts_channels_last(case):
+  lhs_shape, rhs_shape, args, kw = LAYOUT_CASES[case]
+  x, w = random(lhs_shape, np.float32, 0), random(rhs_shape, np.float32, 1)
+  f = lambda l, r: cks_jax.conv_general_dilated(l, r, *args, **kw)
+  jpr = jax.make_jaxpr(jax.grad(lambda l, r: jnp.sum(f(l, r) ** 2), (0, 1)))(x, w).jaxpr
+  convs = [e for e in jpr.eqns if e.primitive.name == "cks_conv"]
+  assert len(convs) == 3
+  nd = len(lhs_shape) - 2
+  last = (0, nd + 1, *range(1, nd + 1))
+  assert convs[0].params["dimension_numbers"] == lax.ConvDimensionNumbers(
+      last, (nd + 1, nd, *range(nd)), last)
+  assert any(e.primitive.name == "transpose" for e in jpr.eqns)
+  # the same values and gradients as lax (and as the kernel on the layout as given)
+  check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=3 + case, **kw)
+  check(lhs_shape, rhs_shape, *args, dtype=np.float32, seed=3 + case, backend="ffi", **kw)
+  # explain reports what runs: the channels-last problem on the CPU, the given one elsewhere
+  e = cks_jax.explain(x, w, *args, platform="cpu", **kw)
+  assert e.params["dimension_numbers"] == convs[0].params["dimension_numbers"]
+  assert e.shapes[0] == tuple(lhs_shape) and e.backend == "cks-cpu"
+  assert e.channels_last_copies == 4 * (x.size + w.size + f(x, w).size)
+  assert "channels-last copies" in e.reason and "layout: run on channels-last" in str(e)
+  g = cks_jax.explain(x, w, *args, platform="cpu", gradients=True, **kw).gradients
+  assert [n for n, _ in g] == ["d lhs", "d rhs"]
+  for platform, backend in (("tpu", None), ("cpu", "ffi"), ("cpu", "xla")):
+    e = cks_jax.explain(x, w, *args, platform=platform, backend=backend, **kw)
+    assert e.channels_last_copies == 0 and "layout:" not in str(e), (platform, backend)
+    assert e.params["dimension_numbers"] != convs[0].params["dimension_numbers"]
+
+
+def test_channels_last_layouts_are_left_alone():
+  # NHWC/HWIO (and any layout under backend="ffi") runs as given: no transpose
+  x, w = jnp.zeros((2, 6, 6, 4)), jnp.zeros((3, 3, 4, 5))
+  for dn, backend in ((("NHWC", "HWIO", "NHWC"), None), (NCHW, "ffi")):
+    if dn == NCHW:
+      x, w = jnp.zeros((2, 4, 6, 6)), jnp.zeros((5, 4, 3, 3))
+    jpr = jax.make_jaxpr(lambda l, r: cks_jax.conv_general_dilated(
+        l, r, (1, 1), "SAME", dimension_numbers=dn, backend=backend))(x, w).jaxpr
+    assert [e.primitive.name for e in jpr.eqns] == ["cks_conv"], dn

@@ -52,9 +52,11 @@ def test_16bit_float32_copies_are_shared_between_threads_and_released():
   l, r = random((2, 16, 12, 12), jnp.bfloat16, 0), random((24, 16, 3, 3), jnp.bfloat16, 1)
   copies = cks_jax.explain(l, r, (1, 1), "SAME", backend="ffi").scratch["widened"]
   assert copies == 4 * (l.size + r.size)
-  with cks_jax.use_backend("ffi"):
-    f = jax.jit(lambda a, b: cks_jax.conv_general_dilated(a, b, (1, 1), "SAME"))
-    want = np.asarray(f(l, r), np.float32)
+  # backend="ffi" in the call, not use_backend: jit may trace again in another thread, whose
+  # default is "auto" (which would run this NCHW problem on channels-last copies, on the
+  # bfloat16 pair path where the CPU has AVX512_BF16: no float32 copies)
+  f = jax.jit(lambda a, b: cks_jax.conv_general_dilated(a, b, (1, 1), "SAME", backend="ffi"))
+  want = np.asarray(f(l, r), np.float32)
   check((2, 16, 12, 12), (24, 16, 3, 3), (1, 1), "SAME", dtype=jnp.bfloat16, grads=False)
   cks_jax.release_cpu_buffers()
   assert ext.cpu_widened_held_bytes() == 0

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cks_jax._src import backends, shapes
+from cks_jax._src import backends, ffi, shapes
 from cks_jax._src.primitive import bind
 
 Array = jax.Array
@@ -48,6 +48,27 @@ def _check_dtypes(lhs, rhs, preferred_element_type):
   return pet
 
 
+def _channels_last(backend: str, spec, lhs, rhs) -> bool:
+  """Whether this call runs on channels-last copies of its operands: where
+  ``backends.wants_channels_last`` says so and ``"auto"`` then takes the CPU
+  kernel (not its narrow-output alternatives)."""
+  platform = backends.default_platform()
+  if not backends.wants_channels_last(backend, platform, spec.dimension_numbers):
+    return False
+  lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+  nd = len(lhs_spec) - 2
+  last = (0, nd + 1, *range(1, nd + 1))
+  dn = lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+  params = dict(window_strides=spec.window_strides, padding=spec.padding,
+                lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
+                dimension_numbers=dn, feature_group_count=spec.feature_group_count,
+                batch_group_count=spec.batch_group_count)
+  shapes_cl = (tuple(lhs.shape[d] for d in (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+               tuple(rhs.shape[d] for d in (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
+  return backends.choose(backend, platform, ffi.kernel_platforms(), params, shapes_cl,
+                         lhs.dtype) == "ffi"
+
+
 def conv_general_dilated(
     lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Padding,
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
@@ -85,7 +106,9 @@ def conv_general_dilated(
       always accumulate in float32.
     out_sharding: not supported; must be ``None``.
     backend: ``"auto"`` (default: the cks CPU kernel on the CPU, a few narrow
-      outputs excepted as ``cks_jax.explain`` says; elsewhere, the
+      outputs excepted as ``cks_jax.explain`` says, with operands in a layout
+      that is not channels-last, such as NCHW/OIHW, transposed to
+      channels-last copies and the result back; elsewhere, the
       CUDA kernel included, the portable decomposition for transposed
       convolutions and their filter gradients, else XLA),
       ``"ffi"``, ``"portable"`` or ``"xla"``; ``None`` takes the one set by
@@ -119,14 +142,28 @@ def conv_general_dilated(
     compute_in = compute_out = out_dtype
   else:
     compute_in, compute_out = in_dtype, _F32
-  out = bind(lhs.astype(compute_in), rhs.astype(compute_in),
+  lhs, rhs = lhs.astype(compute_in), rhs.astype(compute_in)
+  dn, back = spec.dimension_numbers, None
+  if _channels_last(backend, spec, lhs, rhs):
+    # The CPU kernel on channels-last copies (backends.wants_channels_last);
+    # their gradients are channels-last convolutions too.
+    lhs_spec, rhs_spec, out_spec = dn
+    nd = len(lhs_spec) - 2
+    lhs = lax.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+    rhs = lax.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+    back = tuple(int(i) for i in np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
+    last = (0, nd + 1, *range(1, nd + 1))
+    dn = lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+  out = bind(lhs, rhs,
              window_strides=spec.window_strides, padding=spec.padding,
              lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
-             dimension_numbers=spec.dimension_numbers,
+             dimension_numbers=dn,
              feature_group_count=spec.feature_group_count,
              batch_group_count=spec.batch_group_count,
              precision=_canonical_precision(precision), out_dtype=np.dtype(compute_out),
              backend=backend)
+  if back is not None:
+    out = lax.transpose(out, back)
   return out.astype(out_dtype)
 
 

@@ -46,6 +46,58 @@ AUTO_KERNEL_PLATFORMS = ("cpu",)
 _state = threading.local()
 
 
+def default_platform() -> str:
+  """Where an uncommitted computation runs: the platform of ``jax.default_device``
+  when one is set (a device or a platform name), else ``jax.default_backend()``;
+  inside :func:`target_platform`, the platform given there."""
+  forced = getattr(_state, "platform", None)
+  if forced is not None:
+    return forced
+  import jax  # here: this module stays importable without initialising jax's backends
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return jax.default_backend()
+  return dev if isinstance(dev, str) else dev.platform
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+  """Context manager: trace cks convolutions as if for ``platform`` (``explain``'s
+  ``platform=``), where a choice made at trace time depends on it."""
+  prev = getattr(_state, "platform", None)
+  _state.platform = platform
+  try:
+    yield
+  finally:
+    _state.platform = prev
+
+
+# The CPU kernel is fastest with channels-last operands: the GEMM reads a row's
+# channels in place (NHWC) and writes its features in place, and the filter
+# gradient's batch (the channels) is contiguous; NCHW made it gather A into
+# panels, write through scratch blocks and pack the filter gradient's operands
+# per task. Measured on the Zen 4 VM (2 cores, float32, in process): NCHW 3x3
+# (8 x 64 x 32 x 32, 64 features) forward 4.0 ms against NHWC's 2.7, filter
+# gradient 11.9 against 2.8 (XLA 7.1 either way); NCHW k4 s2 transposed
+# (8 x 128 x 16 x 16 -> 64) forward 4.4 against 2.4 (XLA 3.8); a NCHW
+# depthwise 3x3's filter gradient 108 ms (XLA 21) against 0.7. So under
+# "auto" on the CPU, a convolution whose operands are not channels-last
+# (lhs and out (N, spatial..., C), rhs (spatial..., I, O)) is run on
+# transposed copies, and its result transposed back (see api.py).
+def wants_channels_last(requested: str, platform: str, dimension_numbers) -> bool:
+  """Whether ``conv_general_dilated`` runs this call on channels-last copies of
+  its operands: ``"auto"`` on the CPU, where the kernel exists, with operands
+  that are not channels-last already."""
+  if requested != "auto" or platform != "cpu":
+    return False
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  n = len(lhs_spec)
+  ident = tuple(range(n))
+  return ((lhs_spec[0], *lhs_spec[2:], lhs_spec[1]) != ident
+          or (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]) != ident
+          or (out_spec[0], *out_spec[2:], out_spec[1]) != ident)
+
+
 def check(name: str) -> str:
   if name not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -30,6 +30,12 @@ class Explanation:
     direct_macs: multiply-adds of the direct method on the dilated, padded input.
     zeros_avoided: ``1 - cks_macs / direct_macs``.
     shapes: ``(lhs, rhs, out)`` shapes.
+    channels_last_copies: bytes of the channels-last copies of lhs, rhs and
+      the output that ``"auto"`` has XLA make around the CPU kernel for a
+      layout that is not channels-last (``lhs`` and out ``(N, spatial..., C)``,
+      ``rhs`` ``(spatial..., I, O)``: the layout the kernel runs fastest);
+      0 where it runs on the operands as given. ``params`` are then those of
+      the channels-last convolution; ``shapes`` stay the caller's.
     gradients: for ``explain(..., gradients=True)``, ``(name, Explanation)``
       pairs for the convolutions that the VJP runs (``"d lhs"``, ``"d rhs"``).
     scratch: on the CPU kernel (backend ``"cks-cpu"``), the extra memory of
@@ -93,6 +99,7 @@ class Explanation:
   gradients: tuple = ()
   scratch: dict | None = None
   cpu_path: str | None = None
+  channels_last_copies: int = 0
 
   def __str__(self) -> str:
     lhs, rhs, out = self.shapes
@@ -113,6 +120,9 @@ class Explanation:
                    + f"); output {mb(out_bytes)}")
     if self.cpu_path is not None:
       lines.append(f"  CPU kernel path: {self.cpu_path}")
+    if self.channels_last_copies:
+      lines.append(f"  layout: run on channels-last copies of lhs, rhs and out "
+                   f"({self.channels_last_copies / 2**20:.2f} MB), transposed by XLA")
     for name, g in self.gradients:
       lines.append(f"  {name}: " + str(g).replace("\n", "\n    "))
     return "\n".join(lines)
@@ -213,13 +223,7 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
           "widened": copies, "total": total}, path
 
 
-def default_platform() -> str:
-  """Where an uncommitted computation runs: the platform of ``jax.default_device``
-  when one is set (a device or a platform name), else ``jax.default_backend()``."""
-  dev = jax.config.jax_default_device
-  if dev is None:
-    return jax.default_backend()
-  return dev if isinstance(dev, str) else dev.platform
+default_platform = backends.default_platform
 
 
 def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
@@ -294,9 +298,25 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
                                     dimension_numbers, feature_group_count, batch_group_count,
                                     precision, preferred_element_type, backend=backend)
 
-  fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
+  with backends.target_platform(platform):  # as conv_general_dilated decides for it
+    fwd = jax.make_jaxpr(f)(lhs_s, rhs_s).jaxpr
   (eqn,) = [e for e in fwd.eqns if e.primitive is cks_conv_p]
-  main = explain_params(lhs_s.shape, rhs_s.shape, eqn.params, platform, lhs_s.dtype)
+  # The shapes bound: channels-last copies' where conv_general_dilated makes them.
+  bound = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape))
+  main = explain_params(*bound, eqn.params, platform, lhs_s.dtype)
+  if bound != (tuple(lhs_s.shape), tuple(rhs_s.shape)) or eqn.params["dimension_numbers"] != (
+      shapes.canonicalize(lhs_s.shape, rhs_s.shape, window_strides, padding, lhs_dilation,
+                          rhs_dilation, dimension_numbers, feature_group_count,
+                          batch_group_count).dimension_numbers):
+    out_aval = eqn.outvars[0].aval
+    copies = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                 for a in (eqn.invars[0].aval, eqn.invars[1].aval, out_aval))
+    user_out = jax.eval_shape(f, lhs_s, rhs_s).shape
+    main = Explanation(**{**main.__dict__, "channels_last_copies": copies,
+                          "shapes": (tuple(lhs_s.shape), tuple(rhs_s.shape), tuple(user_out)),
+                          "reason": main.reason + "; on channels-last copies of the operands "
+                          "(transposed by XLA before the kernel, the result after), where the "
+                          "kernel runs faster"})
   if not gradients:
     return main
 
@@ -304,10 +324,11 @@ def explain(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Any,
     return jax.vjp(f, l, r)[1](ct)
 
   out_s = jax.eval_shape(f, lhs_s, rhs_s)
-  jpr = jax.make_jaxpr(vjp)(lhs_s, rhs_s, out_s).jaxpr
+  with backends.target_platform(platform):
+    jpr = jax.make_jaxpr(vjp)(lhs_s, rhs_s, out_s).jaxpr
   grads = []
   for e in [e for e in jpr.eqns if e.primitive is cks_conv_p][1:]:
-    name = "d lhs" if tuple(e.outvars[0].aval.shape) == tuple(lhs_s.shape) else "d rhs"
+    name = "d lhs" if tuple(e.outvars[0].aval.shape) == bound[0] else "d rhs"
     grads.append((name, explain_params(e.invars[0].aval.shape, e.invars[1].aval.shape,
                                        e.params, platform, e.invars[0].aval.dtype)))
   grads.sort(key=lambda t: t[0] != "d lhs")

@@ -359,30 +359,30 @@ struct CksConv {
   // padding) writes zeros.
   void run_depthwise(const Task& t) const {
     if constexpr (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) {
-    thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
-    const SubProblem& sp = plan.subproblems[t.sp];
-    row_offsets(t, lhs_row, out_row);
-    const int64_t rows = t.row1 - t.row0, n = t.col1 - t.col0;
-    Acc* const o = out + t.col0;
-    if (sp.taps == 0) {
-      for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
-      return;
-    }
-    // The reduction (c, tap), c outer: the channels are one (forwards) or
-    // the batch (filter gradients), its stride the largest.
-    const dw::Red k = dw_red(sp, tap_l, tap_r, pb.group_in());
-    const Acc* const a = lhs_in_acc() + t.col0;
-    const Acc* const b = rhs + t.col0;
-    const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
-    const bool nt = dw_streams();
-    int64_t r = 0;
-    for (; r < quads; r += 4)
-      if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, nt))
-        dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
-    for (; r < rows; ++r)
-      dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+      thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
+      const SubProblem& sp = plan.subproblems[t.sp];
+      row_offsets(t, lhs_row, out_row);
+      const int64_t rows = t.row1 - t.row0, n = t.col1 - t.col0;
+      Acc* const o = out + t.col0;
+      if (sp.taps == 0) {
+        for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
+        return;
+      }
+      // The reduction (c, tap), c outer: the channels are one (forwards) or
+      // the batch (filter gradients), its stride the largest.
+      const dw::Red k = dw_red(sp, tap_l, tap_r, pb.group_in());
+      const Acc* const a = lhs_in_acc() + t.col0;
+      const Acc* const b = rhs + t.col0;
+      const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
+      const bool nt = dw_streams();
+      int64_t r = 0;
+      for (; r < quads; r += 4)
+        if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, nt))
+          dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+      for (; r < rows; ++r)
+        dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
 #ifdef CKS_X86_AVX2
-    if (nt) _mm_sfence();
+      if (nt) _mm_sfence();
 #endif
     } else {
       (void)t;
