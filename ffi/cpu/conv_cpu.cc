@@ -133,6 +133,11 @@ using gemm::PackedA;
 using gemm::Tile;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// a * b wrapping as input_index does: the step of a run of one tap (a huge
+// stride or dilation times a stride) is never taken, but must not be UB.
+inline int64_t wrap_mul(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint64_t>(a) * static_cast<uint64_t>(b));
+}
 
 // ---------------------------------------------------------------- the conv
 // Packed B of a (sub-problem, group) is built once, in a first parallel pass,
@@ -336,8 +341,8 @@ struct CksConv {
     const int last = pb.nd - 1;
     const Phase& ph = *sp.phase[last];
     return dw::Red{tap_l.data(), tap_r.data(), static_cast<int64_t>(tap_l.size()),
-                   sp.seg[last].t_hi - sp.seg[last].t_lo, ph.tstride * pb.lhs_sp[last],
-                   ph.kstep * pb.rhs_sp[last], nc, pb.lhs_c, pb.rhs_i};
+                   sp.seg[last].t_hi - sp.seg[last].t_lo, wrap_mul(ph.tstride, pb.lhs_sp[last]),
+                   wrap_mul(ph.kstep, pb.rhs_sp[last]), nc, pb.lhs_c, pb.rhs_i};
   }
   // Depthwise outputs over kStreamOutBytes are written with non-temporal
   // stores (AVX-512), where every row starts on a zmm: a depthwise output is
@@ -1116,7 +1121,8 @@ struct CksConv {
       for (int d = 0; d < pb.nd; ++d) {
         const Phase& ph = *sp.phase[d];
         const int64_t u = sp.seg[d].u0 + j[d];
-        lo += static_cast<uint64_t>(input_index(ph, u, sp.seg[d].t_lo) * pb.lhs_sp[d]);
+        lo += static_cast<uint64_t>(input_index(ph, u, sp.seg[d].t_lo)) *
+              static_cast<uint64_t>(pb.lhs_sp[d]);
         oo += static_cast<uint64_t>((ph.o0 + ph.L * u) * pb.out_sp[d]);
       }
       const int64_t span = std::min(mc - r, count - j[last]);
@@ -1622,8 +1628,8 @@ struct CksConv {
         ra[c * outer + o] = tap_l[o] + c * pb.lhs_c;
         rb[c * outer + o] = tap_r[o] + c * pb.rhs_i;
       }
-    return {ra.data(), rb.data(), Cg * outer, R, ph.tstride * pb.lhs_sp[last],
-            ph.kstep * pb.rhs_sp[last], pb.rhs_o};
+    return {ra.data(), rb.data(), Cg * outer, R, wrap_mul(ph.tstride, pb.lhs_sp[last]),
+            wrap_mul(ph.kstep, pb.rhs_sp[last]), pb.rhs_o};
   }
 
   // reduction_runs for reading A alone (RunA): runs that continue one another
