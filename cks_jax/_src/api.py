@@ -48,6 +48,18 @@ def _check_dtypes(lhs, rhs, preferred_element_type):
   return pet
 
 
+def _channels_last_form(dimension_numbers):
+  """The channels-last form of a convolution (see ``backends.wants_channels_last``):
+  the permutations of lhs and rhs into it, the one of its output back into the
+  caller's layout, and its dimension numbers."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  last = (0, nd + 1, *range(1, nd + 1))
+  back = tuple(int(i) for i in np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
+  return ((lhs_spec[0], *lhs_spec[2:], lhs_spec[1]), (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]),
+          back, lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last))
+
+
 def _channels_last(backend: str, spec, lhs, rhs) -> bool:
   """Whether this call runs on channels-last copies of its operands: where
   ``backends.wants_channels_last`` says so and ``"auto"`` then takes the CPU
@@ -55,16 +67,12 @@ def _channels_last(backend: str, spec, lhs, rhs) -> bool:
   platform = backends.default_platform()
   if not backends.wants_channels_last(backend, platform, spec.dimension_numbers):
     return False
-  lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
-  nd = len(lhs_spec) - 2
-  last = (0, nd + 1, *range(1, nd + 1))
-  dn = lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+  lhs_perm, rhs_perm, _, dn = _channels_last_form(spec.dimension_numbers)
   params = dict(window_strides=spec.window_strides, padding=spec.padding,
                 lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
                 dimension_numbers=dn, feature_group_count=spec.feature_group_count,
                 batch_group_count=spec.batch_group_count)
-  shapes_cl = (tuple(lhs.shape[d] for d in (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
-               tuple(rhs.shape[d] for d in (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
+  shapes_cl = (tuple(lhs.shape[d] for d in lhs_perm), tuple(rhs.shape[d] for d in rhs_perm))
   return backends.choose(backend, platform, ffi.kernel_platforms(), params, shapes_cl,
                          lhs.dtype) == "ffi"
 
@@ -147,13 +155,8 @@ def conv_general_dilated(
   if _channels_last(backend, spec, lhs, rhs):
     # The CPU kernel on channels-last copies (backends.wants_channels_last);
     # their gradients are channels-last convolutions too.
-    lhs_spec, rhs_spec, out_spec = dn
-    nd = len(lhs_spec) - 2
-    lhs = lax.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
-    rhs = lax.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
-    back = tuple(int(i) for i in np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
-    last = (0, nd + 1, *range(1, nd + 1))
-    dn = lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+    lhs_perm, rhs_perm, back, dn = _channels_last_form(dn)
+    lhs, rhs = lax.transpose(lhs, lhs_perm), lax.transpose(rhs, rhs_perm)
   out = bind(lhs, rhs,
              window_strides=spec.window_strides, padding=spec.padding,
              lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
