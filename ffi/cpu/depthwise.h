@@ -54,77 +54,64 @@ void rows_portable(const T* a, const int64_t* arow, const T* b, const Red& k, T*
 
 #ifdef CKS_X86_AVX2
 // Vector operations of one ISA and element type, for CKS_DW_CHUNK: L lanes,
-// masks of the first m lanes (m clamped to [0, L]; masked-off lanes are
-// neither read nor written).
+// gemm.h's whole-vector overloads, and masks of the first m lanes (m clamped
+// to [0, L]; masked-off lanes are neither read nor written).
 #define CKS_DW512 static __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
 #define CKS_DW256 static __attribute__((target("avx2,fma"), always_inline)) inline
-struct Z512F {
-  using T = float;
-  using V = __m512;
-  using M = __mmask16;
-  static constexpr int L = 16;
+template <typename T_>
+struct Z512 {
+  using T = T_;
+  static constexpr bool F = std::is_same<T, float>::value;
+  using V = decltype(gemm::zload(static_cast<const T*>(nullptr)));
+  using M = std::conditional_t<F, __mmask16, __mmask8>;
+  static constexpr int L = 64 / sizeof(T);
   CKS_DW512 M mask(int64_t m) {
-    return m >= L ? M(0xFFFF) : m <= 0 ? M(0) : M((1u << m) - 1);
+    return m >= L ? M((1u << L) - 1) : m <= 0 ? M(0) : M((1u << m) - 1);
   }
-  CKS_DW512 V zero() { return _mm512_setzero_ps(); }
-  CKS_DW512 V load(const T* p) { return _mm512_loadu_ps(p); }
-  CKS_DW512 V load(const T* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
-  CKS_DW512 V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  CKS_DW512 V add(V a, V b) { return _mm512_add_ps(a, b); }
-  CKS_DW512 void store(T* p, V v) { _mm512_storeu_ps(p, v); }
-  CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
-  CKS_DW512 void stream(T* p, V v) { _mm512_stream_ps(p, v); }
+  CKS_DW512 V zero() { return V{}; }
+  CKS_DW512 V load(const T* p) { return gemm::zload(p); }
+  CKS_DW512 V load(const T* p, M m) {
+    if constexpr (F) return _mm512_maskz_loadu_ps(m, p);
+    else return _mm512_maskz_loadu_pd(m, p);
+  }
+  CKS_DW512 V fma(V a, V b, V c) { return gemm::zfma(a, b, c); }
+  CKS_DW512 V add(V a, V b) { return gemm::zadd(a, b); }
+  CKS_DW512 void store(T* p, V v) { gemm::zstore(p, v); }
+  CKS_DW512 void store(T* p, V v, M m) {
+    if constexpr (F) _mm512_mask_storeu_ps(p, m, v);
+    else _mm512_mask_storeu_pd(p, m, v);
+  }
+  CKS_DW512 void stream(T* p, V v) { gemm::zstream(p, v); }
 };
-struct Z512D {
-  using T = double;
-  using V = __m512d;
-  using M = __mmask8;
-  static constexpr int L = 8;
-  CKS_DW512 M mask(int64_t m) { return m >= L ? M(0xFF) : m <= 0 ? M(0) : M((1u << m) - 1); }
-  CKS_DW512 V zero() { return _mm512_setzero_pd(); }
-  CKS_DW512 V load(const T* p) { return _mm512_loadu_pd(p); }
-  CKS_DW512 V load(const T* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
-  CKS_DW512 V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  CKS_DW512 V add(V a, V b) { return _mm512_add_pd(a, b); }
-  CKS_DW512 void store(T* p, V v) { _mm512_storeu_pd(p, v); }
-  CKS_DW512 void store(T* p, V v, M m) { _mm512_mask_storeu_pd(p, m, v); }
-  CKS_DW512 void stream(T* p, V v) { _mm512_stream_pd(p, v); }
-};
-struct Y256F {
-  using T = float;
-  using V = __m256;
+template <typename T_>
+struct Y256 {
+  using T = T_;
+  static constexpr bool F = std::is_same<T, float>::value;
+  using V = decltype(gemm::vload(static_cast<const T*>(nullptr)));
   using M = __m256i;
-  static constexpr int L = 8;
+  static constexpr int L = 32 / sizeof(T);
   CKS_DW256 M mask(int64_t m) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(m, 0, L))),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const int64_t n = std::clamp<int64_t>(m, 0, L);
+    if constexpr (F)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
   }
-  CKS_DW256 V zero() { return _mm256_setzero_ps(); }
-  CKS_DW256 V load(const T* p) { return _mm256_loadu_ps(p); }
-  CKS_DW256 V load(const T* p, M m) { return _mm256_maskload_ps(p, m); }
-  CKS_DW256 V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  CKS_DW256 V add(V a, V b) { return _mm256_add_ps(a, b); }
-  CKS_DW256 void store(T* p, V v) { _mm256_storeu_ps(p, v); }
-  CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_ps(p, m, v); }
-  CKS_DW256 void stream(T* p, V v) { _mm256_stream_ps(p, v); }
-};
-struct Y256D {
-  using T = double;
-  using V = __m256d;
-  using M = __m256i;
-  static constexpr int L = 4;
-  CKS_DW256 M mask(int64_t m) {
-    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::clamp<int64_t>(m, 0, L)),
-                              _mm256_setr_epi64x(0, 1, 2, 3));
+  CKS_DW256 V zero() { return V{}; }
+  CKS_DW256 V load(const T* p) { return gemm::vload(p); }
+  CKS_DW256 V load(const T* p, M m) {
+    if constexpr (F) return _mm256_maskload_ps(p, m);
+    else return _mm256_maskload_pd(p, m);
   }
-  CKS_DW256 V zero() { return _mm256_setzero_pd(); }
-  CKS_DW256 V load(const T* p) { return _mm256_loadu_pd(p); }
-  CKS_DW256 V load(const T* p, M m) { return _mm256_maskload_pd(p, m); }
-  CKS_DW256 V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  CKS_DW256 V add(V a, V b) { return _mm256_add_pd(a, b); }
-  CKS_DW256 void store(T* p, V v) { _mm256_storeu_pd(p, v); }
-  CKS_DW256 void store(T* p, V v, M m) { _mm256_maskstore_pd(p, m, v); }
-  CKS_DW256 void stream(T* p, V v) { _mm256_stream_pd(p, v); }
+  CKS_DW256 V fma(V a, V b, V c) { return gemm::vfma(a, b, c); }
+  CKS_DW256 V add(V a, V b) { return gemm::vadd(a, b); }
+  CKS_DW256 void store(T* p, V v) { gemm::vstore(p, v); }
+  CKS_DW256 void store(T* p, V v, M m) {
+    if constexpr (F) _mm256_maskstore_ps(p, m, v);
+    else _mm256_maskstore_pd(p, m, v);
+  }
+  CKS_DW256 void stream(T* p, V v) { gemm::vstream(p, v); }
 };
 #undef CKS_DW512
 #undef CKS_DW256
@@ -182,7 +169,7 @@ __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const i
                                                                const T* b, const Red& k, T* out,
                                                                const int64_t* orow, int64_t n,
                                                                bool add, bool nt) {
-  using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
+  using I = Z512<T>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -198,7 +185,7 @@ template <int R, int S, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n, bool add, bool nt) {
-  using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
+  using I = Y256<T>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -264,7 +251,7 @@ __attribute__((target("avx512f,avx2,fma"))) void slide_avx512(const T* a, int64_
                                                                 const Red& k, T* out,
                                                                 const int64_t* orow, int64_t n,
                                                                 bool nt) {
-  using I = std::conditional_t<std::is_same<T, float>::value, Z512F, Z512D>;
+  using I = Z512<T>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
   int64_t i = 0;
   for (; i + NV * I::L <= n; i += NV * I::L) {
@@ -281,7 +268,7 @@ template <int R, int TL, typename T>
 __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, int64_t rs,
                                                     const T* b, const Red& k, T* out,
                                                     const int64_t* orow, int64_t n, bool nt) {
-  using I = std::conditional_t<std::is_same<T, float>::value, Y256F, Y256D>;
+  using I = Y256<T>;
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
     const int64_t m = I::L;
