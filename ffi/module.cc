@@ -27,6 +27,7 @@ int64_t cpu_pool_threads();
 int cpu_isa();
 bool cpu_bf16_pairs();
 bool cpu_bf16_amx();
+bool cpu_bf16_depthwise();
 int64_t cpu_widened_held_bytes();
 void cpu_widened_release();
 }
@@ -142,6 +143,8 @@ NB_MODULE(_cks, m) {
   m.def("cpu_bf16_pairs", &cks::cpu_bf16_pairs);
   // Whether those pair paths multiply on AMX tiles (AMX-BF16, granted by the OS).
   m.def("cpu_bf16_amx", &cks::cpu_bf16_amx);
+  // Whether bfloat16 depthwise convolutions are read in place (AVX-512BW/VL).
+  m.def("cpu_bf16_depthwise", &cks::cpu_bf16_depthwise);
   // Bytes of the float32 copies of 16-bit operands held for reuse between
   // calls, and freeing them (conv_cpu.cc: WidenedPool).
   m.def("cpu_widened_held_bytes", &cks::cpu_widened_held_bytes);

@@ -166,6 +166,9 @@ def test_cpu_isa_is_the_kernels():
   pairs = (want == 2 and {"avx512bw", "avx512vl", "avx512_bf16"} <= flags
            and os.environ.get("CKS_CPU_BF16_PAIRS") != "0")
   assert backends.cpu_bf16_pairs() == pairs
+  bf16_dw = (want == 2 and {"avx512bw", "avx512vl"} <= flags
+             and os.environ.get("CKS_CPU_BF16_PAIRS") != "0")
+  assert backends.cpu_bf16_depthwise() == bf16_dw
   # AMX: the tile state is also granted by Linux (arch_prctl), which every kernel that lists the
   # flags does
   amx = pairs and {"amx_tile", "amx_bf16"} <= flags and os.environ.get("CKS_CPU_AMX") != "0"

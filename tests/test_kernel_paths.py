@@ -776,7 +776,8 @@ def depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **kw):
                       gradients=True, platform="cpu", backend="ffi", **kw)
   out = []
   for x in (e,) + tuple(g for _, g in e.gradients):
-    assert (x.cpu_path == "depthwise") == ("depthwise path" in x.reason), (x.cpu_path, x.reason)
+    on_path = x.cpu_path in ("depthwise", "bf16 depthwise")
+    assert on_path == ("depthwise path" in x.reason), (x.cpu_path, x.reason)
     out.append(x.cpu_path)
   return out
 
@@ -824,12 +825,76 @@ def test_depthwise(case, dtype):
 
 
 def test_depthwise_16bit():
-  # 16-bit operands run widened to float32, the output written in float32 and rounded after
+  # float16 operands run widened to float32, the output written in float32 and rounded after;
+  # bfloat16 ones too, unless the CPU has AVX-512BW/VL: then the kernel reads them in place
+  # (widened in registers, a bfloat16 output rounded as it is stored), with no float32 copies
   for dtype in (jnp.bfloat16, jnp.float16):
     lhs_shape, rhs_shape, args, kw = DW_CASES[1]
-    assert depthwise_paths(lhs_shape, rhs_shape, dtype, *args,
-                           **{"dimension_numbers": DN2, **kw}) == ["depthwise"] * 3
+    kw = {"dimension_numbers": DN2, **kw}
+    in_place = dtype == jnp.bfloat16 and backends.cpu_bf16_depthwise()
+    want = "bf16 depthwise" if in_place else "depthwise"
+    assert depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **kw) == [want] * 3
+    for out_dtype in (None, jnp.float32):
+      e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                          gradients=True, platform="cpu", backend="ffi",
+                          preferred_element_type=out_dtype, **kw)
+      # (with a float32 output, the gradients' cotangent is float32: they run in float32)
+      for x in (e,) + (tuple(g for _, g in e.gradients) if out_dtype is None else ()):
+        assert x.cpu_path == want and (x.scratch["widened"] == 0) == in_place, str(x)
+        assert ("widened to float32 in registers" in x.reason) == in_place, x.reason
     check_on_kernel(DW_CASES[1], dtype, seed=90)
+
+
+# bfloat16 depthwise cases for the in-place path: DW_CASES 0-4 and 8 (sliding rows, lane
+# tails, strides, dilation, lhs dilation, no taps), and an output over 8 MB in bfloat16
+# (9.4 MB: non-temporal stores of rounded rows).
+BF16_DW_CASES = DW_CASES[:5] + DW_CASES[8:] + [
+    ((8, 64, 144, 64), (3, 3, 1, 64), ((1, 1), "SAME"), {"feature_group_count": 64})]
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_depthwise(), reason="needs AVX-512BW and VL (and no "
+                    "CKS_CPU_ISA cap): elsewhere bfloat16 depthwise convolutions run on float32 "
+                    "copies, which test_depthwise_16bit checks")
+def test_bf16_depthwise_same_bits(tmp_path):
+  # Read in place or from float32 copies (CKS_CPU_BF16_PAIRS=0, in a subprocess), every output
+  # is the same float32 sum in the same order, rounded the same way: the same bits, for the
+  # forward and both gradients, with bfloat16 and float32 outputs.
+  code = textwrap.dedent(f"""
+      import jax, numpy as np, test_kernel_paths as k
+      from cks_jax._src import backends
+      assert not backends.cpu_bf16_depthwise()
+      np.savez(r"{tmp_path}/copies.npz", **k.bf16_depthwise_outputs())
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_BF16_PAIRS="0")[-1] == "ok"
+  copies = np.load(tmp_path / "copies.npz")
+  here = bf16_depthwise_outputs()
+  assert sorted(here) == sorted(copies.files) and len(here) == len(BF16_DW_CASES) * 2 * 3
+  differ = [name for name, x in here.items() if not np.array_equal(x, copies[name])]
+  assert not differ, differ
+  # and they are right
+  for i, case in enumerate(BF16_DW_CASES[:-1]):
+    check_on_kernel(case, jnp.bfloat16, seed=95 + i)
+
+
+def bf16_depthwise_outputs():
+  """Raw bits of the forward, d lhs and d rhs of BF16_DW_CASES on the kernel, with bfloat16
+  operands and bfloat16 or float32 outputs, by name."""
+  out = {}
+  for i, (lhs_shape, rhs_shape, args, kw) in enumerate(BF16_DW_CASES):
+    kw = {"dimension_numbers": DN2, **kw}
+    for out_dtype in (None, jnp.float32):
+      rng = np.random.default_rng(i)
+      lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.bfloat16)
+      rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.bfloat16)
+      f = lambda l, r: cks_jax.conv_general_dilated(l, r, *args, backend="ffi",
+                                                    preferred_element_type=out_dtype, **kw)
+      o, vjp = jax.vjp(f, lhs, rhs)
+      ct = jnp.asarray(rng.standard_normal(o.shape), o.dtype)
+      for what, x in zip(("out", "d_lhs", "d_rhs"), (o,) + vjp(ct)):
+        x = np.asarray(x)
+        out[f"{i}-{np.dtype(x.dtype).name}-{out_dtype is None}-{what}"] = x.view(f"u{x.itemsize}")
+  return out
 
 
 def test_depthwise_path_bounds():

@@ -306,6 +306,16 @@ def cpu_bf16_amx() -> bool:
   return bool(ffi.extension().cpu_bf16_amx())
 
 
+def cpu_bf16_depthwise() -> bool:
+  """Whether the CPU kernel's depthwise path reads bfloat16 operands in
+  place, widening them to float32 in registers (``cpu_path`` ``"bf16
+  depthwise"`` in :func:`cks_jax.explain`; elsewhere ``"depthwise"`` on float32
+  copies, with the same bits): an AVX-512 CPU with AVX-512BW and VL, unless
+  ``CKS_CPU_ISA`` caps the ISA or ``CKS_CPU_BF16_PAIRS=0`` turns it off."""
+  from cks_jax._src import ffi
+  return bool(ffi.extension().cpu_bf16_depthwise())
+
+
 def _narrow_facts(params, lhs_shape, rhs_shape):
   """For a narrow output (fewer than ``CPU_MIN_FEATURES`` features per group)
   of at least ``CPU_MIN_MACS`` multiply-adds: (features per group, whether it

@@ -45,7 +45,7 @@ class Explanation:
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
-      output; none on the ``"bf16 ..."`` pair paths), made by the kernel and
+      output; none on the ``"bf16 ..."`` paths), made by the kernel and
       kept for the next call (one set per call running at once;
       ``cks_jax.release_cpu_buffers()`` frees them).
       None on other backends.
@@ -70,6 +70,9 @@ class Explanation:
       ``"depthwise"`` (vectorised over the groups of a depthwise
       convolution: one feature and one input channel or batch entry per
       group, at least 8 groups, contiguous: forwards and both gradients),
+      ``"bf16 depthwise"`` (the same with bfloat16 operands read as they
+      are and widened in registers, on CPUs with AVX-512BW and VL; elsewhere
+      ``"depthwise"`` on float32 copies, with the same bits),
       ``"interleaved taps"`` (a filter gradient of large operands whose taps
       run chunk by chunk), ``"interleaved taps, fused"`` (the same, with the
       taps that read adjacent cotangent positions multiplied as one GEMM:
@@ -196,6 +199,9 @@ def _pool_threads() -> int:
 # place (conv_cpu.cc, Bf16Pairs) or packed as pairs (Bf16PackedPairs), and
 # multiplied two reduction indices per lane by vdpbf16ps; no float32 copies.
 PAIRS = ("bf16 pairs", "bf16 packed pairs", "bf16 packed pairs, interleaved taps")
+# The depthwise path's for bfloat16 operands on AVX-512BW/VL CPUs: read in place,
+# widened to float32 in registers; no float32 copies either.
+BF16_DEPTHWISE = "bf16 depthwise"
 
 
 def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, str]:
@@ -214,10 +220,11 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
       params["batch_group_count"], in_dt, out_dt, threads)
   # The kernel's float32 copies (conv_cpu.cc, RunConv): the operands, and a
   # 16-bit output where its dot or depthwise path writes float32 in place;
-  # none on the bfloat16 pair paths (PAIRS).
+  # none on the bfloat16 paths that read bfloat16 in place (PAIRS, BF16_DEPTHWISE).
   wide = (lhs_shape, rhs_shape) + ((out_shape,) if out_dt != "float32"
                                    and path in ("dot", "depthwise") else ())
-  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and path not in PAIRS else 0
+  in_place = path in PAIRS or path == BF16_DEPTHWISE
+  copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and not in_place else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
           "widened": copies, "total": total}, path
@@ -255,6 +262,9 @@ def explain_params(lhs_shape, rhs_shape, params, platform: str | None = None,
               if backends.cpu_bf16_amx() else "AVX512_BF16 dot-product instructions (no AMX")
       reason = reason.replace(_WIDENED, f"; bfloat16 operands {how}, multiplied in pairs by "
                               f"{unit}; float32 sums)")
+    elif path == BF16_DEPTHWISE:
+      reason = reason.replace(_WIDENED, "; bfloat16 operands read as they are and widened to "
+                              "float32 in registers (float32 sums; no float32 copies)")
   return Explanation(scratch=scratch, cpu_path=path,
       algorithm=_algorithm(params), backend=backend, reason=reason, phases=int(phases),
       subproblems=int(subs), zero_subproblems=int(zero_subs), cks_macs=float(cks_macs),

@@ -264,10 +264,15 @@ struct CksConv {
   // gradient) or one batch entry (batch groups: its filter gradient), the
   // groups contiguous in lhs, rhs and out (NHWC and HWIO). The GEMM would pad
   // the one column to a panel and read each group's lane of every row.
+  // bfloat16 operands are read in place where gemm::bf16_depthwise() (the
+  // kernel widens them in registers and rounds a bfloat16 output as it
+  // stores it); elsewhere RunConv runs them on float32 copies.
   static constexpr int64_t kDwMinGroups = 8;
+  static constexpr bool kDwBf16 = std::is_same<Tin, bf16>::value && std::is_same<Acc, float>::value;
+  static constexpr bool kDwTypes =
+      (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) || kDwBf16;
   bool depthwise() const {
-    if (!std::is_same<Tin, Acc>::value || !std::is_same<Tout, Acc>::value ||
-        pb.groups() < kDwMinGroups || pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
+    if (!kDwTypes || (kDwBf16 && !gemm::bf16_depthwise()) || pb.groups() < kDwMinGroups || pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
       return false;
     return pb.feature_groups > 1 ? pb.group_in() == 1 && pb.lhs_c == 1
                                  : pb.out_batch() == 1 && pb.lhs_n == 1;
@@ -301,9 +306,15 @@ struct CksConv {
   // number of threads.
   static constexpr int64_t kDwMaxChunks = 64, kDwPartialBytes = int64_t{8} << 20;
   bool dw_entries() const { return depthwise() && pb.batch_groups > 1 && pb.group_in() > 1; }
+  // Bytes of one partial output (float32 for a bfloat16 output, whose
+  // partials are always written: the bits of a float32 output, rounded after).
+  int64_t dw_part_bytes() const {
+    return out_bytes() / static_cast<int64_t>(sizeof(Tout)) * static_cast<int64_t>(sizeof(Acc));
+  }
+  bool dw_partials() const { return dw_chunks() > 1 || !std::is_same<Tout, Acc>::value; }
   int64_t dw_chunks() const {
     return std::clamp<int64_t>(std::min(kDwMaxChunks, kDwPartialBytes / std::max<int64_t>(
-                                                                              out_bytes(), 1)),
+                                                                              dw_part_bytes(), 1)),
                                1, pb.group_in());
   }
   std::vector<Task> depthwise_tasks(int64_t workers) const {
@@ -363,21 +374,21 @@ struct CksConv {
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
   void run_depthwise(const Task& t) const {
-    if constexpr (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) {
+    if constexpr (kDwTypes) {
       thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
       const SubProblem& sp = plan.subproblems[t.sp];
       row_offsets(t, lhs_row, out_row);
       const int64_t rows = t.row1 - t.row0, n = t.col1 - t.col0;
-      Acc* const o = out + t.col0;
+      Tout* const o = out + t.col0;
       if (sp.taps == 0) {
-        for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
+        for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, store<Tout>(Acc(0)));
         return;
       }
       // The reduction (c, tap), c outer: the channels are one (forwards) or
       // the batch (filter gradients), its stride the largest.
       const dw::Red k = dw_red(sp, tap_l, tap_r, pb.group_in());
-      const Acc* const a = lhs_in_acc() + t.col0;
-      const Acc* const b = rhs + t.col0;
+      const Tin* const a = lhs + t.col0;
+      const Tin* const b = rhs + t.col0;
       const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
       const bool nt = dw_streams();
       int64_t r = 0;
@@ -397,7 +408,7 @@ struct CksConv {
   // on entries [t.row0, t.row1), lanes [t.col0, t.col1), into `part`
   // (the output's layout): entry c's sum is added to those before it.
   void run_depthwise_entries(const Task& t, Acc* part) const {
-    if constexpr (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) {
+    if constexpr (kDwTypes) {
       thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
       const int64_t n = t.col1 - t.col0;
       Acc* const o = part + t.col0;
@@ -412,8 +423,8 @@ struct CksConv {
         const dw::Red k = dw_red(sp, tap_l, tap_r, 1);
         const int64_t quads = rows / 4 * 4;
         for (int64_t c = t.row0; c < t.row1; ++c) {
-          const Acc* const a = lhs_in_acc() + t.col0 + c * pb.lhs_c;
-          const Acc* const b = rhs + t.col0 + c * pb.rhs_i;
+          const Tin* const a = lhs + t.col0 + c * pb.lhs_c;
+          const Tin* const b = rhs + t.col0 + c * pb.rhs_i;
           const bool add = c > t.row0;
           int64_t r = 0;
           for (; r < quads; r += 4)
@@ -1944,7 +1955,7 @@ struct CksConv {
 
   // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
   const char* path() const {
-    if (depthwise()) return "depthwise";
+    if (depthwise()) return kDwBf16 ? "bf16 depthwise" : "depthwise";
     if (narrow()) return pb.group_out() <= gemm::kNarrowF ? "narrow" : "row-vectorised";
     if (fuses_phases()) return "gemm, phases fused";
     if (fuses_columns()) return "gemm, adjacent phases fused";
@@ -1961,8 +1972,7 @@ struct CksConv {
       *shared = 0;
       *per_thread = 0;
       if (dw_entries()) {
-        const int64_t nq = dw_chunks();
-        *shared = nq > 1 ? nq * out_bytes() : 0;
+        *shared = dw_partials() ? dw_chunks() * dw_part_bytes() : 0;
         for (const SubProblem& sp : plan.subproblems)
           *per_thread = std::max(*per_thread, 2 * I * (round_up(sp.rows, MR) +
                                                        tap_entries(sp, true)));
@@ -1991,21 +2001,25 @@ struct CksConv {
                      [&](int64_t i) { run_depthwise(ts[i]); });
         return;
       }
-      if constexpr (std::is_same<Tout, Acc>::value) {
-        // Partial outputs of the entry chunks (the first straight into out
-        // when it is the only one), then their sum in chunk order.
-        const int64_t nq = dw_chunks(), E = out_bytes() / static_cast<int64_t>(sizeof(Tout));
-        std::vector<Acc> part(nq > 1 ? nq * E : 0);
+      if constexpr (kDwTypes) {
+        // Partial outputs of the entry chunks (straight into out when there
+        // is one chunk and out holds Acc), then their sum in chunk order,
+        // rounded to Tout.
+        const int64_t nq = dw_chunks(), E = dw_part_bytes() / static_cast<int64_t>(sizeof(Acc));
+        const bool parts = dw_partials();
+        Acc* direct = nullptr;
+        if constexpr (std::is_same<Tout, Acc>::value) direct = out;
+        std::vector<Acc> part(parts ? nq * E : 0);
         parallel_for(pool, static_cast<int64_t>(ts.size()), [&](int64_t i) {
-          run_depthwise_entries(ts[i], nq > 1 ? part.data() + ts[i].j0 * E : out);
+          run_depthwise_entries(ts[i], parts ? part.data() + ts[i].j0 * E : direct);
         });
-        if (nq > 1) {
+        if (parts) {
           constexpr int64_t kChunk = 4096;
           parallel_for(pool, (E + kChunk - 1) / kChunk, [&](int64_t u) {
             for (int64_t e = u * kChunk; e < std::min(E, (u + 1) * kChunk); ++e) {
               Acc v = part[e];
               for (int64_t q = 1; q < nq; ++q) v += part[q * E + e];
-              out[e] = v;
+              out[e] = store<Tout>(v);
             }
           });
         }
@@ -2586,6 +2600,7 @@ struct RunConv {
       if (Bf16Pairs<Tout>::applies(pb, plan)) return Bf16Pairs<Tout>{conv}.run_all(pool);
       if (Bf16PackedPairs<Tout>::applies(pb, plan))
         return Bf16PackedPairs<Tout>{conv}.run_all(pool);
+      if (conv.depthwise()) return conv.run_all(pool);
     }
     if constexpr (kWidened<Tin>) {
       WidenedLease lease;
@@ -2627,6 +2642,11 @@ struct ScratchOf {
         const Bf16PackedPairs<Tout> packed{conv};
         packed.scratch(workers, shared, per_thread);
         *path = packed.interleaves() ? "bf16 packed pairs, interleaved taps" : "bf16 packed pairs";
+        return;
+      }
+      if (conv.depthwise()) {
+        conv.scratch(workers, shared, per_thread);
+        *path = conv.path();
         return;
       }
     }
@@ -2677,6 +2697,7 @@ int cpu_isa() { return gemm::gemm_isa(); }
 
 bool cpu_bf16_pairs() { return gemm::bf16_pairs(); }
 bool cpu_bf16_amx() { return gemm::bf16_amx(); }
+bool cpu_bf16_depthwise() { return gemm::bf16_depthwise(); }
 
 int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
 void cpu_widened_release() { widened_pool().release(); }

@@ -14,6 +14,12 @@
 // chains per vector hide the FMA latency. Every ISA runs the same fused
 // multiply-adds in the same order per lane: the same bits whatever the
 // vector width.
+//
+// Element types: TI of a and b, TO of out, accumulated in T = Acc<TI>
+// (float or double). bfloat16 operands (TI = bf16, AVX-512 only) are widened
+// in registers and a bfloat16 output rounded as it is stored (float_to_bf16):
+// the same bits as the float32 kernel on float32 copies of the operands,
+// rounded after, without the copies.
 #pragma once
 
 #include <algorithm>
@@ -21,10 +27,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cks/dtypes.h"
 #include "gemm.h"
 
 namespace cks {
 namespace dw {
+
+template <typename TI>
+using Acc = std::conditional_t<std::is_same<TI, double>::value, double, float>;
 
 struct Red {
   const int64_t* ra;  // a offset of run j's first tap (relative to a row's)
@@ -33,30 +43,33 @@ struct Red {
   int64_t nc, ca, cb;          // channels (outer) and their a and b strides
 };
 
-template <int R, int S, typename T>
-void rows_portable(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
+template <int R, int S, typename T, typename TI, typename TO>
+void rows_portable(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
                    const int64_t* orow, int64_t n, bool add) {
   for (int64_t i = 0; i < n; ++i)
     for (int r = 0; r < R; ++r) {
       T acc[S] = {};
       for (int64_t c = 0; c < k.nc; ++c)
         for (int64_t j = 0; j < k.nruns; ++j) {
-          const T* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
-          const T* bp = b + c * k.cb + k.rb[j] + i;
+          const TI* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
+          const TI* bp = b + c * k.cb + k.rb[j] + i;
           for (int64_t q = 0; q < k.len; ++q)
-            acc[q % S] = std::fma(ap[q * k.sa], bp[q * k.sb], acc[q % S]);
+            acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
         }
       T sum = acc[0];
       for (int u = 1; u < S; ++u) sum += acc[u];
-      out[orow[r] + i] = add ? out[orow[r] + i] + sum : sum;
+      TO& o = out[orow[r] + i];
+      o = store<TO>(add ? load<T>(o) + sum : sum);
     }
 }
 
 #ifdef CKS_X86_AVX2
 // Vector operations of one ISA and element type, for CKS_DW_CHUNK: L lanes,
 // gemm.h's whole-vector overloads, and masks of the first m lanes (m clamped
-// to [0, L]; masked-off lanes are neither read nor written).
-#define CKS_DW512 static __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+// to [0, L]; masked-off lanes are neither read nor written); for float,
+// bfloat16 loads (widened) and stores (rounded) of L lanes too.
+#define CKS_DW512_TARGET "avx512f,avx512bw,avx512vl,avx2,fma"
+#define CKS_DW512 static __attribute__((target(CKS_DW512_TARGET), always_inline)) inline
 #define CKS_DW256 static __attribute__((target("avx2,fma"), always_inline)) inline
 template <typename T_>
 struct Z512 {
@@ -82,6 +95,23 @@ struct Z512 {
     else _mm512_mask_storeu_pd(p, m, v);
   }
   CKS_DW512 void stream(T* p, V v) { gemm::zstream(p, v); }
+  // bfloat16 is float32's upper half: widened by a shift, exactly.
+  CKS_DW512 V widen(__m256i h) {
+    static_assert(F, "bfloat16 accumulates in float32");
+    constexpr __mmask16 all = 0xffff;  // zero-masked forms: see gemm::round_bf16
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
+  }
+  CKS_DW512 V load(const bf16* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  CKS_DW512 V load(const bf16* p, M m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+  CKS_DW512 void store(bf16* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), gemm::round_bf16(v));
+  }
+  CKS_DW512 void store(bf16* p, V v, M m) { _mm256_mask_storeu_epi16(p, m, gemm::round_bf16(v)); }
+  CKS_DW512 void stream(bf16* p, V v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), gemm::round_bf16(v));
+  }
 };
 template <typename T_>
 struct Y256 {
@@ -116,6 +146,14 @@ struct Y256 {
 #undef CKS_DW512
 #undef CKS_DW256
 
+// The depthwise kernel's ISA: gemm_isa(), where AVX-512 also needs BW and
+// VL (every AVX-512 CPU since Skylake-SP has them).
+inline int isa() {
+  static const int i =
+      gemm::gemm_isa() == 2 && !gemm::cpu_features().avx512bw_vl ? 1 : gemm::gemm_isa();
+  return i;
+}
+
 // One block of 2 L lanes from lane i (whole vectors where FULL, else the
 // first m lanes, masked) of R rows with S chains each. A macro, stamped
 // into one function per ISA (each with its own target attribute).
@@ -130,8 +168,8 @@ struct Y256 {
     const int64_t len = k.len, sa = k.sa, sb = k.sb;                                           \
     for (int64_t c = 0; c < k.nc; ++c)                                                         \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
-        const T* bp = b + c * k.cb + k.rb[j] + i;                                              \
-        const T* ap[R];                                                                        \
+        const TI* bp = b + c * k.cb + k.rb[j] + i;                                             \
+        const TI* ap[R];                                                                       \
         for (int r = 0; r < R; ++r) ap[r] = a + arow[r] + c * k.ca + k.ra[j] + i;              \
         for (int64_t q = 0; q < len; q += S) {                                                 \
           _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) {                                \
@@ -153,7 +191,7 @@ struct Y256 {
       for (int h = 0; h < 2; ++h) {                                                            \
         V sum = acc[r][0][h];                                                                  \
         for (int u = 1; u < S; ++u) sum = I::add(sum, acc[r][u][h]);                           \
-        T* const op = out + orow[r] + i + h * L;                                               \
+        TO* const op = out + orow[r] + i + h * L;                                              \
         if (add) sum = I::add(FULL ? I::load(op) : I::load(op, h == 0 ? k0 : k1), sum);         \
         if (FULL && nt)                                                                        \
           I::stream(op, sum);                                                                  \
@@ -164,12 +202,12 @@ struct Y256 {
       }                                                                                        \
   }
 
-template <int R, int S, typename T>
-__attribute__((target("avx512f,avx2,fma"))) void rows_avx512(const T* a, const int64_t* arow,
-                                                               const T* b, const Red& k, T* out,
-                                                               const int64_t* orow, int64_t n,
-                                                               bool add, bool nt) {
-  using I = Z512<T>;
+template <int R, int S, typename TI, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TI* a, const int64_t* arow,
+                                                          const TI* b, const Red& k, TO* out,
+                                                          const int64_t* orow, int64_t n,
+                                                          bool add, bool nt) {
+  using I = Z512<Acc<TI>>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -186,6 +224,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n, bool add, bool nt) {
   using I = Y256<T>;
+  using TI = T;
+  using TO = T;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -214,16 +254,16 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) acc[r][v] = I::zero();                                      \
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
-      const T* const arc = a + arow0 + c * k.ca + i;                                           \
-      const T* const bc = b + c * k.cb + i;                                                    \
+      const TI* const arc = a + arow0 + c * k.ca + i;                                          \
+      const TI* const bc = b + c * k.cb + i;                                                   \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
-        const T* const ap = arc + k.ra[j];                                                     \
+        const TI* const ap = arc + k.ra[j];                                                    \
         V w[R + TL - 1][NV];                                                                   \
         _Pragma("GCC unroll 16") for (int j = 0; j < R + TL - 1; ++j)                          \
             _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) w[j][v] =                     \
             FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]);         \
         _Pragma("GCC unroll 8") for (int t = 0; t < TL; ++t) {                                 \
-          const T* const bp = bc + k.rb[j] + t * k.sb;                                         \
+          const TI* const bp = bc + k.rb[j] + t * k.sb;                                        \
           V bv[NV];                                                                            \
           _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) bv[v] =                         \
               FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);                         \
@@ -235,7 +275,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     }                                                                                          \
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) {                                                           \
-        T* const op = out + orow[r] + i + v * L;                                               \
+        TO* const op = out + orow[r] + i + v * L;                                              \
         if (FULL && nt)                                                                        \
           I::stream(op, acc[r][v]);                                                            \
         else if (FULL)                                                                         \
@@ -245,13 +285,12 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
       }                                                                                        \
   }
 
-template <int R, int TL, typename T>
-__attribute__((target("avx512f,avx2,fma"))) void slide_avx512(const T* a, int64_t arow0,
-                                                                int64_t rs, const T* b,
-                                                                const Red& k, T* out,
-                                                                const int64_t* orow, int64_t n,
-                                                                bool nt) {
-  using I = Z512<T>;
+template <int R, int TL, typename TI, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TI* a, int64_t arow0,
+                                                           int64_t rs, const TI* b, const Red& k,
+                                                           TO* out, const int64_t* orow,
+                                                           int64_t n, bool nt) {
+  using I = Z512<Acc<TI>>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
   int64_t i = 0;
   for (; i + NV * I::L <= n; i += NV * I::L) {
@@ -269,6 +308,8 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
                                                     const T* b, const Red& k, T* out,
                                                     const int64_t* orow, int64_t n, bool nt) {
   using I = Y256<T>;
+  using TI = T;
+  using TO = T;
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
     const int64_t m = I::L;
@@ -288,21 +329,23 @@ constexpr int64_t kSlideMaxTL = 7;
 
 // Rows [0, 4) as rows<4, 1> computes them, where their lhs offsets step by
 // the runs' a step and the runs are 2..kSlideMaxTL long (see CKS_DW_SLIDE),
-// on a SIMD ISA; returns false (nothing done) elsewhere.
-template <typename T>
-bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
+// on a SIMD ISA (AVX-512 for bfloat16); returns false (nothing done)
+// elsewhere.
+template <typename TI, typename TO>
+bool slide4(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
             const int64_t* orow, int64_t n, bool nt = false) {
 #ifdef CKS_X86_AVX2
-  const int isa = gemm::gemm_isa();
+  constexpr bool same = std::is_same<TI, Acc<TI>>::value && std::is_same<TO, Acc<TI>>::value;
+  const int isa = dw::isa();
   const int64_t rs = arow[1] - arow[0];
-  if (isa == 0 || k.len < 2 || k.len > kSlideMaxTL || k.sa != rs || arow[2] - arow[1] != rs ||
+  if (isa == 0 || (!same && isa != 2) || k.len < 2 || k.len > kSlideMaxTL || k.sa != rs || arow[2] - arow[1] != rs ||
       arow[3] - arow[2] != rs)
     return false;
   auto run = [&](auto tag) {
     constexpr int TL = decltype(tag)::value;
     if (isa == 2)
       slide_avx512<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
-    else
+    else if constexpr (same)
       slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
   };
   switch (k.len) {
@@ -322,17 +365,19 @@ bool slide4(const T* a, const int64_t* arow, const T* b, const Red& k, T* out,
 
 // Rows [0, R) of a block (see the top of this file) on the kernel's ISA;
 // whole vectors stored non-temporally where nt (they must be aligned: the
-// caller checks, and fences).
-template <int R, int S, typename T>
-void rows(const T* a, const int64_t* arow, const T* b, const Red& k, T* out, const int64_t* orow,
-          int64_t n, bool add = false, bool nt = false) {
+// caller checks, and fences). bfloat16 operands: AVX-512, else portable.
+template <int R, int S, typename TI, typename TO>
+void rows(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
+          const int64_t* orow, int64_t n, bool add = false, bool nt = false) {
+  using T = Acc<TI>;
 #ifdef CKS_X86_AVX2
-  if (gemm::gemm_isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
-  if (gemm::gemm_isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add, nt);
+  if (dw::isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
+  if constexpr (std::is_same<TI, T>::value && std::is_same<TO, T>::value)
+    if (dw::isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add, nt);
 #else
   (void)nt;
 #endif
-  rows_portable<R, S>(a, arow, b, k, out, orow, n, add);
+  rows_portable<R, S, T>(a, arow, b, k, out, orow, n, add);
 }
 
 }  // namespace dw

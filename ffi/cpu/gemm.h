@@ -805,7 +805,8 @@ __attribute__((target(CKS_BF16_TARGET), always_inline)) inline void pair_step(
 // 16 floats rounded to bfloat16 as float_to_bf16 does (to nearest even,
 // NaN quieted), as 16 bits each. (Zero-masked forms: GCC 12's unmasked ones
 // trip -Wmaybe-uninitialized on an undefined vector.)
-__attribute__((target(CKS_BF16_TARGET), always_inline)) inline __m256i round_bf16(__m512 v) {
+// AVX-512F only, so that the depthwise kernel (without AVX512_BF16) inlines it.
+__attribute__((target("avx512f"), always_inline)) inline __m256i round_bf16(__m512 v) {
   constexpr __mmask16 all = 0xffff;
   const __m512i u = _mm512_castps_si512(v), hi = _mm512_maskz_srli_epi32(all, u, 16);
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
@@ -1201,6 +1202,7 @@ inline void pairs_block(int64_t mc, int64_t nc_pad, int64_t kc, const ASrc& A,
 struct CpuFeatures {
   bool avx2_fma = false;     // AVX2 and FMA
   bool avx512f = false;      // and AVX-512F
+  bool avx512bw_vl = false;  // and AVX-512BW and VL
   bool avx512_bf16 = false;  // and AVX-512BW, VL and BF16
   bool amx_bf16 = false;     // and AMX-TILE and AMX-BF16, their state granted by Linux
 };
@@ -1221,6 +1223,7 @@ inline CpuFeatures cpu_features() {
     f.avx2_fma = ymm_saved && fma && (b & (1u << 5));
     f.avx512f = f.avx2_fma && zmm_saved && (b & (1u << 16));
     const bool bw = b & (1u << 30), vl = b & (1u << 31);
+    f.avx512bw_vl = f.avx512f && bw && vl;
     const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
     if (max_subleaf >= 1) {
       __cpuid_count(7, 1, a, b, c, d);
@@ -1268,6 +1271,24 @@ inline bool bf16_pairs() {
 #ifdef CKS_X86_AVX2
     const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
     return gemm_isa() == 2 && cpu_features().avx512_bf16 &&
+           !(off != nullptr && std::strcmp(off, "0") == 0);
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
+// Whether the depthwise kernel reads bfloat16 operands in place, widening
+// them in registers (depthwise.h): AVX-512F, BW and VL (the 16-bit masked
+// loads and stores of its lane tails), on the same switches as bf16_pairs()
+// but without AVX512_BF16 (it multiplies in float32). Elsewhere bfloat16
+// depthwise convolutions run on float32 copies: the same bits.
+inline bool bf16_depthwise() {
+  static const bool on = [] {
+#ifdef CKS_X86_AVX2
+    const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
+    return gemm_isa() == 2 && cpu_features().avx512bw_vl &&
            !(off != nullptr && std::strcmp(off, "0") == 0);
 #else
     return false;
