@@ -810,6 +810,9 @@ DW_CASES = [
      {"feature_group_count": 33, "dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
     # an output over 8 MB (8.7 MB in float32), written with non-temporal stores (AVX-512)
     ((8, 66, 64, 64), (3, 3, 1, 64), ((1, 1), "SAME"), {"feature_group_count": 64}),
+    # 7x7 SAME on 10 x 20 maps: the interior's spans of 14 rows run as eight sliding rows,
+    # four, then eight rows across the span's end (AVX-512; rows<4, 1> elsewhere)
+    ((2, 10, 20, 33), (7, 7, 1, 33), ((1, 1), "SAME"), {"feature_group_count": 33}),
     # padding wider than the input: sub-problems with no taps (outputs all zero)
     ((2, 3, 3, 16), (5, 5, 1, 16), ((1, 1), [(4, 4), (4, 4)]), {"feature_group_count": 16}),
 ]
@@ -845,8 +848,8 @@ def test_depthwise_16bit():
     check_on_kernel(DW_CASES[1], dtype, seed=90)
 
 
-# bfloat16 depthwise cases for the in-place path: DW_CASES 0-4 and 8 (sliding rows, lane
-# tails, strides, dilation, lhs dilation, no taps), and an output over 8 MB in bfloat16
+# bfloat16 depthwise cases for the in-place path: DW_CASES 0-4, 8 and 9 (sliding rows, lane
+# tails, strides, dilation, lhs dilation, rows in eights, no taps), and an output over 8 MB in bfloat16
 # (9.4 MB: non-temporal stores of rounded rows).
 BF16_DW_CASES = DW_CASES[:5] + DW_CASES[8:] + [
     ((8, 64, 144, 64), (3, 3, 1, 64), ((1, 1), "SAME"), {"feature_group_count": 64})]
@@ -863,12 +866,12 @@ def test_bf16_depthwise_same_bits(tmp_path):
       import jax, numpy as np, test_kernel_paths as k
       from cks_jax._src import backends
       assert not backends.cpu_bf16_depthwise()
-      np.savez(r"{tmp_path}/copies.npz", **k.bf16_depthwise_outputs())
+      np.savez(r"{tmp_path}/copies.npz", **k.depthwise_outputs(k.BF16_DW_CASES, k.BF16_OUT))
       print("ok")
   """)
   assert run_python(code, CKS_CPU_BF16_PAIRS="0")[-1] == "ok"
   copies = np.load(tmp_path / "copies.npz")
-  here = bf16_depthwise_outputs()
+  here = depthwise_outputs(BF16_DW_CASES, BF16_OUT)
   assert sorted(here) == sorted(copies.files) and len(here) == len(BF16_DW_CASES) * 2 * 3
   differ = [name for name, x in here.items() if not np.array_equal(x, copies[name])]
   assert not differ, differ
@@ -877,23 +880,53 @@ def test_bf16_depthwise_same_bits(tmp_path):
     check_on_kernel(case, jnp.bfloat16, seed=95 + i)
 
 
-def bf16_depthwise_outputs():
-  """Raw bits of the forward, d lhs and d rhs of BF16_DW_CASES on the kernel, with bfloat16
-  operands and bfloat16 or float32 outputs, by name."""
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="compares the AVX-512 kernel's bits with "
+                    "the narrower kernels': needs AVX-512 (and no CKS_CPU_ISA cap)")
+@pytest.mark.parametrize("isa", ["0", "1"])
+def test_depthwise_same_bits_across_isas(isa, tmp_path):
+  # One chain per row in tap order (four or eight rows at a time, sliding or not), the last
+  # rows % 4 in four chains: the AVX-512, AVX2 and portable kernels (CKS_CPU_ISA, in a
+  # subprocess) give the same bits, forward and both gradients.
+  cases = DW_CASES[:2] + DW_CASES[4:5] + DW_CASES[8:9]
+  code = textwrap.dedent(f"""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import numpy as np, test_kernel_paths as k
+      cases = k.DW_CASES[:2] + k.DW_CASES[4:5] + k.DW_CASES[8:9]
+      np.savez(r"{tmp_path}/narrow.npz", **k.depthwise_outputs(cases, k.FLOAT_OUT))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_ISA=isa)[-1] == "ok"
+  narrow = np.load(tmp_path / "narrow.npz")
+  here = depthwise_outputs(cases, FLOAT_OUT)
+  assert sorted(here) == sorted(narrow.files) and len(here) == len(cases) * 2 * 3
+  differ = [name for name, x in here.items() if not np.array_equal(x, narrow[name])]
+  assert not differ, differ
+
+
+# (operand dtype, output dtype: None for the operands'), for depthwise_outputs
+BF16_OUT = [(jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)]
+FLOAT_OUT = [(np.float32, None), (np.float64, None)]
+
+
+def depthwise_outputs(cases, dtypes):
+  """Raw bits of the forward, d lhs and d rhs of each (lhs shape, rhs shape, args, kwargs) case
+  on the kernel, for each (operand dtype, output dtype) of dtypes, by name."""
   out = {}
-  for i, (lhs_shape, rhs_shape, args, kw) in enumerate(BF16_DW_CASES):
+  for i, (lhs_shape, rhs_shape, args, kw) in enumerate(cases):
     kw = {"dimension_numbers": DN2, **kw}
-    for out_dtype in (None, jnp.float32):
+    for dtype, out_dtype in dtypes:
       rng = np.random.default_rng(i)
-      lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.bfloat16)
-      rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.bfloat16)
+      lhs = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+      rhs = jnp.asarray(rng.standard_normal(rhs_shape), dtype)
       f = lambda l, r: cks_jax.conv_general_dilated(l, r, *args, backend="ffi",
                                                     preferred_element_type=out_dtype, **kw)
       o, vjp = jax.vjp(f, lhs, rhs)
       ct = jnp.asarray(rng.standard_normal(o.shape), o.dtype)
       for what, x in zip(("out", "d_lhs", "d_rhs"), (o,) + vjp(ct)):
         x = np.asarray(x)
-        out[f"{i}-{np.dtype(x.dtype).name}-{out_dtype is None}-{what}"] = x.view(f"u{x.itemsize}")
+        name = f"{i}-{np.dtype(dtype).name}-{out_dtype is None}-{what}"
+        out[name] = x.view(f"u{x.itemsize}")
   return out
 
 

@@ -283,7 +283,7 @@ struct CksConv {
   // A sub-problem's rows run four at a time, its last rows % 4 one at a time
   // in four chains (depthwise.h): fixed by the shape, so the bits do not
   // depend on the thread count.
-  static constexpr int64_t kDwRows = 64, kDwLanes = 32;
+  static constexpr int64_t kDwRows = 64, kDwLanes = 32, kDwTaskMacs = int64_t{1} << 17;
   // Lane blocks of a set of tasks: splits of the G groups, as many as
   // leave kTasksPerWorker tasks per worker (with `base` tasks per block).
   int64_t dw_width(int64_t base, int64_t workers) const {
@@ -330,16 +330,23 @@ struct CksConv {
         }
       return ts;
     }
-    int64_t blocks = 0;
+    int64_t blocks = 0, rows_all = 0;
     for (const SubProblem& sp : plan.subproblems)
-      if (sp.taps > 0) blocks += (sp.rows + kDwRows - 1) / kDwRows;
+      if (sp.taps > 0) blocks += (sp.rows + kDwRows - 1) / kDwRows, rows_all += sp.rows;
     const int64_t width = dw_width(blocks, workers);
+    // Rows per task: kDwRows, or a multiple of it where a task of kDwRows
+    // rows would do fewer than kDwTaskMacs multiply-adds (few groups, few
+    // taps), keeping kTasksPerWorker tasks per worker.
+    const int64_t cap = std::max(kDwRows, rows_all / (kTasksPerWorker * workers) / kDwRows * kDwRows);
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
-      const int64_t rows = plan.subproblems[s].rows;
-      for (int64_t r = 0; r < rows; r += kDwRows)
+      const SubProblem& sp = plan.subproblems[s];
+      const int64_t per_row = std::max<int64_t>(1, width * sp.taps * pb.group_in());
+      const int64_t step = std::clamp(round_up((kDwTaskMacs + per_row - 1) / per_row, kDwRows),
+                                      kDwRows, cap);
+      for (int64_t r = 0; r < sp.rows; r += step)
         for (int64_t c = 0; c < G; c += width)
-          ts.push_back({s, 0, r, std::min(rows, r + kDwRows), c, std::min(G, c + width)});
+          ts.push_back({s, 0, r, std::min(sp.rows, r + step), c, std::min(G, c + width)});
     }
     return ts;
   }
@@ -390,11 +397,24 @@ struct CksConv {
       const Tin* const a = lhs + t.col0;
       const Tin* const b = rhs + t.col0;
       const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
-      const bool nt = dw_streams();
+      // Rows in fours, or eights where the registers hold eight chains of
+      // the block (AVX-512): one chain per row either way, the same bits.
+      const bool nt = dw_streams(), eights = dw::eight_rows();
+      const bool slide8 = eights && k.len >= dw::kSlide8MinTL;
       int64_t r = 0;
-      for (; r < quads; r += 4)
-        if (!dw::slide4(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, nt))
-          dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+      for (; r < quads; r += 4) {
+        const int64_t* const ar = lhs_row.data() + r;
+        const int64_t* const orr = out_row.data() + r;
+        if (slide8 && r + 8 <= quads && dw::slide<8>(a, ar, b, k, o, orr, n, nt)) {
+          r += 4;
+        } else if (dw::slide<4>(a, ar, b, k, o, orr, n, nt)) {
+        } else if (eights && r + 8 <= quads) {
+          dw::rows<8, 1>(a, ar, b, k, o, orr, n, false, nt);
+          r += 4;
+        } else {
+          dw::rows<4, 1>(a, ar, b, k, o, orr, n, false, nt);
+        }
+      }
       for (; r < rows; ++r)
         dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
 #ifdef CKS_X86_AVX2

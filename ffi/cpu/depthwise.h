@@ -177,7 +177,7 @@ inline int isa() {
             const V b0 = FULL ? I::load(bp) : I::load(bp, k0);                                 \
             const V b1 = FULL ? I::load(bp + L) : I::load(bp + L, k1);                         \
             bp += sb;                                                                          \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                              \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                              \
               acc[r][u][0] = I::fma(FULL ? I::load(ap[r]) : I::load(ap[r], k0), b0,            \
                                     acc[r][u][0]);                                             \
               acc[r][u][1] = I::fma(FULL ? I::load(ap[r] + L) : I::load(ap[r] + L, k1), b1,    \
@@ -267,7 +267,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
           V bv[NV];                                                                            \
           _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) bv[v] =                         \
               FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);                         \
-          _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                  \
+          _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                  \
               _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) acc[r][v] =                 \
               I::fma(w[r + t][v], bv[v], acc[r][v]);                                           \
         }                                                                                      \
@@ -323,30 +323,48 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
 #undef CKS_DW_SLIDE
 #endif
 
+// Whether a block's rows run eight at a time (rows<8, 1>, slide<8>): on
+// AVX-512, whose 32 registers hold their chains.
+inline bool eight_rows() {
+#ifdef CKS_X86_AVX2
+  return isa() == 2;
+#else
+  return false;
+#endif
+}
+
 // The largest run of taps the sliding kernel takes (its windows: R + TL - 1
 // vectors per lane vector).
 constexpr int64_t kSlideMaxTL = 7;
 
-// Rows [0, 4) as rows<4, 1> computes them, where their lhs offsets step by
-// the runs' a step and the runs are 2..kSlideMaxTL long (see CKS_DW_SLIDE),
-// on a SIMD ISA (AVX-512 for bfloat16); returns false (nothing done)
-// elsewhere.
-template <typename TI, typename TO>
-bool slide4(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
-            const int64_t* orow, int64_t n, bool nt = false) {
+// The shortest runs that slide8 takes: with fewer taps, four rows of two
+// vectors (slide4) already run eight chains.
+constexpr int64_t kSlide8MinTL = 4;
+
+// Rows [0, R) (R = 4, or 8 on AVX-512 for runs of kSlide8MinTL taps or
+// more: eight chains of one vector) as rows<4, 1> computes them, where their
+// lhs offsets step by the runs' a step and the runs are 2..kSlideMaxTL long
+// (see CKS_DW_SLIDE), on a SIMD ISA (AVX-512 for bfloat16); returns false
+// (nothing done) elsewhere.
+template <int R, typename TI, typename TO>
+bool slide(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
+           const int64_t* orow, int64_t n, bool nt = false) {
+  static_assert(R == 4 || R == 8, "slide: 4 or 8 rows");
 #ifdef CKS_X86_AVX2
   constexpr bool same = std::is_same<TI, Acc<TI>>::value && std::is_same<TO, Acc<TI>>::value;
   const int isa = dw::isa();
   const int64_t rs = arow[1] - arow[0];
-  if (isa == 0 || (!same && isa != 2) || k.len < 2 || k.len > kSlideMaxTL || k.sa != rs || arow[2] - arow[1] != rs ||
-      arow[3] - arow[2] != rs)
+  if (isa == 0 || ((!same || R == 8) && isa != 2) || k.len < (R == 8 ? kSlide8MinTL : 2) ||
+      k.len > kSlideMaxTL || k.sa != rs)
     return false;
+  for (int r = 2; r < R; ++r)
+    if (arow[r] - arow[r - 1] != rs) return false;
   auto run = [&](auto tag) {
     constexpr int TL = decltype(tag)::value;
     if (isa == 2)
-      slide_avx512<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
-    else if constexpr (same)
-      slide_avx2<4, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
+      slide_avx512<R, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
+    else if constexpr (same && R == 4)
+      slide_avx2<R, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
   };
   switch (k.len) {
     case 2: run(std::integral_constant<int, 2>{}); break;
