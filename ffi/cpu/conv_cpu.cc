@@ -272,17 +272,22 @@ struct CksConv {
   static constexpr bool kDwTypes =
       (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) || kDwBf16;
   bool depthwise() const {
-    if (!kDwTypes || (kDwBf16 && !gemm::bf16_depthwise()) || pb.groups() < kDwMinGroups || pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
+    if (!kDwTypes || (kDwBf16 && !gemm::bf16_depthwise()) || pb.groups() < kDwMinGroups ||
+        pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
       return false;
     return pb.feature_groups > 1 ? pb.group_in() == 1 && pb.lhs_c == 1
                                  : pb.out_batch() == 1 && pb.lhs_n == 1;
   }
-  // Depthwise tasks: row blocks of kDwRows (a multiple of 4) of each
-  // sub-problem, columns [col0, col1) the groups, split in blocks of
-  // kDwLanes when that leaves fewer than kTasksPerWorker tasks per worker.
-  // A sub-problem's rows run four at a time, its last rows % 4 one at a time
-  // in four chains (depthwise.h): fixed by the shape, so the bits do not
-  // depend on the thread count.
+  // Depthwise tasks: row blocks of each sub-problem, a multiple of kDwRows
+  // (of 4) rows and at least kDwTaskMacs multiply-adds where the rows allow,
+  // columns [col0, col1) the groups, split in blocks of kDwLanes when that
+  // leaves fewer than kTasksPerWorker tasks per worker. A sub-problem's rows
+  // run four (or eight) at a time, one chain each, its last rows % 4 one at
+  // a time in four chains (depthwise.h): fixed by the shape, so the bits do
+  // not depend on the thread count. Tasks of 64 rows, whatever the work,
+  // were 18k multiply-adds for MobileNet's 32-channel 3x3 (Zen 4, 2 cores:
+  // 0.80 ms forward; 0.60-0.64 with 2^17 or 2^18, 0.58 with 2^19, but
+  // 512-channel layers 1.2x slower there).
   static constexpr int64_t kDwRows = 64, kDwLanes = 32, kDwTaskMacs = int64_t{1} << 17;
   // Lane blocks of a set of tasks: splits of the G groups, as many as
   // leave kTasksPerWorker tasks per worker (with `base` tasks per block).
@@ -337,7 +342,8 @@ struct CksConv {
     // Rows per task: kDwRows, or a multiple of it where a task of kDwRows
     // rows would do fewer than kDwTaskMacs multiply-adds (few groups, few
     // taps), keeping kTasksPerWorker tasks per worker.
-    const int64_t cap = std::max(kDwRows, rows_all / (kTasksPerWorker * workers) / kDwRows * kDwRows);
+    const int64_t cap =
+        std::max(kDwRows, rows_all / (kTasksPerWorker * workers) / kDwRows * kDwRows);
     std::vector<Task> ts;
     for (int64_t s = 0; s < nsp(); ++s) {
       const SubProblem& sp = plan.subproblems[s];
@@ -378,6 +384,24 @@ struct CksConv {
       if (pb.out_sp[d] % A != 0) return false;
     return true;
   }
+  // A bfloat16 filter's lanes [t.col0, t.col1) of every tap, widened to
+  // float32 (a thread's buffer laid out as rhs; the pointer is lane t.col0's):
+  // the kernel then widens only its input, once per vector and run, not the
+  // filter's vectors as well (K x lanes conversions per task of at least
+  // kDwTaskMacs / K rows of them).
+  const float* dw_filter_f32(const Task& t) const {
+    thread_local std::vector<float> buf;
+    int64_t size = 1, idx[kMaxSpatial] = {0, 0, 0};
+    for (int d = 0; d < pb.nd; ++d) size *= pb.dim[d].k_size;
+    buf.resize(static_cast<size_t>(size * pb.groups()));
+    for (int64_t e = 0; e < size; ++e) {
+      int64_t off = t.col0;
+      for (int d = 0; d < pb.nd; ++d) off += idx[d] * pb.rhs_sp[d];
+      for (int64_t g = 0; g < t.col1 - t.col0; ++g) buf[off + g] = load<float>(rhs[off + g]);
+      for (int d = pb.nd - 1; d >= 0 && ++idx[d] == pb.dim[d].k_size; --d) idx[d] = 0;
+    }
+    return buf.data() + t.col0;
+  }
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
   void run_depthwise(const Task& t) const {
@@ -395,28 +419,33 @@ struct CksConv {
       // the batch (filter gradients), its stride the largest.
       const dw::Red k = dw_red(sp, tap_l, tap_r, pb.group_in());
       const Tin* const a = lhs + t.col0;
-      const Tin* const b = rhs + t.col0;
       const int64_t quads = std::clamp<int64_t>(sp.rows / 4 * 4 - t.row0, 0, rows);
       // Rows in fours, or eights where the registers hold eight chains of
       // the block (AVX-512): one chain per row either way, the same bits.
       const bool nt = dw_streams(), eights = dw::eight_rows();
       const bool slide8 = eights && k.len >= dw::kSlide8MinTL;
-      int64_t r = 0;
-      for (; r < quads; r += 4) {
-        const int64_t* const ar = lhs_row.data() + r;
-        const int64_t* const orr = out_row.data() + r;
-        if (slide8 && r + 8 <= quads && dw::slide<8>(a, ar, b, k, o, orr, n, nt)) {
-          r += 4;
-        } else if (dw::slide<4>(a, ar, b, k, o, orr, n, nt)) {
-        } else if (eights && r + 8 <= quads) {
-          dw::rows<8, 1>(a, ar, b, k, o, orr, n, false, nt);
-          r += 4;
-        } else {
-          dw::rows<4, 1>(a, ar, b, k, o, orr, n, false, nt);
+      auto run = [&](const auto* b) {
+        int64_t r = 0;
+        for (; r < quads; r += 4) {
+          const int64_t* const ar = lhs_row.data() + r;
+          const int64_t* const orr = out_row.data() + r;
+          if (slide8 && r + 8 <= quads && dw::slide<8>(a, ar, b, k, o, orr, n, nt)) {
+            r += 4;
+          } else if (dw::slide<4>(a, ar, b, k, o, orr, n, nt)) {
+          } else if (eights && r + 8 <= quads) {
+            dw::rows<8, 1>(a, ar, b, k, o, orr, n, false, nt);
+            r += 4;
+          } else {
+            dw::rows<4, 1>(a, ar, b, k, o, orr, n, false, nt);
+          }
         }
-      }
-      for (; r < rows; ++r)
-        dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+        for (; r < rows; ++r)
+          dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
+      };
+      if constexpr (kDwBf16)
+        run(dw_filter_f32(t));
+      else
+        run(rhs + t.col0);
 #ifdef CKS_X86_AVX2
       if (nt) _mm_sfence();
 #endif
@@ -2001,6 +2030,11 @@ struct CksConv {
       for (const Task& t : tasks(workers))
         *per_thread = std::max(*per_thread, 2 * I * (round_up(t.row1 - t.row0, MR) +
                                                      tap_entries(plan.subproblems[t.sp], true)));
+      if (kDwBf16) {  // dw_filter_f32's buffer
+        int64_t size = pb.groups() * static_cast<int64_t>(sizeof(float));
+        for (int d = 0; d < pb.nd; ++d) size *= pb.dim[d].k_size;
+        *per_thread += size;
+      }
       return;
     }
     const SharedB sb = shared_b();

@@ -15,9 +15,9 @@
 // multiply-adds in the same order per lane: the same bits whatever the
 // vector width.
 //
-// Element types: TI of a and b, TO of out, accumulated in T = Acc<TI>
-// (float or double). bfloat16 operands (TI = bf16, AVX-512 only) are widened
-// in registers and a bfloat16 output rounded as it is stored (float_to_bf16):
+// Element types: TA of a, TB of b, TO of out, accumulated in T = Acc<TA>
+// (float or double). bfloat16 operands (AVX-512 only) are widened in
+// registers and a bfloat16 output rounded as it is stored (float_to_bf16):
 // the same bits as the float32 kernel on float32 copies of the operands,
 // rounded after, without the copies.
 #pragma once
@@ -43,16 +43,16 @@ struct Red {
   int64_t nc, ca, cb;          // channels (outer) and their a and b strides
 };
 
-template <int R, int S, typename T, typename TI, typename TO>
-void rows_portable(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
+template <int R, int S, typename T, typename TA, typename TB, typename TO>
+void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
                    const int64_t* orow, int64_t n, bool add) {
   for (int64_t i = 0; i < n; ++i)
     for (int r = 0; r < R; ++r) {
       T acc[S] = {};
       for (int64_t c = 0; c < k.nc; ++c)
         for (int64_t j = 0; j < k.nruns; ++j) {
-          const TI* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
-          const TI* bp = b + c * k.cb + k.rb[j] + i;
+          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
+          const TB* bp = b + c * k.cb + k.rb[j] + i;
           for (int64_t q = 0; q < k.len; ++q)
             acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
         }
@@ -99,7 +99,8 @@ struct Z512 {
   CKS_DW512 V widen(__m256i h) {
     static_assert(F, "bfloat16 accumulates in float32");
     constexpr __mmask16 all = 0xffff;  // zero-masked forms: see gemm::round_bf16
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
+    return _mm512_castsi512_ps(
+        _mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
   }
   CKS_DW512 V load(const bf16* p) {
     return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -168,8 +169,8 @@ inline int isa() {
     const int64_t len = k.len, sa = k.sa, sb = k.sb;                                           \
     for (int64_t c = 0; c < k.nc; ++c)                                                         \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
-        const TI* bp = b + c * k.cb + k.rb[j] + i;                                             \
-        const TI* ap[R];                                                                       \
+        const TB* bp = b + c * k.cb + k.rb[j] + i;                                             \
+        const TA* ap[R];                                                                       \
         for (int r = 0; r < R; ++r) ap[r] = a + arow[r] + c * k.ca + k.ra[j] + i;              \
         for (int64_t q = 0; q < len; q += S) {                                                 \
           _Pragma("GCC unroll 4") for (int u = 0; u < S; ++u) {                                \
@@ -202,12 +203,12 @@ inline int isa() {
       }                                                                                        \
   }
 
-template <int R, int S, typename TI, typename TO>
-__attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TI* a, const int64_t* arow,
-                                                          const TI* b, const Red& k, TO* out,
+template <int R, int S, typename TA, typename TB, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const int64_t* arow,
+                                                          const TB* b, const Red& k, TO* out,
                                                           const int64_t* orow, int64_t n,
                                                           bool add, bool nt) {
-  using I = Z512<Acc<TI>>;
+  using I = Z512<Acc<TA>>;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -224,7 +225,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n, bool add, bool nt) {
   using I = Y256<T>;
-  using TI = T;
+  using TA = T;
+  using TB = T;
   using TO = T;
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
@@ -254,16 +256,16 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) acc[r][v] = I::zero();                                      \
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
-      const TI* const arc = a + arow0 + c * k.ca + i;                                          \
-      const TI* const bc = b + c * k.cb + i;                                                   \
+      const TA* const arc = a + arow0 + c * k.ca + i;                                          \
+      const TB* const bc = b + c * k.cb + i;                                                   \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
-        const TI* const ap = arc + k.ra[j];                                                    \
+        const TA* const ap = arc + k.ra[j];                                                    \
         V w[R + TL - 1][NV];                                                                   \
         _Pragma("GCC unroll 16") for (int j = 0; j < R + TL - 1; ++j)                          \
             _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) w[j][v] =                     \
             FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]);         \
         _Pragma("GCC unroll 8") for (int t = 0; t < TL; ++t) {                                 \
-          const TI* const bp = bc + k.rb[j] + t * k.sb;                                        \
+          const TB* const bp = bc + k.rb[j] + t * k.sb;                                        \
           V bv[NV];                                                                            \
           _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) bv[v] =                         \
               FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);                         \
@@ -285,12 +287,12 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
       }                                                                                        \
   }
 
-template <int R, int TL, typename TI, typename TO>
-__attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TI* a, int64_t arow0,
-                                                           int64_t rs, const TI* b, const Red& k,
+template <int R, int TL, typename TA, typename TB, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TA* a, int64_t arow0,
+                                                           int64_t rs, const TB* b, const Red& k,
                                                            TO* out, const int64_t* orow,
                                                            int64_t n, bool nt) {
-  using I = Z512<Acc<TI>>;
+  using I = Z512<Acc<TA>>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
   int64_t i = 0;
   for (; i + NV * I::L <= n; i += NV * I::L) {
@@ -308,7 +310,8 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
                                                     const T* b, const Red& k, T* out,
                                                     const int64_t* orow, int64_t n, bool nt) {
   using I = Y256<T>;
-  using TI = T;
+  using TA = T;
+  using TB = T;
   using TO = T;
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
@@ -321,6 +324,7 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
   }
 }
 #undef CKS_DW_SLIDE
+#undef CKS_DW512_TARGET
 #endif
 
 // Whether a block's rows run eight at a time (rows<8, 1>, slide<8>): on
@@ -346,12 +350,14 @@ constexpr int64_t kSlide8MinTL = 4;
 // lhs offsets step by the runs' a step and the runs are 2..kSlideMaxTL long
 // (see CKS_DW_SLIDE), on a SIMD ISA (AVX-512 for bfloat16); returns false
 // (nothing done) elsewhere.
-template <int R, typename TI, typename TO>
-bool slide(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
+template <int R, typename TA, typename TB, typename TO>
+bool slide(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
            const int64_t* orow, int64_t n, bool nt = false) {
   static_assert(R == 4 || R == 8, "slide: 4 or 8 rows");
 #ifdef CKS_X86_AVX2
-  constexpr bool same = std::is_same<TI, Acc<TI>>::value && std::is_same<TO, Acc<TI>>::value;
+  using T = Acc<TA>;
+  constexpr bool same = std::is_same<TA, T>::value && std::is_same<TB, T>::value &&
+                        std::is_same<TO, T>::value;
   const int isa = dw::isa();
   const int64_t rs = arow[1] - arow[0];
   if (isa == 0 || ((!same || R == 8) && isa != 2) || k.len < (R == 8 ? kSlide8MinTL : 2) ||
@@ -384,13 +390,14 @@ bool slide(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
 // Rows [0, R) of a block (see the top of this file) on the kernel's ISA;
 // whole vectors stored non-temporally where nt (they must be aligned: the
 // caller checks, and fences). bfloat16 operands: AVX-512, else portable.
-template <int R, int S, typename TI, typename TO>
-void rows(const TI* a, const int64_t* arow, const TI* b, const Red& k, TO* out,
+template <int R, int S, typename TA, typename TB, typename TO>
+void rows(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
           const int64_t* orow, int64_t n, bool add = false, bool nt = false) {
-  using T = Acc<TI>;
+  using T = Acc<TA>;
 #ifdef CKS_X86_AVX2
   if (dw::isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
-  if constexpr (std::is_same<TI, T>::value && std::is_same<TO, T>::value)
+  if constexpr (std::is_same<TA, T>::value && std::is_same<TB, T>::value &&
+                std::is_same<TO, T>::value)
     if (dw::isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add, nt);
 #else
   (void)nt;
