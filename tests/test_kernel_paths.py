@@ -849,8 +849,8 @@ def test_depthwise_16bit():
 
 
 # bfloat16 depthwise cases for the in-place path: DW_CASES 0-4, 8 and 9 (sliding rows, lane
-# tails, strides, dilation, lhs dilation, rows in eights, no taps), and an output over 8 MB in bfloat16
-# (9.4 MB: non-temporal stores of rounded rows).
+# tails, strides, dilation, lhs dilation, rows in eights, no taps), and an output over 8 MB in
+# bfloat16 (9.4 MB: non-temporal stores of rounded rows).
 BF16_DW_CASES = DW_CASES[:5] + DW_CASES[8:] + [
     ((8, 64, 144, 64), (3, 3, 1, 64), ((1, 1), "SAME"), {"feature_group_count": 64})]
 

@@ -199,8 +199,8 @@ def _pool_threads() -> int:
 # place (conv_cpu.cc, Bf16Pairs) or packed as pairs (Bf16PackedPairs), and
 # multiplied two reduction indices per lane by vdpbf16ps; no float32 copies.
 PAIRS = ("bf16 pairs", "bf16 packed pairs", "bf16 packed pairs, interleaved taps")
-# The depthwise path's for bfloat16 operands on AVX-512BW/VL CPUs: read in place,
-# widened to float32 in registers; no float32 copies either.
+# The depthwise path's name for bfloat16 operands on AVX-512BW/VL CPUs: read in
+# place, widened to float32 in registers; no float32 copies either.
 BF16_DEPTHWISE = "bf16 depthwise"
 
 
