@@ -389,10 +389,15 @@ struct CksConv {
   // the kernel then widens only its input, once per vector and run, not the
   // filter's vectors as well (K x lanes conversions per task of at least
   // kDwTaskMacs / K rows of them).
+  int64_t dw_filter_taps() const {
+    int64_t taps = 1;
+    for (int d = 0; d < pb.nd; ++d) taps *= pb.dim[d].k_size;
+    return taps;
+  }
   const float* dw_filter_f32(const Task& t) const {
     thread_local std::vector<float> buf;
-    int64_t size = 1, idx[kMaxSpatial] = {0, 0, 0};
-    for (int d = 0; d < pb.nd; ++d) size *= pb.dim[d].k_size;
+    const int64_t size = dw_filter_taps();
+    int64_t idx[kMaxSpatial] = {0, 0, 0};
     buf.resize(static_cast<size_t>(size * pb.groups()));
     for (int64_t e = 0; e < size; ++e) {
       int64_t off = t.col0;
@@ -2030,11 +2035,8 @@ struct CksConv {
       for (const Task& t : tasks(workers))
         *per_thread = std::max(*per_thread, 2 * I * (round_up(t.row1 - t.row0, MR) +
                                                      tap_entries(plan.subproblems[t.sp], true)));
-      if (kDwBf16) {  // dw_filter_f32's buffer
-        int64_t size = pb.groups() * static_cast<int64_t>(sizeof(float));
-        for (int d = 0; d < pb.nd; ++d) size *= pb.dim[d].k_size;
-        *per_thread += size;
-      }
+      if (kDwBf16)  // dw_filter_f32's buffer
+        *per_thread += dw_filter_taps() * pb.groups() * static_cast<int64_t>(sizeof(float));
       return;
     }
     const SharedB sb = shared_b();

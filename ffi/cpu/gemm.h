@@ -1262,39 +1262,39 @@ inline int gemm_isa() {
   return isa;
 }
 
-// Whether bfloat16 operands run on the pair kernel (pairs_block): AVX-512F,
-// BW, VL and AVX512_BF16, unless CKS_CPU_ISA caps the ISA below AVX-512 or
-// CKS_CPU_BF16_PAIRS=0 turns it off (read once; then they run widened to
-// float32, as everywhere else).
-inline bool bf16_pairs() {
+// Whether the bfloat16 paths that read bfloat16 in place may run: on
+// AVX-512 (unless CKS_CPU_ISA caps the ISA below it), unless
+// CKS_CPU_BF16_PAIRS=0 turns them off (read once; then bfloat16 runs
+// widened to float32 copies, as everywhere else).
+inline bool bf16_in_place_allowed() {
   static const bool on = [] {
-#ifdef CKS_X86_AVX2
     const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
-    return gemm_isa() == 2 && cpu_features().avx512_bf16 &&
-           !(off != nullptr && std::strcmp(off, "0") == 0);
-#else
-    return false;
-#endif
+    return gemm_isa() == 2 && !(off != nullptr && std::strcmp(off, "0") == 0);
   }();
   return on;
 }
 
+// Whether bfloat16 operands run on the pair kernel (pairs_block): AVX-512F,
+// BW, VL and AVX512_BF16, where bf16_in_place_allowed().
+inline bool bf16_pairs() {
+#ifdef CKS_X86_AVX2
+  return bf16_in_place_allowed() && cpu_features().avx512_bf16;
+#else
+  return false;
+#endif
+}
+
 // Whether the depthwise kernel reads bfloat16 operands in place, widening
 // them in registers (depthwise.h): AVX-512F, BW and VL (the 16-bit masked
-// loads and stores of its lane tails), on the same switches as bf16_pairs()
-// but without AVX512_BF16 (it multiplies in float32). Elsewhere bfloat16
+// loads and stores of its lane tails), where bf16_in_place_allowed(); no
+// AVX512_BF16 needed (it multiplies in float32). Elsewhere bfloat16
 // depthwise convolutions run on float32 copies: the same bits.
 inline bool bf16_depthwise() {
-  static const bool on = [] {
 #ifdef CKS_X86_AVX2
-    const char* off = std::getenv("CKS_CPU_BF16_PAIRS");
-    return gemm_isa() == 2 && cpu_features().avx512bw_vl &&
-           !(off != nullptr && std::strcmp(off, "0") == 0);
+  return bf16_in_place_allowed() && cpu_features().avx512bw_vl;
 #else
-    return false;
+  return false;
 #endif
-  }();
-  return on;
 }
 
 // Whether the pair kernel's blocks run on AMX (amx_block): bf16_pairs() and
