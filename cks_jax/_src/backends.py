@@ -237,6 +237,10 @@ def kernel_dot(params, lhs_shape, rhs_shape, dtype) -> bool:
 # "auto", large ones (over CPU_MIN_MACS) therefore stay on the kernel though
 # they have one feature per group.
 KERNEL_DEPTHWISE_MIN_GROUPS = 8
+# Feature groups of g channels in and g features out also take it, for g in
+# these (per kernel float type: g divides every ISA's vector), as g depthwise
+# convolutions over permuted input lanes (CksConv::dw_group_width).
+KERNEL_GROUP_WIDTHS = {np.dtype(np.float32): (1, 2, 4, 8), np.dtype(np.float64): (1, 2, 4)}
 
 
 def _row_major_stride(shape, axis) -> int:
@@ -244,7 +248,9 @@ def _row_major_stride(shape, axis) -> int:
 
 
 def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
-  """Whether the CPU kernel runs this convolution on its depthwise path.
+  """Whether the CPU kernel runs this convolution on its depthwise path (a
+  depthwise convolution, or a grouped one of ``KERNEL_GROUP_WIDTHS`` channels
+  in and out per group).
 
   Mirrors ``CksConv::depthwise()`` in ``ffi/cpu/conv_cpu.cc``.
   """
@@ -253,15 +259,23 @@ def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   fgc, bgc = params["feature_group_count"], params["batch_group_count"]
   groups = fgc * bgc
-  if groups < KERNEL_DEPTHWISE_MIN_GROUPS or rhs_shape[rhs_spec[0]] != groups:
+  if groups < KERNEL_DEPTHWISE_MIN_GROUPS:
     return False
   out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
-  if _row_major_stride(out_shape, out_spec[1]) != 1 or _row_major_stride(rhs_shape,
-                                                                          rhs_spec[0]) != 1:
+  if _row_major_stride(out_shape, out_spec[1]) != 1:
     return False
+  rhs_o = _row_major_stride(rhs_shape, rhs_spec[0])
   if fgc > 1:
-    return lhs_shape[lhs_spec[1]] == fgc and _row_major_stride(lhs_shape, lhs_spec[1]) == 1
-  return lhs_shape[lhs_spec[0]] == bgc and _row_major_stride(lhs_shape, lhs_spec[0]) == 1
+    # the filter's features contiguous, or g apart with the channels contiguous (the layout
+    # of a grouped convolution's input gradient's filter)
+    width = lhs_shape[lhs_spec[1]] // fgc
+    layout = rhs_o == 1 or (width > 1 and rhs_o == width
+                            and _row_major_stride(rhs_shape, rhs_spec[1]) == 1)
+    return (rhs_shape[rhs_spec[0]] == width * fgc and layout
+            and width in KERNEL_GROUP_WIDTHS[_kernel_float(dtype)]
+            and _row_major_stride(lhs_shape, lhs_spec[1]) == 1)
+  return (rhs_o == 1 and rhs_shape[rhs_spec[0]] == groups and lhs_shape[lhs_spec[0]] == bgc
+          and _row_major_stride(lhs_shape, lhs_spec[0]) == 1)
 
 
 # XLA:CPU's own convolution of a narrow transposed layer took about 3x longer

@@ -155,7 +155,11 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   if chosen == "ffi":
     why = f"cks FFI kernel registered for platform {platform!r}"
     if platform == "cpu" and backends.kernel_depthwise(params, lhs_shape, rhs_shape, dtype):
-      why += " (depthwise path: vectorised over the groups, one feature each)"
+      why += (" (depthwise path: vectorised over the groups, one feature each)"
+              if params["feature_group_count"] == 1 or lhs_shape[params["dimension_numbers"][0][1]]
+              == params["feature_group_count"] else
+              " (depthwise path: vectorised over the channels, each group's as many depthwise"
+              " convolutions as it has channels)")
     elif platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
       why += " (narrow path: vectorised over the contiguous batch, not the few features)"
     elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):

@@ -273,11 +273,29 @@ struct CksConv {
       (std::is_same<Tin, Acc>::value && std::is_same<Tout, Acc>::value) || kDwBf16;
   bool depthwise() const {
     if (!kDwTypes || (kDwBf16 && !gemm::bf16_depthwise()) || pb.groups() < kDwMinGroups ||
-        pb.group_out() != 1 || pb.out_c != 1 || pb.rhs_o != 1)
+        pb.out_c != 1)
       return false;
-    return pb.feature_groups > 1 ? pb.group_in() == 1 && pb.lhs_c == 1
-                                 : pb.out_batch() == 1 && pb.lhs_n == 1;
+    if (pb.feature_groups > 1) {  // grouped: also the layout of its input gradient's filter
+      const int64_t g = pb.group_in();
+      return g == pb.group_out() && dw_group_width(g) && pb.lhs_c == 1 &&
+             (pb.rhs_o == 1 || (g > 1 && pb.rhs_i == 1 && pb.rhs_o == g));
+    }
+    return pb.rhs_o == 1 && pb.group_out() == 1 && pb.out_batch() == 1 && pb.lhs_n == 1;
   }
+  // Grouped convolutions of g channels in and g out per group (ResNeXt's
+  // 32 groups of 4) run on the depthwise path too, as g depthwise ones: the
+  // lanes are the channels, and "channel" c of lane l (group G, feature f)
+  // reads the input lane of the group's channel (f + c) % g, a permutation
+  // inside each group of lanes (dw::Red::grp), against the filter's
+  // matching taps (dw_filter). The GEMM padded each group's g columns to a
+  // whole panel. g must divide every ISA's vector of Acc: 2, 4 or 8 floats,
+  // 2 or 4 doubles. The filter's (feature, channel) block is innermost, the
+  // features contiguous (HWIO) or, g apart, the channels (the layout jax's
+  // input gradient gives it: HW(G g)g).
+  static bool dw_group_width(int64_t g) {
+    return g == 1 || g == 2 || g == 4 || (g == 8 && sizeof(Acc) == 4);
+  }
+  int64_t dw_group() const { return pb.feature_groups > 1 ? pb.group_in() : 1; }
   // Depthwise tasks: row blocks of each sub-problem, a multiple of kDwRows
   // (of 4) rows and at least kDwTaskMacs multiply-adds where the rows allow,
   // columns [col0, col1) the groups, split in blocks of kDwLanes when that
@@ -289,10 +307,11 @@ struct CksConv {
   // 0.80 ms forward; 0.60-0.64 with 2^17 or 2^18, 0.58 with 2^19, but
   // 512-channel layers 1.2x slower there).
   static constexpr int64_t kDwRows = 64, kDwLanes = 32, kDwTaskMacs = int64_t{1} << 17;
-  // Lane blocks of a set of tasks: splits of the G groups, as many as
+  // Lane blocks of a set of tasks: splits of the G lanes (the output
+  // features: a group's one, or a grouped convolution's g), as many as
   // leave kTasksPerWorker tasks per worker (with `base` tasks per block).
   int64_t dw_width(int64_t base, int64_t workers) const {
-    const int64_t G = pb.groups(), want = kTasksPerWorker * workers;
+    const int64_t G = pb.out_feat, want = kTasksPerWorker * workers;
     base = std::max<int64_t>(base, 1);
     const int64_t splits = std::clamp<int64_t>((want + base - 1) / base, 1,
                                                (G + kDwLanes - 1) / kDwLanes);
@@ -323,7 +342,7 @@ struct CksConv {
                                1, pb.group_in());
   }
   std::vector<Task> depthwise_tasks(int64_t workers) const {
-    const int64_t G = pb.groups();
+    const int64_t G = pb.out_feat;  // lanes
     if (dw_entries()) {  // (chunk q of entries [row0, row1), lanes [col0, col1)), q in j0
       const int64_t nq = dw_chunks(), Cg = pb.group_in(), width = dw_width(nq, workers);
       std::vector<Task> ts;
@@ -364,9 +383,13 @@ struct CksConv {
     tap_offsets(sp, tap_l, tap_r, true);
     const int last = pb.nd - 1;
     const Phase& ph = *sp.phase[last];
+    // Grouped: the input lane moves, not the pointer; the filter is
+    // dw_filter's, its channels out_feat apart.
+    const int64_t g = dw_group();
     return dw::Red{tap_l.data(), tap_r.data(), static_cast<int64_t>(tap_l.size()),
                    sp.seg[last].t_hi - sp.seg[last].t_lo, wrap_mul(ph.tstride, pb.lhs_sp[last]),
-                   wrap_mul(ph.kstep, pb.rhs_sp[last]), nc, pb.lhs_c, pb.rhs_i};
+                   wrap_mul(ph.kstep, pb.rhs_sp[last]), nc, g > 1 ? 0 : pb.lhs_c,
+                   g > 1 ? pb.out_feat : pb.rhs_i, g};
   }
   // Depthwise outputs over kStreamOutBytes are written with non-temporal
   // stores (AVX-512), where every row starts on a zmm: a depthwise output is
@@ -384,32 +407,40 @@ struct CksConv {
       if (pb.out_sp[d] % A != 0) return false;
     return true;
   }
-  // A bfloat16 filter's lanes [t.col0, t.col1) of every tap, widened to
-  // float32 (a thread's buffer laid out as rhs; the pointer is lane t.col0's):
-  // the kernel then widens only its input, once per vector and run, not the
-  // filter's vectors as well (K x lanes conversions per task of at least
-  // kDwTaskMacs / K rows of them).
+  // The filter as the kernel reads it, where that differs from rhs
+  // (dw_filter_copied): a buffer filled once per call, with rhs's taps, each
+  // a block of channels c (out_feat apart) of lanes l: a bfloat16 filter
+  // widened to float32 (the kernel then widens only its input), and a
+  // grouped convolution's channel c of lane l taken from the group's channel
+  // (l + c) % g, the one that meets the input lane the kernel permutes there
+  // (see dw_group_width). Filled per task, it took most of ResNeXt's 3x3
+  // of 32 groups of 4 on 56 x 56 (a division per element).
   int64_t dw_filter_taps() const {
     int64_t taps = 1;
     for (int d = 0; d < pb.nd; ++d) taps *= pb.dim[d].k_size;
     return taps;
   }
-  const float* dw_filter_f32(const Task& t) const {
-    thread_local std::vector<float> buf;
-    const int64_t size = dw_filter_taps();
+  bool dw_filter_copied() const { return kDwBf16 || dw_group() > 1; }
+  int64_t dw_filter_size() const { return dw_filter_taps() * pb.group_in() * pb.out_feat; }
+  void dw_filter(std::vector<Acc>& buf) const {
+    const int64_t g = dw_group(), F = pb.out_feat;
     int64_t idx[kMaxSpatial] = {0, 0, 0};
-    buf.resize(static_cast<size_t>(size * pb.groups()));
-    for (int64_t e = 0; e < size; ++e) {
-      int64_t off = t.col0;
+    buf.resize(static_cast<size_t>(dw_filter_size()));
+    for (int64_t e = 0; e < dw_filter_taps(); ++e) {
+      int64_t off = 0;
       for (int d = 0; d < pb.nd; ++d) off += idx[d] * pb.rhs_sp[d];
-      for (int64_t g = 0; g < t.col1 - t.col0; ++g) buf[off + g] = load<float>(rhs[off + g]);
+      for (int64_t c = 0; c < g; ++c)
+        for (int64_t l0 = 0; l0 < F; l0 += g)  // group by group
+          for (int64_t f = 0; f < g; ++f) {
+            const int64_t ch = f + c < g ? f + c : f + c - g, l = l0 + f;
+            buf[off + c * F + l] = load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
+          }
       for (int d = pb.nd - 1; d >= 0 && ++idx[d] == pb.dim[d].k_size; --d) idx[d] = 0;
     }
-    return buf.data() + t.col0;
   }
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
-  void run_depthwise(const Task& t) const {
+  void run_depthwise(const Task& t, const Acc* filter) const {
     if constexpr (kDwTypes) {
       thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
       const SubProblem& sp = plan.subproblems[t.sp];
@@ -447,9 +478,9 @@ struct CksConv {
         for (; r < rows; ++r)
           dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, false, nt);
       };
-      if constexpr (kDwBf16)
-        run(dw_filter_f32(t));
-      else
+      if (filter != nullptr)
+        run(filter + t.col0);
+      else if constexpr (!kDwBf16)
         run(rhs + t.col0);
 #ifdef CKS_X86_AVX2
       if (nt) _mm_sfence();
@@ -2035,8 +2066,8 @@ struct CksConv {
       for (const Task& t : tasks(workers))
         *per_thread = std::max(*per_thread, 2 * I * (round_up(t.row1 - t.row0, MR) +
                                                      tap_entries(plan.subproblems[t.sp], true)));
-      if (kDwBf16)  // dw_filter_f32's buffer
-        *per_thread += dw_filter_taps() * pb.groups() * static_cast<int64_t>(sizeof(float));
+      if (dw_filter_copied())  // dw_filter's buffer
+        *shared += dw_filter_size() * static_cast<int64_t>(sizeof(Acc));
       return;
     }
     const SharedB sb = shared_b();
@@ -2053,8 +2084,11 @@ struct CksConv {
     if (depthwise()) {
       const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
       if (!dw_entries()) {
+        std::vector<Acc> filter;
+        if (dw_filter_copied()) dw_filter(filter);
+        const Acc* const f = filter.empty() ? nullptr : filter.data();
         parallel_for(pool, static_cast<int64_t>(ts.size()),
-                     [&](int64_t i) { run_depthwise(ts[i]); });
+                     [&](int64_t i) { run_depthwise(ts[i], f); });
         return;
       }
       if constexpr (kDwTypes) {

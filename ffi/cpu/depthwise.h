@@ -41,7 +41,13 @@ struct Red {
   const int64_t* rb;  // b offset of run j's first tap
   int64_t nruns, len, sa, sb;  // runs, taps per run, a and b steps along a run
   int64_t nc, ca, cb;          // channels (outer) and their a and b strides
+  // Group width g (grouped convolutions, g channels in and out per group;
+  // else 1): channel c of lane i reads a's lane perm(i, c), the group's
+  // channel (i + c) % g, with ca = 0 (see CksConv::dw_group).
+  int64_t grp = 1;
 };
+
+inline int64_t perm(int64_t i, int64_t c, int64_t g) { return i - i % g + (i % g + c) % g; }
 
 template <int R, int S, typename T, typename TA, typename TB, typename TO>
 void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
@@ -51,7 +57,7 @@ void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, 
       T acc[S] = {};
       for (int64_t c = 0; c < k.nc; ++c)
         for (int64_t j = 0; j < k.nruns; ++j) {
-          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + i;
+          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + perm(i, c, k.grp);
           const TB* bp = b + c * k.cb + k.rb[j] + i;
           for (int64_t q = 0; q < k.len; ++q)
             acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
@@ -88,6 +94,22 @@ struct Z512 {
     else return _mm512_maskz_loadu_pd(m, p);
   }
   CKS_DW512 V fma(V a, V b, V c) { return gemm::zfma(a, b, c); }
+  // Lane i of permute(x, index(c, g)) is x's lane perm(i, c, g) (g | L).
+  using P = __m512i;
+  CKS_DW512 P index(int64_t c, int64_t g) {
+    int64_t p[L];
+    for (int i = 0; i < L; ++i) p[i] = perm(i, c, g);
+    if constexpr (F)
+      return _mm512_setr_epi32(int(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4]), int(p[5]),
+                               int(p[6]), int(p[7]), int(p[8]), int(p[9]), int(p[10]),
+                               int(p[11]), int(p[12]), int(p[13]), int(p[14]), int(p[15]));
+    else
+      return _mm512_setr_epi64(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+  }
+  CKS_DW512 V permute(V x, P p) {  // zero-masked forms: see gemm::round_bf16
+    if constexpr (F) return _mm512_maskz_permutexvar_ps(__mmask16(0xffff), p, x);
+    else return _mm512_maskz_permutexvar_pd(__mmask8(0xff), p, x);
+  }
   CKS_DW512 V add(V a, V b) { return gemm::zadd(a, b); }
   CKS_DW512 void store(T* p, V v) { gemm::zstore(p, v); }
   CKS_DW512 void store(T* p, V v, M m) {
@@ -136,6 +158,17 @@ struct Y256 {
     else return _mm256_maskload_pd(p, m);
   }
   CKS_DW256 V fma(V a, V b, V c) { return gemm::vfma(a, b, c); }
+  using P = __m256i;  // float lanes (a double's two halves for double)
+  CKS_DW256 P index(int64_t c, int64_t g) {
+    int p[8];
+    for (int i = 0; i < 8; ++i)
+      p[i] = F ? int(perm(i, c, g)) : int(2 * perm(i / 2, c, g) + i % 2);
+    return _mm256_setr_epi32(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+  }
+  CKS_DW256 V permute(V x, P p) {
+    if constexpr (F) return _mm256_permutevar8x32_ps(x, p);
+    else return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(x), p));
+  }
   CKS_DW256 V add(V a, V b) { return gemm::vadd(a, b); }
   CKS_DW256 void store(T* p, V v) { gemm::vstore(p, v); }
   CKS_DW256 void store(T* p, V v, M m) {
@@ -167,7 +200,8 @@ inline int isa() {
     for (int r = 0; r < R; ++r)                                                                \
       for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = I::zero();                     \
     const int64_t len = k.len, sa = k.sa, sb = k.sb;                                           \
-    for (int64_t c = 0; c < k.nc; ++c)                                                         \
+    for (int64_t c = 0; c < k.nc; ++c) {                                                       \
+      const typename I::P pc = PERM ? I::index(c, k.grp) : typename I::P{};                    \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
         const TB* bp = b + c * k.cb + k.rb[j] + i;                                             \
         const TA* ap[R];                                                                       \
@@ -179,15 +213,17 @@ inline int isa() {
             const V b1 = FULL ? I::load(bp + L) : I::load(bp + L, k1);                         \
             bp += sb;                                                                          \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                              \
-              acc[r][u][0] = I::fma(FULL ? I::load(ap[r]) : I::load(ap[r], k0), b0,            \
-                                    acc[r][u][0]);                                             \
-              acc[r][u][1] = I::fma(FULL ? I::load(ap[r] + L) : I::load(ap[r] + L, k1), b1,    \
-                                    acc[r][u][1]);                                             \
+              V a0 = FULL ? I::load(ap[r]) : I::load(ap[r], k0);                               \
+              V a1 = FULL ? I::load(ap[r] + L) : I::load(ap[r] + L, k1);                       \
+              if (PERM) a0 = I::permute(a0, pc), a1 = I::permute(a1, pc);                      \
+              acc[r][u][0] = I::fma(a0, b0, acc[r][u][0]);                                     \
+              acc[r][u][1] = I::fma(a1, b1, acc[r][u][1]);                                     \
               ap[r] += sa;                                                                     \
             }                                                                                  \
           }                                                                                    \
         }                                                                                      \
       }                                                                                        \
+    }                                                                                          \
     for (int r = 0; r < R; ++r)                                                                \
       for (int h = 0; h < 2; ++h) {                                                            \
         V sum = acc[r][0][h];                                                                  \
@@ -203,7 +239,7 @@ inline int isa() {
       }                                                                                        \
   }
 
-template <int R, int S, typename TA, typename TB, typename TO>
+template <int R, int S, bool PERM, typename TA, typename TB, typename TO>
 __attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const int64_t* arow,
                                                           const TB* b, const Red& k, TO* out,
                                                           const int64_t* orow, int64_t n,
@@ -220,7 +256,7 @@ __attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const in
   }
 }
 
-template <int R, int S, typename T>
+template <int R, int S, bool PERM, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n, bool add, bool nt) {
@@ -256,14 +292,17 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) acc[r][v] = I::zero();                                      \
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
+      const typename I::P pc = PERM ? I::index(c, k.grp) : typename I::P{};                    \
       const TA* const arc = a + arow0 + c * k.ca + i;                                          \
       const TB* const bc = b + c * k.cb + i;                                                   \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
         const TA* const ap = arc + k.ra[j];                                                    \
         V w[R + TL - 1][NV];                                                                   \
         _Pragma("GCC unroll 16") for (int j = 0; j < R + TL - 1; ++j)                          \
-            _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) w[j][v] =                     \
-            FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]);         \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) {                             \
+          w[j][v] = FULL ? I::load(ap + j * rs + v * L) : I::load(ap + j * rs + v * L, mk[v]); \
+          if (PERM) w[j][v] = I::permute(w[j][v], pc);                                         \
+        }                                                                                      \
         _Pragma("GCC unroll 8") for (int t = 0; t < TL; ++t) {                                 \
           const TB* const bp = bc + k.rb[j] + t * k.sb;                                        \
           V bv[NV];                                                                            \
@@ -287,7 +326,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
       }                                                                                        \
   }
 
-template <int R, int TL, typename TA, typename TB, typename TO>
+template <int R, int TL, bool PERM, typename TA, typename TB, typename TO>
 __attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TA* a, int64_t arow0,
                                                            int64_t rs, const TB* b, const Red& k,
                                                            TO* out, const int64_t* orow,
@@ -305,7 +344,7 @@ __attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TA* a, int64_t
   }
 }
 
-template <int R, int TL, typename T>
+template <int R, int TL, bool PERM, typename T>
 __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, int64_t rs,
                                                     const T* b, const Red& k, T* out,
                                                     const int64_t* orow, int64_t n, bool nt) {
@@ -367,10 +406,16 @@ bool slide(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
     if (arow[r] - arow[r - 1] != rs) return false;
   auto run = [&](auto tag) {
     constexpr int TL = decltype(tag)::value;
-    if (isa == 2)
-      slide_avx512<R, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
-    else if constexpr (same && R == 4)
-      slide_avx2<R, TL>(a, arow[0], rs, b, k, out, orow, n, nt);
+    if (isa == 2 && k.grp > 1)
+      slide_avx512<R, TL, true>(a, arow[0], rs, b, k, out, orow, n, nt);
+    else if (isa == 2)
+      slide_avx512<R, TL, false>(a, arow[0], rs, b, k, out, orow, n, nt);
+    else if constexpr (same && R == 4) {
+      if (k.grp > 1)
+        slide_avx2<R, TL, true>(a, arow[0], rs, b, k, out, orow, n, nt);
+      else
+        slide_avx2<R, TL, false>(a, arow[0], rs, b, k, out, orow, n, nt);
+    }
   };
   switch (k.len) {
     case 2: run(std::integral_constant<int, 2>{}); break;
@@ -395,10 +440,14 @@ void rows(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
           const int64_t* orow, int64_t n, bool add = false, bool nt = false) {
   using T = Acc<TA>;
 #ifdef CKS_X86_AVX2
-  if (dw::isa() == 2) return rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
+  if (dw::isa() == 2)
+    return k.grp > 1 ? rows_avx512<R, S, true>(a, arow, b, k, out, orow, n, add, nt)
+                     : rows_avx512<R, S, false>(a, arow, b, k, out, orow, n, add, nt);
   if constexpr (std::is_same<TA, T>::value && std::is_same<TB, T>::value &&
                 std::is_same<TO, T>::value)
-    if (dw::isa() == 1) return rows_avx2<R, S>(a, arow, b, k, out, orow, n, add, nt);
+    if (dw::isa() == 1)
+      return k.grp > 1 ? rows_avx2<R, S, true>(a, arow, b, k, out, orow, n, add, nt)
+                       : rows_avx2<R, S, false>(a, arow, b, k, out, orow, n, add, nt);
 #else
   (void)nt;
 #endif
