@@ -904,6 +904,29 @@ def test_depthwise_same_bits_across_isas(isa, tmp_path):
   assert not differ, differ
 
 
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="compares the AVX-512 kernel's bits with "
+                    "the narrower kernels': needs AVX-512 (and no CKS_CPU_ISA cap)")
+@pytest.mark.parametrize("isa", ["0", "1"])
+def test_grouped_same_bits_across_isas(isa, tmp_path):
+  # Grouped convolutions on the depthwise path (groups of 2 and 4, on the path on every ISA):
+  # the same bits from the AVX-512, AVX2 and portable kernels, forward and input gradient (the
+  # filter gradient runs on the GEMM, whose ISAs sum in different orders).
+  code = textwrap.dedent(f"""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import numpy as np, test_kernel_paths as k
+      np.savez(r"{tmp_path}/narrow.npz", **k.depthwise_outputs(k.GROUPED_CASES[:4], k.FLOAT_OUT))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_ISA=isa)[-1] == "ok"
+  narrow = np.load(tmp_path / "narrow.npz")
+  here = {n: x for n, x in depthwise_outputs(GROUPED_CASES[:4], FLOAT_OUT).items()
+          if not n.endswith("d_rhs")}
+  assert len(here) == 4 * 2 * 2
+  differ = [name for name, x in here.items() if not np.array_equal(x, narrow[name])]
+  assert not differ, differ
+
+
 # (operand dtype, output dtype: None for the operands'), for depthwise_outputs
 BF16_OUT = [(jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)]
 FLOAT_OUT = [(np.float32, None), (np.float64, None)]
@@ -959,6 +982,93 @@ def test_depthwise_path_bounds():
   assert "depthwise" not in depthwise_paths(case[0], case[1], np.float32, *case[2],
                                             dimension_numbers=DN2, feature_group_count=8)
   check_on_kernel(case, np.float32, seed=91)
+
+
+# (lhs shape, rhs shape, conv args, kwargs): grouped convolutions of g channels in and g features
+# out per group, which the depthwise path runs as g depthwise convolutions over lanes permuted
+# inside each group (groups of 2 or 4, and of 8 floats on AVX-512): the forward and the input
+# gradient; the filter gradient runs on the GEMM.
+GROUPED_CASES = [
+    # ResNeXt-like 3x3 SAME, 8 groups of 4: 32 lanes, one block of two AVX-512 float vectors
+    ((2, 9, 11, 32), (3, 3, 4, 32), ((1, 1), "SAME"), {"feature_group_count": 8}),
+    # 20 groups of 2 (40 lanes: a masked tail of 8) and window strides
+    ((2, 9, 11, 40), (3, 3, 2, 40), ((2, 2), "SAME"), {"feature_group_count": 20}),
+    # transposed k4 s2 (lhs dilation), 12 groups of 4
+    ((2, 7, 6, 48), (4, 4, 4, 48), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 12}),
+    # 7x7 SAME on 10 x 20 maps (eight sliding rows on AVX-512), 17 groups of 2
+    ((2, 10, 20, 34), (7, 7, 2, 34), ((1, 1), "SAME"), {"feature_group_count": 17}),
+    # 9 groups of 8, dilated 5x5: on the path for floats on AVX-512 only
+    ((2, 9, 11, 72), (5, 5, 8, 72), ((1, 1), [(4, 4), (4, 4)], (1, 1), (2, 2)),
+     {"feature_group_count": 9}),
+]
+
+
+def grouped_on_path(case, dtype) -> bool:
+  lhs_shape, _, _, kw = case
+  widths = (backends.KERNEL_GROUP_WIDTHS_AVX512 if backends.cpu_isa() == 2
+            else backends.KERNEL_GROUP_WIDTHS)
+  return lhs_shape[-1] // kw["feature_group_count"] in widths[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(GROUPED_CASES)))
+def test_grouped_on_depthwise_path(case, dtype):
+  lhs_shape, rhs_shape, args, kw = GROUPED_CASES[case]
+  paths = depthwise_paths(lhs_shape, rhs_shape, dtype, *args, dimension_numbers=DN2, **kw)
+  on = grouped_on_path(GROUPED_CASES[case], dtype)
+  assert case < 4 or np.dtype(dtype) == np.float64 or on == (backends.cpu_isa() == 2)
+  assert [p == "depthwise" for p in paths] == [on, on, False], paths
+  check_on_kernel(GROUPED_CASES[case], dtype, seed=100 + case)
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_depthwise(), reason="needs AVX-512BW and VL (and no "
+                    "CKS_CPU_ISA cap): elsewhere bfloat16 grouped convolutions run on float32 "
+                    "copies, which test_grouped_on_depthwise_path's float32 cases cover")
+def test_bf16_grouped_same_bits(tmp_path):
+  # bfloat16 grouped convolutions read in place or from float32 copies (CKS_CPU_BF16_PAIRS=0):
+  # the same bits, forward and input gradient (the filter gradient is the GEMM's, whose
+  # bfloat16 pair paths sum in another order), and right.
+  code = textwrap.dedent(f"""
+      import numpy as np, test_kernel_paths as k
+      np.savez(r"{tmp_path}/copies.npz", **k.depthwise_outputs(k.GROUPED_CASES, k.BF16_OUT))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_BF16_PAIRS="0")[-1] == "ok"
+  copies = np.load(tmp_path / "copies.npz")
+  here = {n: x for n, x in depthwise_outputs(GROUPED_CASES, BF16_OUT).items()
+          if not n.endswith("d_rhs")}
+  assert len(here) == len(GROUPED_CASES) * 2 * 2
+  differ = [name for name, x in here.items() if not np.array_equal(x, copies[name])]
+  assert not differ, differ
+  for i, case in enumerate(GROUPED_CASES):
+    check_on_kernel(case, jnp.bfloat16, seed=110 + i)
+
+
+def test_grouped_path_bounds():
+  # kernel_depthwise's grouped side, as CksConv::depthwise(): g channels in and g features out
+  # per group, g in KERNEL_GROUP_WIDTHS (8 floats on AVX-512 only), the filter HWIO or in the
+  # layout jax gives a grouped convolution's input gradient (HW, features g apart, channels
+  # contiguous)
+  p = lambda fgc=8, dn=((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)): {
+      "dimension_numbers": dn, "feature_group_count": fgc, "batch_group_count": 1,
+      "window_strides": (1, 1), "padding": ((0, 0), (0, 0)), "lhs_dilation": (1, 1),
+      "rhs_dilation": (1, 1)}
+  assert backends.kernel_depthwise(p(), (2, 5, 5, 32), (3, 3, 4, 32), np.float32)
+  assert backends.kernel_depthwise(p(), (2, 5, 5, 16), (3, 3, 2, 16), np.float64)
+  assert backends.kernel_depthwise(p(), (2, 5, 5, 32), (3, 3, 4, 32), jnp.bfloat16)
+  assert (backends.kernel_depthwise(p(), (2, 5, 5, 64), (3, 3, 8, 64), np.float32)
+          == (backends.cpu_isa() == 2))
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 64), (3, 3, 8, 64), np.float64)
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 24), (3, 3, 3, 24), np.float32)  # g = 3
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 128), (3, 3, 16, 128), np.float32)
+  assert not backends.kernel_depthwise(p(fgc=4), (2, 5, 5, 16), (3, 3, 4, 16), np.float32)
+  # 4 channels in, 8 features out per group
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 32), (3, 3, 4, 64), np.float32)
+  transposed = ((0, 3, 1, 2), (2, 3, 0, 1), (0, 3, 1, 2))  # HW, O g apart, I contiguous
+  assert backends.kernel_depthwise(p(dn=transposed), (2, 5, 5, 32), (3, 3, 32, 4), np.float32)
+  oihw = ((0, 3, 1, 2), (0, 1, 2, 3), (0, 3, 1, 2))
+  assert not backends.kernel_depthwise(p(dn=oihw), (2, 5, 5, 32), (32, 4, 3, 3), np.float32)
 
 
 def test_depthwise_auto_stays_on_the_kernel():
