@@ -1071,6 +1071,23 @@ def test_grouped_path_bounds():
   assert not backends.kernel_depthwise(p(dn=oihw), (2, 5, 5, 32), (32, 4, 3, 3), np.float32)
 
 
+def test_grouped_auto():
+  # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3: "auto" runs the forward and input gradient on the
+  # depthwise path, and the filter gradient (2 features per batch group: a narrow output over
+  # CPU_MIN_MACS) on the portable path, not in XLA's convolution, which took about 4 s for it
+  # against 9-11 ms (Zen 4, 2 cores)
+  e = cks_jax.explain(jnp.zeros((8, 56, 56, 64)), jnp.zeros((3, 3, 2, 64)), (1, 1), "SAME",
+                      dimension_numbers=DN2, feature_group_count=32, gradients=True,
+                      platform="cpu")
+  (_, d_lhs), (_, d_rhs) = e.gradients
+  assert (e.backend, e.cpu_path, d_lhs.cpu_path) == ("cks-cpu", "depthwise", "depthwise")
+  assert d_rhs.backend == "portable" and "group by group" in d_rhs.reason, d_rhs.reason
+  # and right, small
+  with cks_jax.use_backend("auto"):
+    check((2, 6, 7, 16), (3, 3, 2, 16), (1, 1), "SAME", dtype=np.float32, seed=120,
+          dimension_numbers=DN2, feature_group_count=8)
+
+
 def test_depthwise_auto_stays_on_the_kernel():
   # A depthwise layer has one feature per group, fewer than CPU_MIN_FEATURES: "auto" would
   # send a large one to XLA (0.01-0.02x the kernel's time here), unless the depthwise path
