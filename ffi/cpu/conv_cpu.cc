@@ -289,18 +289,19 @@ struct CksConv {
   // inside each group of lanes (dw::Red::grp), against the filter's
   // matching taps (dw_filter). The GEMM padded each group's g columns to a
   // whole panel. g must divide every ISA's vector of Acc: 2 or 4 (both
-  // float and double), or 8 floats on AVX-512 (on AVX2, 8 x 28 x 28 x 256
-  // in 32 groups of 8 ran 4.2 ms forward against the GEMM path's 3.7; Zen 4
-  // capped by CKS_CPU_ISA=1, 2 cores). gemm_isa, as backends.cpu_isa mirrors it. The filter's (feature, channel) block is innermost, the
-  // features contiguous (HWIO) or, g apart, the channels (the layout jax's
-  // input gradient gives it: HW(G g)g).
+  // float and double), or 8 floats on AVX-512 (gemm_isa, which
+  // backends.cpu_isa mirrors; on AVX2, 8 x 28 x 28 x 256 in 32 groups of 8
+  // ran 4.2 ms forward against the GEMM path's 3.7: Zen 4 capped by
+  // CKS_CPU_ISA=1, 2 cores). The filter's (feature, channel) block is
+  // innermost, the features contiguous (HWIO) or, g apart, the channels
+  // (the layout jax gives its input gradient's filter: HW(G g)g).
   static bool dw_group_width(int64_t g) {
     return g == 1 || g == 2 || g == 4 || (g == 8 && sizeof(Acc) == 4 && gemm::gemm_isa() == 2);
   }
   int64_t dw_group() const { return pb.feature_groups > 1 ? pb.group_in() : 1; }
   // Depthwise tasks: row blocks of each sub-problem, a multiple of kDwRows
   // (of 4) rows and at least kDwTaskMacs multiply-adds where the rows allow,
-  // columns [col0, col1) the groups, split in blocks of kDwLanes when that
+  // columns [col0, col1) the lanes, split in blocks of kDwLanes when that
   // leaves fewer than kTasksPerWorker tasks per worker. A sub-problem's rows
   // run four (or eight) at a time, one chain each, its last rows % 4 one at
   // a time in four chains (depthwise.h): fixed by the shape, so the bits do

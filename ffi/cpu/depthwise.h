@@ -57,7 +57,7 @@ void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, 
       T acc[S] = {};
       for (int64_t c = 0; c < k.nc; ++c)
         for (int64_t j = 0; j < k.nruns; ++j) {
-          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + perm(i, c, k.grp);
+          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + (k.grp > 1 ? perm(i, c, k.grp) : i);
           const TB* bp = b + c * k.cb + k.rb[j] + i;
           for (int64_t q = 0; q < k.len; ++q)
             acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
