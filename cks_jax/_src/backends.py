@@ -414,9 +414,10 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   ``dtype``); else it goes to the portable path where :func:`avx2_rule` says
   so (``isa`` as there) or :func:`portable_16bit_rule` does; else it stays on
   the kernel if its narrow path takes it (:func:`kernel_narrow`), else goes to
-  the portable path when it is a grouped convolution's filter gradient (batch
-  groups) or has the shape of a filter gradient (fewer output positions than
-  kernel taps) with lhs dilation, else to XLA's convolution.
+  the portable path when it is the filter gradient of a grouped convolution
+  with 2-3 channels per group (batch groups of 2-3 features) or has the shape
+  of a filter gradient (fewer output positions than kernel taps) with lhs
+  dilation, else to XLA's convolution.
   """
   facts = _narrow_facts(params, lhs_shape, rhs_shape)
   if facts is None or kernel_depthwise(params, lhs_shape, rhs_shape, dtype):
@@ -428,8 +429,8 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
     return "portable"
   if kernel_narrow(params, lhs_shape, rhs_shape, dtype):
     return None
-  _, gradient, deconv = facts
-  if params["batch_group_count"] > 1:
+  features, gradient, deconv = facts
+  if params["batch_group_count"] > 1 and features > 1:
     # The filter gradient of a grouped convolution with 2-3 features per group (lax's batch
     # groups): XLA's convolution runs it group by group. On the Zen 4 VM (2 cores, float32,
     # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3): XLA 3960-4060 ms, the kernel 44.7, the

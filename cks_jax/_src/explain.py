@@ -180,7 +180,8 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
       why += " (and, on this CPU with AVX2 but no AVX-512, XLA's convolution too)"
     elif backends.portable_16bit_rule(params, lhs_shape, rhs_shape, dtype):
       why += " (and, for this bfloat16 transposed forward, XLA's convolution too)"
-    elif chosen == "portable" and params["batch_group_count"] > 1:
+    elif (chosen == "portable" and params["batch_group_count"] > 1
+          and rhs_shape[params["dimension_numbers"][1][0]] > params["batch_group_count"]):
       why += (" (and, for this grouped convolution's filter gradient, XLA's convolution, which "
               "runs it group by group, too)")
   elif platform == "cuda":
