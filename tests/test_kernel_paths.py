@@ -1006,9 +1006,7 @@ GROUPED_CASES = [
 
 def grouped_on_path(case, dtype) -> bool:
   lhs_shape, _, _, kw = case
-  widths = (backends.KERNEL_GROUP_WIDTHS_AVX512 if backends.cpu_isa() == 2
-            else backends.KERNEL_GROUP_WIDTHS)
-  return lhs_shape[-1] // kw["feature_group_count"] in widths[np.dtype(dtype)]
+  return lhs_shape[-1] // kw["feature_group_count"] in backends.kernel_group_widths(dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

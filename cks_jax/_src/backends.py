@@ -248,6 +248,13 @@ KERNEL_GROUP_WIDTHS = {np.dtype(np.float32): (1, 2, 4), np.dtype(np.float64): (1
 KERNEL_GROUP_WIDTHS_AVX512 = {np.dtype(np.float32): (1, 2, 4, 8), np.dtype(np.float64): (1, 2, 4)}
 
 
+def kernel_group_widths(dtype) -> tuple:
+  """The group widths (channels in and out per group) the CPU kernel's depthwise
+  path takes for operands of ``dtype`` on this CPU (a kernel float type)."""
+  table = KERNEL_GROUP_WIDTHS_AVX512 if cpu_isa() == 2 else KERNEL_GROUP_WIDTHS
+  return table[_kernel_float(dtype)]
+
+
 def _row_major_stride(shape, axis) -> int:
   return math.prod(shape[axis + 1:])
 
@@ -277,8 +284,7 @@ def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
     layout = rhs_o == 1 or (width > 1 and rhs_o == width
                             and _row_major_stride(rhs_shape, rhs_spec[1]) == 1)
     return (rhs_shape[rhs_spec[0]] == width * fgc and layout
-            and width in (KERNEL_GROUP_WIDTHS_AVX512 if cpu_isa() == 2
-                          else KERNEL_GROUP_WIDTHS)[_kernel_float(dtype)]
+            and width in kernel_group_widths(dtype)
             and _row_major_stride(lhs_shape, lhs_spec[1]) == 1)
   return (rhs_o == 1 and rhs_shape[rhs_spec[0]] == groups and lhs_shape[lhs_spec[0]] == bgc
           and _row_major_stride(lhs_shape, lhs_spec[0]) == 1)
