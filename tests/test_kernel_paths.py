@@ -909,8 +909,7 @@ def test_depthwise_same_bits_across_isas(isa, tmp_path):
 @pytest.mark.parametrize("isa", ["0", "1"])
 def test_grouped_same_bits_across_isas(isa, tmp_path):
   # Grouped convolutions on the depthwise path (groups of 2 and 4, on the path on every ISA):
-  # the same bits from the AVX-512, AVX2 and portable kernels, forward and input gradient (the
-  # filter gradient runs on the GEMM, whose ISAs sum in different orders).
+  # the same bits from the AVX-512, AVX2 and portable kernels, forward and both gradients.
   code = textwrap.dedent(f"""
       import jax
       jax.config.update("jax_enable_x64", True)
@@ -920,9 +919,8 @@ def test_grouped_same_bits_across_isas(isa, tmp_path):
   """)
   assert run_python(code, CKS_CPU_ISA=isa)[-1] == "ok"
   narrow = np.load(tmp_path / "narrow.npz")
-  here = {n: x for n, x in depthwise_outputs(GROUPED_CASES[:4], FLOAT_OUT).items()
-          if not n.endswith("d_rhs")}
-  assert len(here) == 4 * 2 * 2
+  here = depthwise_outputs(GROUPED_CASES[:4], FLOAT_OUT)
+  assert len(here) == 4 * 2 * 3
   differ = [name for name, x in here.items() if not np.array_equal(x, narrow[name])]
   assert not differ, differ
 
@@ -987,7 +985,9 @@ def test_depthwise_path_bounds():
 # (lhs shape, rhs shape, conv args, kwargs): grouped convolutions of g channels in and g features
 # out per group, which the depthwise path runs as g depthwise convolutions over lanes permuted
 # inside each group (groups of 2 or 4, and of 8 floats on AVX-512): the forward and the input
-# gradient; the filter gradient runs on the GEMM.
+# gradient; and the filter gradient (batch groups of g entries and g features), each group's
+# input channels spread over its lanes (2 or 4, 8 floats or on AVX-512 doubles, 16 floats on
+# AVX-512).
 GROUPED_CASES = [
     # ResNeXt-like 3x3 SAME, 8 groups of 4: 32 lanes, one block of two AVX-512 float vectors
     ((2, 9, 11, 32), (3, 3, 4, 32), ((1, 1), "SAME"), {"feature_group_count": 8}),
@@ -1001,22 +1001,34 @@ GROUPED_CASES = [
     # 9 groups of 8, dilated 5x5: on the path for floats on AVX-512 only
     ((2, 9, 11, 72), (5, 5, 8, 72), ((1, 1), [(4, 4), (4, 4)], (1, 1), (2, 2)),
      {"feature_group_count": 9}),
+    # 8 groups of 16, 1-D, stride 2: the filter gradient on the path for floats on AVX-512
+    # (broadcasts: a group per vector), the forward and input gradient on the GEMM
+    ((3, 23, 128), (3, 16, 128), ((2,), "SAME"), {"feature_group_count": 8,
+                                                  "dimension_numbers": ("NWC", "WIO", "NWC")}),
 ]
 
 
-def grouped_on_path(case, dtype) -> bool:
+def grouped_on_path(case, dtype) -> tuple[bool, bool]:
+  """Whether the depthwise path takes the case's (forward and input gradient, filter gradient)."""
   lhs_shape, _, _, kw = case
-  return lhs_shape[-1] // kw["feature_group_count"] in backends.kernel_group_widths(dtype)
+  g = lhs_shape[-1] // kw["feature_group_count"]
+  return g in backends.kernel_group_widths(dtype), g in backends.kernel_spread_widths(dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(GROUPED_CASES)))
 def test_grouped_on_depthwise_path(case, dtype):
   lhs_shape, rhs_shape, args, kw = GROUPED_CASES[case]
-  paths = depthwise_paths(lhs_shape, rhs_shape, dtype, *args, dimension_numbers=DN2, **kw)
-  on = grouped_on_path(GROUPED_CASES[case], dtype)
-  assert case < 4 or np.dtype(dtype) == np.float64 or on == (backends.cpu_isa() == 2)
-  assert [p == "depthwise" for p in paths] == [on, on, False], paths
+  paths = depthwise_paths(lhs_shape, rhs_shape, dtype, *args, **{"dimension_numbers": DN2, **kw})
+  on, spread = grouped_on_path(GROUPED_CASES[case], dtype)
+  avx512, f32 = backends.cpu_isa() == 2, np.dtype(dtype) == np.float32
+  if case < 4:
+    assert on and spread
+  elif case == 4:  # 8 per group
+    assert on == (f32 and avx512) and spread == (avx512 or (f32 and backends.cpu_isa() == 1))
+  else:  # 16 per group
+    assert not on and spread == (f32 and avx512)
+  assert [p == "depthwise" for p in paths] == [on, on, spread], paths
   check_on_kernel(GROUPED_CASES[case], dtype, seed=100 + case)
 
 
@@ -1025,8 +1037,8 @@ def test_grouped_on_depthwise_path(case, dtype):
                     "copies, which test_grouped_on_depthwise_path's float32 cases cover")
 def test_bf16_grouped_same_bits(tmp_path):
   # bfloat16 grouped convolutions read in place or from float32 copies (CKS_CPU_BF16_PAIRS=0):
-  # the same bits, forward and input gradient (the filter gradient is the GEMM's, whose
-  # bfloat16 pair paths sum in another order), and right.
+  # the same bits where the depthwise path runs them (the GEMM's bfloat16 pair paths sum in
+  # another order), and right.
   code = textwrap.dedent(f"""
       import numpy as np, test_kernel_paths as k
       np.savez(r"{tmp_path}/copies.npz", **k.depthwise_outputs(k.GROUPED_CASES, k.BF16_OUT))
@@ -1034,9 +1046,11 @@ def test_bf16_grouped_same_bits(tmp_path):
   """)
   assert run_python(code, CKS_CPU_BF16_PAIRS="0")[-1] == "ok"
   copies = np.load(tmp_path / "copies.npz")
-  here = {n: x for n, x in depthwise_outputs(GROUPED_CASES, BF16_OUT).items()
-          if not n.endswith("d_rhs")}
-  assert len(here) == len(GROUPED_CASES) * 2 * 2
+  def on_path(name):
+    on, spread = grouped_on_path(GROUPED_CASES[int(name.split("-")[0])], np.float32)
+    return spread if name.endswith("d_rhs") else on
+  here = {n: x for n, x in depthwise_outputs(GROUPED_CASES, BF16_OUT).items() if on_path(n)}
+  assert len(here) == (len(GROUPED_CASES) - 1) * 2 * 3 + 2, sorted(here)
   differ = [name for name, x in here.items() if not np.array_equal(x, copies[name])]
   assert not differ, differ
   for i, case in enumerate(GROUPED_CASES):
@@ -1067,18 +1081,40 @@ def test_grouped_path_bounds():
   assert backends.kernel_depthwise(p(dn=transposed), (2, 5, 5, 32), (3, 3, 32, 4), np.float32)
   oihw = ((0, 3, 1, 2), (0, 1, 2, 3), (0, 3, 1, 2))
   assert not backends.kernel_depthwise(p(dn=oihw), (2, 5, 5, 32), (32, 4, 3, 3), np.float32)
+  # The filter gradient's form: batch groups of g entries (the input's channels) and g features
+  # (the cotangent's), g in KERNEL_SPREAD_WIDTHS, all contiguous (out: the HWIO kernel).
+  grad = ((3, 0, 1, 2), (3, 0, 1, 2), (2, 3, 0, 1))
+  q = lambda bgc=8, dn=grad: {**p(fgc=1, dn=dn), "batch_group_count": bgc}
+  avx512 = backends.cpu_isa() == 2
+  assert backends.kernel_depthwise(q(), (2, 5, 5, 32), (2, 3, 3, 32), np.float32)
+  assert backends.kernel_depthwise(q(), (2, 5, 5, 16), (2, 3, 3, 16), np.float64)
+  assert backends.kernel_depthwise(q(), (2, 5, 5, 64), (2, 3, 3, 64), np.float32) == (
+      backends.cpu_isa() >= 1)
+  assert backends.kernel_depthwise(q(), (2, 5, 5, 64), (2, 3, 3, 64), np.float64) == avx512
+  assert backends.kernel_depthwise(q(), (2, 5, 5, 128), (2, 3, 3, 128), np.float32) == avx512
+  assert not backends.kernel_depthwise(q(), (2, 5, 5, 128), (2, 3, 3, 128), np.float64)
+  assert not backends.kernel_depthwise(q(), (2, 5, 5, 24), (2, 3, 3, 24), np.float32)  # g = 3
+  assert not backends.kernel_depthwise(q(), (2, 5, 5, 256), (2, 3, 3, 256), np.float32)  # 32
+  # 4 entries, 8 features per group; the cotangent's features not contiguous (NCHW)
+  assert not backends.kernel_depthwise(q(), (2, 5, 5, 32), (2, 3, 3, 64), np.float32)
+  nchw_ct = ((3, 0, 1, 2), (0, 1, 2, 3), (2, 3, 0, 1))
+  assert not backends.kernel_depthwise(q(dn=nchw_ct), (2, 5, 5, 32), (2, 32, 3, 3), np.float32)
 
 
 def test_grouped_auto():
-  # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3: "auto" runs the forward and input gradient on the
-  # depthwise path, and the filter gradient (2 features per batch group: a narrow output over
-  # CPU_MIN_MACS) on the portable path, not in XLA's convolution, which took about 4 s for it
-  # against 9-11 ms (Zen 4, 2 cores)
+  # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3: "auto" runs the forward and both gradients on the
+  # depthwise path (the filter gradient, 2 features per batch group, is a narrow output over
+  # CPU_MIN_MACS, which XLA's convolution took about 4 s for: Zen 4, 2 cores)
   e = cks_jax.explain(jnp.zeros((8, 56, 56, 64)), jnp.zeros((3, 3, 2, 64)), (1, 1), "SAME",
                       dimension_numbers=DN2, feature_group_count=32, gradients=True,
                       platform="cpu")
-  (_, d_lhs), (_, d_rhs) = e.gradients
-  assert (e.backend, e.cpu_path, d_lhs.cpu_path) == ("cks-cpu", "depthwise", "depthwise")
+  for x in (e,) + tuple(g for _, g in e.gradients):
+    assert (x.backend, x.cpu_path) == ("cks-cpu", "depthwise"), x.reason
+  # groups of 3: the filter gradient on the portable path, not in XLA's convolution
+  e = cks_jax.explain(jnp.zeros((8, 56, 56, 48)), jnp.zeros((3, 3, 3, 48)), (1, 1), "SAME",
+                      dimension_numbers=DN2, feature_group_count=16, gradients=True,
+                      platform="cpu")
+  (_, d_rhs), = e.gradients[1:]
   assert d_rhs.backend == "portable" and "group by group" in d_rhs.reason, d_rhs.reason
   # and right, small
   with cks_jax.use_backend("auto"):

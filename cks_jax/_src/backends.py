@@ -255,6 +255,29 @@ def kernel_group_widths(dtype) -> tuple:
   return table[_kernel_float(dtype)]
 
 
+# The filter gradient of a grouped convolution of g channels in and g out per
+# group (lax's batch groups of g entries and g features) takes the depthwise
+# path for these g, by kernel float type and cpu_isa() (CksConv::dw_spread_width:
+# g divides the ISA's vector; groups of a whole vector broadcast). Zen 4, 2 cores,
+# float32, 3x3 filter gradients (benchmarks/grouped_shapes.json): 8 x 56 x 56 x 128
+# in 32 groups of 4, 1.8 ms (the GEMM path 37-42, PyTorch 4.4); 8 x 28 x 28 x 256
+# in 32 of 8, 1.5-1.7 (12.6-13.5, PyTorch 1.7); 8 x 14 x 14 x 512 in 32 of 16,
+# 1.5-1.6 (2.5-2.8, PyTorch 0.9); 8 x 56 x 56 x 64 in 32 of 2, 0.85 (35-41, the
+# portable path 9-11, PyTorch 2.1).
+KERNEL_SPREAD_WIDTHS = {
+    0: {np.dtype(np.float32): (1, 2, 4), np.dtype(np.float64): (1, 2, 4)},
+    1: {np.dtype(np.float32): (1, 2, 4, 8), np.dtype(np.float64): (1, 2, 4)},
+    2: {np.dtype(np.float32): (1, 2, 4, 8, 16), np.dtype(np.float64): (1, 2, 4, 8)},
+}
+
+
+def kernel_spread_widths(dtype) -> tuple:
+  """The group widths whose grouped filter gradients (batch groups of g entries
+  and g features) the CPU kernel's depthwise path takes for operands of
+  ``dtype`` on this CPU (a kernel float type)."""
+  return KERNEL_SPREAD_WIDTHS[cpu_isa()][_kernel_float(dtype)]
+
+
 def _row_major_stride(shape, axis) -> int:
   return math.prod(shape[axis + 1:])
 
@@ -262,7 +285,8 @@ def _row_major_stride(shape, axis) -> int:
 def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
   """Whether the CPU kernel runs this convolution on its depthwise path (a
   depthwise convolution, or a grouped one of ``KERNEL_GROUP_WIDTHS`` channels
-  in and out per group).
+  in and out per group; as batch groups, their filter gradients, of
+  ``KERNEL_SPREAD_WIDTHS`` entries and features per group).
 
   Mirrors ``CksConv::depthwise()`` in ``ffi/cpu/conv_cpu.cc``.
   """
@@ -286,7 +310,11 @@ def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
     return (rhs_shape[rhs_spec[0]] == width * fgc and layout
             and width in kernel_group_widths(dtype)
             and _row_major_stride(lhs_shape, lhs_spec[1]) == 1)
-  return (rhs_o == 1 and rhs_shape[rhs_spec[0]] == groups and lhs_shape[lhs_spec[0]] == bgc
+  # batch groups of g entries and g features: a depthwise (g = 1) or grouped convolution's
+  # filter gradient
+  width = rhs_shape[rhs_spec[0]] // bgc
+  return (rhs_o == 1 and rhs_shape[rhs_spec[0]] == width * bgc
+          and lhs_shape[lhs_spec[0]] == width * bgc and width in kernel_spread_widths(dtype)
           and _row_major_stride(lhs_shape, lhs_spec[0]) == 1)
 
 

@@ -71,7 +71,9 @@ class Explanation:
       convolution: one feature and one input channel or batch entry per
       group, at least 8 groups, contiguous: forwards and both gradients;
       and over the channels of a grouped one with 2 or 4, or on AVX-512 8
-      float channels in and out per group: forwards and input gradients),
+      float channels in and out per group: forwards and input gradients; and
+      its filter gradient with 2 or 4 per group, 8 (float32, or float64 on
+      AVX-512) or 16 (float32 on AVX-512)),
       ``"bf16 depthwise"`` (the same with bfloat16 operands read as they
       are and widened in registers, on CPUs with AVX-512BW and VL; elsewhere
       ``"depthwise"`` on float32 copies, with the same bits),
@@ -157,11 +159,16 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   if chosen == "ffi":
     why = f"cks FFI kernel registered for platform {platform!r}"
     if platform == "cpu" and backends.kernel_depthwise(params, lhs_shape, rhs_shape, dtype):
-      why += (" (depthwise path: vectorised over the groups, one feature each)"
-              if params["feature_group_count"] == 1 or lhs_shape[params["dimension_numbers"][0][1]]
-              == params["feature_group_count"] else
-              " (depthwise path: vectorised over the channels, each group's as many depthwise"
-              " convolutions as it has channels)")
+      lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+      fgc, bgc = params["feature_group_count"], params["batch_group_count"]
+      if fgc > 1 and lhs_shape[lhs_spec[1]] > fgc:
+        why += (" (depthwise path: vectorised over the channels, each group's as many depthwise"
+                " convolutions as it has channels)")
+      elif bgc > 1 and rhs_shape[rhs_spec[0]] > bgc:
+        why += (" (depthwise path: vectorised over the features, each group's input channels"
+                " spread over its lanes, one sum per channel)")
+      else:
+        why += " (depthwise path: vectorised over the groups, one feature each)"
     elif platform == "cpu" and backends.kernel_narrow(params, lhs_shape, rhs_shape, dtype):
       why += " (narrow path: vectorised over the contiguous batch, not the few features)"
     elif platform == "cpu" and backends.kernel_dot(params, lhs_shape, rhs_shape, dtype):

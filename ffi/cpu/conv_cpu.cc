@@ -280,7 +280,10 @@ struct CksConv {
       return g == pb.group_out() && dw_group_width(g) && pb.lhs_c == 1 &&
              (pb.rhs_o == 1 || (g > 1 && pb.rhs_i == 1 && pb.rhs_o == g));
     }
-    return pb.rhs_o == 1 && pb.group_out() == 1 && pb.out_batch() == 1 && pb.lhs_n == 1;
+    // Batch groups: a depthwise convolution's filter gradient (one entry and
+    // one feature per group), or a grouped one's (g and g: dw_spread).
+    const int64_t g = pb.group_out();
+    return g == pb.out_batch() && dw_spread_width(g) && pb.rhs_o == 1 && pb.lhs_n == 1;
   }
   // Grouped convolutions of g channels in and g out per group (ResNeXt's
   // 32 groups of 4) run on the depthwise path too, as g depthwise ones: the
@@ -299,6 +302,23 @@ struct CksConv {
     return g == 1 || g == 2 || g == 4 || (g == 8 && sizeof(Acc) == 4 && gemm::gemm_isa() == 2);
   }
   int64_t dw_group() const { return pb.feature_groups > 1 ? pb.group_in() : 1; }
+  // The filter gradient of a grouped convolution of g channels in and out
+  // per group is batch groups of g entries (the input's channels) and g
+  // features: lane i (feature i % g) needs all g channels of its group, so
+  // each of its rows runs as g sums, channel j of the group spread over the
+  // group's lanes (dw::spread), into the output's rows of entry j. The GEMM
+  // padded the g columns to a panel ("interleaved taps": 0.25-0.48x
+  // PyTorch for groups of 4 and 8).
+  int64_t dw_spread() const { return pb.batch_groups > 1 ? pb.out_batch() : 1; }
+  // g must divide the ISA's vector of Acc. A group of a whole vector (16
+  // floats or 8 doubles on AVX-512, 8 floats on AVX2) broadcasts each input
+  // element instead of permuting (a multiply-add with an embedded broadcast).
+  static bool dw_spread_width(int64_t g) {
+    const int isa = gemm::gemm_isa();
+    return g == 1 || g == 2 || g == 4 ||
+           (g == 8 && (isa == 2 || (isa == 1 && sizeof(Acc) == 4))) ||
+           (g == 16 && isa == 2 && sizeof(Acc) == 4);
+  }
   // Depthwise tasks: row blocks of each sub-problem, a multiple of kDwRows
   // (of 4) rows and at least kDwTaskMacs multiply-adds where the rows allow,
   // columns [col0, col1) the lanes, split in blocks of kDwLanes when that
@@ -332,7 +352,31 @@ struct CksConv {
   // chunks (dw_chunks) depend on the shape only: the same bits on any
   // number of threads.
   static constexpr int64_t kDwMaxChunks = 64, kDwPartialBytes = int64_t{8} << 20;
-  bool dw_entries() const { return depthwise() && pb.batch_groups > 1 && pb.group_in() > 1; }
+  // Within a chunk, each entry's runs (the cotangent's rows, for 2-D) go in
+  // blocks of dw_run_block(), every sub-problem over one block before the
+  // next, so that the block's input and cotangent lanes stay in L2 across
+  // the taps; a block's sums are added to those before it. Blocks of about
+  // kDwBlockBytes of both operands over kDwLanes lanes, set by the shape
+  // alone (the same bits on any thread count and ISA, and for bfloat16
+  // operands read in place or from float32 copies). Zen 4 (2 cores),
+  // filter gradients: MobileNet's 8 x 112 x 112 x 32 3x3 3.7 ms -> 1.1
+  // (each tap's pass over a whole image was 3.2 MB from L3), its stride-2
+  // 2.1 -> 1.0, ResNeXt's 8 x 56 x 56 x 128 in 32 groups of 4 5.3-6.9 ->
+  // 1.8-2.2; 64 KB to 256 KB and lane caps of 32 to 128 within noise.
+  int64_t dw_max_len() const {
+    int64_t len = 1;
+    for (const SubProblem& sp : plan.subproblems)
+      len = std::max(len, sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo);
+    return len;
+  }
+  static constexpr int64_t kDwBlockBytes = 128 << 10;
+  int64_t dw_run_block() const {
+    return std::max<int64_t>(
+        1, kDwBlockBytes / (dw_max_len() * kDwLanes * 2 * static_cast<int64_t>(sizeof(Acc))));
+  }
+  bool dw_entries() const {
+    return depthwise() && pb.batch_groups > 1 && (pb.group_in() > 1 || dw_spread() > 1);
+  }
   // Bytes of one partial output (float32 for a bfloat16 output, whose
   // partials are always written: the bits of a float32 output, rounded after).
   int64_t dw_part_bytes() const {
@@ -497,28 +541,56 @@ struct CksConv {
   // (the output's layout): entry c's sum is added to those before it.
   void run_depthwise_entries(const Task& t, Acc* part) const {
     if constexpr (kDwTypes) {
-      thread_local std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
+      // Every sub-problem's offsets and runs, built once per task.
+      struct Sub {
+        std::vector<int64_t> lhs_row, out_row, tap_l, tap_r;
+        dw::Red k{};
+        int64_t rows = 0;
+      };
+      thread_local std::vector<Sub> subs;
+      subs.resize(static_cast<size_t>(nsp()));
       const int64_t n = t.col1 - t.col0;
       Acc* const o = part + t.col0;
+      const int64_t g = dw_spread();
+      int64_t max_runs = 0;
       for (int64_t s = 0; s < nsp(); ++s) {
         const SubProblem& sp = plan.subproblems[s];
-        const int64_t rows = sp.rows;
-        row_offsets(Task{s, 0, 0, rows, 0, 0}, lhs_row, out_row);
+        Sub& u = subs[s];
+        // Grouped (g > 1): the rows of entry 0, each run for all g entries.
+        u.rows = sp.rows / g;
+        row_offsets(Task{s, 0, 0, u.rows, 0, 0}, u.lhs_row, u.out_row);
         if (sp.taps == 0) {
-          for (int64_t r = 0; r < rows; ++r) std::fill_n(o + out_row[r], n, Acc(0));
+          for (int64_t r = 0; r < u.rows; ++r)
+            for (int64_t j = 0; j < g; ++j)
+              std::fill_n(o + u.out_row[r] + j * pb.out_n, n, Acc(0));
+          u.k.nruns = 0;
           continue;
         }
-        const dw::Red k = dw_red(sp, tap_l, tap_r, 1);
-        const int64_t quads = rows / 4 * 4;
-        for (int64_t c = t.row0; c < t.row1; ++c) {
-          const Tin* const a = lhs + t.col0 + c * pb.lhs_c;
-          const Tin* const b = rhs + t.col0 + c * pb.rhs_i;
-          const bool add = c > t.row0;
-          int64_t r = 0;
-          for (; r < quads; r += 4)
-            dw::rows<4, 1>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, add);
-          for (; r < rows; ++r)
-            dw::rows<1, 4>(a, lhs_row.data() + r, b, k, o, out_row.data() + r, n, add);
+        u.k = dw_red(sp, u.tap_l, u.tap_r, 1);
+        max_runs = std::max(max_runs, u.k.nruns);
+      }
+      const int64_t B = dw_run_block();
+      for (int64_t c = t.row0; c < t.row1; ++c) {
+        const Tin* const a = lhs + t.col0 + c * pb.lhs_c;
+        const Tin* const b = rhs + t.col0 + c * pb.rhs_i;
+        for (int64_t b0 = 0; b0 < max_runs; b0 += B) {
+          const bool add = c > t.row0 || b0 > 0;
+          for (const Sub& u : subs) {
+            if (b0 >= u.k.nruns) continue;
+            dw::Red k = u.k;
+            k.ra += b0, k.rb += b0, k.nruns = std::min(B, k.nruns - b0);
+            const int64_t* const lr = u.lhs_row.data();
+            const int64_t* const orr = u.out_row.data();
+            if (g > 1) {
+              for (int64_t r = 0; r < u.rows; ++r)
+                dw::spread(g, a, lr[r], b, k, o, orr[r], pb.out_n, n, add);
+              continue;
+            }
+            const int64_t quads = u.rows / 4 * 4;
+            int64_t r = 0;
+            for (; r < quads; r += 4) dw::rows<4, 1>(a, lr + r, b, k, o, orr + r, n, add);
+            for (; r < u.rows; ++r) dw::rows<1, 4>(a, lr + r, b, k, o, orr + r, n, add);
+          }
         }
       }
     } else {
@@ -2059,11 +2131,10 @@ struct CksConv {
       constexpr int64_t I = sizeof(int64_t);
       *shared = 0;
       *per_thread = 0;
-      if (dw_entries()) {
+      if (dw_entries()) {  // every sub-problem's offsets at once
         *shared = dw_partials() ? dw_chunks() * dw_part_bytes() : 0;
         for (const SubProblem& sp : plan.subproblems)
-          *per_thread = std::max(*per_thread, 2 * I * (round_up(sp.rows, MR) +
-                                                       tap_entries(sp, true)));
+          *per_thread += 2 * I * (round_up(sp.rows, MR) + tap_entries(sp, true));
         return;
       }
       for (const Task& t : tasks(workers))

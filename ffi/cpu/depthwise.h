@@ -2,7 +2,10 @@
 // feature per group (a depthwise convolution's forward and input gradient,
 // and, as batch groups of one entry, its filter gradient), vectorised over
 // the groups, which are contiguous in all three operands. The GEMM would
-// multiply a 1-column B padded to a whole panel, group after group.
+// multiply a 1-column B padded to a whole panel, group after group. Grouped
+// convolutions of a few channels per group run on it too: with the input's
+// lanes permuted inside each group (Red::grp), and their filter gradients
+// as `spread` rows.
 //
 // Rows [0, R) of a block, lanes (groups) i < n (out[...] + the sum where add):
 //   out[orow[r] + i] = sum over c < nc, runs j < nruns, q < len of
@@ -69,6 +72,39 @@ void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, 
     }
 }
 
+// One row of a grouped convolution's filter gradient (batch groups of G
+// entries and G features, CksConv::dw_entries), G outputs per lane: lane i
+// (feature i % G of its group) sums, for each channel j of its group,
+//   out[orow + j * oj + i] = sum over c, runs, q of
+//       a[arow + c * ca + ra + q * sa + i - i % G + j] * b[c * cb + rb + q * sb + i]
+// (+ out where add): the input's lane j of the group spread over the
+// group's lanes (one permute per multiply-add, each input and cotangent
+// vector loaded once for G of them). Sums in kSpreadChains / G chains
+// (index q of a run into chain q % S), the same on every ISA.
+constexpr int kSpreadChains = 8;
+constexpr int spread_chains(int g) { return g < kSpreadChains ? kSpreadChains / g : 1; }
+
+template <int G, typename T, typename TA, typename TB, typename TO>
+void spread_portable(const TA* a, int64_t arow, const TB* b, const Red& k, TO* out, int64_t orow,
+                     int64_t oj, int64_t n, bool add) {
+  constexpr int S = spread_chains(G);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < G; ++j) {
+      T acc[S] = {};
+      for (int64_t c = 0; c < k.nc; ++c)
+        for (int64_t r = 0; r < k.nruns; ++r) {
+          const TA* ap = a + arow + c * k.ca + k.ra[r] + i - i % G + j;
+          const TB* bp = b + c * k.cb + k.rb[r] + i;
+          for (int64_t q = 0; q < k.len; ++q)
+            acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
+        }
+      T sum = acc[0];
+      for (int u = 1; u < S; ++u) sum += acc[u];
+      TO& o = out[orow + j * oj + i];
+      o = store<TO>(add ? load<T>(o) + sum : sum);
+    }
+}
+
 #ifdef CKS_X86_AVX2
 // Vector operations of one ISA and element type, for CKS_DW_CHUNK: L lanes,
 // gemm.h's whole-vector overloads, and masks of the first m lanes (m clamped
@@ -99,6 +135,15 @@ struct Z512 {
   CKS_DW512 P index(int64_t c, int64_t g) {
     int64_t p[L];
     for (int i = 0; i < L; ++i) p[i] = perm(i, c, g);
+    return index(p);
+  }
+  // Lane i of permute(x, spread(j, g)) is x's lane i - i % g + j (g | L).
+  CKS_DW512 P spread(int64_t j, int64_t g) {
+    int64_t p[L];
+    for (int i = 0; i < L; ++i) p[i] = i - i % g + j;
+    return index(p);
+  }
+  CKS_DW512 P index(const int64_t* p) {
     if constexpr (F)
       return _mm512_setr_epi32(int(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4]), int(p[5]),
                                int(p[6]), int(p[7]), int(p[8]), int(p[9]), int(p[10]),
@@ -111,6 +156,14 @@ struct Z512 {
     else return _mm512_maskz_permutexvar_pd(__mmask8(0xff), p, x);
   }
   CKS_DW512 V add(V a, V b) { return gemm::zadd(a, b); }
+  CKS_DW512 V bcast(const T* p) {
+    if constexpr (F) return _mm512_set1_ps(*p);
+    else return _mm512_set1_pd(*p);
+  }
+  CKS_DW512 V bcast(const bf16* p) {
+    static_assert(F, "bfloat16 accumulates in float32");
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(uint32_t{p->bits} << 16)));
+  }
   CKS_DW512 void store(T* p, V v) { gemm::zstore(p, v); }
   CKS_DW512 void store(T* p, V v, M m) {
     if constexpr (F) _mm512_mask_storeu_ps(p, m, v);
@@ -165,11 +218,23 @@ struct Y256 {
       p[i] = F ? int(perm(i, c, g)) : int(2 * perm(i / 2, c, g) + i % 2);
     return _mm256_setr_epi32(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
   }
+  CKS_DW256 P spread(int64_t j, int64_t g) {
+    int p[8];
+    for (int i = 0; i < 8; ++i) {
+      const int e = F ? i : i / 2;  // element of float lane i
+      p[i] = F ? int(e - e % g + j) : int(2 * (e - e % g + j) + i % 2);
+    }
+    return _mm256_setr_epi32(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+  }
   CKS_DW256 V permute(V x, P p) {
     if constexpr (F) return _mm256_permutevar8x32_ps(x, p);
     else return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(x), p));
   }
   CKS_DW256 V add(V a, V b) { return gemm::vadd(a, b); }
+  CKS_DW256 V bcast(const T* p) {
+    if constexpr (F) return _mm256_broadcast_ss(p);
+    else return _mm256_broadcast_sd(p);
+  }
   CKS_DW256 void store(T* p, V v) { gemm::vstore(p, v); }
   CKS_DW256 void store(T* p, V v, M m) {
     if constexpr (F) _mm256_maskstore_ps(p, m, v);
@@ -363,6 +428,99 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
   }
 }
 #undef CKS_DW_SLIDE
+
+// spread_portable's sums, NV vectors of lanes per block.
+#define CKS_DW_SPREAD(I, NV, FULL)                                                             \
+  {                                                                                            \
+    using V = typename I::V;                                                                   \
+    constexpr int L = I::L, S = spread_chains(G);                                              \
+    typename I::M mk[NV];                                                                      \
+    for (int v = 0; v < NV; ++v) mk[v] = I::mask(m - v * L);                                   \
+    V acc[G][S][NV];                                                                           \
+    for (int j = 0; j < G; ++j)                                                                \
+      for (int u = 0; u < S; ++u)                                                              \
+        for (int v = 0; v < NV; ++v) acc[j][u][v] = I::zero();                                 \
+    for (int64_t c = 0; c < k.nc; ++c)                                                         \
+      for (int64_t r = 0; r < k.nruns; ++r) {                                                  \
+        const TA* ap = a + arow + c * k.ca + k.ra[r] + i;                                      \
+        const TB* bp = b + c * k.cb + k.rb[r] + i;                                             \
+        for (int64_t q = 0; q < k.len; q += S) {                                               \
+          _Pragma("GCC unroll 8") for (int u = 0; u < S; ++u) {                                \
+            if (S > 1 && q + u >= k.len) break;                                                \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) {                             \
+              const V bv = FULL ? I::load(bp + v * L) : I::load(bp + v * L, mk[v]);            \
+              if constexpr (G == L) { /* one group per vector: broadcasts */                   \
+                _Pragma("GCC unroll 16") for (int j = 0; j < G; ++j) acc[j][u][v] =            \
+                    I::fma(I::bcast(ap + v * L + j), bv, acc[j][u][v]);                        \
+              } else {                                                                         \
+                const V av = FULL ? I::load(ap + v * L) : I::load(ap + v * L, mk[v]);          \
+                _Pragma("GCC unroll 8") for (int j = 0; j < G; ++j) acc[j][u][v] =             \
+                    I::fma(I::permute(av, px[j]), bv, acc[j][u][v]);                           \
+              }                                                                                \
+            }                                                                                  \
+            ap += k.sa;                                                                        \
+            bp += k.sb;                                                                        \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+    for (int j = 0; j < G; ++j)                                                                \
+      for (int v = 0; v < NV; ++v) {                                                           \
+        V sum = acc[j][0][v];                                                                  \
+        for (int u = 1; u < S; ++u) sum = I::add(sum, acc[j][u][v]);                           \
+        TO* const op = out + orow + j * oj + i + v * L;                                        \
+        if (add) sum = I::add(FULL ? I::load(op) : I::load(op, mk[v]), sum);                   \
+        if (FULL)                                                                              \
+          I::store(op, sum);                                                                   \
+        else                                                                                   \
+          I::store(op, sum, mk[v]);                                                            \
+      }                                                                                        \
+  }
+
+template <int G, typename TA, typename TB, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void spread_avx512(const TA* a, int64_t arow,
+                                                            const TB* b, const Red& k, TO* out,
+                                                            int64_t orow, int64_t oj, int64_t n,
+                                                            bool add) {
+  using I = Z512<Acc<TA>>;
+  // G x S x NV = 16 accumulators and G indices within 32 zmm; a group of a
+  // whole vector (whose lanes are always whole vectors) broadcasts instead.
+  constexpr int NV = G < I::L ? 2 : 1;
+  typename I::P px[G < I::L ? G : 1];
+  if constexpr (G < I::L)
+    for (int j = 0; j < G; ++j) px[j] = I::spread(j, G);
+  int64_t i = 0;
+  for (; i + NV * I::L <= n; i += NV * I::L) {
+    const int64_t m = NV * I::L;
+    CKS_DW_SPREAD(I, NV, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_SPREAD(I, NV, false)
+  }
+}
+
+template <int G, typename T>
+__attribute__((target("avx2,fma"))) void spread_avx2(const T* a, int64_t arow, const T* b,
+                                                     const Red& k, T* out, int64_t orow,
+                                                     int64_t oj, int64_t n, bool add) {
+  using I = Y256<T>;
+  using TA = T;
+  using TB = T;
+  using TO = T;
+  typename I::P px[G < I::L ? G : 1];
+  if constexpr (G < I::L)
+    for (int j = 0; j < G; ++j) px[j] = I::spread(j, G);
+  int64_t i = 0;
+  for (; i + I::L <= n; i += I::L) {
+    const int64_t m = I::L;
+    CKS_DW_SPREAD(I, 1, true)
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    CKS_DW_SPREAD(I, 1, false)
+  }
+}
+#undef CKS_DW_SPREAD
 #undef CKS_DW512_TARGET
 #endif
 
@@ -452,6 +610,32 @@ void rows(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
   (void)nt;
 #endif
   rows_portable<R, S, T>(a, arow, b, k, out, orow, n, add);
+}
+
+// spread_portable's row on the kernel's ISA (bfloat16 operands: AVX-512,
+// else portable), for a group width g of 2, 4, 8 or 16 that divides the
+// ISA's vector (else portable).
+template <typename TA, typename TB, typename TO>
+void spread(int64_t g, const TA* a, int64_t arow, const TB* b, const Red& k, TO* out,
+            int64_t orow, int64_t oj, int64_t n, bool add) {
+  using T = Acc<TA>;
+  auto run = [&](auto tag) {
+    constexpr int G = decltype(tag)::value;
+#ifdef CKS_X86_AVX2
+    if constexpr (G * sizeof(T) <= 64)
+      if (dw::isa() == 2) return spread_avx512<G>(a, arow, b, k, out, orow, oj, n, add);
+    if constexpr (std::is_same<TA, T>::value && std::is_same<TB, T>::value &&
+                  std::is_same<TO, T>::value && G * sizeof(T) <= 32)
+      if (dw::isa() == 1) return spread_avx2<G>(a, arow, b, k, out, orow, oj, n, add);
+#endif
+    spread_portable<G, T>(a, arow, b, k, out, orow, oj, n, add);
+  };
+  switch (g) {
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 8: run(std::integral_constant<int, 8>{}); break;
+    default: run(std::integral_constant<int, 16>{}); break;
+  }
 }
 
 }  // namespace dw
