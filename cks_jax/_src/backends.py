@@ -258,12 +258,13 @@ def kernel_group_widths(dtype) -> tuple:
 # The filter gradient of a grouped convolution of g channels in and g out per
 # group (lax's batch groups of g entries and g features) takes the depthwise
 # path for these g, by kernel float type and cpu_isa() (CksConv::dw_spread_width:
-# g divides the ISA's vector; groups of a whole vector broadcast). Zen 4, 2 cores,
-# float32, 3x3 filter gradients (benchmarks/grouped_shapes.json): 8 x 56 x 56 x 128
+# g divides the ISA's vector; groups of a whole vector broadcast). The Intel Xeon VM
+# with AMX (2 cores), float32, 3x3 filter gradients (benchmarks/grouped_shapes.json;
+# PyTorch's convolution_backward of the filter alone): 8 x 56 x 56 x 128
 # in 32 groups of 4, 1.8 ms (the GEMM path 37-42, PyTorch 4.4); 8 x 28 x 28 x 256
 # in 32 of 8, 1.5-1.7 (12.6-13.5, PyTorch 1.7); 8 x 14 x 14 x 512 in 32 of 16,
 # 1.5-1.6 (2.5-2.8, PyTorch 0.9); 8 x 56 x 56 x 64 in 32 of 2, 0.85 (35-41, the
-# portable path 9-11, PyTorch 2.1).
+# portable path 11-12, PyTorch 2.1).
 KERNEL_SPREAD_WIDTHS = {
     0: {np.dtype(np.float32): (1, 2, 4), np.dtype(np.float64): (1, 2, 4)},
     1: {np.dtype(np.float32): (1, 2, 4, 8), np.dtype(np.float64): (1, 2, 4)},
@@ -466,10 +467,11 @@ def cpu_alternative(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> str |
   features, gradient, deconv = facts
   if params["batch_group_count"] > 1 and features > 1:
     # The filter gradient of a grouped convolution with 2-3 features per group (lax's batch
-    # groups): XLA's convolution runs it group by group. On the Zen 4 VM (2 cores, float32,
-    # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3): XLA 3960-4060 ms, the kernel 44.7, the
-    # portable path 9-11.3; at stride 2, the kernel 7.3 and the portable path 3.8 (bfloat16:
-    # 13.0 and 3.9).
+    # groups) that the depthwise path does not take (groups of 3; of 2 in a layout it does not
+    # read): XLA's convolution runs it group by group. On the Zen 4 VM (2 cores, float32,
+    # 8 x 56 x 56 x 64 in 32 groups of 2, 3x3, before the depthwise path took it): XLA
+    # 3960-4060 ms, the kernel's GEMM 44.7, the portable path 9-11.3; at stride 2, the GEMM
+    # 7.3 and the portable path 3.8 (bfloat16: 13.0 and 3.9).
     return "portable"
   return "portable" if gradient and deconv else "xla"
 

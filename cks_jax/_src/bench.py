@@ -261,14 +261,17 @@ def _torch_ops(layer: dict, lhs: np.ndarray, rhs: np.ndarray, dtype: str = "floa
     out = conv(x, weight)
   ct = torch.ones_like(out)
   xg, wg = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+  # The graph of one forward, kept: a gradient's time is its backward alone (the
+  # convolution_backward of the one operand asked for), as jax's jitted VJP of one operand
+  # computes no forward.
+  y = conv(xg, wg)
 
   def fwd():
     with torch.no_grad():
       return conv(x, weight)
 
   def grad(wrt):
-    y = conv(xg, wg)
-    return torch.autograd.grad(y, wrt, ct)[0]
+    return torch.autograd.grad(y, wrt, ct, retain_graph=True)[0]
 
   ops = {"fwd": fwd, "dlhs": lambda: grad(xg), "drhs": lambda: grad(wg)}
   # On CUDA the caller waits for the kernels (time_interleaved's sync).

@@ -307,8 +307,8 @@ struct CksConv {
   // features: lane i (feature i % g) needs all g channels of its group, so
   // each of its rows runs as g sums, channel j of the group spread over the
   // group's lanes (dw::spread), into the output's rows of entry j. The GEMM
-  // padded the g columns to a panel ("interleaved taps": 0.25-0.48x
-  // PyTorch for groups of 4 and 8).
+  // padded the g columns to a panel ("interleaved taps"; see
+  // backends.KERNEL_SPREAD_WIDTHS for times).
   int64_t dw_spread() const { return pb.batch_groups > 1 ? pb.out_batch() : 1; }
   // g must divide the ISA's vector of Acc. A group of a whole vector (16
   // floats or 8 doubles on AVX-512, 8 floats on AVX2) broadcasts each input
@@ -358,8 +358,8 @@ struct CksConv {
   // the taps; a block's sums are added to those before it. Blocks of about
   // kDwBlockBytes of both operands over kDwLanes lanes, set by the shape
   // alone (the same bits on any thread count and ISA, and for bfloat16
-  // operands read in place or from float32 copies). Zen 4 (2 cores),
-  // filter gradients: MobileNet's 8 x 112 x 112 x 32 3x3 3.7 ms -> 1.1
+  // operands read in place or from float32 copies). Intel Xeon with AMX (2
+  // cores of a VM; L2 2 MB per core), filter gradients: MobileNet's 8 x 112 x 112 x 32 3x3 3.7 ms -> 1.1
   // (each tap's pass over a whole image was 3.2 MB from L3), its stride-2
   // 2.1 -> 1.0, ResNeXt's 8 x 56 x 56 x 128 in 32 groups of 4 5.3-6.9 ->
   // 1.8-2.2; 64 KB to 256 KB and lane caps of 32 to 128 within noise.
