@@ -985,9 +985,9 @@ def test_depthwise_path_bounds():
 # (lhs shape, rhs shape, conv args, kwargs): grouped convolutions of g channels in and g features
 # out per group, which the depthwise path runs as g depthwise convolutions over lanes permuted
 # inside each group (groups of 2 or 4, and of 8 floats on AVX-512): the forward and the input
-# gradient; and the filter gradient (batch groups of g entries and g features), each group's
-# input channels spread over its lanes (2 or 4, 8 floats or on AVX-512 doubles, 16 floats on
-# AVX-512).
+# gradient; groups of 16 and 32 floats on AVX-512 with each channel broadcast over its group's
+# lanes; and the filter gradient (batch groups of g entries and g features), each group's input
+# channels spread over its lanes (2 or 4, 8 floats or on AVX-512 doubles, 16 floats on AVX-512).
 GROUPED_CASES = [
     # ResNeXt-like 3x3 SAME, 8 groups of 4: 32 lanes, one block of two AVX-512 float vectors
     ((2, 9, 11, 32), (3, 3, 4, 32), ((1, 1), "SAME"), {"feature_group_count": 8}),
@@ -1001,10 +1001,14 @@ GROUPED_CASES = [
     # 9 groups of 8, dilated 5x5: on the path for floats on AVX-512 only
     ((2, 9, 11, 72), (5, 5, 8, 72), ((1, 1), [(4, 4), (4, 4)], (1, 1), (2, 2)),
      {"feature_group_count": 9}),
-    # 8 groups of 16, 1-D, stride 2: the filter gradient on the path for floats on AVX-512
-    # (broadcasts: a group per vector), the forward and input gradient on the GEMM
+    # 8 groups of 16, 1-D, stride 2: on the path for floats on AVX-512 (broadcasts: a group per
+    # vector)
     ((3, 23, 128), (3, 16, 128), ((2,), "SAME"), {"feature_group_count": 8,
                                                   "dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # 9 groups of 32 (two vectors per group), 3x3 dilated: the forward and input gradient on the
+    # path for floats on AVX-512, the filter gradient on the GEMM
+    ((2, 7, 6, 288), (3, 3, 32, 288), ((1, 1), "SAME", (1, 1), (2, 1)),
+     {"feature_group_count": 9}),
 ]
 
 
@@ -1026,8 +1030,10 @@ def test_grouped_on_depthwise_path(case, dtype):
     assert on and spread
   elif case == 4:  # 8 per group
     assert on == (f32 and avx512) and spread == (avx512 or (f32 and backends.cpu_isa() == 1))
-  else:  # 16 per group
-    assert not on and spread == (f32 and avx512)
+  elif case == 5:  # 16 per group
+    assert on == spread == (f32 and avx512)
+  else:  # 32 per group
+    assert on == (f32 and avx512) and not spread
   assert [p == "depthwise" for p in paths] == [on, on, spread], paths
   check_on_kernel(GROUPED_CASES[case], dtype, seed=100 + case)
 
@@ -1050,7 +1056,7 @@ def test_bf16_grouped_same_bits(tmp_path):
     on, spread = grouped_on_path(GROUPED_CASES[int(name.split("-")[0])], np.float32)
     return spread if name.endswith("d_rhs") else on
   here = {n: x for n, x in depthwise_outputs(GROUPED_CASES, BF16_OUT).items() if on_path(n)}
-  assert len(here) == (len(GROUPED_CASES) - 1) * 2 * 3 + 2, sorted(here)
+  assert len(here) == len(GROUPED_CASES) * 2 * 3 - 2, sorted(here)  # all but 32's d-rhs
   differ = [name for name, x in here.items() if not np.array_equal(x, copies[name])]
   assert not differ, differ
   for i, case in enumerate(GROUPED_CASES):
@@ -1059,8 +1065,8 @@ def test_bf16_grouped_same_bits(tmp_path):
 
 def test_grouped_path_bounds():
   # kernel_depthwise's grouped side, as CksConv::depthwise(): g channels in and g features out
-  # per group, g in KERNEL_GROUP_WIDTHS (8 floats on AVX-512 only), the filter HWIO or in the
-  # layout jax gives a grouped convolution's input gradient (HW, features g apart, channels
+  # per group, g in KERNEL_GROUP_WIDTHS (8, 16, 32 floats on AVX-512 only), the filter HWIO or in
+  # the layout jax gives a grouped convolution's input gradient (HW, features g apart, channels
   # contiguous)
   p = lambda fgc=8, dn=((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)): {
       "dimension_numbers": dn, "feature_group_count": fgc, "batch_group_count": 1,
@@ -1073,7 +1079,11 @@ def test_grouped_path_bounds():
           == (backends.cpu_isa() == 2))
   assert not backends.kernel_depthwise(p(), (2, 5, 5, 64), (3, 3, 8, 64), np.float64)
   assert not backends.kernel_depthwise(p(), (2, 5, 5, 24), (3, 3, 3, 24), np.float32)  # g = 3
-  assert not backends.kernel_depthwise(p(), (2, 5, 5, 128), (3, 3, 16, 128), np.float32)
+  avx512 = backends.cpu_isa() == 2  # 16 and 32 per group: broadcast, floats on AVX-512
+  assert backends.kernel_depthwise(p(), (2, 5, 5, 128), (3, 3, 16, 128), np.float32) == avx512
+  assert backends.kernel_depthwise(p(), (2, 5, 5, 256), (3, 3, 32, 256), np.float32) == avx512
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 128), (3, 3, 16, 128), np.float64)
+  assert not backends.kernel_depthwise(p(), (2, 5, 5, 512), (3, 3, 64, 512), np.float32)
   assert not backends.kernel_depthwise(p(fgc=4), (2, 5, 5, 16), (3, 3, 4, 16), np.float32)
   # 4 channels in, 8 features out per group
   assert not backends.kernel_depthwise(p(), (2, 5, 5, 32), (3, 3, 4, 64), np.float32)
@@ -1085,7 +1095,6 @@ def test_grouped_path_bounds():
   # (the cotangent's), g in KERNEL_SPREAD_WIDTHS, all contiguous (out: the HWIO kernel).
   grad = ((3, 0, 1, 2), (3, 0, 1, 2), (2, 3, 0, 1))
   q = lambda bgc=8, dn=grad: {**p(fgc=1, dn=dn), "batch_group_count": bgc}
-  avx512 = backends.cpu_isa() == 2
   assert backends.kernel_depthwise(q(), (2, 5, 5, 32), (2, 3, 3, 32), np.float32)
   assert backends.kernel_depthwise(q(), (2, 5, 5, 16), (2, 3, 3, 16), np.float64)
   assert backends.kernel_depthwise(q(), (2, 5, 5, 64), (2, 3, 3, 64), np.float32) == (

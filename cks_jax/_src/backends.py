@@ -245,7 +245,8 @@ KERNEL_DEPTHWISE_MIN_GROUPS = 8
 # (GEMM path 13.5, PyTorch 3.9); 8 x 28 x 28 x 256 in 32 groups of 8, 2.2 ms
 # (GEMM path 3.3, PyTorch 1.4).
 KERNEL_GROUP_WIDTHS = {np.dtype(np.float32): (1, 2, 4), np.dtype(np.float64): (1, 2, 4)}
-KERNEL_GROUP_WIDTHS_AVX512 = {np.dtype(np.float32): (1, 2, 4, 8), np.dtype(np.float64): (1, 2, 4)}
+KERNEL_GROUP_WIDTHS_AVX512 = {np.dtype(np.float32): (1, 2, 4, 8, 16, 32),
+                              np.dtype(np.float64): (1, 2, 4)}
 
 
 def kernel_group_widths(dtype) -> tuple:

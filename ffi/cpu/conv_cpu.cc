@@ -299,8 +299,14 @@ struct CksConv {
   // innermost, the features contiguous (HWIO) or, g apart, the channels
   // (the layout jax gives its input gradient's filter: HW(G g)g).
   static bool dw_group_width(int64_t g) {
-    return g == 1 || g == 2 || g == 4 || (g == 8 && sizeof(Acc) == 4 && gemm::gemm_isa() == 2);
+    const bool avx512_f32 = sizeof(Acc) == 4 && gemm::gemm_isa() == 2;
+    return g == 1 || g == 2 || g == 4 || ((g == 8 || dw_bcast(g)) && avx512_f32);
   }
+  // Groups of one or two whole AVX-512 vectors of floats (16 or 32 channels)
+  // broadcast each channel over the group's lanes instead (Red::bcast): no
+  // permutes, the filter in its own order. The GEMM padded 16 features per
+  // group to a 64-column tile.
+  static bool dw_bcast(int64_t g) { return sizeof(Acc) == 4 && (g == 16 || g == 32); }
   int64_t dw_group() const { return pb.feature_groups > 1 ? pb.group_in() : 1; }
   // The filter gradient of a grouped convolution of g channels in and out
   // per group is batch groups of g entries (the input's channels) and g
@@ -359,10 +365,11 @@ struct CksConv {
   // kDwBlockBytes of both operands over kDwLanes lanes, set by the shape
   // alone (the same bits on any thread count and ISA, and for bfloat16
   // operands read in place or from float32 copies). Intel Xeon with AMX (2
-  // cores of a VM; L2 2 MB per core), filter gradients: MobileNet's 8 x 112 x 112 x 32 3x3 3.7 ms -> 1.1
-  // (each tap's pass over a whole image was 3.2 MB from L3), its stride-2
-  // 2.1 -> 1.0, ResNeXt's 8 x 56 x 56 x 128 in 32 groups of 4 5.3-6.9 ->
-  // 1.8-2.2; 64 KB to 256 KB and lane caps of 32 to 128 within noise.
+  // cores of a VM; L2 2 MB per core), filter gradients: MobileNet's 8 x 112
+  // x 112 x 32 3x3 3.7 ms -> 1.1 (each tap's pass over a whole image was
+  // 3.2 MB from L3), its stride-2 2.1 -> 1.0, ResNeXt's 8 x 56 x 56 x 128 in
+  // 32 groups of 4 5.3-6.9 -> 1.8-2.2; 64 KB to 256 KB and lane caps of 32
+  // to 128 within noise.
   int64_t dw_max_len() const {
     int64_t len = 1;
     for (const SubProblem& sp : plan.subproblems)
@@ -436,7 +443,7 @@ struct CksConv {
     return dw::Red{tap_l.data(), tap_r.data(), static_cast<int64_t>(tap_l.size()),
                    sp.seg[last].t_hi - sp.seg[last].t_lo, wrap_mul(ph.tstride, pb.lhs_sp[last]),
                    wrap_mul(ph.kstep, pb.rhs_sp[last]), nc, g > 1 ? 0 : pb.lhs_c,
-                   g > 1 ? pb.out_feat : pb.rhs_i, g};
+                   g > 1 ? pb.out_feat : pb.rhs_i, g, g > 1 && dw_bcast(g)};
   }
   // Depthwise outputs over kStreamOutBytes are written with non-temporal
   // stores (AVX-512), where every row starts on a zmm: a depthwise output is
@@ -460,30 +467,39 @@ struct CksConv {
   // widened to float32 (the kernel then widens only its input), and a
   // grouped convolution's channel c of lane l taken from the group's channel
   // (l + c) % g, the one that meets the input lane the kernel permutes there
-  // (see dw_group_width). Filled per task, it took most of ResNeXt's 3x3
+  // (see dw_group_width), or channel c itself where the kernel broadcasts
+  // (dw_bcast). Filled per task, it took most of ResNeXt's 3x3
   // of 32 groups of 4 on 56 x 56 (a division per element).
   int64_t dw_filter_taps() const {
     int64_t taps = 1;
     for (int d = 0; d < pb.nd; ++d) taps *= pb.dim[d].k_size;
     return taps;
   }
-  bool dw_filter_copied() const { return kDwBf16 || dw_group() > 1; }
+  // (Where the kernel broadcasts and the filter is HWIO, it reads rhs as it
+  // is: the same layout.)
+  bool dw_filter_copied() const {
+    const int64_t g = dw_group();
+    return kDwBf16 || (g > 1 && !(dw_bcast(g) && pb.rhs_o == 1 && pb.rhs_i == pb.out_feat));
+  }
   int64_t dw_filter_size() const { return dw_filter_taps() * pb.group_in() * pb.out_feat; }
-  void dw_filter(std::vector<Acc>& buf) const {
+  // Taps in parallel: 9 x 16 x 512 elements (ResNeXt's groups of 16 on 14 x
+  // 14, input gradient) took 0.2 ms of a 1.3 ms call on one thread.
+  void dw_filter(std::vector<Acc>& buf, ffi::ThreadPool* pool) const {
     const int64_t g = dw_group(), F = pb.out_feat;
-    int64_t idx[kMaxSpatial] = {0, 0, 0};
     buf.resize(static_cast<size_t>(dw_filter_size()));
-    for (int64_t e = 0; e < dw_filter_taps(); ++e) {
-      int64_t off = 0;
-      for (int d = 0; d < pb.nd; ++d) off += idx[d] * pb.rhs_sp[d];
+    parallel_for(pool, dw_filter_taps(), [&](int64_t e) {
+      int64_t off = 0, rest = e;
+      for (int d = pb.nd - 1; d >= 0; --d) {
+        off += rest % pb.dim[d].k_size * pb.rhs_sp[d];
+        rest /= pb.dim[d].k_size;
+      }
       for (int64_t c = 0; c < g; ++c)
         for (int64_t l0 = 0; l0 < F; l0 += g)  // group by group
           for (int64_t f = 0; f < g; ++f) {
-            const int64_t ch = f + c < g ? f + c : f + c - g, l = l0 + f;
+            const int64_t ch = dw_bcast(g) ? c : f + c < g ? f + c : f + c - g, l = l0 + f;
             buf[off + c * F + l] = load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
           }
-      for (int d = pb.nd - 1; d >= 0 && ++idx[d] == pb.dim[d].k_size; --d) idx[d] = 0;
-    }
+    });
   }
   // One depthwise task. A sub-problem with no taps (outputs that read only
   // padding) writes zeros.
@@ -2159,7 +2175,7 @@ struct CksConv {
       const auto ts = tasks(pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1);
       if (!dw_entries()) {
         std::vector<Acc> filter;
-        if (dw_filter_copied()) dw_filter(filter);
+        if (dw_filter_copied()) dw_filter(filter, pool);
         const Acc* const f = filter.empty() ? nullptr : filter.data();
         parallel_for(pool, static_cast<int64_t>(ts.size()),
                      [&](int64_t i) { run_depthwise(ts[i], f); });
@@ -2305,8 +2321,12 @@ struct Bf16Pairs {
   static constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
   Conv c;
 
+  // Not where the depthwise path takes the problem (grouped convolutions of
+  // 16 or 32 channels per group), whose tasks are not the GEMM's.
   static bool applies(const ConvProblem& pb, const Plan& plan) {
-    if (!gemm::bf16_pairs() || pb.lhs_c != 1 || pb.group_in() % 2 != 0) return false;
+    if (!gemm::bf16_pairs() || pb.lhs_c != 1 || pb.group_in() % 2 != 0 ||
+        Conv{pb, plan, nullptr, nullptr, nullptr}.depthwise())
+      return false;
     const CksConv<float, float, float> f{pb, plan, nullptr, nullptr, nullptr};
     return f.phase_b() && f.shared_b().phase;
   }
@@ -2432,7 +2452,7 @@ struct Bf16PackedPairs {
 
   static bool applies(const ConvProblem& pb, const Plan& plan) {
     if (!gemm::bf16_pairs() || pb.lhs_n != 1 || pb.group_out() < kMinF ||
-        pb.out_batch() < kMinRows)
+        pb.out_batch() < kMinRows || Conv{pb, plan, nullptr, nullptr, nullptr}.depthwise())
       return false;
     return !CksConv<float, float, float>{pb, plan, nullptr, nullptr, nullptr}.channels_inner();
   }

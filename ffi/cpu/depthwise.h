@@ -46,11 +46,23 @@ struct Red {
   int64_t nc, ca, cb;          // channels (outer) and their a and b strides
   // Group width g (grouped convolutions, g channels in and out per group;
   // else 1): channel c of lane i reads a's lane perm(i, c), the group's
-  // channel (i + c) % g, with ca = 0 (see CksConv::dw_group).
+  // channel (i + c) % g, with ca = 0 (see CksConv::dw_group); or, where
+  // bcast (a group of one or two whole AVX-512 vectors), the group's
+  // channel c itself, broadcast over the group's lanes.
   int64_t grp = 1;
+  bool bcast = false;
 };
 
 inline int64_t perm(int64_t i, int64_t c, int64_t g) { return i - i % g + (i % g + c) % g; }
+
+// The widest group whose lanes are permuted (8: wider ones broadcast).
+constexpr int kMaxPermGroup = 8;
+
+// The a lane that channel c of lane i reads (see Red::grp).
+inline int64_t group_lane(const Red& k, int64_t i, int64_t c) {
+  return k.grp == 1 ? i : k.bcast ? i - i % k.grp + c : perm(i, c, k.grp);
+}
+
 
 template <int R, int S, typename T, typename TA, typename TB, typename TO>
 void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
@@ -60,11 +72,36 @@ void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, 
       T acc[S] = {};
       for (int64_t c = 0; c < k.nc; ++c)
         for (int64_t j = 0; j < k.nruns; ++j) {
-          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + (k.grp > 1 ? perm(i, c, k.grp) : i);
+          const TA* ap = a + arow[r] + c * k.ca + k.ra[j] + group_lane(k, i, c);
           const TB* bp = b + c * k.cb + k.rb[j] + i;
           for (int64_t q = 0; q < k.len; ++q)
             acc[q % S] = std::fma(load<T>(ap[q * k.sa]), load<T>(bp[q * k.sb]), acc[q % S]);
         }
+      T sum = acc[0];
+      for (int u = 1; u < S; ++u) sum += acc[u];
+      TO& o = out[orow[r] + i];
+      o = store<TO>(add ? load<T>(o) + sum : sum);
+    }
+}
+
+// Rows of a grouped convolution whose groups are one or two whole AVX-512
+// vectors (Red::bcast): the group's channels are the innermost index, each
+// broadcast over the group's lanes, as a GEMM micro-kernel runs its
+// reduction (the channel-outer order re-walked every run for each channel):
+//   out[orow[r] + i] = sum over runs j, q < len, c < grp (in that order) of
+//       a[arow[r] + ra[j] + q * sa + i - i % grp + c] * b[c * cb + rb[j] + q * sb + i]
+// in S chains per row (index c into chain c % S).
+template <int R, int S, typename T, typename TA, typename TB, typename TO>
+void bcast_rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
+                         const int64_t* orow, int64_t n, bool add) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int r = 0; r < R; ++r) {
+      T acc[S] = {};
+      for (int64_t j = 0; j < k.nruns; ++j)
+        for (int64_t q = 0; q < k.len; ++q)
+          for (int64_t c = 0; c < k.grp; ++c)
+            acc[c % S] = std::fma(load<T>(a[arow[r] + k.ra[j] + q * k.sa + i - i % k.grp + c]),
+                                  load<T>(b[c * k.cb + k.rb[j] + q * k.sb + i]), acc[c % S]);
       T sum = acc[0];
       for (int u = 1; u < S; ++u) sum += acc[u];
       TO& o = out[orow[r] + i];
@@ -266,7 +303,7 @@ inline int isa() {
       for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = I::zero();                     \
     const int64_t len = k.len, sa = k.sa, sb = k.sb;                                           \
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
-      const typename I::P pc = PERM ? I::index(c, k.grp) : typename I::P{};                    \
+      const typename I::P pc = GM == 1 ? pcs[c] : typename I::P{};                             \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
         const TB* bp = b + c * k.cb + k.rb[j] + i;                                             \
         const TA* ap[R];                                                                       \
@@ -280,7 +317,7 @@ inline int isa() {
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                              \
               V a0 = FULL ? I::load(ap[r]) : I::load(ap[r], k0);                               \
               V a1 = FULL ? I::load(ap[r] + L) : I::load(ap[r] + L, k1);                       \
-              if (PERM) a0 = I::permute(a0, pc), a1 = I::permute(a1, pc);                      \
+              if (GM == 1) a0 = I::permute(a0, pc), a1 = I::permute(a1, pc);                   \
               acc[r][u][0] = I::fma(a0, b0, acc[r][u][0]);                                     \
               acc[r][u][1] = I::fma(a1, b1, acc[r][u][1]);                                     \
               ap[r] += sa;                                                                     \
@@ -304,12 +341,19 @@ inline int isa() {
       }                                                                                        \
   }
 
-template <int R, int S, bool PERM, typename TA, typename TB, typename TO>
+// GM: 0 no groups, 1 permuted lanes (see Red).
+template <int R, int S, int GM, typename TA, typename TB, typename TO>
 __attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const int64_t* arow,
                                                           const TB* b, const Red& k, TO* out,
                                                           const int64_t* orow, int64_t n,
                                                           bool add, bool nt) {
   using I = Z512<Acc<TA>>;
+  // The permutations of the group's channels, once per call (built per
+  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
+  typename I::P pcs[kMaxPermGroup];
+  if (GM == 1)
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
+      pcs[c] = I::index(c, k.grp);
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -321,7 +365,60 @@ __attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const in
   }
 }
 
-template <int R, int S, bool PERM, typename T>
+// bcast_rows_portable on AVX-512: blocks of two vectors of lanes (one group
+// of 2 L, or two of L), whole vectors only (n is a multiple of the group).
+template <int R, int S, typename TA, typename TB, typename TO>
+__attribute__((target(CKS_DW512_TARGET))) void bcast_rows_avx512(const TA* a, const int64_t* arow,
+                                                                const TB* b, const Red& k,
+                                                                TO* out, const int64_t* orow,
+                                                                int64_t n, bool add, bool nt) {
+  using I = Z512<Acc<TA>>;
+  using V = typename I::V;
+  constexpr int L = I::L;
+  const int64_t g = k.grp, cb = k.cb;
+  for (int64_t i = 0; i < n; i += 2 * L) {
+    const bool two = i + L < n;  // a second vector of lanes (always, for groups of 2 L)
+    V acc[R][S][2];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < S; ++u) acc[r][u][0] = acc[r][u][1] = I::zero();
+    for (int64_t j = 0; j < k.nruns; ++j) {
+      const TB* bp = b + k.rb[j] + i;
+      const TA* ap[R];
+      for (int r = 0; r < R; ++r) ap[r] = a + arow[r] + k.ra[j] + i;
+      for (int64_t q = 0; q < k.len; ++q) {
+        for (int64_t c = 0; c < g; c += S) {
+#pragma GCC unroll 4
+          for (int u = 0; u < S; ++u) {
+            const V b0 = I::load(bp + (c + u) * cb);
+            const V b1 = two ? I::load(bp + (c + u) * cb + L) : I::zero();
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+              const V a0 = I::bcast(ap[r] + c + u);
+              const V a1 = g > L ? a0 : two ? I::bcast(ap[r] + L + c + u) : I::zero();
+              acc[r][u][0] = I::fma(a0, b0, acc[r][u][0]);
+              acc[r][u][1] = I::fma(a1, b1, acc[r][u][1]);
+            }
+          }
+        }
+        bp += k.sb;
+        for (int r = 0; r < R; ++r) ap[r] += k.sa;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < (two ? 2 : 1); ++h) {
+        V sum = acc[r][0][h];
+        for (int u = 1; u < S; ++u) sum = I::add(sum, acc[r][u][h]);
+        TO* const op = out + orow[r] + i + h * L;
+        if (add) sum = I::add(I::load(op), sum);
+        if (nt)
+          I::stream(op, sum);
+        else
+          I::store(op, sum);
+      }
+  }
+}
+
+template <int R, int S, int GM, typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* arow, const T* b,
                                                    const Red& k, T* out, const int64_t* orow,
                                                    int64_t n, bool add, bool nt) {
@@ -329,6 +426,12 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
   using TA = T;
   using TB = T;
   using TO = T;
+  // The permutations of the group's channels, once per call (built per
+  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
+  typename I::P pcs[kMaxPermGroup];
+  if (GM == 1)
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
+      pcs[c] = I::index(c, k.grp);
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -357,7 +460,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
     for (int r = 0; r < R; ++r)                                                                \
       for (int v = 0; v < NV; ++v) acc[r][v] = I::zero();                                      \
     for (int64_t c = 0; c < k.nc; ++c) {                                                       \
-      const typename I::P pc = PERM ? I::index(c, k.grp) : typename I::P{};                    \
+      const typename I::P pc = PERM ? pcs[c] : typename I::P{};                                \
       const TA* const arc = a + arow0 + c * k.ca + i;                                          \
       const TB* const bc = b + c * k.cb + i;                                                   \
       for (int64_t j = 0; j < k.nruns; ++j) {                                                  \
@@ -398,6 +501,12 @@ __attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TA* a, int64_t
                                                            int64_t n, bool nt) {
   using I = Z512<Acc<TA>>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
+  // The permutations of the group's channels, once per call (built per
+  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
+  typename I::P pcs[kMaxPermGroup];
+  if (PERM)
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
+      pcs[c] = I::index(c, k.grp);
   int64_t i = 0;
   for (; i + NV * I::L <= n; i += NV * I::L) {
     const int64_t m = NV * I::L;
@@ -417,6 +526,12 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
   using TA = T;
   using TB = T;
   using TO = T;
+  // The permutations of the group's channels, once per call (built per
+  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
+  typename I::P pcs[kMaxPermGroup];
+  if (PERM)
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
+      pcs[c] = I::index(c, k.grp);
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
     const int64_t m = I::L;
@@ -558,7 +673,7 @@ bool slide(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
   const int isa = dw::isa();
   const int64_t rs = arow[1] - arow[0];
   if (isa == 0 || ((!same || R == 8) && isa != 2) || k.len < (R == 8 ? kSlide8MinTL : 2) ||
-      k.len > kSlideMaxTL || k.sa != rs)
+      k.len > kSlideMaxTL || k.sa != rs || k.bcast)
     return false;
   for (int r = 2; r < R; ++r)
     if (arow[r] - arow[r - 1] != rs) return false;
@@ -598,16 +713,20 @@ void rows(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
           const int64_t* orow, int64_t n, bool add = false, bool nt = false) {
   using T = Acc<TA>;
 #ifdef CKS_X86_AVX2
+  if (k.bcast && dw::isa() == 2)
+    return bcast_rows_avx512<R, S>(a, arow, b, k, out, orow, n, add, nt);
+  if (k.bcast) return bcast_rows_portable<R, S, T>(a, arow, b, k, out, orow, n, add);
   if (dw::isa() == 2)
-    return k.grp > 1 ? rows_avx512<R, S, true>(a, arow, b, k, out, orow, n, add, nt)
-                     : rows_avx512<R, S, false>(a, arow, b, k, out, orow, n, add, nt);
+    return k.grp > 1 ? rows_avx512<R, S, 1>(a, arow, b, k, out, orow, n, add, nt)
+                     : rows_avx512<R, S, 0>(a, arow, b, k, out, orow, n, add, nt);
   if constexpr (std::is_same<TA, T>::value && std::is_same<TB, T>::value &&
                 std::is_same<TO, T>::value)
     if (dw::isa() == 1)
-      return k.grp > 1 ? rows_avx2<R, S, true>(a, arow, b, k, out, orow, n, add, nt)
-                       : rows_avx2<R, S, false>(a, arow, b, k, out, orow, n, add, nt);
+      return k.grp > 1 ? rows_avx2<R, S, 1>(a, arow, b, k, out, orow, n, add, nt)
+                       : rows_avx2<R, S, 0>(a, arow, b, k, out, orow, n, add, nt);
 #else
   (void)nt;
+  if (k.bcast) return bcast_rows_portable<R, S, T>(a, arow, b, k, out, orow, n, add);
 #endif
   rows_portable<R, S, T>(a, arow, b, k, out, orow, n, add);
 }
