@@ -70,10 +70,10 @@ class Explanation:
       ``"depthwise"`` (vectorised over the groups of a depthwise
       convolution: one feature and one input channel or batch entry per
       group, at least 8 groups, contiguous: forwards and both gradients;
-      and over the channels of a grouped one with 2 or 4, or on AVX-512 8
-      float channels in and out per group: forwards and input gradients; and
-      its filter gradient with 2 or 4 per group, 8 (float32, or float64 on
-      AVX-512) or 16 (float32 on AVX-512)),
+      and over the channels of a grouped one with 2 or 4, or on AVX-512 8,
+      16 or 32 float channels in and out per group: forwards and input
+      gradients; and its filter gradient with 2 or 4 per group, 8 (float32,
+      or float64 on AVX-512) or 16 (float32 on AVX-512)),
       ``"bf16 depthwise"`` (the same with bfloat16 operands read as they
       are and widened in registers, on CPUs with AVX-512BW and VL; elsewhere
       ``"depthwise"`` on float32 copies, with the same bits),
