@@ -63,7 +63,6 @@ inline int64_t group_lane(const Red& k, int64_t i, int64_t c) {
   return k.grp == 1 ? i : k.bcast ? i - i % k.grp + c : perm(i, c, k.grp);
 }
 
-
 template <int R, int S, typename T, typename TA, typename TB, typename TO>
 void rows_portable(const TA* a, const int64_t* arow, const TB* b, const Red& k, TO* out,
                    const int64_t* orow, int64_t n, bool add) {
