@@ -161,7 +161,10 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
     if platform == "cpu" and backends.kernel_depthwise(params, lhs_shape, rhs_shape, dtype):
       lhs_spec, rhs_spec, _ = params["dimension_numbers"]
       fgc, bgc = params["feature_group_count"], params["batch_group_count"]
-      if fgc > 1 and lhs_shape[lhs_spec[1]] > fgc:
+      if fgc > 1 and lhs_shape[lhs_spec[1]] // fgc >= 16:  # a group of one or two vectors
+        why += (" (depthwise path: vectorised over the channels, each group's channels"
+                " broadcast over its lanes in turn)")
+      elif fgc > 1 and lhs_shape[lhs_spec[1]] > fgc:
         why += (" (depthwise path: vectorised over the channels, each group's as many depthwise"
                 " convolutions as it has channels)")
       elif bgc > 1 and rhs_shape[rhs_spec[0]] > bgc:
