@@ -179,6 +179,12 @@ struct Z512 {
     for (int i = 0; i < L; ++i) p[i] = i - i % g + j;
     return index(p);
   }
+  // The permutations of a group's channels c < k.nc (at most kMaxPermGroup),
+  // built once per call: per channel and block of lanes they cost more than
+  // a 1-tap run's FMAs.
+  CKS_DW512 void indices(const Red& k, P* pcs) {
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c) pcs[c] = index(c, k.grp);
+  }
   CKS_DW512 P index(const int64_t* p) {
     if constexpr (F)
       return _mm512_setr_epi32(int(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4]), int(p[5]),
@@ -253,6 +259,9 @@ struct Y256 {
     for (int i = 0; i < 8; ++i)
       p[i] = F ? int(perm(i, c, g)) : int(2 * perm(i / 2, c, g) + i % 2);
     return _mm256_setr_epi32(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+  }
+  CKS_DW256 void indices(const Red& k, P* pcs) {  // as Z512's
+    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c) pcs[c] = index(c, k.grp);
   }
   CKS_DW256 P spread(int64_t j, int64_t g) {
     int p[8];
@@ -347,12 +356,8 @@ __attribute__((target(CKS_DW512_TARGET))) void rows_avx512(const TA* a, const in
                                                           const int64_t* orow, int64_t n,
                                                           bool add, bool nt) {
   using I = Z512<Acc<TA>>;
-  // The permutations of the group's channels, once per call (built per
-  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
   typename I::P pcs[kMaxPermGroup];
-  if (GM == 1)
-    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
-      pcs[c] = I::index(c, k.grp);
+  if (GM == 1) I::indices(k, pcs);
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -425,12 +430,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* a, const int64_t* ar
   using TA = T;
   using TB = T;
   using TO = T;
-  // The permutations of the group's channels, once per call (built per
-  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
   typename I::P pcs[kMaxPermGroup];
-  if (GM == 1)
-    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
-      pcs[c] = I::index(c, k.grp);
+  if (GM == 1) I::indices(k, pcs);
   int64_t i = 0;
   for (; i + 2 * I::L <= n; i += 2 * I::L) {
     const int64_t m = 2 * I::L;
@@ -500,12 +501,8 @@ __attribute__((target(CKS_DW512_TARGET))) void slide_avx512(const TA* a, int64_t
                                                            int64_t n, bool nt) {
   using I = Z512<Acc<TA>>;
   constexpr int NV = R + TL - 1 <= 8 ? 2 : 1;  // windows + accumulators within 32 zmm
-  // The permutations of the group's channels, once per call (built per
-  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
   typename I::P pcs[kMaxPermGroup];
-  if (PERM)
-    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
-      pcs[c] = I::index(c, k.grp);
+  if (PERM) I::indices(k, pcs);
   int64_t i = 0;
   for (; i + NV * I::L <= n; i += NV * I::L) {
     const int64_t m = NV * I::L;
@@ -525,12 +522,8 @@ __attribute__((target("avx2,fma"))) void slide_avx2(const T* a, int64_t arow0, i
   using TA = T;
   using TB = T;
   using TO = T;
-  // The permutations of the group's channels, once per call (built per
-  // channel and block of lanes, they cost more than a 1-tap run's FMAs).
   typename I::P pcs[kMaxPermGroup];
-  if (PERM)
-    for (int64_t c = 0; c < std::min<int64_t>(k.nc, kMaxPermGroup); ++c)
-      pcs[c] = I::index(c, k.grp);
+  if (PERM) I::indices(k, pcs);
   int64_t i = 0;
   for (; i + I::L <= n; i += I::L) {
     const int64_t m = I::L;
