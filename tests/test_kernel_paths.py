@@ -547,6 +547,19 @@ def test_fused_taps(case):
   check_on_kernel(FUSED_TAP_CASES[case][:4], np.float32, seed=720 + case)
 
 
+def test_interleaved_many_taps_with_big_l2():
+  # A 7x7 SAME filter gradient on an 8x8 map, 49 taps, 1 MB of operands: interleaved
+  # (run_taps) where a core's L2 is 2 MB or more (CksConv::big_l2), else one GEMM per tap.
+  case = ((32, 8, 8, 64), (7, 7, 64, 64), ((1, 1), "SAME"), {})
+  e, g = case_paths(case, np.float32)
+  # the kernel's own source of the size: glibc's sysconf, as getconf prints it
+  got = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True)
+  l2 = int(got.stdout.strip() or 0) if got.returncode == 0 and got.stdout.strip().isdigit() else 0
+  want = "interleaved taps" if l2 >= 2 << 20 else "gemm"
+  assert g["d rhs"].cpu_path == want, (l2, str(e))
+  check_on_kernel(case, np.float32, seed=731)
+
+
 def fused_tap_d_rhs(i):
   """The filter gradient of FUSED_TAP_CASES[i] on the FFI kernel, from seeded operands."""
   lhs_shape, rhs_shape, args, kw, _ = FUSED_TAP_CASES[i]

@@ -964,9 +964,19 @@ struct CksConv {
   // Where it did not pay, the limits: operands under kTapsMinBytes (3D and
   // 7x7 layers of 1-4 MB, 1.09-1.38x), more than kTapsMaxSubproblems taps
   // (the k8 s4 head's 64, 1.18x), fewer than kTapsMinChunks chunks (DCGAN's
-  // 4->8, one chunk per 16 batch entries: 1.08-1.19x).
+  // 4->8, one chunk per 16 batch entries: 1.08-1.19x). Those two limits are
+  // Zen 4's (1 MB of L2 per core, a fast L3). Cores with 2 MB of L2 or more
+  // (the Xeon VM: its L3 far slower per core) interleave from 1 MB of
+  // operands and up to 64 taps: the 7x7 layer on an 8x8 map (49 taps, 4 MB)
+  // took 0.55-0.58x the time there (24.2-25.5 ms, 13.5-14.7 interleaved).
+  // Every task's output blocks stay within half the L2 (kTapsOutBytes on
+  // Zen 4): on the Xeon, that 7x7 layer at 512 KB split its 128 columns
+  // into blocks of 32, 32 and 64 (17.5-18.5 ms).
   static constexpr int64_t kTapsMinBytes = int64_t{6} << 20, kTapsMaxSubproblems = 16;
+  static constexpr int64_t kTapsMinBytesBigL2 = int64_t{1} << 20, kTapsMaxSubproblemsBigL2 = 64;
   static constexpr int64_t kTapsMinChunks = 8, kTapsOutBytes = int64_t{512} << 10;
+  static bool big_l2() { return gemm::l2_bytes() >= (int64_t{2} << 20); }
+  static int64_t taps_out_bytes() { return std::max(kTapsOutBytes, gemm::l2_bytes() / 2); }
   // Elements of lhs and rhs together.
   int64_t operand_elements() const {
     int64_t lhs_n = pb.batch * pb.in_feat, rhs_n = pb.out_feat * pb.group_in();
@@ -978,9 +988,10 @@ struct CksConv {
   }
   bool interleaves_taps() const {
     if (narrow() || pb.lhs_n != 1 || channels_inner() || nsp() < 2 || stream_out() ||
-        nsp() > kTapsMaxSubproblems)
+        nsp() > (big_l2() ? kTapsMaxSubproblemsBigL2 : kTapsMaxSubproblems))
       return false;
-    return operand_elements() * static_cast<int64_t>(sizeof(Tin)) >= kTapsMinBytes &&
+    return operand_elements() * static_cast<int64_t>(sizeof(Tin)) >=
+               (big_l2() ? kTapsMinBytesBigL2 : kTapsMinBytes) &&
            pb.group_in() * pb.dim[0].k_size >= kTapsMinChunks * tap_chunk_rows();
   }
   // Taps fused into one GEMM. A filter gradient's sub-problems (its taps)
@@ -1084,13 +1095,13 @@ struct CksConv {
     int64_t rb = std::max<int64_t>(1, (rows + kMC - 1) / kMC), cb = 1;
     while (G * rb * cb < want && (cb < tiles || rb < max_rb)) cb < tiles ? ++cb : ++rb;
     // Every sub-problem's output block is live across a task's chunks: keep
-    // them within kTapsOutBytes, splitting the longer side.
+    // them within taps_out_bytes(), splitting the longer side.
     auto out_bytes = [&] {
       const int64_t subs = m > 0 ? (units + cb - 1) / cb * m : nsp();
       const int64_t cols = m > 0 ? Fg : round_up((Fg + cb - 1) / cb, NR);
       return subs * round_up((rows + rb - 1) / rb, MR) * cols * static_cast<int64_t>(sizeof(Acc));
     };
-    while (out_bytes() > kTapsOutBytes && (cb < tiles || rb < max_rb)) {
+    while (out_bytes() > taps_out_bytes() && (cb < tiles || rb < max_rb)) {
       const bool by_rows = rb < max_rb && (cb >= tiles || rows / rb >= Fg / cb);
       by_rows ? ++rb : ++cb;
     }

@@ -30,6 +30,9 @@
 // x86-64 with GCC or Clang: the AVX2 and AVX-512 kernels, chosen at run time.
 // CKS_PORTABLE_ONLY leaves them out, as on any other CPU (tests/
 // test_portable_build.py compiles the kernel so on x86-64 too).
+#if defined(__linux__)
+#include <unistd.h>  // sysconf (l2_bytes)
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CKS_PORTABLE_ONLY)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -1260,6 +1263,20 @@ inline int gemm_isa() {
     return best;
   }();
   return isa;
+}
+
+// Bytes of one core's L2 (the data cache a task's blocks are sized to):
+// sysconf's where it knows it, else 1 MB (Zen 4's, the size most blocks
+// here were first measured with). Read once.
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    int64_t b = 0;
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return b > 0 ? b : int64_t{1} << 20;
+  }();
+  return bytes;
 }
 
 // Whether the bfloat16 paths that read bfloat16 in place may run: on
