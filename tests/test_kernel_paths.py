@@ -114,6 +114,43 @@ def test_narrow_filter_gradient(case, dtype):
   check_on_kernel(CASES[case], dtype, seed=case)
 
 
+# (lhs shape, rhs shape, conv args, kwargs, taps as columns): narrow filter gradients whose last
+# kernel dimension's taps run as the columns of one tile on AVX-512 (CksConv::run_narrow_cols),
+# or not (then tap by tap).
+COLS_CASES = [
+    # 1 feature, 9 taps in one tile; 4 features, 3 taps (a tile of 3); transposed (lhs dilation,
+    # a phase per tap) with uneven padding
+    ((2, 11, 10, 33), (9, 9, 33, 1), ((1, 1), [(4, 6), (4, 6)], (3, 3)), {}, True),
+    ((2, 9, 8, 33), (5, 3, 33, 4), ((1, 1), [(1, 3), (0, 2)], (2, 3)), {}, True),
+    # a map smaller than the kernel: no input is read by every tap of a tile (no interior)
+    ((2, 5, 4, 33), (7, 7, 33, 2), ((1, 1), "SAME"), {}, True),
+    # 5 and 6 features: tiles of 2 taps (7 = 1 + 2 + 2 + 2), padding wider than the kernel
+    ((2, 13, 11, 40), (7, 7, 40, 5), ((1, 1), "SAME"), {}, True),
+    ((2, 9, 8, 33), (3, 3, 33, 6), ((1, 1), [(3, 3), (3, 3)]), {}, True),
+    # 3-D: SAME, and a k4 s2 transposed one
+    ((2, 5, 6, 7, 32), (3, 3, 3, 32, 2), ((1, 1, 1), "SAME"),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}, True),
+    ((1, 4, 5, 6, 40), (4, 4, 4, 40, 1), ((1, 1, 1), [(2, 2)] * 3, (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}, True),
+    # tap by tap: rhs dilation (the taps read every other input), 7 features (no tile of 2),
+    # a channels-first output (the cotangent's features not innermost)
+    ((2, 9, 8, 33), (3, 3, 33, 2), ((1, 1), "SAME", (1, 1), (2, 2)), {}, False),
+    ((2, 9, 8, 33), (3, 3, 33, 7), ((1, 1), "SAME"), {}, False),
+    ((2, 9, 8, 33), (3, 3, 33, 2), ((1, 1), "SAME"), {"dimension_numbers": ("NHWC", "HWIO", "NCHW")},
+     False),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(COLS_CASES)))
+def test_narrow_taps_as_columns(case, dtype):
+  lhs_shape, rhs_shape, args, kw, cols = COLS_CASES[case]
+  e, g = case_paths(COLS_CASES[case], dtype)
+  want = "narrow, taps as columns" if cols and backends.cpu_isa() == 2 else "narrow"
+  assert g["d rhs"].cpu_path == want, str(e)
+  check_on_kernel(COLS_CASES[case][:4], dtype, seed=740 + case)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_narrow_filter_gradient_16bit(dtype):
   lhs_shape, rhs_shape, args, kw = CASES[1]
@@ -1170,7 +1207,8 @@ def test_explain_names_the_kernels_path():
     return e, dict(e.gradients)
   for case in CASES:
     e, g = paths(case)
-    assert g["d rhs"].cpu_path == "narrow" and "narrow" in g["d rhs"].reason
+    assert g["d rhs"].cpu_path in ("narrow", "narrow, taps as columns"), str(e)
+    assert "narrow" in g["d rhs"].reason
   for case in DOT_CASES:
     for dtype in (np.float32, np.float64, jnp.bfloat16):
       e, g = paths(case, dtype)

@@ -754,7 +754,7 @@ struct CksConv {
   static constexpr int64_t kTasksPerWorker = 4;
   std::vector<Task> tasks(int64_t workers) const {
     if (depthwise()) return depthwise_tasks(workers);
-    if (narrow()) return narrow_tasks(workers);
+    if (narrow()) return narrow_cols() ? cols_tasks(workers) : narrow_tasks(workers);
     if (interleaves_taps()) return tap_tasks(workers);
     const bool fused = fuses_phases(), fc = fuses_columns();
     // Columns per row: a fused task's span every sub-problem's.
@@ -1168,11 +1168,16 @@ struct CksConv {
   // The first reduction index of sub-problem sp at or after global row g
   // (= c * J + rhs index of dimension 0): k = c * taps + tap, dimension 0's
   // tap outermost, so the indices of a range of global rows are contiguous.
+  // With `taps` the sub-problem's reduction per channel outside the last
+  // dimension (run_narrow_cols), the index of a run of that dimension.
   int64_t tap_index(const SubProblem& sp, int64_t g, int64_t J) const {
+    return tap_index(sp, g, J, sp.taps);
+  }
+  int64_t tap_index(const SubProblem& sp, int64_t g, int64_t J, int64_t taps) const {
     const Phase& ph = *sp.phase[0];
     const int64_t lo = sp.seg[0].t_lo, hi = sp.seg[0].t_hi, c = g / J;
     const int64_t t = std::clamp(ceil_div(g % J - ph.k0, ph.kstep), lo, hi);
-    return c * sp.taps + (t - lo) * (sp.taps / (hi - lo));
+    return c * taps + (t - lo) * (taps / (hi - lo));
   }
   // One all-taps task: for each chunk of H global rows (tap_index), every
   // sub-problem multiplies the reduction indices it has there, a contiguous
@@ -1990,6 +1995,225 @@ struct CksConv {
     }
   }
 
+  // ---- taps as columns
+  // A narrow filter gradient of run_narrow_taps' kind whose last dimension's
+  // outputs o (the filter's last taps) read input i through a unit tstride at
+  // cotangent position pos0(i) - o: every tap of the dimension reads the same
+  // strip of A at input i, and their B values are one contiguous run when
+  // the cotangent's features are innermost (rhs_sp[last] == Fg, rhs_o == 1),
+  // as in transposed and stride-1 layers. The tap-by-tap kernel loads the
+  // strip once per tap (FSRCNN's 1-feature k9 s3 d-filter: 2 vector loads and
+  // a broadcast per 2 FMAs); here tiles of up to kColsAcc / Fg taps share
+  // each load (gemm::narrow_cols). Each tap trims its own input range, so a
+  // tile runs the inputs all its taps read as long runs (the interior), and
+  // each input outside it for the taps that read it (the border), so nothing
+  // is computed on padding. AVX-512.
+  struct ColsLayout {
+    int64_t O = 0, kstep = 0, c0 = 0;  // column o at input i: cotangent position c0 + kstep i - o
+    std::vector<int64_t> ilo, ihi;     // column o reads the inputs [ilo[o], ihi[o])
+  };
+  bool cols_layout(ColsLayout& c) const {
+    const int last = pb.nd - 1;
+    const Dim& dm = pb.dim[last];
+    c.O = dm.out_size;
+    c.ilo.assign(c.O, 0);
+    c.ihi.assign(c.O, 0);
+    for (int64_t o = 0; o < c.O; ++o) {
+      const Phase* ph = nullptr;
+      int64_t u = 0;
+      for (const Phase& p : plan.phases[last])
+        if (o >= p.o0 && (o - p.o0) % p.L == 0 && (o - p.o0) / p.L < p.U) {
+          ph = &p;
+          u = (o - p.o0) / p.L;
+          break;
+        }
+      if (ph == nullptr || ph->T == 0 || ph->tstride != 1) return false;
+      const TapRange r = trimmed_range(*ph, dm.in_size, u);
+      if (r.t_hi <= r.t_lo) return false;  // a column of zeros: left to the tap-by-tap path
+      const int64_t b = input_index(*ph, u, 0), c0 = ph->k0 - ph->kstep * b + o;
+      if (o == 0) {
+        c.kstep = ph->kstep;
+        c.c0 = c0;
+      } else if (ph->kstep != c.kstep || c0 != c.c0) {
+        return false;
+      }
+      c.ilo[o] = b + r.t_lo;
+      c.ihi[o] = b + r.t_hi;
+    }
+    return true;
+  }
+  bool narrow_cols() const {
+#ifdef CKS_X86_AVX2
+    const int last = pb.nd - 1;
+    if (gemm::gemm_isa() != 2 || !narrow_taps() || pb.groups() != 1 || pb.rhs_o != 1 ||
+        pb.group_out() > gemm::kColsAcc / 2 || pb.rhs_sp[last] != pb.group_out() ||
+        pb.dim[last].out_size < 2)
+      return false;
+    ColsLayout c;
+    return cols_layout(c);
+#else
+    return false;
+#endif
+  }
+  // The sub-problems of outer block j (the same segments outside the last
+  // dimension): [j S, (j + 1) S), S the last dimension's segments.
+  int64_t cols_blocks() const {
+    return nsp() / static_cast<int64_t>(plan.segments[pb.nd - 1].size());
+  }
+  // Tasks: one strip of kStrip batch entries (the last one overlapping the
+  // one before) over a range of outer blocks, as few ranges as give every
+  // worker a task (each range reads the strip's A once, in chunks).
+  std::vector<Task> cols_tasks(int64_t workers) const {
+    constexpr int64_t W = gemm::kStrip<Acc>;
+    const int64_t nb = pb.out_batch(), nstrips = (nb + W - 1) / W, blocks = cols_blocks();
+    const int64_t sets = std::clamp<int64_t>((workers + nstrips - 1) / nstrips, 1, blocks);
+    std::vector<Task> ts;
+    for (int64_t q = 0; q < nstrips; ++q)
+      for (int64_t k = 0; k < sets; ++k) {
+        const int64_t n = std::min(q * W, nb - W);
+        Task t{k * blocks / sets, 0, n, n + W, 0, pb.group_out()};
+        t.all_taps = true;
+        t.sp1 = (k + 1) * blocks / sets;
+        ts.push_back(t);
+      }
+    return ts;
+  }
+  // One outer block of a task: its positions' offsets (lhs, out), its runs
+  // (channel and taps outside the last dimension: ra, rb), its accumulators.
+  struct ColsBlock {
+    std::vector<int64_t> lhs_pos, out_pos, ra, rb;
+    int64_t P = 0, taps = 0, acc = 0;
+  };
+  void cols_block(int64_t j, ColsBlock& u) const {
+    const SubProblem& sp = plan.subproblems[j * (nsp() / cols_blocks())];
+    const int last = pb.nd - 1;
+    u.P = 1;
+    u.taps = 1;
+    for (int d = 0; d < last; ++d) {
+      u.P *= sp.seg[d].count;
+      u.taps *= sp.seg[d].t_hi - sp.seg[d].t_lo;
+    }
+    u.lhs_pos.resize(u.P);
+    u.out_pos.resize(u.P);
+    int64_t jj[kMaxSpatial] = {0, 0, 0};
+    for (int64_t p = 0; p < u.P; ++p) {
+      uint64_t lo = 0, oo = 0;  // unsigned: input_index's wrap-around
+      for (int d = 0; d < last; ++d) {
+        const Phase& ph = *sp.phase[d];
+        const int64_t uu = sp.seg[d].u0 + jj[d];
+        lo += static_cast<uint64_t>(input_index(ph, uu, sp.seg[d].t_lo)) *
+              static_cast<uint64_t>(pb.lhs_sp[d]);
+        oo += static_cast<uint64_t>((ph.o0 + ph.L * uu) * pb.out_sp[d]);
+      }
+      u.lhs_pos[p] = static_cast<int64_t>(lo);
+      u.out_pos[p] = static_cast<int64_t>(oo);
+      for (int d = last - 1; d >= 0 && ++jj[d] == sp.seg[d].count; --d) jj[d] = 0;
+    }
+    const int64_t Cg = pb.group_in();
+    u.ra.resize(Cg * u.taps);
+    u.rb.resize(Cg * u.taps);
+    int64_t tt[kMaxSpatial] = {0, 0, 0};
+    for (int64_t i = 0; i < u.taps; ++i) {
+      int64_t li = 0, ri = 0;
+      for (int d = 0; d < last; ++d) {
+        const Phase& ph = *sp.phase[d];
+        li += ph.tstride * tt[d] * pb.lhs_sp[d];
+        ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt[d])) * pb.rhs_sp[d];
+      }
+      for (int64_t c = 0; c < Cg; ++c) {
+        u.ra[c * u.taps + i] = li + c * pb.lhs_c;
+        u.rb[c * u.taps + i] = ri + c * pb.rhs_i;
+      }
+      for (int d = last - 1; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
+    }
+  }
+  // Reduction indices of the densest sub-problem per chunk of the cotangent's
+  // rows (chunk_rows), so that the chunk's A stays in L2 across the blocks.
+  static constexpr int64_t kColsChunk = 1024;
+  void run_narrow_cols(const Task& t) const {
+    constexpr int W = gemm::kStrip<Acc>;
+    const int last = pb.nd - 1;
+    const int64_t Fg = pb.group_out(), nbk = t.sp1 - t.sp, S = nsp() / cols_blocks();
+    ColsLayout L;
+    cols_layout(L);
+    const int64_t O = L.O, mt = gemm::kColsAcc / Fg, tiles = (O + mt - 1) / mt;
+    thread_local std::vector<ColsBlock> bl;
+    thread_local std::vector<Acc> acc;
+    if (bl.size() < static_cast<size_t>(nbk)) bl.resize(nbk);
+    int64_t total = 0;
+    for (int64_t i = 0; i < nbk; ++i) {
+      cols_block(t.sp + i, bl[i]);
+      bl[i].acc = total;
+      total += bl[i].P * O * Fg * W;
+    }
+    acc.assign(total, Acc(0));
+    const Acc* a0 = lhs_in_acc() + t.row0;
+    const Acc* b0 = reinterpret_cast<const Acc*>(rhs);
+    const int64_t sa = pb.lhs_sp[last], sb = L.kstep * Fg;
+    const int64_t H = chunk_rows(kColsChunk);
+    const int64_t J = pb.dim[0].k_size, CJ = pb.group_in() * J;
+    for (int64_t g0 = 0; g0 < CJ; g0 += H)
+      for (int64_t i = 0; i < nbk; ++i) {
+        const ColsBlock& u = bl[i];
+        const SubProblem& sp = plan.subproblems[(t.sp + i) * S];
+        if (u.taps == 0) continue;  // outputs all zero
+        const int64_t r0 = tap_index(sp, g0, J, u.taps);
+        const int64_t r1 = tap_index(sp, std::min(g0 + H, CJ), J, u.taps);
+        if (r1 <= r0) continue;
+        gemm::NarrowRuns k{u.ra.data() + r0, u.rb.data() + r0, r1 - r0, 0, sa, sb, 0};
+        // Columns [oa, ob) at inputs [i0, i1): B of column oa at input i0.
+        auto cols = [&](const Acc* a, Acc* C, int64_t oa, int64_t ob, int64_t i0, int64_t i1) {
+          k.R = i1 - i0;
+          gemm::narrow_cols(static_cast<int>(ob - oa), static_cast<int>(Fg), a + i0 * sa,
+                            b0 + (L.c0 + L.kstep * i0 - oa) * Fg, k, C + oa * Fg * W);
+        };
+        for (int64_t p = 0; p < u.P; ++p) {
+          const Acc* a = a0 + u.lhs_pos[p];
+          Acc* C = acc.data() + u.acc + p * O * Fg * W;
+          for (int64_t tl = 0; tl < tiles; ++tl) {
+            const int64_t o0 = tl * O / tiles, o1 = (tl + 1) * O / tiles;
+            int64_t lo = L.ilo[o0], hi = L.ihi[o0], in0 = L.ilo[o0], in1 = L.ihi[o0];
+            for (int64_t o = o0; o < o1; ++o) {
+              lo = std::min(lo, L.ilo[o]);
+              hi = std::max(hi, L.ihi[o]);
+              in0 = std::max(in0, L.ilo[o]);
+              in1 = std::min(in1, L.ihi[o]);
+            }
+            if (in1 > in0)
+              cols(a, C, o0, o1, in0, in1);
+            else
+              in0 = in1 = hi;  // no interior: every input is on the border
+            // The border: each input outside the interior, for each run of
+            // the tile's columns that read it.
+            for (int64_t x = lo; x < hi; ++x) {
+              if (x == in0) x = in1;
+              if (x >= hi) break;
+              for (int64_t o = o0; o < o1;) {
+                if (x < L.ilo[o] || x >= L.ihi[o]) {
+                  ++o;
+                  continue;
+                }
+                int64_t e = o + 1;
+                while (e < o1 && x >= L.ilo[e] && x < L.ihi[e]) ++e;
+                cols(a, C, o, e, x, x + 1);
+                o = e;
+              }
+            }
+          }
+        }
+      }
+    for (int64_t i = 0; i < nbk; ++i) {
+      const ColsBlock& u = bl[i];
+      for (int64_t p = 0; p < u.P; ++p)
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t f = 0; f < Fg; ++f) {
+            const Acc* Cs = acc.data() + u.acc + ((p * O + o) * Fg + f) * W;
+            Tout* dst = out + u.out_pos[p] + o * pb.out_sp[last] + f * pb.out_c;
+            for (int r = 0; r < W; ++r) dst[(t.row0 + r) * pb.out_n] = store<Tout, Acc>(Cs[r]);
+          }
+    }
+  }
+
   // The dot kernel's B of (sub-problem s, group g): its Fg rows of B, each
   // in reduction order, into dst[Fg * red_size(s)].
   void pack_dot_b(int64_t s, int64_t g, Acc* dst) const {
@@ -2059,6 +2283,26 @@ struct CksConv {
   // by buffer (each grows to the largest task its thread runs).
   static constexpr int kBuffers = 9;
   void task_buffers(const Task& t, const SharedB& sb, int64_t (&bytes)[kBuffers]) const {
+    if (narrow_cols()) {  // run_narrow_cols: every block's tables and accumulators at once
+      constexpr int64_t I = sizeof(int64_t), W = gemm::kStrip<Acc>;
+      ColsLayout L;
+      cols_layout(L);
+      int64_t b[kBuffers] = {};
+      for (int64_t j = t.sp; j < t.sp1; ++j) {
+        const SubProblem& sp = plan.subproblems[j * (nsp() / cols_blocks())];
+        int64_t P = 1, taps = 1;
+        for (int d = 0; d + 1 < pb.nd; ++d) {
+          P *= sp.seg[d].count;
+          taps *= sp.seg[d].t_hi - sp.seg[d].t_lo;
+        }
+        b[1] += 2 * P * I;                                           // lhs_pos, out_pos
+        b[3] += 2 * pb.group_in() * taps * I;                        // ra, rb
+        b[7] += P * L.O * pb.group_out() * W * static_cast<int64_t>(sizeof(Acc));
+      }
+      b[0] = 2 * L.O * I;                                            // the layout's ilo, ihi
+      for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
+      return;
+    }
     if (narrow() && t.all_taps) {  // run_narrow_taps: every sub-problem's tables and
                                    // accumulators at once
       constexpr int64_t I = sizeof(int64_t), W = gemm::kStrip<Acc>;
@@ -2143,6 +2387,7 @@ struct CksConv {
   // The path this call takes, named as explain reports it (module.cc: cpu_scratch).
   const char* path() const {
     if (depthwise()) return kDwBf16 ? "bf16 depthwise" : "depthwise";
+    if (narrow_cols()) return "narrow, taps as columns";
     if (narrow()) return pb.group_out() <= gemm::kNarrowF ? "narrow" : "row-vectorised";
     if (fuses_phases()) return "gemm, phases fused";
     if (fuses_columns()) return "gemm, adjacent phases fused";
@@ -2252,11 +2497,12 @@ struct CksConv {
     // Pass 2: the tasks.
     const auto ts = tasks(workers);
     const int64_t unit = task_unit(workers);
+    const bool cols = narrow_cols();
     parallel_for(pool, static_cast<int64_t>(ts.size()) / unit, [&](int64_t u) {
       for (int64_t i = u * unit; i < (u + 1) * unit; ++i) {
         const Task& t = ts[i];
         if (narrow()) {
-          t.all_taps ? run_narrow_taps(t) : run_narrow(t);
+          cols ? run_narrow_cols(t) : t.all_taps ? run_narrow_taps(t) : run_narrow(t);
           continue;
         }
         if (sb.dot) {

@@ -1615,6 +1615,77 @@ inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T*
   }
 }
 
+// Taps as columns (CksConv::run_narrow_cols, AVX-512): the M adjacent taps
+// of a filter gradient's last kernel dimension read the same input strip at
+// cotangent positions one apart, FG features each, so one strip load feeds
+// M x FG column sums where the tap-by-tap kernel loads it per tap:
+//   C[(o * FG + f) * kStrip + i] += sum_{r, q < R} a[ra[r] + q * sa + i] * b[rb[r] + q * sb - o * FG + f]
+// for o < M, f < FG (k.so unused: the M x FG values are contiguous, columns
+// descending). One chain per accumulator: M x FG x 2 of them, at most
+// kColsAcc / FG columns.
+constexpr int kColsAcc = 12;
+#ifdef CKS_X86_AVX2
+template <int M, int FG, typename T>
+__attribute__((target("avx512f,avx2,fma"))) void narrow_cols_avx512(const T* a, const T* b,
+                                                                    const NarrowRuns& k, T* C) {
+  constexpr int L = 64 / sizeof(T);
+  using V = decltype(zload(a));
+  V acc[M][FG][2];
+#pragma GCC unroll 12
+  for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+    for (int f = 0; f < FG; ++f) acc[o][f][0] = acc[o][f][1] = V{};
+  const int64_t R = k.R, sa = k.sa, sb = k.sb;
+  for (int64_t r = 0; r < k.nruns; ++r) {
+    const T* ap = a + k.ra[r];
+    const T* bp = b + k.rb[r];
+    for (int64_t q = 0; q < R; ++q, ap += sa, bp += sb) {
+      const V a0 = zload(ap), a1 = zload(ap + L);
+#pragma GCC unroll 12
+      for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+        for (int f = 0; f < FG; ++f) {
+          const V bv = zbcast(bp - o * FG + f);
+          acc[o][f][0] = zfma(a0, bv, acc[o][f][0]);
+          acc[o][f][1] = zfma(a1, bv, acc[o][f][1]);
+        }
+    }
+  }
+#pragma GCC unroll 12
+  for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+    for (int f = 0; f < FG; ++f) {
+      zaddto(C + (o * FG + f) * 2 * L, acc[o][f][0]);
+      zaddto(C + (o * FG + f) * 2 * L + L, acc[o][f][1]);
+    }
+}
+
+template <int FG, int M = 1, typename T>
+inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
+  if constexpr (M * FG <= kColsAcc) {
+    if (m == M) return narrow_cols_avx512<M, FG>(a, b, k, C);
+    return narrow_cols_m<FG, M + 1>(m, a, b, k, C);
+  }
+}
+#endif
+
+// m columns (m * fg <= kColsAcc) of fg = 1..kColsAcc / 2 features; AVX-512 only.
+template <typename T>
+inline void narrow_cols(int m, int fg, const T* a, const T* b, const NarrowRuns& k, T* C) {
+#ifdef CKS_X86_AVX2
+  switch (fg) {
+    case 1: return narrow_cols_m<1>(m, a, b, k, C);
+    case 2: return narrow_cols_m<2>(m, a, b, k, C);
+    case 3: return narrow_cols_m<3>(m, a, b, k, C);
+    case 4: return narrow_cols_m<4>(m, a, b, k, C);
+    case 5: return narrow_cols_m<5>(m, a, b, k, C);
+    default: return narrow_cols_m<6>(m, a, b, k, C);
+  }
+#else
+  (void)m, (void)fg, (void)a, (void)b, (void)k, (void)C;
+#endif
+}
+
 // ---------------------------------------------------------------- dot
 // Outputs with few features (FG <= kDotF per group) whose reduction is long
 // contiguous runs of A (a forward pass with the channels innermost: the last
