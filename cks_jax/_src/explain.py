@@ -63,7 +63,11 @@ class Explanation:
       convolutions such as a k8 s4 head with 21 classes, features innermost,
       one group),
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
-      layers with few output channels), ``"row-vectorised"`` (the same kernel
+      layers with few output channels), ``"narrow, taps as columns"`` (the
+      same with the taps along the last kernel dimension multiplied as the
+      columns of one tile: 1-6 features, transposed or stride-1 layers with
+      the cotangent's features innermost, 2-D and 3-D, AVX-512 only),
+      ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels),
