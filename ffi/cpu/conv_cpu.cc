@@ -2011,6 +2011,14 @@ struct CksConv {
   struct ColsLayout {
     int64_t O = 0, kstep = 0, c0 = 0;  // column o at input i: cotangent position c0 + kstep i - o
     std::vector<int64_t> ilo, ihi;     // column o reads the inputs [ilo[o], ihi[o])
+    // That position, in unsigned arithmetic: c0 and kstep i may pass 2^63 at
+    // huge dilations and paddings (as input_index's terms may) where the
+    // position, a real cotangent index, does not.
+    int64_t pos(int64_t i, int64_t o) const {
+      return static_cast<int64_t>(static_cast<uint64_t>(c0) +
+                                  static_cast<uint64_t>(kstep) * static_cast<uint64_t>(i) -
+                                  static_cast<uint64_t>(o));
+    }
   };
   bool cols_layout(ColsLayout& c) const {
     const int last = pb.nd - 1;
@@ -2030,15 +2038,18 @@ struct CksConv {
       if (ph == nullptr || ph->T == 0 || ph->tstride != 1) return false;
       const TapRange r = trimmed_range(*ph, dm.in_size, u);
       if (r.t_hi <= r.t_lo) return false;  // a column of zeros: left to the tap-by-tap path
-      const int64_t b = input_index(*ph, u, 0), c0 = ph->k0 - ph->kstep * b + o;
+      const uint64_t b = static_cast<uint64_t>(input_index(*ph, u, 0));  // i = b + t
+      const int64_t c0 = static_cast<int64_t>(static_cast<uint64_t>(ph->k0) -
+                                              static_cast<uint64_t>(ph->kstep) * b +
+                                              static_cast<uint64_t>(o));
       if (o == 0) {
         c.kstep = ph->kstep;
         c.c0 = c0;
       } else if (ph->kstep != c.kstep || c0 != c.c0) {
         return false;
       }
-      c.ilo[o] = b + r.t_lo;
-      c.ihi[o] = b + r.t_hi;
+      c.ilo[o] = static_cast<int64_t>(b + static_cast<uint64_t>(r.t_lo));
+      c.ihi[o] = static_cast<int64_t>(b + static_cast<uint64_t>(r.t_hi));
     }
     return true;
   }
@@ -2165,7 +2176,7 @@ struct CksConv {
         auto cols = [&](const Acc* a, Acc* C, int64_t oa, int64_t ob, int64_t i0, int64_t i1) {
           k.R = i1 - i0;
           gemm::narrow_cols(static_cast<int>(ob - oa), static_cast<int>(Fg), a + i0 * sa,
-                            b0 + (L.c0 + L.kstep * i0 - oa) * Fg, k, C + oa * Fg * W);
+                            b0 + L.pos(i0, oa) * Fg, k, C + oa * Fg * W);
         };
         for (int64_t p = 0; p < u.P; ++p) {
           const Acc* a = a0 + u.lhs_pos[p];
