@@ -2089,21 +2089,28 @@ struct CksConv {
       }
     return ts;
   }
-  // One outer block of a task: its positions' offsets (lhs, out), its runs
-  // (channel and taps outside the last dimension: ra, rb), its accumulators.
+  // One outer block of a task: its first sub-problem (the segments outside
+  // the last dimension), positions and taps there; its positions' offsets
+  // (lhs, out), its runs (channel and taps outside the last dimension: ra,
+  // rb), its accumulators.
   struct ColsBlock {
     std::vector<int64_t> lhs_pos, out_pos, ra, rb;
-    int64_t P = 0, taps = 0, acc = 0;
+    int64_t s = 0, P = 0, taps = 0, acc = 0;
   };
-  void cols_block(int64_t j, ColsBlock& u) const {
-    const SubProblem& sp = plan.subproblems[j * (nsp() / cols_blocks())];
-    const int last = pb.nd - 1;
+  void cols_shape(int64_t j, ColsBlock& u) const {
+    u.s = j * (nsp() / cols_blocks());
+    const SubProblem& sp = plan.subproblems[u.s];
     u.P = 1;
     u.taps = 1;
-    for (int d = 0; d < last; ++d) {
+    for (int d = 0; d + 1 < pb.nd; ++d) {
       u.P *= sp.seg[d].count;
       u.taps *= sp.seg[d].t_hi - sp.seg[d].t_lo;
     }
+  }
+  void cols_block(int64_t j, ColsBlock& u) const {
+    cols_shape(j, u);
+    const SubProblem& sp = plan.subproblems[u.s];
+    const int last = pb.nd - 1;
     u.lhs_pos.resize(u.P);
     u.out_pos.resize(u.P);
     int64_t jj[kMaxSpatial] = {0, 0, 0};
@@ -2120,23 +2127,13 @@ struct CksConv {
       u.out_pos[p] = static_cast<int64_t>(oo);
       for (int d = last - 1; d >= 0 && ++jj[d] == sp.seg[d].count; --d) jj[d] = 0;
     }
-    const int64_t Cg = pb.group_in();
-    u.ra.resize(Cg * u.taps);
-    u.rb.resize(Cg * u.taps);
-    int64_t tt[kMaxSpatial] = {0, 0, 0};
-    for (int64_t i = 0; i < u.taps; ++i) {
-      int64_t li = 0, ri = 0;
-      for (int d = 0; d < last; ++d) {
-        const Phase& ph = *sp.phase[d];
-        li += ph.tstride * tt[d] * pb.lhs_sp[d];
-        ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt[d])) * pb.rhs_sp[d];
-      }
-      for (int64_t c = 0; c < Cg; ++c) {
-        u.ra[c * u.taps + i] = li + c * pb.lhs_c;
-        u.rb[c * u.taps + i] = ri + c * pb.rhs_i;
-      }
-      for (int d = last - 1; d >= 0 && ++tt[d] == sp.seg[d].t_hi - sp.seg[d].t_lo; --d) tt[d] = 0;
-    }
+    // reduction_runs' runs start at this sub-problem's first tap of the last
+    // dimension; the layout's cotangent positions (ColsLayout::pos) stand in
+    // for that dimension, so its B offset comes out.
+    reduction_runs(u.s, u.ra, u.rb);
+    const Phase& pl = *sp.phase[last];
+    const int64_t rb_last = (pl.k0 + pl.kstep * sp.seg[last].t_lo) * pb.rhs_sp[last];
+    for (int64_t& x : u.rb) x -= rb_last;
   }
   // Reduction indices of the densest sub-problem per chunk of the cotangent's
   // rows (chunk_rows), so that the chunk's A stays in L2 across the blocks.
@@ -2144,7 +2141,7 @@ struct CksConv {
   void run_narrow_cols(const Task& t) const {
     constexpr int W = gemm::kStrip<Acc>;
     const int last = pb.nd - 1;
-    const int64_t Fg = pb.group_out(), nbk = t.sp1 - t.sp, S = nsp() / cols_blocks();
+    const int64_t Fg = pb.group_out(), nbk = t.sp1 - t.sp;
     ColsLayout L;
     cols_layout(L);
     const int64_t O = L.O, mt = gemm::kColsAcc / Fg, tiles = (O + mt - 1) / mt;
@@ -2166,10 +2163,9 @@ struct CksConv {
     for (int64_t g0 = 0; g0 < CJ; g0 += H)
       for (int64_t i = 0; i < nbk; ++i) {
         const ColsBlock& u = bl[i];
-        const SubProblem& sp = plan.subproblems[(t.sp + i) * S];
         if (u.taps == 0) continue;  // outputs all zero
-        const int64_t r0 = tap_index(sp, g0, J, u.taps);
-        const int64_t r1 = tap_index(sp, std::min(g0 + H, CJ), J, u.taps);
+        const int64_t r0 = tap_index(plan.subproblems[u.s], g0, J, u.taps);
+        const int64_t r1 = tap_index(plan.subproblems[u.s], std::min(g0 + H, CJ), J, u.taps);
         if (r1 <= r0) continue;
         gemm::NarrowRuns k{u.ra.data() + r0, u.rb.data() + r0, r1 - r0, 0, sa, sb, 0};
         // Columns [oa, ob) at inputs [i0, i1): B of column oa at input i0.
@@ -2299,18 +2295,15 @@ struct CksConv {
       ColsLayout L;
       cols_layout(L);
       int64_t b[kBuffers] = {};
+      ColsBlock u;
+      b[0] = 2 * L.O * I;  // the layout's ilo, ihi
       for (int64_t j = t.sp; j < t.sp1; ++j) {
-        const SubProblem& sp = plan.subproblems[j * (nsp() / cols_blocks())];
-        int64_t P = 1, taps = 1;
-        for (int d = 0; d + 1 < pb.nd; ++d) {
-          P *= sp.seg[d].count;
-          taps *= sp.seg[d].t_hi - sp.seg[d].t_lo;
-        }
-        b[1] += 2 * P * I;                                           // lhs_pos, out_pos
-        b[3] += 2 * pb.group_in() * taps * I;                        // ra, rb
-        b[7] += P * L.O * pb.group_out() * W * static_cast<int64_t>(sizeof(Acc));
+        cols_shape(j, u);
+        b[0] = std::max(b[0], 2 * u.taps * I);                       // reduction_runs' tap tables
+        b[1] += 2 * u.P * I;                                         // lhs_pos, out_pos
+        b[3] += 2 * pb.group_in() * u.taps * I;                      // ra, rb
+        b[7] += u.P * L.O * pb.group_out() * W * static_cast<int64_t>(sizeof(Acc));
       }
-      b[0] = 2 * L.O * I;                                            // the layout's ilo, ihi
       for (int i = 0; i < kBuffers; ++i) bytes[i] = std::max(bytes[i], b[i]);
       return;
     }
