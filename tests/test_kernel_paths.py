@@ -1205,9 +1205,11 @@ def test_explain_names_the_kernels_path():
                         gradients=True, platform="cpu", backend="ffi",
                         **{"dimension_numbers": DN2, **kw})
     return e, dict(e.gradients)
+  # taps as columns on AVX-512 only (COLS_CASES asserts which cases)
+  narrow = ("narrow", "narrow, taps as columns") if backends.cpu_isa() == 2 else ("narrow",)
   for case in CASES:
     e, g = paths(case)
-    assert g["d rhs"].cpu_path in ("narrow", "narrow, taps as columns"), str(e)
+    assert g["d rhs"].cpu_path in narrow, str(e)
     assert "narrow" in g["d rhs"].reason
   for case in DOT_CASES:
     for dtype in (np.float32, np.float64, jnp.bfloat16):
