@@ -32,13 +32,16 @@ MR = 6  # rows of every tile (gemm::Tile)
 
 # (P, H) of panels_avx512: P zmm panels and H ymm half panels per row.
 AVX512_TILES = [(4, 0), (2, 0), (1, 1), (1, 0), (0, 1)]
+# Those that also run 2 MR rows at a time (RT = 2; gemm.h, kTallTiles), from a packed B and
+# into an OutC or BufC, in GCC builds only.
+TALL_TILES = [(2, 0), (1, 1), (1, 0)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
 PAIR_TILES = [4, 2, 1]  # P: zmm per row of pairs_avx512
 A_SOURCES = ["RunA", "ChannelRunA", "IndirectA", "PackedA"]
 B_SOURCES = ["PanelB", "TableB", "RunB"]
 C_DESTS = ["OutC", "BufC"]
 # The whole-panel tiles a fused GEMM (float32 on AVX-512: gemm_block for a PanelOutC) runs.
-PANEL_OUT_TILES = [(4, 0), (2, 0), (1, 0)]
+PANEL_OUT_TILES = [(4, 0, 1), (2, 0, 1), (1, 0, 1)]
 
 
 def _why_skip_platform() -> str | None:
@@ -64,8 +67,9 @@ pytestmark = pytest.mark.skipif(_why_skip_platform() is not None,
                                 reason=str(_why_skip_platform()))
 
 
-def _instantiations() -> dict[str, int]:
-  """Explicit instantiation line -> most ymm/zmm stores to the stack allowed."""
+def _instantiations(tall: bool = True) -> dict[str, int]:
+  """Explicit instantiation line -> most ymm/zmm stores to the stack allowed; with ``tall``, the
+  12-row tiles too (what a GCC build instantiates)."""
   out = {}
   for t in ("float", "double"):
     for a in A_SOURCES:
@@ -73,9 +77,13 @@ def _instantiations() -> dict[str, int]:
         for c in C_DESTS:
           srcs = f"{a}<{t}>, {b}<{t}>, {c}<{t}>"
           args = f"int64_t, int64_t, int64_t, const {a}<{t}>&, const {b}<{t}>&, const {c}<{t}>&"
-          for p, h in AVX512_TILES:
-            line = f"template void cks::gemm::panels_avx512<{p}, {h}, {t}, {srcs}>({args});"
-            out[line] = MR * (p + h) if c == "OutC" else 0
+          tiles = [(p, h, 1) for p, h in AVX512_TILES]
+          if tall and b == "PanelB":
+            tiles += [(p, h, 2) for p, h in TALL_TILES]
+          for p, h, rt in tiles:
+            line = (f"template void cks::gemm::panels_avx512<{p}, {h}, {rt}, {t}, {srcs}>"
+                    f"(int64_t, {args});")
+            out[line] = MR * rt * (p + h) if c == "OutC" else 0
           for nv in AVX2_TILES:
             line = f"template void cks::gemm::panel_avx2<{nv}, {t}, {srcs}>({args});"
             out[line] = MR * nv if c == "OutC" else 0
@@ -84,8 +92,9 @@ def _instantiations() -> dict[str, int]:
       srcs = f"{a}<float>, {b}<float>, PanelOutC<float>"
       args = f"int64_t, int64_t, int64_t, const {a}<float>&, const {b}<float>&, " \
              "const PanelOutC<float>&"
-      for p, h in PANEL_OUT_TILES:
-        out[f"template void cks::gemm::panels_avx512<{p}, {h}, float, {srcs}>({args});"] = MR * p
+      for p, h, rt in PANEL_OUT_TILES:
+        out[f"template void cks::gemm::panels_avx512<{p}, {h}, {rt}, float, {srcs}>"
+            f"(int64_t, {args});"] = MR * rt * p
   for p in PAIR_TILES:  # bfloat16 pairs: masked stores, no edge tile copy
     for to in ("uint16_t", "float"):
       for a in ("PairRunA", "PairPackedA"):
@@ -161,12 +170,12 @@ def tiles_object(tmp_path_factory):
   compiler (both tests read GCC's)."""
   objs: dict[str, Path] = {}
 
-  def compile_tiles(cxx: str) -> Path:
+  def compile_tiles(cxx: str, tall: bool = True) -> Path:
     if cxx not in objs:
       d = tmp_path_factory.mktemp("tiles")
       src = d / "tiles.cc"
       src.write_text('#include "cpu/gemm.h"\nusing namespace cks::gemm;\n'
-                     + "\n".join(_instantiations()) + "\n")
+                     + "\n".join(_instantiations(tall)) + "\n")
       subprocess.run([cxx, "-O3", "-DNDEBUG", "-std=c++17", "-fPIC", f"-I{FFI}", "-c", str(src),
                       "-o", str(d / "tiles.o")], check=True)
       objs[cxx] = d / "tiles.o"
@@ -208,9 +217,10 @@ def test_gemm_tiles_keep_their_operands_in_registers(compiler, tiles_object):
     cxx = os.environ.get("CKS_CLANGXX", "")
     if not cxx:
       pytest.skip("no clang named: set CKS_CLANGXX to a clang++ (.ci/run uses ziglang's)")
-  funcs = _functions(tiles_object(cxx))
+  tall = compiler == "gcc"  # clang builds keep 6-row tiles (gemm.h, kTallTiles)
+  funcs = _functions(tiles_object(cxx, tall))
   tiles = {_key(n): _stack_operands_per_fma(ins) for n, ins in funcs.items() if "_avx" in n}
-  assert set(map(_key, _instantiations())) <= set(tiles)
+  assert set(map(_key, _instantiations(tall))) <= set(tiles)
   no_loop = sorted(k for k, (n, _) in tiles.items() if n == 0)
   assert not no_loop, f"tiles without an FMA loop (the loop finder is wrong): {no_loop}"
   over = {k: round(r, 3) for k, (_, r) in tiles.items()

@@ -486,6 +486,56 @@ def test_fused_phases_same_bits(tmp_path):
     np.testing.assert_array_equal(np.asarray(out), np.load(tmp_path / f"avx2_{i}.npy"))
 
 
+# (lhs shape, rhs shape, conv args, kwargs): forwards and input gradients whose column tiles
+# have at most two panels, which the AVX-512 kernel runs 12 rows at a time from a packed B
+# (gemm.h, kTallTiles): whole 12-row tiles, a last tile of 6 rows (row blocks of 6 mod 12) and
+# edge tiles past the last row; 16, 21 (a panel and a half), 32 and 40 (two, then a half)
+# features, float64's 8-wide panels the same at half the width.
+TALL_CASES = [
+    ((2, 6, 11, 24), (3, 3, 24, 16), ((1, 1), "SAME"), {}),
+    ((1, 7, 13, 20), (3, 3, 20, 21), ((1, 1), "SAME"), {}),
+    ((2, 5, 5, 12), (4, 4, 12, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    ((3, 4, 5, 64), (3, 3, 16, 40), ((1, 1), "SAME"), {"feature_group_count": 4}),
+]
+
+
+def _tall_outputs(dtype: str) -> list:
+  """Forward and input gradient of each TALL_CASES case, as numpy arrays (the filter gradients
+  take other paths, some of them AVX-512 only)."""
+  from oracle import random
+  outs = []
+  for i, (lhs_shape, rhs_shape, args, kw) in enumerate(TALL_CASES):
+    kw = {"dimension_numbers": DN2, **kw}
+    x, w = random(lhs_shape, dtype, 800 + i), random(rhs_shape, dtype, 900 + i)
+    y, vjp = jax.vjp(lambda x, w: cks_jax.conv_general_dilated(x, w, *args, backend="ffi",
+                                                               **kw), x, w)
+    outs += [np.asarray(y), np.asarray(vjp(random(y.shape, dtype, 1000 + i))[0])]
+  return outs
+
+
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="the 12-row tiles are AVX-512 tiles")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tall_tiles_same_bits(tmp_path, dtype):
+  # A 12-row tile sums each element in the order of a 6-row one: the AVX-512 kernel's values
+  # equal, bit for bit, the AVX2 kernel's (CKS_CPU_ISA=1, in a subprocess: 6-row tiles), and
+  # lax's within tolerance.
+  code = textwrap.dedent(f"""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import numpy as np, test_kernel_paths as k
+      np.savez(r"{tmp_path}/avx2.npz", *k._tall_outputs("{dtype}"))
+      print("ok")
+  """)
+  assert run_python(code, CKS_CPU_ISA="1")[-1] == "ok"
+  outs = _tall_outputs(dtype)  # (conftest enables float64)
+  avx2 = np.load(tmp_path / "avx2.npz")
+  assert len(outs) == len(avx2.files) == 2 * len(TALL_CASES)
+  for i, out in enumerate(outs):
+    np.testing.assert_array_equal(out, avx2[f"arr_{i}"], err_msg=f"output {i}")
+  for i, case in enumerate(TALL_CASES):
+    check_on_kernel(case, np.dtype(dtype).type, seed=1100 + i)
+
+
 # (lhs shape, rhs shape, conv args, kwargs, fused): forwards whose adjacent last-dimension phases
 # read the same input rows, run as one GEMM of m x Fg columns where that saves panels
 # (CksConv::fuses_columns; every ISA, float32).

@@ -334,12 +334,11 @@ template <typename CDst, typename T>
 constexpr bool kOutDst =
     std::is_same<CDst, OutC<T>>::value || std::is_same<CDst, PanelOutC<T>>::value;
 
-// Stores an MR x W tile t (row stride W) at (ir, jr) of an OutC, masked to
+// Stores an R x W tile t (row stride W) at (ir, jr) of an OutC, masked to
 // the rows and columns that exist.
-template <typename T, int W = Tile<T>::NR, typename CDst>
+template <typename T, int W = Tile<T>::NR, int R = Tile<T>::MR, typename CDst>
 inline void store_edge(const CDst& C, int64_t ir, int64_t jr, const T* t) {
-  constexpr int MR = Tile<T>::MR;
-  const int64_t mi = std::min<int64_t>(MR, C.mc - ir), nj = std::min<int64_t>(W, C.nc - jr);
+  const int64_t mi = std::min<int64_t>(R, C.mc - ir), nj = std::min<int64_t>(W, C.nc - jr);
   for (int64_t i = 0; i < mi; ++i) {
     if constexpr (std::is_same<CDst, OutC<T>>::value) {
       T* c = C.base + C.rows[ir + i] + jr;
@@ -547,7 +546,7 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) bv[p] = zload(b + p * ldb);
   if constexpr (H > 0) bh = vload(b + P * ldb);
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     if constexpr (P == 0) {
       hacc[i] = vfma(vbcast(r[i] + o), bh, hacc[i]);
@@ -560,7 +559,7 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
   }
 }
 
-// Columns [jr, jr + P NR + H NR / 2) of a block, rows [0, mc): MR x P zmm
+// Columns [jr, jr + P NR + H NR / 2) of a block, rows [ir0, mc): MR x P zmm
 // tiles (plus MR ymm for a half panel), B the source of those columns
 // (cols(jr) of the block's). P = 4 (6 x 64 floats: 24 accumulators + 4 B
 // vectors + 1 broadcast of 32 zmm, no spills, checked with objdump) broadcasts each A
@@ -571,28 +570,32 @@ CKS_Z512_FN void avx512_step(const T* const* r, int64_t o, const T* b, int64_t l
 // run with twice the FMAs and loads. H = 1 serves a last panel with at most
 // NR / 2 live columns (21 classes of a segmentation head: 16 + 5) at half
 // the FMAs of a whole one. Writes a BufC, or an OutC (masked to the rows
-// and columns that exist; whole tiles streamed where it asks).
-template <int P, int H, typename T, typename ASrc, typename BSrc, typename CDst>
-__attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64_t jr,
-                                                               int64_t kc, const ASrc& A,
-                                                               const BSrc& B, const CDst& C) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, HW = NR / 2;
+// and columns that exist; whole tiles streamed where it asks). Rows from ir0
+// on in tiles of RT x 6 (RT = 2: panels, below), while a whole tile fits
+// before mc.
+template <int P, int H, int RT, typename T, typename ASrc, typename BSrc, typename CDst>
+__attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t ir0, int64_t mc,
+                                                               int64_t jr, int64_t kc,
+                                                               const ASrc& A, const BSrc& B,
+                                                               const CDst& C) {
+  constexpr int MR = Tile<T>::MR * RT, NR = Tile<T>::NR, HW = NR / 2;
   static_assert(NR * sizeof(T) == 64, "one B panel row = one zmm");
   constexpr bool kOut = kOutDst<CDst, T>;
   using V = decltype(zload(static_cast<const T*>(nullptr)));
   using VH = decltype(vload(static_cast<const T*>(nullptr)));
   constexpr int kWidth = P * NR + H * HW;
-  for (int64_t ir = 0; ir < mc; ir += MR) {
+  for (int64_t ir = ir0; ir + MR <= mc; ir += MR) {
     V acc[MR][P > 0 ? P : 1];
     VH hacc[MR];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) acc[i][p] = V{};
       hacc[i] = VH{};
     }
     const T* rb[MR];
-    A.rows(ir, rb);
+#pragma GCC unroll 2
+    for (int t = 0; t < RT; ++t) A.rows(ir + t * Tile<T>::MR, rb + t * Tile<T>::MR);
     opaque<MR>(rb);
     auto cur = A.begin();
     auto bcur = B.begin();
@@ -615,7 +618,7 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
     }
     if constexpr (kOut) {
       if (ir + MR <= C.mc && jr + kWidth <= C.nc) {
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) {
           T* c = C.base + C.rows[ir + i] + jr;
 #pragma GCC unroll 4
@@ -642,17 +645,17 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
         // run); without it, 64-channel forwards took 0.93-0.98x the time.
         // objdump: no zmm stack traffic but the stores to t.
         T t[MR * kWidth];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
           for (int p = 0; p < P; ++p) zstore(t + i * kWidth + p * NR, acc[i][p]);
           if constexpr (H > 0) vstore(t + i * kWidth + P * NR, hacc[i]);
         }
-        store_edge<T, kWidth>(C, ir, jr, t);
+        store_edge<T, kWidth, MR>(C, ir, jr, t);
       }
     } else {
       T* c = C.C + ir * C.ldc + jr;
-#pragma GCC unroll 6
+#pragma GCC unroll 12
       for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) zaddto(c + i * C.ldc + p * NR, acc[i][p]);
@@ -662,6 +665,39 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t mc, int64
   }
 }
 
+// Tiles of at most two panels (6 x 32 floats and narrower) run 12 rows at a
+// time where the block's B is packed (PanelB): 6 rows are 6 (or 12) chains
+// of dependent FMAs, fewer than the FMA latency times the FMA ports hides,
+// and each B row is loaded for 12 rows' FMAs instead of 6. On the Xeon VM
+// (AVX-512, 2 cores; medians of 4 runs, builds alternating), 6 rows -> 12:
+// the k8 s4 head's forward (21 features) 5.44-6.39 -> 5.10-5.34 ms, the 3-D
+// atrous forward and input gradient (32) 1.28-1.49 -> 1.16-1.31, V-Net's
+// (32) 0.90-1.06 -> 0.81-0.96, the grouped transposed layer's (16 and 32 per
+// group) 1.13-1.54 -> 1.11-1.46; in L1 alone (one core) a 6 x 16 tile ran at
+// 143 GFLOP/s, 12 x 16 at 164, 6 x 64 at 185 (the FMA peak: 221).
+// A 12-row tile keeps 12 row pointers in registers, which is all but every
+// general register: GCC's innermost loops read 0.18-0.71 stack operands per
+// FMA in the 12-row tiles from TableB or RunB (more pointers and steps),
+// into a PanelOutC, and in the half-panel one (P = 0); clang 22's 0.2-2.7 in
+// nearly all (test_codegen). Those, and clang builds, keep 6 rows. Each
+// element is summed in the same order either way.
+#if defined(__clang__)
+constexpr bool kTallTiles = false;
+#else
+constexpr bool kTallTiles = true;
+#endif
+template <int P, int H, typename T, typename ASrc, typename BSrc, typename CDst>
+inline void panels(int64_t mc, int64_t jr, int64_t kc, const ASrc& A, const BSrc& B,
+                   const CDst& C) {
+  constexpr int MR = Tile<T>::MR;
+  if constexpr (kTallTiles && P >= 1 && P <= 2 && std::is_same<BSrc, PanelB<T>>::value &&
+                !std::is_same<CDst, PanelOutC<T>>::value) {
+    panels_avx512<P, H, 2, T>(0, mc, jr, kc, A, B, C);
+    if (mc % (2 * MR)) panels_avx512<P, H, 1, T>(mc - MR, mc, jr, kc, A, B, C);
+  } else {
+    panels_avx512<P, H, 1, T>(0, mc, jr, kc, A, B, C);
+  }
+}
 // A block of nc columns (a multiple of NR), of which the first `live` are
 // kept: 4-panel column tiles, then what is left in tiles of 2 panels, 1 1/2,
 // 1 or 1/2, so that a last panel with at most NR / 2 live columns costs half.
@@ -670,17 +706,17 @@ inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t live, int64_t kc
                                 const ASrc& A, const BSrc& B, const CDst& C) {
   constexpr int NR = Tile<T>::NR, HW = NR / 2;
   int64_t jr = 0;
-  for (; jr + 4 * NR <= nc; jr += 4 * NR) panels_avx512<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+  for (; jr + 4 * NR <= nc; jr += 4 * NR) panels<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
   if (live - jr > 2 * NR) {
-    panels_avx512<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+    panels<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
     jr += 2 * NR;
   }
   const int64_t left = live - jr;
   const BSrc b = B.cols(jr);
-  if (left > NR + HW) panels_avx512<2, 0, T>(mc, jr, kc, A, b, C);
-  else if (left > NR) panels_avx512<1, 1, T>(mc, jr, kc, A, b, C);
-  else if (left > HW) panels_avx512<1, 0, T>(mc, jr, kc, A, b, C);
-  else if (left > 0) panels_avx512<0, 1, T>(mc, jr, kc, A, b, C);
+  if (left > NR + HW) panels<2, 0, T>(mc, jr, kc, A, b, C);
+  else if (left > NR) panels<1, 1, T>(mc, jr, kc, A, b, C);
+  else if (left > HW) panels<1, 0, T>(mc, jr, kc, A, b, C);
+  else if (left > 0) panels<0, 1, T>(mc, jr, kc, A, b, C);
 }
 // n floats to a 64-byte aligned dst (n a multiple of 16) with non-temporal
 // stores, which skip reading the destination lines first; fence before the
@@ -1378,12 +1414,12 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const A
   if (gemm_isa() == 2) {
     constexpr int NR = Tile<T>::NR;
     int64_t jr = 0;
-    for (; jr + 4 * NR <= nc; jr += 4 * NR) panels_avx512<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+    for (; jr + 4 * NR <= nc; jr += 4 * NR) panels<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
     if (nc - jr >= 2 * NR) {
-      panels_avx512<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+      panels<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
       jr += 2 * NR;
     }
-    if (jr < nc) panels_avx512<1, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+    if (jr < nc) panels<1, 0, T>(mc, jr, kc, A, B.cols(jr), C);
     return;
   }
 #endif
