@@ -1625,13 +1625,14 @@ __attribute__((target("avx2,fma"))) void narrow_strip_avx2(const T* a, const T* 
 }
 #endif
 
-template <int FG, typename T>
-inline void narrow_strip_fg(const T* a, const T* b, const NarrowRuns& k, T* C, int64_t ldc) {
-#ifdef CKS_X86_AVX2
-  if (gemm_isa() == 2) return narrow_strip_avx512<FG>(a, b, k, C, ldc);
-  if (gemm_isa() == 1) return narrow_strip_avx2<FG>(a, b, k, C, ldc);
-#endif
-  narrow_strip_portable<FG>(a, b, k, C, ldc);
+// fn(std::integral_constant<int, F>{}) for F = fg in 1..N (N for any fg past
+// N): the narrow kernels' run-time feature count as a template argument.
+template <int N, int F = 1, typename Fn>
+inline void with_features(int fg, Fn&& fn) {
+  if constexpr (F < N) {
+    if (fg > F) return with_features<N, F + 1>(fg, fn);
+  }
+  fn(std::integral_constant<int, F>{});
 }
 
 // One strip of kStrip<T> rows starting at a, for fg = 1..kNarrowF columns
@@ -1639,16 +1640,13 @@ inline void narrow_strip_fg(const T* a, const T* b, const NarrowRuns& k, T* C, i
 template <typename T>
 inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T* C,
                          int64_t ldc) {
-  switch (fg) {
-    case 1: return narrow_strip_fg<1>(a, b, k, C, ldc);
-    case 2: return narrow_strip_fg<2>(a, b, k, C, ldc);
-    case 3: return narrow_strip_fg<3>(a, b, k, C, ldc);
-    case 4: return narrow_strip_fg<4>(a, b, k, C, ldc);
-    case 5: return narrow_strip_fg<5>(a, b, k, C, ldc);
-    case 6: return narrow_strip_fg<6>(a, b, k, C, ldc);
-    case 7: return narrow_strip_fg<7>(a, b, k, C, ldc);
-    default: return narrow_strip_fg<8>(a, b, k, C, ldc);
-  }
+  with_features<kNarrowF>(fg, [&](auto F) {
+#ifdef CKS_X86_AVX2
+    if (gemm_isa() == 2) return narrow_strip_avx512<F()>(a, b, k, C, ldc);
+    if (gemm_isa() == 1) return narrow_strip_avx2<F()>(a, b, k, C, ldc);
+#endif
+    narrow_strip_portable<F()>(a, b, k, C, ldc);
+  });
 }
 
 // Taps as columns (CksConv::run_narrow_cols, AVX-512): the M adjacent taps
@@ -1709,14 +1707,7 @@ inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T*
 template <typename T>
 inline void narrow_cols(int m, int fg, const T* a, const T* b, const NarrowRuns& k, T* C) {
 #ifdef CKS_X86_AVX2
-  switch (fg) {
-    case 1: return narrow_cols_m<1>(m, a, b, k, C);
-    case 2: return narrow_cols_m<2>(m, a, b, k, C);
-    case 3: return narrow_cols_m<3>(m, a, b, k, C);
-    case 4: return narrow_cols_m<4>(m, a, b, k, C);
-    case 5: return narrow_cols_m<5>(m, a, b, k, C);
-    default: return narrow_cols_m<6>(m, a, b, k, C);
-  }
+  with_features<kColsAcc / 2>(fg, [&](auto F) { narrow_cols_m<F()>(m, a, b, k, C); });
 #else
   (void)m, (void)fg, (void)a, (void)b, (void)k, (void)C;
 #endif
