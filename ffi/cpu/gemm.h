@@ -1694,11 +1694,15 @@ __attribute__((target("avx512f,avx2,fma"))) void narrow_cols_avx512(const T* a, 
     }
 }
 
+// Tiles of m = M, M + 1, ... columns; m * FG past kColsAcc has no tile (and
+// would leave C unsummed): run_narrow_cols never asks for one, so trap.
 template <int FG, int M = 1, typename T>
 inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
   if constexpr (M * FG <= kColsAcc) {
     if (m == M) return narrow_cols_avx512<M, FG>(a, b, k, C);
     return narrow_cols_m<FG, M + 1>(m, a, b, k, C);
+  } else {
+    std::abort();
   }
 }
 #endif
