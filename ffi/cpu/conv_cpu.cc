@@ -2296,7 +2296,7 @@ struct CksConv {
       cols_layout(L);
       int64_t b[kBuffers] = {};
       ColsBlock u;
-      b[0] = 2 * L.O * I;  // the layout's ilo, ihi
+      b[2] = 2 * L.O * I;  // the layout's ilo, ihi (held beside the tap tables)
       for (int64_t j = t.sp; j < t.sp1; ++j) {
         cols_shape(j, u);
         b[0] = std::max(b[0], 2 * u.taps * I);                       // reduction_runs' tap tables
