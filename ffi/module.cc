@@ -30,6 +30,8 @@ bool cpu_bf16_amx();
 bool cpu_bf16_depthwise();
 int64_t cpu_widened_held_bytes();
 void cpu_widened_release();
+int64_t cpu_packed_b_held_bytes();
+void cpu_packed_b_release();
 }
 
 namespace nb = nanobind;
@@ -149,4 +151,8 @@ NB_MODULE(_cks, m) {
   // calls, and freeing them (conv_cpu.cc: WidenedPool).
   m.def("cpu_widened_held_bytes", &cks::cpu_widened_held_bytes);
   m.def("cpu_widened_release", &cks::cpu_widened_release);
+  // Bytes of the packed B buffers (2 MB pages) held for reuse between calls,
+  // and freeing them (scratch.h: HugePool).
+  m.def("cpu_packed_b_held_bytes", &cks::cpu_packed_b_held_bytes);
+  m.def("cpu_packed_b_release", &cks::cpu_packed_b_release);
 }

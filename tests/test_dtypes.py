@@ -78,6 +78,58 @@ def test_16bit_float32_copies_are_shared_between_threads_and_released():
     t.join()
   assert len(outs) == 43 and all(np.array_equal(o, want) for o in outs)
   assert copies <= ext.cpu_widened_held_bytes() <= 2 * copies
-  held = ext.cpu_widened_held_bytes()
+  held = ext.cpu_widened_held_bytes() + ext.cpu_packed_b_held_bytes()  # both kinds: freed
   assert cks_jax.release_cpu_buffers() == held
   assert ext.cpu_widened_held_bytes() == 0 and cks_jax.release_cpu_buffers() == 0
+
+
+@pytest.mark.usefixtures("on_cpu")  # the CPU kernel's packed B
+def test_packed_b_is_kept_in_whole_2mb_buffers_and_released():
+  # The CPU kernel packs B into a buffer of 2 MB pages kept for the next call (scratch.h):
+  # rounded up to whole 2 MB, one buffer for calls one after another (a larger B replaces it,
+  # not joins it), at most two for two threads at once; release_cpu_buffers frees them.
+  ext = ffi.extension()
+  mib2 = 2 << 20
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def layer(lhs_shape, rhs_shape):
+    l, r = random(lhs_shape, np.float32, 0), random(rhs_shape, np.float32, 1)
+    e = cks_jax.explain(l, r, (1, 1), ((2, 2), (2, 2)), (2, 2), dimension_numbers=dn,
+                        backend="ffi")
+    f = jax.jit(lambda a, b: cks_jax.conv_general_dilated(
+        a, b, (1, 1), ((2, 2), (2, 2)), (2, 2), dimension_numbers=dn, backend="ffi"))
+    want = jax.lax.conv_general_dilated(l, r, (1, 1), ((2, 2), (2, 2)), (2, 2),
+                                        dimension_numbers=dn)
+    return e.scratch["packed_b"], lambda: f(l, r), want
+
+  small_b, small, small_want = layer((2, 8, 8, 128), (4, 4, 128, 64))  # DCGAN's k4 s2: 512 KB
+  big_b, big, big_want = layer((1, 4, 4, 256), (4, 4, 256, 320))       # 5 MB
+  assert 0 < small_b < mib2 < 2 * mib2 < big_b < 3 * mib2
+  cks_jax.release_cpu_buffers()
+  assert ext.cpu_packed_b_held_bytes() == 0
+  for _ in range(3):
+    t = threading.Thread(target=lambda: np.testing.assert_allclose(
+        small(), small_want, rtol=2e-5, atol=2e-4))
+    t.start()
+    t.join()
+  assert ext.cpu_packed_b_held_bytes() == mib2
+  np.testing.assert_allclose(big(), big_want, rtol=2e-5, atol=2e-4)
+  assert ext.cpu_packed_b_held_bytes() == 3 * mib2  # the 2 MB one gave way
+  np.testing.assert_allclose(small(), small_want, rtol=2e-5, atol=2e-4)  # served by the 6 MB
+  assert ext.cpu_packed_b_held_bytes() == 3 * mib2
+  outs = []
+
+  def call(times):
+    for _ in range(times):
+      outs.append(np.asarray(big()))
+
+  ts = [threading.Thread(target=call, args=(10,)) for _ in range(2)]
+  for t in ts:
+    t.start()
+  for t in ts:
+    t.join()
+  assert len(outs) == 20 and all(np.array_equal(o, outs[0]) for o in outs)
+  assert ext.cpu_packed_b_held_bytes() in (3 * mib2, 6 * mib2)
+  held = ext.cpu_packed_b_held_bytes() + ext.cpu_widened_held_bytes()
+  assert cks_jax.release_cpu_buffers() == held
+  assert ext.cpu_packed_b_held_bytes() == 0 and cks_jax.release_cpu_buffers() == 0

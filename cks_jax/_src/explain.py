@@ -41,7 +41,8 @@ class Explanation:
     scratch: on the CPU kernel (backend ``"cks-cpu"``), the extra memory of
       one call in bytes, as ``{"packed_b": ..., "per_thread": ..., "threads":
       ..., "widened": ..., "total": ...}``: B packed once and shared by all
-      tasks, the buffers of each thread that runs tasks (offset tables, packed
+      tasks (in a buffer of 2 MB pages kept for the next call, rounded up to
+      whole 2 MB; ``cks_jax.release_cpu_buffers()`` frees it), the buffers of each thread that runs tasks (offset tables, packed
       A and B blocks, one output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit

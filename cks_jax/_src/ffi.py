@@ -49,16 +49,24 @@ def kernel_platforms() -> frozenset[str]:
 
 
 def release_cpu_buffers() -> int:
-  """Frees the float32 copies the CPU kernel keeps for 16-bit operands; returns the bytes freed.
+  """Frees the buffers the CPU kernel keeps between calls; returns the bytes freed.
 
-  bfloat16 and float16 convolutions on the CPU run on float32 copies of their operands (and, on
-  the dot path, of their output), which the kernel keeps for the next call instead of allocating
-  them afresh: one set per call that ran at the same time as another (usually one set in all),
-  each as large as the largest copies it has served. ``explain(...).scratch["widened"]`` gives
-  their size for one problem. Call this after a run of large 16-bit layers to hand that memory
-  back; the next 16-bit call allocates again. A no-op (returns 0) when nothing is held.
+  Two kinds are kept for the next call instead of being allocated afresh, each in one
+  process-wide free list (one buffer per call that ran at the same time as another, usually one
+  in all, each as large as the largest it has served):
+
+  - the packed B panels (``explain(...).scratch["packed_b"]`` for one problem), in 2 MB pages
+    where Linux grants transparent huge pages (a packed B on 4 KB pages ran at two speeds,
+    depending on where it landed in physical memory); rounded up to whole 2 MB, at most 64 MB
+    kept;
+  - the float32 copies of bfloat16 and float16 operands (and, on the dot path, of their
+    output), on which 16-bit convolutions run (``explain(...).scratch["widened"]``).
+
+  Call this after a run of large layers to hand that memory back; the next call allocates
+  again. A no-op (returns 0) when nothing is held.
   """
   ext = extension()
-  held = int(ext.cpu_widened_held_bytes())
+  held = int(ext.cpu_widened_held_bytes()) + int(ext.cpu_packed_b_held_bytes())
   ext.cpu_widened_release()
+  ext.cpu_packed_b_release()
   return held

@@ -46,6 +46,7 @@
 #include "cks/plan.h"
 #include "depthwise.h"
 #include "gemm.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace cks {
@@ -2472,8 +2473,7 @@ struct CksConv {
     // pack B block by block as they go, which keeps each block in cache
     // (d-rhs: few rows, long reductions).
     const SharedB sb = shared_b();
-    std::unique_ptr<Acc[]> packed;
-    if (sb.elements() > 0) packed.reset(new Acc[sb.elements()]);
+    const PackedBLease<Acc> packed(sb.elements());  // in 2 MB pages: scratch.h
     Acc* const Bshared = packed.get();
     const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
     if (sb.phase) {
@@ -2642,7 +2642,7 @@ struct Bf16Pairs {
   void run_all(ffi::ThreadPool* pool) const {
     const int64_t G = c.pb.groups();
     const auto sb = c.shared_b();
-    std::unique_ptr<uint16_t[]> packed(new uint16_t[sb.elements()]);
+    const PackedBLease<uint16_t> packed(sb.elements());  // in 2 MB pages: scratch.h
     uint16_t* const B = packed.get();
     const int64_t workers = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
     const int64_t cg = c.ncombos() * G, panels = round_up(c.pb.group_out(), NR) / NR;
@@ -3146,6 +3146,8 @@ bool cpu_bf16_depthwise() { return gemm::bf16_depthwise(); }
 
 int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
 void cpu_widened_release() { widened_pool().release(); }
+int64_t cpu_packed_b_held_bytes() { return packed_b_pool().held(); }
+void cpu_packed_b_release() { packed_b_pool().release(); }
 
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
 // packed B shared by all tasks, and the buffers of each thread that runs tasks;
