@@ -6,12 +6,12 @@
 // depending on where its B landed in physical memory, fixed for a process
 // (one allocation reused by malloc): on the Xeon VM (AVX-512, 2 cores), with
 // B's buffer rotated over 8 allocations in one process, ResNet's 3x3 forward
-// took 5.2 ms on 2 of them and 6.3 on the other 6, the atrous d8 forward 6.6
-// and 7.6 (the same 2 of 8 fast), and moving B 64 bytes per panel changed
-// nothing. In 2 MB pages every one of the 8 ran at 5.6 and 6.9 ms; over
-// the 8, forwards and input gradients of the bench's GEMM layers took
-// 0.83-0.90x the time (DCGAN, U-Net, ResNet, the atrous and 7x7 layers;
-// the grouped layer, whose B is 128 KB, 1.00x).
+// took 5.2 ms on 2 of them and 6.2-6.4 on the other 6, the atrous d8 forward
+// 6.6 and 7.6-7.7 (the same 2 of 8 fast); moving each panel by 64 bytes
+// changed nothing. In 2 MB pages all 8 ran at 5.6 and 6.9 ms; over the 8,
+// forwards and input gradients that multiply a packed B took 0.83-0.93x the
+// time (DCGAN, U-Net, the head, ResNet, the atrous and 7x7 layers; the
+// grouped layer, whose B is 128 KB, 0.99x).
 //
 // A call takes a buffer and gives it back when done. Buffers are kept for
 // the next call, so each is faulted in once: as many as calls ever ran at
