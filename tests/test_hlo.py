@@ -57,6 +57,31 @@ def test_training_step_has_no_xla_convolution():
   assert len(calls) >= 4 + 3 + 4, f"expected >= 11 cks calls, got {len(calls)}"
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_input_gradient_reads_the_flipped_kernel_in_place(groups):
+  # d lhs convolves with the spatially flipped kernel: the CPU kernel reads it flipped
+  # (rhs_reversed, negative tap strides) instead of XLA reversing a copy on every step; the
+  # XLA and portable lowerings flip it with a reverse. The values and both gradients of the
+  # flipped read, second order included, are the flip's (test_transforms, test_fuzz).
+  x = random((2, 9, 8, 4), jnp.float32, 0)
+  w = random((3, 4, 4 // groups, 6), jnp.float32, 1)
+  ct = random((2, 5, 4, 6), jnp.float32, 2)
+
+  def dlhs(backend):  # w an argument, so XLA cannot fold its reverse away
+    f = lambda x, w: cks_jax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DN,
+                                                  feature_group_count=groups, backend=backend)
+    return lambda x, w, ct: jax.vjp(lambda x: f(x, w), x)[1](ct)[0]
+
+  hlo = compiled_hlo(dlhs("ffi"), x, w, ct)
+  assert "cks_conv_cpu" in hlo and not re.search(r"\breverse\(", hlo), hlo
+  ref = jax.vjp(lambda x: jax.lax.conv_general_dilated(
+      x, w, (2, 2), "SAME", dimension_numbers=DN, feature_group_count=groups), x)[1](ct)[0]
+  for backend in ("ffi", "portable", "xla"):
+    if backend != "ffi":
+      assert re.search(r"\breverse\(", compiled_hlo(dlhs(backend), x, w, ct)), backend
+    assert_close(jax.jit(dlhs(backend))(x, w, ct), ref, jnp.float32, f"d lhs {backend}")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_cpu_kernel_runs_16bit_operands_widened(dtype):
   # 16-bit operands reach the CPU kernel as they are, forward and both gradients, with no

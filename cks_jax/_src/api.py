@@ -164,7 +164,7 @@ def conv_general_dilated(
              feature_group_count=spec.feature_group_count,
              batch_group_count=spec.batch_group_count,
              precision=_canonical_precision(precision), out_dtype=np.dtype(compute_out),
-             backend=backend)
+             backend=backend, rhs_reversed=False)
   if back is not None:
     out = lax.transpose(out, back)
   return out.astype(out_dtype)

@@ -67,15 +67,19 @@ def _lib() -> ctypes.CDLL:
 
 def emulate(lhs: np.ndarray, rhs: np.ndarray, out_shape, out_dtype, *, window_strides, padding,
             lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-            batch_group_count, return_path: bool = False, **_):
+            batch_group_count, rhs_reversed: bool = False, return_path: bool = False, **_):
   """Runs the CUDA kernel's phases on the CPU (the host harness of DESIGN.md 4.3).
 
   Returns the output of shape ``out_shape``, or ``(output, path)`` with
   ``return_path``: the phase-2 implementation that ran, ``"simt"`` (float32,
   float64) or ``"mma"`` (bfloat16, float16 on tensor cores, through the host
-  model of mma.sync), or None for an empty output.
+  model of mma.sync), or None for an empty output. ``rhs_reversed`` (the
+  primitive's param) flips rhs's spatial dimensions first, as the CUDA
+  lowering does with ``lax.rev``.
   """
   lib = _lib()
+  if rhs_reversed:
+    rhs = np.flip(rhs, tuple(dimension_numbers[1][2:]))
   lhs, rhs = np.ascontiguousarray(lhs), np.ascontiguousarray(rhs)
   out = np.zeros(out_shape, out_dtype)
   lhs_spec, rhs_spec, out_spec = dimension_numbers

@@ -498,7 +498,9 @@ struct CksConv {
         for (int64_t l0 = 0; l0 < F; l0 += g)  // group by group
           for (int64_t f = 0; f < g; ++f) {
             const int64_t ch = dw_bcast(g) ? c : f + c < g ? f + c : f + c - g, l = l0 + f;
-            buf[off + c * F + l] = load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
+            // The copy has rhs's tap strides: its first tap at the same
+            // shift from its start (rhs_reversed: the last element's block).
+            buf[pb.rhs_shift + off + c * F + l] = load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
           }
     });
   }
@@ -2437,7 +2439,7 @@ struct CksConv {
       if (!dw_entries()) {
         std::vector<Acc> filter;
         if (dw_filter_copied()) dw_filter(filter, pool);
-        const Acc* const f = filter.empty() ? nullptr : filter.data();
+        const Acc* const f = filter.empty() ? nullptr : filter.data() + pb.rhs_shift;
         parallel_for(pool, static_cast<int64_t>(ts.size()),
                      [&](int64_t i) { run_depthwise(ts[i], f); });
         return;
@@ -2939,7 +2941,8 @@ void run_conv(const ConvProblem& pb, const void* lhs, const void* rhs, void* out
               ffi::ThreadPool* pool) {
   const Plan plan = make_plan(pb);
   CksConv<Tin, Acc, Tout> conv{pb, plan, static_cast<const Tin*>(lhs),
-                               static_cast<const Tin*>(rhs), static_cast<Tout*>(out)};
+                               static_cast<const Tin*>(rhs) + pb.rhs_shift,
+                               static_cast<Tout*>(out)};
   conv.run_all(pool);
 }
 
@@ -3040,8 +3043,8 @@ struct RunConv {
                   int64_t rhs_n, void* out, int64_t out_n, ffi::ThreadPool* pool) {
     if constexpr (std::is_same<Tin, bf16>::value) {
       const Plan plan = make_plan(pb);
-      const Conv16 conv{pb, plan, static_cast<const bf16*>(lhs), static_cast<const bf16*>(rhs),
-                        static_cast<Tout*>(out)};
+      const Conv16 conv{pb, plan, static_cast<const bf16*>(lhs),
+                        static_cast<const bf16*>(rhs) + pb.rhs_shift, static_cast<Tout*>(out)};
       if (Bf16Pairs<Tout>::applies(pb, plan)) return Bf16Pairs<Tout>{conv}.run_all(pool);
       if (Bf16PackedPairs<Tout>::applies(pb, plan))
         return Bf16PackedPairs<Tout>{conv}.run_all(pool);
@@ -3051,7 +3054,7 @@ struct RunConv {
       WidenedLease lease;
       WidenedSet& w = *lease.set;
       const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, w.lhs, pool);
-      const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, w.rhs, pool);
+      const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, w.rhs, pool) + pb.rhs_shift;
       const Plan plan = make_plan(pb);
       if (!widened_output<Tin, Tout>(pb, plan)) {  // rounds each output as it stores it
         CksConv<float, float, Tout>{pb, plan, l, r, static_cast<Tout*>(out)}.run_all(pool);
@@ -3115,12 +3118,14 @@ ffi::Error CksConvCpu(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
                       ffi::Result<ffi::AnyBuffer> out, I64Span window_strides,
                       I64Span lhs_dilation, I64Span rhs_dilation, I64Span padding_lo,
                       I64Span lhs_spec, I64Span rhs_spec, I64Span out_spec,
-                      int64_t feature_group_count, int64_t batch_group_count) {
+                      int64_t feature_group_count, int64_t batch_group_count,
+                      int64_t rhs_reversed) {
   ConvProblem pb;
   ffi::Error err = decode_problem(lhs, rhs, *out, window_strides, lhs_dilation, rhs_dilation,
                                   padding_lo, lhs_spec, rhs_spec, out_spec, feature_group_count,
                                   batch_group_count, &pb);
   if (err.failure()) return err;
+  if (rhs_reversed != 0) reverse_rhs(&pb);
   if (out->element_count() == 0) return ffi::Error::Success();
   g_pool_threads.store(pool.num_threads(), std::memory_order_relaxed);
   if (!dispatch_dtypes<RunConv>(dtype_code(lhs.element_type()), dtype_code(out->element_type()),
@@ -3173,4 +3178,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CksConvCpuHandler, cks::CksConvCpu,
                                   .Attr<cks::I64Span>("rhs_spec")
                                   .Attr<cks::I64Span>("out_spec")
                                   .Attr<int64_t>("feature_group_count")
-                                  .Attr<int64_t>("batch_group_count"));
+                                  .Attr<int64_t>("batch_group_count")
+                                  .Attr<int64_t>("rhs_reversed"));

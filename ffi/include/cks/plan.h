@@ -28,6 +28,9 @@ struct ConvProblem {
   // spatial...), out (batch, feature, spatial...)
   int64_t lhs_n = 0, lhs_c = 0, lhs_sp[kMaxSpatial] = {0, 0, 0};
   int64_t rhs_o = 0, rhs_i = 0, rhs_sp[kMaxSpatial] = {0, 0, 0};
+  // Offset of rhs's first tap from its buffer's start: 0, or where the
+  // spatial dimensions are read in reverse (reverse_rhs), the last tap's.
+  int64_t rhs_shift = 0;
   int64_t out_n = 0, out_c = 0, out_sp[kMaxSpatial] = {0, 0, 0};
 
   CKS_HD int64_t groups() const { return feature_groups > 1 ? feature_groups : batch_groups; }

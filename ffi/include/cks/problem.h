@@ -68,4 +68,15 @@ inline const char* make_problem(const int64_t* ld, const int64_t* rd, const int6
   return nullptr;
 }
 
+// Reads rhs's spatial dimensions in reverse (the primitive's rhs_reversed:
+// the input gradient's flipped kernel): tap t of dimension d is element
+// (k - 1 - t), so the first tap moves to the last and each step is negated.
+// Every offset stays inside the buffer.
+inline void reverse_rhs(ConvProblem* pb) {
+  for (int d = 0; d < pb->nd; ++d) {
+    pb->rhs_shift += (pb->dim[d].k_size - 1) * pb->rhs_sp[d];
+    pb->rhs_sp[d] = -pb->rhs_sp[d];
+  }
+}
+
 }  // namespace cks
