@@ -42,8 +42,9 @@ class Explanation:
       one call in bytes, as ``{"packed_b": ..., "per_thread": ..., "threads":
       ..., "widened": ..., "total": ...}``: B packed once and shared by all
       tasks (in a buffer of 2 MB pages kept for the next call, rounded up to
-      whole 2 MB; ``cks_jax.release_cpu_buffers()`` frees it), the buffers of each thread that runs tasks (offset tables, packed
-      A and B blocks, one output tile; they persist between calls), the
+      whole 2 MB; ``cks_jax.release_cpu_buffers()`` frees it), the buffers of
+      each thread that runs tasks (offset tables, packed A and B blocks, one
+      output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
       float32 copies of 16-bit operands (and, on the dot path, of a 16-bit
       output; none on the ``"bf16 ..."`` paths), made by the kernel and

@@ -13,11 +13,12 @@ Params (all hashable): ``window_strides``, ``padding``, ``lhs_dilation``,
 dtype combinations the kernels support), ``backend`` (the requested
 backend, see ``backends.py``; resolved per platform at lowering) and
 ``rhs_reversed`` (a bool, False where not bound: rhs's spatial dimensions are
-read in reverse order, as if it were ``lax.rev(rhs, spatial)``). The input gradient binds the
-forward's kernel with ``rhs_reversed`` toggled instead of flipping it: the CPU
-kernel reads it flipped in place (negative tap strides), where XLA's reverse
-was a copy of the kernel on every step (0.7 ms of 4 x 4 x 512 x 256 float32
-weights on the Xeon VM); the other lowerings flip it with ``lax.rev``.
+read in reverse order, as if it were ``lax.rev(rhs, spatial)``). The input
+gradient binds the forward's kernel with ``rhs_reversed`` toggled instead of
+flipping it: the CPU kernel reads it flipped in place (negative tap strides),
+where XLA's reverse was a copy of the kernel on every step (0.7 ms of
+4 x 4 x 512 x 256 float32 weights on the Xeon VM); the other lowerings flip
+it with ``lax.rev``.
 """
 from __future__ import annotations
 

@@ -500,7 +500,8 @@ struct CksConv {
             const int64_t ch = dw_bcast(g) ? c : f + c < g ? f + c : f + c - g, l = l0 + f;
             // The copy has rhs's tap strides: its first tap at the same
             // shift from its start (rhs_reversed: the last element's block).
-            buf[pb.rhs_shift + off + c * F + l] = load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
+            buf[pb.rhs_shift + off + c * F + l] =
+                load<Acc>(rhs[off + ch * pb.rhs_i + l * pb.rhs_o]);
           }
     });
   }
@@ -3054,7 +3055,8 @@ struct RunConv {
       WidenedLease lease;
       WidenedSet& w = *lease.set;
       const float* l = widened(static_cast<const Tin*>(lhs), lhs_n, w.lhs, pool);
-      const float* r = widened(static_cast<const Tin*>(rhs), rhs_n, w.rhs, pool) + pb.rhs_shift;
+      const float* r =
+          widened(static_cast<const Tin*>(rhs), rhs_n, w.rhs, pool) + pb.rhs_shift;
       const Plan plan = make_plan(pb);
       if (!widened_output<Tin, Tout>(pb, plan)) {  // rounds each output as it stores it
         CksConv<float, float, Tout>{pb, plan, l, r, static_cast<Tout*>(out)}.run_all(pool);

@@ -57,8 +57,9 @@ class HugePool {
         return b;
       }
       if (!free_.empty()) {  // all too small: give up the largest, then map anew
-        auto big = std::max_element(free_.begin(), free_.end(),
-                                    [](const Buffer& a, const Buffer& b) { return a.bytes < b.bytes; });
+        auto big = std::max_element(
+            free_.begin(), free_.end(),
+            [](const Buffer& a, const Buffer& b) { return a.bytes < b.bytes; });
         unmap(*big);
         free_.erase(big);
       }
