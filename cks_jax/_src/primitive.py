@@ -71,6 +71,11 @@ def _rhs_spatial(params):
   return tuple(params["dimension_numbers"][1][2:])
 
 
+def _reversed(params) -> bool:
+  """The rhs_reversed param; False where a bind leaves it out."""
+  return bool(params.get("rhs_reversed", False))
+
+
 def _unreversed(lhs, rhs, **params):
   """The same conv with rhs flipped by XLA: lowerings without the CPU kernel."""
   return bind(lhs, lax.rev(rhs, _rhs_spatial(params)), **dict(params, rhs_reversed=False))
@@ -104,7 +109,7 @@ def _lower_ffi(target: str, ctx, lhs, rhs, **params):
   i64 = lambda xs: np.asarray(xs, dtype=np.int64)
   rule = jax.ffi.ffi_lowering(target)
   # Only the CPU kernel reads a reversed rhs (lower() flips it for the others).
-  extra = ({"rhs_reversed": np.int64(bool(params.get("rhs_reversed", False)))}
+  extra = ({"rhs_reversed": np.int64(_reversed(params))}
            if target == ffi.CPU_TARGET else {})
   return rule(ctx, lhs, rhs, **extra,
               window_strides=i64(params["window_strides"]),
@@ -137,7 +142,7 @@ def _lowering(platform: str):
     shapes_in = tuple(a.shape for a in ctx.avals_in)
     chosen = backends.choose(params["backend"], platform, ffi.kernel_platforms(), params,
                              shapes_in, ctx.avals_in[0].dtype)
-    if params.get("rhs_reversed", False) and not (chosen == "ffi" and platform == "cpu"):
+    if _reversed(params) and not (chosen == "ffi" and platform == "cpu"):
       return mlir.lower_fun(functools.partial(_unreversed, **params), multiple_results=False)(
           ctx, lhs, rhs)
     if chosen == "ffi":
@@ -207,7 +212,7 @@ def _transpose_lhs(g, lhs, rhs, **params):
              dimension_numbers=lax.ConvDimensionNumbers(out_spec, _swap_io(rhs_spec), lhs_spec),
              feature_group_count=G, batch_group_count=1, precision=params["precision"],
              out_dtype=np.dtype(g.dtype), backend=params["backend"],
-             rhs_reversed=not params.get("rhs_reversed", False))
+             rhs_reversed=not _reversed(params))
   out = _with_dtype(out, lhs.aval.dtype)
   if params["batch_group_count"] > 1:
     out = _reshape_axis_out_of(lhs_spec[1], params["batch_group_count"], out)
@@ -239,7 +244,7 @@ def _transpose_rhs(g, lhs, rhs, **params):
                  _swap_io(lhs_spec), _swap_io(out_spec), _swap_io(rhs_spec)),
              feature_group_count=G, batch_group_count=B, precision=params["precision"],
              out_dtype=np.dtype(g.dtype), backend=params["backend"], rhs_reversed=False)
-  if params.get("rhs_reversed", False):  # the gradient of the flipped kernel, flipped back
+  if _reversed(params):  # the gradient of the flipped kernel, flipped back
     out = lax.rev(out, _rhs_spatial(params))
   return sharding.retype(_with_dtype(out, rhs.aval.dtype), rhs.aval)
 
