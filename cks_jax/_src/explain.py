@@ -127,10 +127,13 @@ class Explanation:
     if self.scratch is not None:
       sc, mb = self.scratch, lambda b: f"{b / 2**20:.2f} MB"
       out_bytes = int(np.prod(out)) * np.dtype(self.params.get("out_dtype", np.float32)).itemsize
+      # The kernel keeps its packed B between calls in whole 2 MB pages (scratch.h).
+      held = -(-sc["packed_b"] // _HUGE_PAGE) * _HUGE_PAGE
       lines.append(f"  scratch: {mb(sc['total'])} (packed B {mb(sc['packed_b'])} + "
                    f"{sc['threads']} threads x {mb(sc['per_thread'])}"
                    + (f" + float32 copies {mb(sc['widened'])}" if sc["widened"] else "")
-                   + f"); output {mb(out_bytes)}")
+                   + f"); output {mb(out_bytes)}"
+                   + (f"; packed B held in whole 2 MB pages: {mb(held)}" if held else ""))
     if self.cpu_path is not None:
       lines.append(f"  CPU kernel path: {self.cpu_path}")
     if self.channels_last_copies:
@@ -150,6 +153,7 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
+_HUGE_PAGE = 2 << 20  # the packed B buffer's unit (scratch.h, HugePool::kPage)
 _WIDENED = ("; 16-bit operands widened to float32 by the kernel, in parallel (float32 "
             "accumulation either way)")
 
