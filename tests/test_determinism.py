@@ -59,6 +59,11 @@ CHILD = textwrap.dedent("""
         "pairs_nhwc": ((3, 12, 12, 64), (4, 4, 64, 40),
                        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), lhs_dilation=(2, 2),
                             dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+        # NHWC, 4 groups, k4 s2 transposed: forward and input gradient run each row block's
+        # groups in turn as one unit (groups_unit), the filter gradient on the narrow path
+        "groups_nhwc": ((4, 12, 12, 64), (4, 4, 16, 32),
+                        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), lhs_dilation=(2, 2),
+                             feature_group_count=4, dimension_numbers=("NHWC", "HWIO", "NHWC"))),
         # NHWC depthwise (40 groups): all three on the depthwise path, whose lane blocks are
         # split among the workers (not its rows: 4 per chain, the tail 1 in 4 chains)
         "depthwise_nhwc": ((2, 13, 12, 40), (3, 3, 1, 40),
@@ -105,7 +110,7 @@ def test_bitwise_identical_across_processes_and_thread_counts(tmp_path):
   all_t, every = _run(tmp_path, "all_cpus", cpus)
   # The knob really changed the pool the kernel runs on.
   assert one_t == 1 and all_t == len(cpus), (one_t, all_t)
-  assert len(one) == 10 * 3 * 3 and one.keys() == every.keys()
+  assert len(one) == 11 * 3 * 3 and one.keys() == every.keys()
   differ = [k for k in one if one[k] != every[k]]
   assert not differ, f"outputs differ between 1 and {len(cpus)} threads: {differ}"
   # Sanity: the cases computed something.

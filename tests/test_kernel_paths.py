@@ -536,6 +536,29 @@ def test_tall_tiles_same_bits(tmp_path, dtype):
     check_on_kernel(case, np.dtype(dtype).type, seed=1100 + i)
 
 
+# (lhs shape, rhs shape, conv args, kwargs): grouped forwards and input gradients with enough row
+# blocks (96 rows) that each block runs all its groups in turn on one thread (conv_cpu.cc,
+# groups_unit): a transposed k4 s2 layer (4 groups, 16 sub-problems of different rows, as the
+# bench's grouped layer), a 3x3 (3 groups, uneven padding), a 1-D one of 2 groups and 24 features.
+GROUP_UNIT_CASES = [
+    ((4, 12, 12, 64), (4, 4, 16, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
+     {"feature_group_count": 4}),
+    ((4, 17, 15, 24), (3, 3, 8, 48), ((1, 1), [(2, 0), (1, 1)]), {"feature_group_count": 3}),
+    ((5, 300, 32), (3, 16, 24), ((1,), "SAME"),
+     {"feature_group_count": 2, "dimension_numbers": ("NWC", "WIO", "NWC")}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+@pytest.mark.parametrize("case", range(len(GROUP_UNIT_CASES)))
+def test_grouped_row_blocks_run_every_group_in_turn(case, dtype):
+  lhs_shape, rhs_shape, args, kw = GROUP_UNIT_CASES[case]
+  # Enough rows per group (output positions) for 8 row blocks: the unit on 2 workers.
+  rows = int(np.prod(lhs_shape[:-1])) * (4 if len(args) > 2 else 1)
+  assert rows >= 8 * 96 and kw["feature_group_count"] > 1
+  check_on_kernel(GROUP_UNIT_CASES[case], dtype, seed=1200 + case)
+
+
 # (lhs shape, rhs shape, conv args, kwargs, fused): forwards whose adjacent last-dimension phases
 # read the same input rows, run as one GEMM of m x Fg columns where that saves panels
 # (CksConv::fuses_columns; every ISA, float32).
