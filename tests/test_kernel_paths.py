@@ -743,6 +743,11 @@ GEMM_CASES = [
     # half); 21 features, as in the first case, take a panel and a half
     ((2, 9, 10, 12), (5, 5, 12, 8), ((1, 1), "SAME"), {}),
     ((2, 6, 7, 20), (3, 3, 20, 72), ((1, 1), "SAME"), {}),
+    # 33-63 features, written in place on AVX-512 too (tiles of 2 panels and the rest, none of 4
+    # past the live columns): 40 over 4 reduction blocks, 7 x 7 positions (edge tiles); 56 from
+    # a one-channel input through a k9 s3 window (FSRCNN's input gradient), one block
+    ((2, 7, 7, 100), (3, 3, 100, 40), ((1, 1), "SAME"), {}),
+    ((2, 20, 20, 1), (9, 9, 1, 56), ((3, 3), [(4, 4), (4, 4)]), {}),
     # filter gradients with whole panels of contiguous features read B (the cotangent) in
     # place on AVX-512, through an offset per index (TableB): 2 groups of 320 features (column
     # blocks of 256 + 64, the group offsetting B), runs of 12 positions (too short to walk),

@@ -193,13 +193,13 @@ struct CksConv {
     thread_local std::vector<int64_t> ra, rb;
     return a_runs(s, ra, rb).R >= kMinRun;
   }
-  // A column block nc_pad wide is written into the output in place (OutC)
-  // when the output holds the accumulator type with contiguous features, no
-  // non-temporal stores are wanted, and the GEMM writes such a block in place
-  // (gemm::writes_in_place); else through a scratch block.
-  bool writes_out_in_place(int64_t nc_pad) const {
+  // A column block of nc output columns is written into the output in place
+  // (OutC) when the output holds the accumulator type with contiguous
+  // features, no non-temporal stores are wanted, and the GEMM writes such a
+  // block in place (gemm::writes_in_place); else through a scratch block.
+  bool writes_out_in_place(int64_t nc) const {
     return std::is_same<Tout, Acc>::value && pb.out_c == 1 &&
-           gemm::writes_in_place<Acc>(nc_pad) && !stream_out();
+           gemm::writes_in_place<Acc>(nc) && !stream_out();
   }
   const Acc* lhs_in_acc() const { return reinterpret_cast<const Acc*>(lhs); }
 
@@ -1582,13 +1582,13 @@ struct CksConv {
            out_bytes() > kStreamTilesBytes;
   }
 
-  // Whether run writes a column block nc_pad wide, of a task whose reduction
-  // is `blocks` blocks, as streamed whole tiles in place (streams_tiles),
-  // which the AVX-512 kernel writes in any width; else it writes in place
-  // only where writes_out_in_place. task_buffers asks too.
-  bool streams_block(int64_t blocks, int64_t nc_pad) const {
+  // Whether run writes a column block of nc columns, of a task whose
+  // reduction is `blocks` blocks, as streamed whole tiles in place
+  // (streams_tiles), which the AVX-512 kernel writes in any width; else it
+  // writes in place only where writes_out_in_place. task_buffers asks too.
+  bool streams_block(int64_t blocks, int64_t nc) const {
     return blocks == 1 && streams_tiles() &&
-           (gemm::gemm_isa() == 2 || writes_out_in_place(nc_pad));
+           (gemm::gemm_isa() == 2 || writes_out_in_place(nc));
   }
 
   // How one task reads A (run, run_taps): its row offsets, the runs or the
@@ -1736,8 +1736,8 @@ struct CksConv {
     for (int64_t nc0 = t.col0; nc0 < t.col1;) {
       const int64_t blk0 = nc0 / kNC * kNC, blk_pad = round_up(std::min(kNC, Fg - blk0), NR);
       const int64_t nc = std::min(blk0 + kNC, t.col1) - nc0, nc_pad = round_up(nc, NR);
-      const bool stream_tiles = streams_block(blocks, nc_pad);
-      const bool in_place = stream_tiles || writes_out_in_place(nc_pad);
+      const bool stream_tiles = streams_block(blocks, nc);
+      const bool in_place = stream_tiles || writes_out_in_place(nc);
       streamed = streamed || stream_tiles;
       // The column block's product, reduction block by reduction block: into
       // the output itself (the first block stores, the others add), or else
@@ -2392,7 +2392,7 @@ struct CksConv {
     const int64_t last = pb.nd - 1, R = sp.seg[last].t_hi - sp.seg[last].t_lo;
     const int64_t runs = channels_inner() ? sp.taps : R > 0 ? pb.group_in() * (sp.taps / R) : 0;
     const bool own_b = !sb.phase && !(sb.shared && shares_b(t.sp));
-    const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
+    const int64_t nc = std::min(kNC, t.col1 - t.col0), nc_pad = round_up(nc, NR);  // widest block
     const bool as_runs = !narrow() && reads_a_as_runs(t.sp);
     const bool b_runs = !narrow() && own_b && reads_b_as_runs(t);
     const bool packed = !narrow() && packs_a(t), lhs_red = !narrow() && (!as_runs || packed);
@@ -2417,7 +2417,7 @@ struct CksConv {
       std::vector<int64_t> f0;
       std::vector<PhaseBlock> pblocks;
       const int64_t blocks = reduction_blocks(sp, red, sb.phase, f0, pblocks);
-      const bool in_place = streams_block(blocks, nc_pad) || writes_out_in_place(nc_pad);
+      const bool in_place = streams_block(blocks, nc) || writes_out_in_place(nc);
       b[7] = in_place ? 0 : mc_pad * nc_pad * A;                         // Cbuf
       b[8] = ((as_runs ? 2 : 0) + (b_runs ? 2 : 0)) * runs * I;          // ra, rb, bra, brb
     }

@@ -706,7 +706,10 @@ inline void macro_kernel_avx512(int64_t mc, int64_t nc, int64_t live, int64_t kc
                                 const ASrc& A, const BSrc& B, const CDst& C) {
   constexpr int NR = Tile<T>::NR, HW = NR / 2;
   int64_t jr = 0;
-  for (; jr + 4 * NR <= nc; jr += 4 * NR) panels<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
+  // Into the output (writes_in_place), no 4-panel tile past the live columns:
+  // its edge would go through store_edge.
+  const int64_t wide = kOutDst<CDst, T> ? live : nc;
+  for (; jr + 4 * NR <= wide; jr += 4 * NR) panels<4, 0, T>(mc, jr, kc, A, B.cols(jr), C);
   if (live - jr > 2 * NR) {
     panels<2, 0, T>(mc, jr, kc, A, B.cols(jr), C);
     jr += 2 * NR;
@@ -1381,16 +1384,19 @@ inline int64_t amx_block_bytes(int64_t mc, int64_t kc, int64_t nc_pad) {
 #endif
 }
 
-// Callers use OutC for a block nc columns wide where writes_in_place. On an
-// AVX-512 machine only blocks of one or two panels: a grouped transposed
-// layer with 16 features per group spent 15 % of its forward copying 64-byte
-// rows out of a BufC; with the tiles' accumulators in registers, 32-feature
-// blocks in place took 0.91-0.97x the time (3D atrous, V-Net, U-Net 64->128
-// forwards and 3D input gradients; in process, interleaved), but blocks of
-// four panels (64 features) up to 1.03x.
+// Callers use OutC for a block of nc live columns where writes_in_place. On
+// an AVX-512 machine only blocks narrower than four panels: a grouped
+// transposed layer with 16 features per group spent 15 % of its forward
+// copying 64-byte rows out of a BufC; with the tiles' accumulators in
+// registers, 32-feature blocks in place took 0.91-0.97x the time (3D atrous,
+// V-Net, U-Net 64->128 forwards and 3D input gradients; in process,
+// interleaved), but blocks of four panels (64 features) up to 1.03x. Blocks
+// of 33-63 run as 2 panels and the rest (macro_kernel_avx512 keeps 4-panel
+// tiles off OutC columns that do not exist): FSRCNN's input gradient (56
+// features, one reduction block) 0.81x the time in place (Xeon, medians).
 template <typename T>
 inline bool writes_in_place(int64_t nc) {
-  return gemm_isa() != 2 || nc <= 2 * Tile<T>::NR;
+  return gemm_isa() != 2 || nc < 4 * Tile<T>::NR;
 }
 
 template <typename T, typename ASrc, typename BSrc, typename CDst>
