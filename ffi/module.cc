@@ -31,6 +31,7 @@ bool cpu_bf16_depthwise();
 int64_t cpu_widened_held_bytes();
 void cpu_widened_release();
 int64_t cpu_packed_b_held_bytes();
+int64_t cpu_packed_b_page_bytes();
 void cpu_packed_b_release();
 }
 
@@ -155,4 +156,6 @@ NB_MODULE(_cks, m) {
   // and freeing them (scratch.h: HugePool).
   m.def("cpu_packed_b_held_bytes", &cks::cpu_packed_b_held_bytes);
   m.def("cpu_packed_b_release", &cks::cpu_packed_b_release);
+  // The unit those buffers are held in (HugePool::kPage): explain's summary.
+  m.def("cpu_packed_b_page_bytes", &cks::cpu_packed_b_page_bytes);
 }

@@ -83,6 +83,7 @@ def test_cpu_scratch_is_packed_panels_not_padded_copies():
     assert g.scratch["packed_b"] + threads * g.scratch["per_thread"] < out_bytes
   assert "scratch:" in str(e)
   # The packed B (0.5 MB) is held between calls in whole 2 MB pages, and the summary says so.
+  assert e.scratch["packed_b_page"] == 2 << 20  # the kernel's unit (scratch.h, HugePool::kPage)
   assert "packed B held in whole 2 MB pages: 2.00 MB" in str(e).splitlines()[4]
   # 16-bit operands: the kernel's float32 copies of them count too; of the output only on the
   # dot path, which writes float32 in place (the others round each output as they store it).

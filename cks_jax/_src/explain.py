@@ -40,9 +40,10 @@ class Explanation:
       pairs for the convolutions that the VJP runs (``"d lhs"``, ``"d rhs"``).
     scratch: on the CPU kernel (backend ``"cks-cpu"``), the extra memory of
       one call in bytes, as ``{"packed_b": ..., "per_thread": ..., "threads":
-      ..., "widened": ..., "total": ...}``: B packed once and shared by all
-      tasks (in a buffer of 2 MB pages kept for the next call, rounded up to
-      whole 2 MB; ``cks_jax.release_cpu_buffers()`` frees it), the buffers of
+      ..., "widened": ..., "total": ..., "packed_b_page": ...}``: B packed
+      once and shared by all tasks (in a buffer of 2 MB pages, the kernel's
+      ``packed_b_page``, kept for the next call, rounded up to whole pages;
+      ``cks_jax.release_cpu_buffers()`` frees it), the buffers of
       each thread that runs tasks (offset tables, packed A and B blocks, one
       output tile; they persist between calls), the
       number of such threads (XLA's intra-op pool plus the caller), and the
@@ -127,13 +128,15 @@ class Explanation:
     if self.scratch is not None:
       sc, mb = self.scratch, lambda b: f"{b / 2**20:.2f} MB"
       out_bytes = int(np.prod(out)) * np.dtype(self.params.get("out_dtype", np.float32)).itemsize
-      # The kernel keeps its packed B between calls in whole 2 MB pages (scratch.h).
-      held = -(-sc["packed_b"] // _HUGE_PAGE) * _HUGE_PAGE
+      # The kernel keeps its packed B between calls in whole pages (scratch.h).
+      page = sc["packed_b_page"]
+      held = -(-sc["packed_b"] // page) * page
       lines.append(f"  scratch: {mb(sc['total'])} (packed B {mb(sc['packed_b'])} + "
                    f"{sc['threads']} threads x {mb(sc['per_thread'])}"
                    + (f" + float32 copies {mb(sc['widened'])}" if sc["widened"] else "")
                    + f"); output {mb(out_bytes)}"
-                   + (f"; packed B held in whole 2 MB pages: {mb(held)}" if held else ""))
+                   + (f"; packed B held in whole {page / 2**20:g} MB pages: {mb(held)}"
+                      if held else ""))
     if self.cpu_path is not None:
       lines.append(f"  CPU kernel path: {self.cpu_path}")
     if self.channels_last_copies:
@@ -153,7 +156,6 @@ def _algorithm(params) -> str:
   return "+".join(parts) if parts else "ConvV2"
 
 
-_HUGE_PAGE = 2 << 20  # the packed B buffer's unit (scratch.h, HugePool::kPage)
 _WIDENED = ("; 16-bit operands widened to float32 by the kernel, in parallel (float32 "
             "accumulation either way)")
 
@@ -257,7 +259,8 @@ def cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype) -> tuple[dict, s
   copies = 4 * sum(int(np.prod(s)) for s in wide) if widened and not in_place else 0
   total = packed_b + (threads + 1) * per_thread + copies
   return {"packed_b": packed_b, "per_thread": per_thread, "threads": threads + 1,
-          "widened": copies, "total": total}, path
+          "widened": copies, "total": total,
+          "packed_b_page": int(ffi.extension().cpu_packed_b_page_bytes())}, path
 
 
 default_platform = backends.default_platform

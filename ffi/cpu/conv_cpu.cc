@@ -3186,6 +3186,7 @@ bool cpu_bf16_depthwise() { return gemm::bf16_depthwise(); }
 int64_t cpu_widened_held_bytes() { return widened_pool().held(); }
 void cpu_widened_release() { widened_pool().release(); }
 int64_t cpu_packed_b_held_bytes() { return packed_b_pool().held(); }
+int64_t cpu_packed_b_page_bytes() { return HugePool::kPage; }
 void cpu_packed_b_release() { packed_b_pool().release(); }
 
 // Scratch bytes of the CPU kernel on one call (module.cc: cpu_scratch): the
