@@ -793,10 +793,10 @@ def test_interleaved_taps(case, dtype):
 
 
 # Filter gradients with more than 8 features that the row-vectorised path takes on AVX-512
-# (CksConv::wide_rows): the narrow kernel in feature tiles of 8 (a partial last tile), its taps
-# interleaved over chunks of the cotangent (run_narrow_taps).
+# (CksConv::wide_rows): the narrow kernel in feature tiles of at most 8, of equal width (20
+# features: 7 + 7 + 6), its taps interleaved over chunks of the cotangent (run_narrow_taps).
 WIDE_CASES = [
-    # 3x3 SAME, 21 features (tiles 8 + 8 + 5), 70 channels (two strips and an overlapping
+    # 3x3 SAME, 21 features (tiles 7 + 7 + 7), 70 channels (two strips and an overlapping
     # third), 1600 reduction indices per tap (two chunks)
     ((4, 20, 20, 70), (3, 3, 70, 21), ((1, 1), "SAME"), {}),
     # k4 s2 strided (a DCGAN discriminator layer), 40 features

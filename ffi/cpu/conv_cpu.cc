@@ -239,12 +239,17 @@ struct CksConv {
     return !dilated && nsp() <= kWideMaxSubproblems && pb.group_out() <= kWideF;
   }
   // One strip of the row-vectorised kernel over all Fg features, in tiles of
-  // kNarrowF: Cs[f * W + i] += the reduction k (W = kStrip) from A at a.
+  // at most kNarrowF: Cs[f * W + i] += the reduction k (W = kStrip) from A at a.
   void narrow_strips(const Acc* a, const Acc* b, const gemm::NarrowRuns& k, Acc* Cs) const {
     constexpr int W = gemm::kStrip<Acc>;
     const int64_t Fg = pb.group_out();
-    for (int64_t f0 = 0; f0 < Fg; f0 += gemm::kNarrowF)
-      gemm::narrow_strip(static_cast<int>(std::min<int64_t>(gemm::kNarrowF, Fg - f0)), a,
+    // Tiles of equal width (21 features: 7 + 7 + 7, not 8 + 8 + 5): the k8 s4
+    // head's filter gradient took 0.97x the time (Xeon VM, 2 cores, medians
+    // of 4 alternating rounds: 5.96-6.03 -> 5.70-5.84 ms).
+    const int64_t tiles = (Fg + gemm::kNarrowF - 1) / gemm::kNarrowF;
+    const int64_t fw = (Fg + tiles - 1) / tiles;
+    for (int64_t f0 = 0; f0 < Fg; f0 += fw)
+      gemm::narrow_strip(static_cast<int>(std::min<int64_t>(fw, Fg - f0)), a,
                          b + f0 * pb.rhs_o, k, Cs + f0 * W, W);
   }
   // Narrow outputs (Fg <= kDotF) whose channels are contiguous, at least
