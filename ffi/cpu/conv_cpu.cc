@@ -772,8 +772,8 @@ struct CksConv {
     for (int64_t s = 0; s < (fused ? 1 : nsp()); ++s)
       if (fused || sp_cols(s, fc) > 0)
         row_blocks += (plan.subproblems[s].rows + kMC - 1) / kMC;
-    const int64_t unit = task_unit(workers);
-    row_blocks = row_blocks * pb.groups() / unit;  // units run in parallel
+    const Unit kind = unit_kind(workers);
+    row_blocks = row_blocks * pb.groups() / unit_size(kind);  // units run in parallel
     int64_t splits = 1;
     const int64_t want = kTasksPerWorker * workers;
     if (row_blocks > 0 && row_blocks < want && cols > 2 * NR)
@@ -793,7 +793,7 @@ struct CksConv {
         }
       return ts;
     }
-    if (unit > 1 && !same_rows_unit(workers)) {  // (sub-problem, row block, columns, group)
+    if (kind == Unit::kGroups) {  // (sub-problem, row block, columns, group)
       for (int64_t s = 0; s < nsp(); ++s) {
         const int64_t rows = plan.subproblems[s].rows;
         for (int64_t r = 0; r < rows; r += kMC)
@@ -803,7 +803,7 @@ struct CksConv {
       }
       return ts;
     }
-    if (unit > 1) {  // (group, row block, columns, sub-problem): see task_unit
+    if (kind == Unit::kSameRows) {  // (group, row block, columns, sub-problem): see unit_kind
       const int64_t rows = plan.subproblems[0].rows;
       for (int64_t g = 0; g < pb.groups(); ++g)
         for (int64_t r = 0; r < rows; r += kMC)
@@ -841,10 +841,16 @@ struct CksConv {
   // Only with enough units to keep every worker busy: a filter gradient's
   // sub-problems (one per tap, a single row block each) would otherwise run
   // as one unit on one thread.
-  int64_t task_unit(int64_t workers) const {
-    if (narrow() || dot() || interleaves_taps() || fuses_phases() || fuses_columns()) return 1;
-    if (same_rows_unit(workers)) return nsp();
-    return groups_unit(workers) ? pb.groups() : 1;
+  enum class Unit { kTask, kSameRows, kGroups };
+  Unit unit_kind(int64_t workers) const {
+    if (narrow() || dot() || interleaves_taps() || fuses_phases() || fuses_columns())
+      return Unit::kTask;
+    if (same_rows_unit(workers)) return Unit::kSameRows;
+    return groups_unit(workers) ? Unit::kGroups : Unit::kTask;
+  }
+  int64_t task_unit(int64_t workers) const { return unit_size(unit_kind(workers)); }
+  int64_t unit_size(Unit kind) const {
+    return kind == Unit::kSameRows ? nsp() : kind == Unit::kGroups ? pb.groups() : 1;
   }
   int64_t col_splits() const {
     const int64_t Fg = pb.group_out();
