@@ -802,8 +802,8 @@ WIDE_CASES = [
     # k4 s2 strided (a DCGAN discriminator layer), 40 features
     ((4, 16, 16, 40), (4, 4, 40, 40), ((2, 2), [(1, 1), (1, 1)]), {}),
     # the same with 72 features and 48 channels: A and B take 1056 bytes per reduction index, so
-    # chunks of 496 indices (CksConv::narrow_chunk) and 1024 per tap: three chunks, cut inside
-    # batch entries
+    # chunks of 496 indices (CksConv::narrow_chunk; 128 on cores with 2 MB of L2) and 1024 per
+    # tap: three chunks (eight), cut inside batch entries
     ((4, 32, 32, 48), (4, 4, 48, 72), ((2, 2), [(1, 1), (1, 1)]), {}),
     # k4 s2 transposed with 2 feature groups of 20 features: lhs dilation, few features
     ((6, 8, 8, 128), (4, 4, 64, 40), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
