@@ -760,6 +760,14 @@ GEMM_CASES = [
     ((3, 300, 16), (3, 16, 48), ((1,), [(2, 2)], (1,), (2,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
     ((2, 66, 66, 24), (3, 3, 24, 144), ((2, 2), "SAME"), {}),
+    # blocks of two panels (17-32 float features: the AVX-512 12-row two-panel tiles): 3-D
+    # dilated 3x3x3 (d2) with 32 and 24 features, 343 rows per sub-problem (B packed once and
+    # shared), and a 2-D SAME 3x3 with 20 features (a partial second panel)
+    ((1, 14, 14, 14, 16), (3, 3, 3, 16, 32), ((1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    ((1, 14, 14, 14, 16), (3, 3, 3, 16, 24), ((1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (2, 2, 2)),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    ((2, 8, 10, 40), (3, 3, 40, 20), ((1, 1), "SAME"), {}),
 ]
 
 
