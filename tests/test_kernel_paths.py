@@ -805,7 +805,7 @@ def test_interleaved_taps(case, dtype):
 # features: 7 + 7 + 6), its taps interleaved over chunks of the cotangent (run_narrow_taps).
 WIDE_CASES = [
     # 3x3 SAME, 21 features (tiles 7 + 7 + 7), 70 channels (two strips and an overlapping
-    # third), 1600 reduction indices per tap (two chunks)
+    # third), 1600 reduction indices per tap (two chunks; more on cores with 2 MB of L2)
     ((4, 20, 20, 70), (3, 3, 70, 21), ((1, 1), "SAME"), {}),
     # k4 s2 strided (a DCGAN discriminator layer), 40 features
     ((4, 16, 16, 40), (4, 4, 40, 40), ((2, 2), [(1, 1), (1, 1)]), {}),
