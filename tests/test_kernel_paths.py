@@ -800,6 +800,31 @@ def test_interleaved_taps(case, dtype):
   check_on_kernel(TAPS_CASES[case], dtype, seed=40 + case)
 
 
+# Interleaved-tap filter gradients of at most 32 features (2 NR): on AVX2 (float32) and AVX-512
+# the tasks split the sub-problems, each task then every row and column of its taps
+# (CksConv::tap_tasks); float64 splits rows. test_narrower_kernels runs them on AVX2 too.
+TAPS_SPLIT_CASES = [
+    # k2 s2 transposed (U-Net's up-sampling), 32 features: two whole panels, 4 sub-problems
+    ((4, 48, 48, 72), (2, 2, 72, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    # 3x3 SAME, 20 features (a partial second panel), 9 sub-problems of unequal work
+    ((8, 40, 40, 128), (3, 3, 128, 20), ((1, 1), "SAME"), {}),
+    # k4 s2 transposed, 24 features: 16 sub-problems over 2 tasks
+    ((6, 40, 40, 96), (4, 4, 96, 24), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(TAPS_SPLIT_CASES)))
+def test_interleaved_taps_split(case, dtype):
+  lhs_shape, rhs_shape, args, kw = TAPS_SPLIT_CASES[case]
+  if backends.cpu_isa() == 1:  # AVX-512 may take the row-vectorised or fused paths instead
+    e = cks_jax.explain(jnp.zeros(lhs_shape, dtype), jnp.zeros(rhs_shape, dtype), *args,
+                        gradients=True, platform="cpu", backend="ffi",
+                        **{"dimension_numbers": DN2, **kw})
+    assert dict(e.gradients)["d rhs"].cpu_path == "interleaved taps", str(e)
+  check_on_kernel(TAPS_SPLIT_CASES[case], dtype, seed=60 + case)
+
+
 # Filter gradients with more than 8 features that the row-vectorised path takes on AVX-512
 # (CksConv::wide_rows): the narrow kernel in feature tiles of at most 8, of equal width (20
 # features: 7 + 7 + 6), its taps interleaved over chunks of the cotangent (run_narrow_taps).
@@ -1332,9 +1357,10 @@ def test_narrower_kernels(isa):
       import numpy as np, test_kernel_paths as k
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
       # and 3: adjacent phases fused as columns (float32); DW_CASES: sliding rows (0, 4), lane
-      # tails, no taps
+      # tails, no taps; TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
-               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.DOT_CASES[:4]
+               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_SPLIT_CASES
+               + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
                + k.DW_CASES[:3] + k.DW_CASES[4:5] + k.DW_CASES[-1:])
       for i, c in enumerate(cases):
@@ -1342,4 +1368,4 @@ def test_narrower_kernels(isa):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 20)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 23)]

@@ -1118,7 +1118,12 @@ struct CksConv {
   // 0.86-0.89x the time (WaveNet, k4 s2 up-sampling), U-Net 32->64's (64
   // features, 2-D) no change (1.00x); U-Net 64->128's fused taps 0.83x, and
   // its bfloat16 filter gradient (pairs on AMX) 0.65x, against splitting the
-  // rows.
+  // rows. On AVX2 the same where the features are one such unit (at most
+  // 2 NR), whose tasks would otherwise be row blocks each packing all of the
+  // cotangent: U-Net 64->128's filter gradient (32 features) took 0.85x the
+  // time (AVX2 EPYC, 2 cores, 3 alternating rounds; 4.5-5.1 ms against
+  // 5.3-5.9); with 64 features (columns split in two, nothing packed twice)
+  // it was slower: ResNet 3x3's 1.05x, the 64-channel atrous d2's 1.04x.
   // Otherwise columns (whole AVX-512 tiles, 2 NR), then rows (whole MR
   // blocks) are split until every worker has kTapTasksPerWorker tasks, and
   // rows further until the tasks divide among the workers; blocks are of
@@ -1133,9 +1138,10 @@ struct CksConv {
     // (m = 1, or fused_taps' groups).
     const int64_t fused = fused_taps();
     const bool f32 = std::is_same<Acc, float>::value;  // float32, or bfloat16 pairs
-    const int64_t m = fused > 1                                                ? fused
-                      : f32 && gemm::gemm_isa() == 2 && Fg <= 4 * NR && nsp() > 1 ? 1
-                                                                                : 0;
+    const int isa = gemm::gemm_isa();
+    const bool split_taps =
+        f32 && nsp() > 1 && ((isa == 2 && Fg <= 4 * NR) || (isa == 1 && Fg <= 2 * NR));
+    const int64_t m = fused > 1 ? fused : split_taps ? 1 : 0;
     const int64_t units = m > 0 ? nsp() / m : 0;
     const int64_t tiles = m > 0 ? units : std::max<int64_t>(1, Fg / (2 * NR));
     const int64_t max_rb = std::max<int64_t>(1, rows / MR);
