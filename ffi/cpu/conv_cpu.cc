@@ -1694,7 +1694,11 @@ struct CksConv {
   // (one 64-byte line of each B row per tile) slower: in place (mostly as
   // runs, walked as segments) 1.00-1.10x the time (U-Net 16->32 1.10x,
   // 64->128 1.07x, 7x7 1.10x, 1-D 1.03-1.06x, 3-D 1.05x, atrous 1.00x;
-  // 0.96-1.37x when RunB was read per index): packed there.
+  // 0.96-1.37x when RunB was read per index): packed there. Re-measured on
+  // an AVX2-only Zen 3 (2 cores, 3 alternating rounds, minima), with the
+  // taps interleaved: ResNet 3x3's filter gradient within noise, WaveNet
+  // d1's 1.06x the time, atrous d2's 1.02-1.13x, U-Net 32->64's 1.2x,
+  // 64->128's 1.2-1.35x, DCGAN 8->16's 1.15-1.45x: still packed.
   bool reads_b_in_place(int64_t nc) const {
     return std::is_same<Tin, Acc>::value && pb.rhs_o == 1 && nc % NR == 0 &&
            gemm::gemm_isa() == 2;
