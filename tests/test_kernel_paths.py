@@ -800,9 +800,10 @@ def test_interleaved_taps(case, dtype):
   check_on_kernel(TAPS_CASES[case], dtype, seed=40 + case)
 
 
-# Interleaved-tap filter gradients of at most 32 features (2 NR): on AVX2 (float32) and AVX-512
-# the tasks split the sub-problems, each task then every row and column of its taps
-# (CksConv::tap_tasks); float64 splits rows. test_narrower_kernels runs them on AVX2 too.
+# Interleaved-tap filter gradients of at most 32 features (2 NR): on AVX2 (float32) the tasks
+# split the sub-problems, each task then every row and column of its taps (CksConv::tap_tasks;
+# AVX-512 too, where these stay on the interleaved taps); float64 splits rows.
+# test_narrower_kernels runs them on AVX2 on every x86-64 machine (CKS_CPU_ISA=1).
 TAPS_SPLIT_CASES = [
     # k2 s2 transposed (U-Net's up-sampling), 32 features: two whole panels, 4 sub-problems
     ((4, 48, 48, 72), (2, 2, 72, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
