@@ -115,8 +115,8 @@ def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
   # Float32 forwards of narrow layers run on the kernel's dot path whatever the instruction
   # set, bfloat16 ones on the portable path (XLA's convolution measured slower), float16 ones
   # on XLA's. On an AVX2 CPU without AVX-512, the float32 and bfloat16 filter gradient of the
-  # one-feature layer go to the portable path too (the kernel's narrow path measured slower
-  # there); with AVX-512 they stay on the kernel.
+  # one-feature layer stay on the kernel where it runs their taps as columns (as on AVX-512),
+  # else go to the portable path (the tap-by-tap narrow path measured slower there).
   from cks_jax._src import backends
   monkeypatch.setattr(backends, "cpu_isa", lambda: isa)
   for lhs, rhs, pad, s in NARROW:
@@ -134,8 +134,11 @@ def test_auto_routes_narrow_layers_by_instruction_set(isa, monkeypatch):
         assert e.backend == "xla", (lhs, dtype, e.reason)
       assert grads["d lhs"] == "cks-cpu"  # 56 or 64 features: not narrow
       one = rhs[-1] == 1
-      assert grads["d rhs"] == ("portable" if isa == 1 and ruled and one else "cks-cpu"), (
-          lhs, dtype)
+      cols = dict(cks_jax.explain(lhs, rhs, (1, 1), pad, lhs_dilation=s, dimension_numbers=DN,
+                                  dtype=dtype, gradients=True, backend="ffi").gradients)[
+                                      "d rhs"].cpu_path == "narrow, taps as columns"
+      portable = isa == 1 and ruled and one and not cols
+      assert grads["d rhs"] == ("portable" if portable else "cks-cpu"), (lhs, dtype)
   # Wide layers stay on the kernel whatever the instruction set.
   assert cks_jax.explain((2, 8, 8, 16), (4, 4, 16, 8), (1, 1), [(2, 2), (2, 2)],
                          lhs_dilation=(2, 2), dimension_numbers=DN).backend == "cks-cpu"

@@ -115,8 +115,8 @@ def test_narrow_filter_gradient(case, dtype):
 
 
 # (lhs shape, rhs shape, conv args, kwargs, taps as columns): narrow filter gradients whose last
-# kernel dimension's taps run as the columns of one tile on AVX-512 (CksConv::run_narrow_cols),
-# or not (then tap by tap).
+# kernel dimension's taps run as the columns of one tile (CksConv::run_narrow_cols: 1-6 features
+# on AVX-512, 1-3 on AVX2; cols_here), or not (then tap by tap).
 COLS_CASES = [
     # 1 feature, 9 taps in one tile; 4 features, 3 taps (a tile of 3); transposed (lhs dilation,
     # a phase per tap) with uneven padding
@@ -141,12 +141,17 @@ COLS_CASES = [
 ]
 
 
+def cols_here(features):
+  """Whether this CPU's kernel has a taps-as-columns tile for this many features."""
+  return features <= {2: 6, 1: 3}.get(backends.cpu_isa(), 0)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(COLS_CASES)))
 def test_narrow_taps_as_columns(case, dtype):
   lhs_shape, rhs_shape, args, kw, cols = COLS_CASES[case]
   e, g = case_paths(COLS_CASES[case], dtype)
-  want = "narrow, taps as columns" if cols and backends.cpu_isa() == 2 else "narrow"
+  want = "narrow, taps as columns" if cols and cols_here(rhs_shape[-1]) else "narrow"
   assert g["d rhs"].cpu_path == want, str(e)
   check_on_kernel(COLS_CASES[case][:4], dtype, seed=740 + case)
 
@@ -1314,8 +1319,8 @@ def test_explain_names_the_kernels_path():
                         gradients=True, platform="cpu", backend="ffi",
                         **{"dimension_numbers": DN2, **kw})
     return e, dict(e.gradients)
-  # taps as columns on AVX-512 only (COLS_CASES asserts which cases)
-  narrow = ("narrow", "narrow, taps as columns") if backends.cpu_isa() == 2 else ("narrow",)
+  # taps as columns on AVX-512 and AVX2 (COLS_CASES asserts which cases)
+  narrow = ("narrow", "narrow, taps as columns") if cols_here(1) else ("narrow",)
   for case in CASES:
     e, g = paths(case)
     assert g["d rhs"].cpu_path in narrow, str(e)
@@ -1355,15 +1360,17 @@ def test_narrower_kernels(isa):
       import numpy as np, test_kernel_paths as k
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
       # and 3: adjacent phases fused as columns (float32); DW_CASES: sliding rows (0, 4), lane
-      # tails, no taps; TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32)
+      # tails, no taps; TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32);
+      # COLS_CASES 0 and 2: taps as columns (AVX2: 1 and 2 features, 9 and 7 taps)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
                + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_SPLIT_CASES
                + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
+               + [c[:4] for c in (k.COLS_CASES[0], k.COLS_CASES[2])]
                + k.DW_CASES[:3] + k.DW_CASES[4:5] + k.DW_CASES[-1:])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 23)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 25)]

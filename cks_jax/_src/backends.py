@@ -332,7 +332,13 @@ def kernel_depthwise(params, lhs_shape, rhs_shape, dtype) -> bool:
 # path's 2.33 and 2.63, and the kernel's filter gradient 1.6 ms against 2.1.
 # The same held for bfloat16 (cpu_epyc_avx2_2core_bf16.json: forwards 3.56 ms
 # against XLA's 4.90, 3.35 against 6.61; filter gradient 3.51 against 5.00).
+# Since the AVX2 kernel runs a filter gradient's taps as the columns of one tile
+# (NARROW_COLS), those stay on the kernel: FSRCNN's (1 feature) took 0.62 ms
+# there against 1.16 tap by tap (AVX2 Zen 3 EPYC, 2 cores, 3 alternating
+# rounds, 2026-12-07), and in one process 0.73 ms against the portable path's
+# 1.01 and XLA's 23.2 (bfloat16, widened: 1.02 against 1.78 and 23.0).
 CPU_ISA_AVX2 = 1
+NARROW_COLS = "narrow, taps as columns"
 CPU_ISA_AVX2_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 
 
@@ -392,18 +398,29 @@ def _narrow_facts(params, lhs_shape, rhs_shape):
   return features, positions <= taps, any(a > 1 for a in params["lhs_dilation"])
 
 
+def kernel_cpu_path(params, lhs_shape, rhs_shape, dtype) -> str:
+  """The CPU kernel's path for this problem (``Explanation.cpu_path``), as the
+  kernel's own planning code names it on this CPU."""
+  from cks_jax._src import explain  # imports this module
+  out_shape = shapes.out_shape(lhs_shape, rhs_shape, shapes.spec_of(params))
+  return explain.cpu_scratch(lhs_shape, rhs_shape, out_shape, params, dtype)[1]
+
+
 def avx2_rule(params, lhs_shape, rhs_shape, dtype=None, isa=None) -> bool:
   """Whether ``"auto"``'s AVX2 rule (see ``CPU_ISA_AVX2``) sends this
   problem to the portable path: on a CPU without AVX-512 (``isa``, by default
   :func:`cpu_isa`), a float32 or bfloat16 narrow output with lhs dilation, a
-  transposed convolution or the filter gradient of a one-feature layer."""
+  transposed convolution or the filter gradient of a one-feature layer that
+  the kernel does not run with its taps as columns."""
   facts = _narrow_facts(params, lhs_shape, rhs_shape)
   if facts is None or dtype is None or np.dtype(dtype) not in CPU_ISA_AVX2_DTYPES:
     return False
   features, gradient, deconv = facts
   if not deconv or (gradient and features != 1):
     return False
-  return (cpu_isa() if isa is None else isa) == CPU_ISA_AVX2
+  if (cpu_isa() if isa is None else isa) != CPU_ISA_AVX2:
+    return False
+  return not gradient or kernel_cpu_path(params, lhs_shape, rhs_shape, dtype) != NARROW_COLS
 
 
 # On the AVX-512 Zen 4 (2 cores, every backend timed in blocks with hot caches:

@@ -68,8 +68,8 @@ class Explanation:
       ``"narrow"`` (vectorised over a contiguous batch: filter gradients of
       layers with few output channels), ``"narrow, taps as columns"`` (the
       same with the taps along the last kernel dimension multiplied as the
-      columns of one tile: 1-6 features, transposed or stride-1 layers with
-      the cotangent's features innermost, 2-D and 3-D, AVX-512 only),
+      columns of one tile: 1-6 features on AVX-512, 1-3 on AVX2, transposed
+      or stride-1 layers with the cotangent's features innermost, 2-D and 3-D),
       ``"row-vectorised"`` (the same kernel
       in tiles of 8 features: filter gradients of wider layers where that
       measured faster, AVX-512 only), ``"dot"`` (vectorised along the

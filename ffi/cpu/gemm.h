@@ -1655,15 +1655,16 @@ inline void narrow_strip(int fg, const T* a, const T* b, const NarrowRuns& k, T*
   });
 }
 
-// Taps as columns (CksConv::run_narrow_cols, AVX-512): the M adjacent taps
+// Taps as columns (CksConv::run_narrow_cols): the M adjacent taps
 // of a filter gradient's last kernel dimension read the same input strip at
 // cotangent positions one apart, FG features each, so one strip load feeds
 // M x FG column sums where the tap-by-tap kernel loads it per tap:
 //   C[(o * FG + f) * kStrip + i] += sum_{r, q < R} a[ra[r] + q * sa + i] * b[rb[r] + q * sb - o * FG + f]
 // for o < M, f < FG (k.so unused: the M x FG values are contiguous, columns
 // descending). One chain per accumulator: M x FG x 2 of them, at most
-// kColsAcc / FG columns.
-constexpr int kColsAcc = 12;
+// cols_acc() / FG columns: kColsAcc on AVX-512 (32 zmm), kColsAccAvx2 on AVX2
+// (16 ymm: 12 accumulators, two A vectors, a broadcast).
+constexpr int kColsAcc = 12, kColsAccAvx2 = 6;
 #ifdef CKS_X86_AVX2
 template <int M, int FG, typename T>
 __attribute__((target("avx512f,avx2,fma"))) void narrow_cols_avx512(const T* a, const T* b,
@@ -1700,8 +1701,51 @@ __attribute__((target("avx512f,avx2,fma"))) void narrow_cols_avx512(const T* a, 
     }
 }
 
-// Tiles of m = M, M + 1, ... columns; m * FG past kColsAcc has no tile (and
-// would leave C unsummed): run_narrow_cols never asks for one, so trap.
+// AVX2: the strip in chunks of two ymm, each over the whole reduction before
+// the next (a chunk is one 64-byte line of A per index, so no line is read
+// twice; B, a few values per index, is). Each element is still one chain of
+// FMAs in reduction order, as on AVX-512.
+template <int M, int FG, typename T>
+__attribute__((target("avx2,fma"))) void narrow_cols_avx2(const T* a, const T* b,
+                                                         const NarrowRuns& k, T* C) {
+  constexpr int L = 32 / sizeof(T), H = kStrip<T> / L;
+  static_assert(H % 2 == 0, "whole chunks of two ymm");
+  using V = decltype(vload(a));
+  const int64_t R = k.R, sa = k.sa, sb = k.sb;
+#pragma GCC unroll 1
+  for (int c = 0; c < H; c += 2) {
+    V acc[M][FG][2];
+#pragma GCC unroll 6
+    for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+      for (int f = 0; f < FG; ++f) acc[o][f][0] = acc[o][f][1] = V{};
+    for (int64_t r = 0; r < k.nruns; ++r) {
+      const T* ap = a + k.ra[r] + c * L;
+      const T* bp = b + k.rb[r];
+      for (int64_t q = 0; q < R; ++q, ap += sa, bp += sb) {
+        const V a0 = vload(ap), a1 = vload(ap + L);
+#pragma GCC unroll 6
+        for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+          for (int f = 0; f < FG; ++f) {
+            const V bv = vbcast(bp - o * FG + f);
+            acc[o][f][0] = vfma(a0, bv, acc[o][f][0]);
+            acc[o][f][1] = vfma(a1, bv, acc[o][f][1]);
+          }
+      }
+    }
+#pragma GCC unroll 6
+    for (int o = 0; o < M; ++o)
+#pragma GCC unroll 6
+      for (int f = 0; f < FG; ++f) {
+        vaddto(C + (o * FG + f) * kStrip<T> + c * L, acc[o][f][0]);
+        vaddto(C + (o * FG + f) * kStrip<T> + (c + 1) * L, acc[o][f][1]);
+      }
+  }
+}
+
+// Tiles of m = M, M + 1, ... columns; m * FG past the ISA's accumulators has
+// no tile (and would leave C unsummed): run_narrow_cols never asks for one, so trap.
 template <int FG, int M = 1, typename T>
 inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
   if constexpr (M * FG <= kColsAcc) {
@@ -1711,13 +1755,33 @@ inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T*
     std::abort();
   }
 }
+template <int FG, int M = 1, typename T>
+inline void narrow_cols_m_avx2(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
+  if constexpr (M * FG <= kColsAccAvx2) {
+    if (m == M) return narrow_cols_avx2<M, FG>(a, b, k, C);
+    return narrow_cols_m_avx2<FG, M + 1>(m, a, b, k, C);
+  } else {
+    std::abort();
+  }
+}
 #endif
 
-// m columns (m * fg <= kColsAcc) of fg = 1..kColsAcc / 2 features; AVX-512 only.
+// Column-feature accumulators of one narrow_cols tile on this CPU (0: no kernel).
+inline int cols_acc() {
+#ifdef CKS_X86_AVX2
+  return gemm_isa() == 2 ? kColsAcc : gemm_isa() == 1 ? kColsAccAvx2 : 0;
+#else
+  return 0;
+#endif
+}
+
+// m columns (m * fg <= cols_acc()) of fg = 1..cols_acc() / 2 features; AVX-512 and AVX2.
 template <typename T>
 inline void narrow_cols(int m, int fg, const T* a, const T* b, const NarrowRuns& k, T* C) {
 #ifdef CKS_X86_AVX2
-  with_features<kColsAcc / 2>(fg, [&](auto F) { narrow_cols_m<F()>(m, a, b, k, C); });
+  if (gemm_isa() == 2)
+    return with_features<kColsAcc / 2>(fg, [&](auto F) { narrow_cols_m<F()>(m, a, b, k, C); });
+  with_features<kColsAccAvx2 / 2>(fg, [&](auto F) { narrow_cols_m_avx2<F()>(m, a, b, k, C); });
 #else
   (void)m, (void)fg, (void)a, (void)b, (void)k, (void)C;
 #endif
