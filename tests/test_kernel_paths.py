@@ -812,10 +812,12 @@ def test_interleaved_taps(case, dtype):
 TAPS_SPLIT_CASES = [
     # k2 s2 transposed (U-Net's up-sampling), 32 features: two whole panels, 4 sub-problems
     ((4, 48, 48, 72), (2, 2, 72, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
-    # 3x3 SAME, 20 features (a partial second panel), 9 sub-problems of unequal work
-    ((8, 40, 40, 128), (3, 3, 128, 20), ((1, 1), "SAME"), {}),
-    # k4 s2 transposed, 24 features: 16 sub-problems over 2 tasks
-    ((6, 40, 40, 96), (4, 4, 96, 24), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # 3x3 SAME, 2 groups of 20 features (a partial second panel), 9 sub-problems of unequal
+    # work (one group of 20 takes the row-vectorised path, on AVX2 too)
+    ((8, 40, 40, 128), (3, 3, 64, 40), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # k4 s2 transposed, 28 features (24 take the row-vectorised path): 16 sub-problems over 2
+    # tasks
+    ((6, 40, 40, 96), (4, 4, 96, 28), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
 ]
 
 
@@ -831,6 +833,8 @@ def test_interleaved_taps_split(case, dtype):
 # Filter gradients with more than 8 features that the row-vectorised path takes on AVX-512
 # (CksConv::wide_rows): the narrow kernel in feature tiles of at most 8, of equal width (20
 # features: 7 + 7 + 6), its taps interleaved over chunks of the cotangent (run_narrow_taps).
+# On AVX2 it takes those of one group with at most 24 features, or 32 without lhs dilation
+# (WIDE_AVX2), in tiles of at most 6 (21: 6 + 6 + 6 + 3).
 WIDE_CASES = [
     # 3x3 SAME, 21 features (tiles 7 + 7 + 7), 70 channels (two strips and an overlapping
     # third), 1600 reduction indices per tap (two chunks; more on cores with 2 MB of L2)
@@ -847,12 +851,25 @@ WIDE_CASES = [
     # 3D dilated 3x3x3 (d2), 24 features
     ((1, 8, 8, 8, 36), (3, 3, 3, 36, 24), ((1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (2, 2, 2)),
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
+    # within AVX2's limits too: k8 s4 transposed (the segmentation head's shape), 21 features
+    # (tiles 6 + 6 + 6 + 3); without lhs dilation, 2-D with 32 features and 3x3x3 with 30
+    # (tiles 6 x 5)
+    ((4, 4, 4, 40), (8, 8, 40, 21), ((1, 1), [(5, 5), (5, 5)], (4, 4)), {}),
+    ((4, 12, 12, 33), (3, 3, 33, 32), ((1, 1), "SAME"), {}),
+    ((1, 7, 6, 8, 32), (3, 3, 3, 32, 30), ((1, 1, 1), "SAME"),
+     {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
 ]
+# The WIDE_CASES the AVX2 kernel takes row-vectorised (not: 40 and 72 features, 2 groups).
+WIDE_AVX2 = [0, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", range(len(WIDE_CASES)))
 def test_row_vectorised_filter_gradient(case, dtype):
+  if backends.cpu_isa() == 1:
+    e, g = case_paths(WIDE_CASES[case], dtype)
+    want = "row-vectorised" if case in WIDE_AVX2 else ("gemm", "interleaved taps")
+    assert g["d rhs"].cpu_path in want, str(e)
   check_on_kernel(WIDE_CASES[case], dtype, seed=80 + case)
 
 
@@ -1333,7 +1350,7 @@ def test_explain_names_the_kernels_path():
     e, g = paths(case)
     assert g["d rhs"].cpu_path == "interleaved taps", case
     assert "CPU kernel path: interleaved taps" in str(e)
-  if backends.cpu_isa() == 2:  # wide_rows: measured on AVX-512 only
+  if backends.cpu_isa() == 2:  # wide_rows (AVX2's cases: test_row_vectorised_filter_gradient)
     for case in WIDE_CASES:
       for dtype in (np.float32, np.float64, jnp.bfloat16):
         e, g = paths(case, dtype)
@@ -1361,16 +1378,17 @@ def test_narrower_kernels(isa):
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
       # and 3: adjacent phases fused as columns (float32); DW_CASES: sliding rows (0, 4), lane
       # tails, no taps; TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32);
-      # COLS_CASES 0 and 2: taps as columns (AVX2: 1 and 2 features, 9 and 7 taps)
+      # COLS_CASES 0 and 2: taps as columns (AVX2: 1 and 2 features, 9 and 7 taps);
+      # WIDE_CASES 5: row-vectorised (AVX2: tiles of 6 + 6 + 6 + 3 features)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
                + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_SPLIT_CASES
                + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
-               + [c[:4] for c in (k.COLS_CASES[0], k.COLS_CASES[2])]
+               + [c[:4] for c in (k.COLS_CASES[0], k.COLS_CASES[2])] + k.WIDE_CASES[5:6]
                + k.DW_CASES[:3] + k.DW_CASES[4:5] + k.DW_CASES[-1:])
       for i, c in enumerate(cases):
         for dtype in (np.float64, np.float32):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 25)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 26)]

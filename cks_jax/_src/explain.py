@@ -71,8 +71,8 @@ class Explanation:
       columns of one tile: 1-6 features on AVX-512, 1-3 on AVX2, transposed
       or stride-1 layers with the cotangent's features innermost, 2-D and 3-D),
       ``"row-vectorised"`` (the same kernel
-      in tiles of 8 features: filter gradients of wider layers where that
-      measured faster, AVX-512 only), ``"dot"`` (vectorised along the
+      in tiles of up to 8 features, 6 on AVX2: filter gradients of wider
+      layers where that measured faster), ``"dot"`` (vectorised along the
       contiguous channels: forwards with few output channels),
       ``"depthwise"`` (vectorised over the groups of a depthwise
       convolution: one feature and one input channel or batch entry per

@@ -229,28 +229,40 @@ struct CksConv {
   // a 7x7's 49 taps on 8x8 maps (1.00-1.08x), transposed layers (lhs
   // dilation: each phase reads its own part of the cotangent) with 32-128
   // features (1.06-1.5x), and 1-D (WaveNet 0.88-1.08x; it has no
-  // run_narrow_taps). With AVX2 only (Zen 3 EPYC, 2 cores, in process, 5
-  // alternating rounds, minima): the 3-D atrous layer's (32 features) 0.9x,
-  // the head's (21) unchanged, the grouped k4 s2 layer's (16 per group)
-  // 1.35x, and with 128 features (DCGAN discriminator, ResNet s2) 1.3-1.4x:
-  // the GEMM there.
+  // run_narrow_taps). With AVX2 only, in tiles of gemm::kWideTileAvx2
+  // features (AVX2 Zen 3 EPYC, 2 cores, in process, 2-3 alternating rounds,
+  // medians): up to kWideFewF features, one group, 0.70-0.72x the time (the
+  // k8 s4 head's 21: 12.7 -> 9.2-9.7 ms; the 3-D k2 s2 layer's 16: 0.45 ->
+  // 0.31), and up to kWideFAvx2 without lhs dilation (the 3-D atrous layer's
+  // 32: 3.46 -> 2.47). Left on the GEMM there: the grouped k4 s2 layer (16
+  // per group, 1.35x), 32 features with lhs dilation (U-Net 64->128 1.4x,
+  // V-Net 1.0x), 64-128 without (ResNet 3x3 1.1-1.2x, 64-channel atrous d2
+  // 1.1x, ResNet s2 1.0x). In tiles of 8 (as on AVX-512) the head was
+  // unchanged and the 3-D atrous layer 0.9x: a tile of 7 or 8 features has
+  // one ymm of rows per feature (load-bound, kWideTileAvx2's comment).
   static constexpr int64_t kWideFewF = 24, kWideF = 128, kWideMaxSubproblems = 27;
+  static constexpr int64_t kWideFAvx2 = 32;
   bool wide_rows() const {
-    if (gemm::gemm_isa() != 2 || pb.nd < 2) return false;
+    const int isa = gemm::gemm_isa();
+    if (isa == 0 || pb.nd < 2 || (isa == 1 && pb.groups() != 1)) return false;
     if (pb.group_out() <= kWideFewF) return true;
     bool dilated = false;
     for (int d = 0; d < pb.nd; ++d) dilated = dilated || pb.dim[d].lhs_dil > 1;
+    if (isa == 1) return !dilated && pb.group_out() <= kWideFAvx2;
     return !dilated && nsp() <= kWideMaxSubproblems && pb.group_out() <= kWideF;
   }
   // One strip of the row-vectorised kernel over all Fg features, in tiles of
-  // at most kNarrowF: Cs[f * W + i] += the reduction k (W = kStrip) from A at a.
+  // at most kNarrowF (AVX2, wide_rows: kWideTileAvx2): Cs[f * W + i] += the
+  // reduction k (W = kStrip) from A at a.
   void narrow_strips(const Acc* a, const Acc* b, const gemm::NarrowRuns& k, Acc* Cs) const {
     constexpr int W = gemm::kStrip<Acc>;
     const int64_t Fg = pb.group_out();
     // Tiles of equal width (21 features: 7 + 7 + 7, not 8 + 8 + 5): the k8 s4
     // head's filter gradient took 0.97x the time (Xeon VM, 2 cores, medians
     // of 4 alternating rounds: 5.96-6.03 -> 5.70-5.84 ms).
-    const int64_t tiles = (Fg + gemm::kNarrowF - 1) / gemm::kNarrowF;
+    const int64_t tw = Fg > gemm::kNarrowF && gemm::gemm_isa() == 1 ? gemm::kWideTileAvx2
+                                                                     : gemm::kNarrowF;
+    const int64_t tiles = (Fg + tw - 1) / tw;
     const int64_t fw = (Fg + tiles - 1) / tiles;
     for (int64_t f0 = 0; f0 < Fg; f0 += fw)
       gemm::narrow_strip(static_cast<int>(std::min<int64_t>(fw, Fg - f0)), a,

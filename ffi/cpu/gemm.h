@@ -1445,6 +1445,10 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const A
 // over q modulo kSplit, combined in order at the end; the portable loop does
 // the same.
 constexpr int kNarrowF = 8;
+// The AVX2 kernel's feature tile for wider filter gradients (CksConv::wide_rows):
+// up to 6 features keep two ymm of rows per feature in 12 accumulators (2 loads
+// and 6 broadcasts per 12 FMAs), where 7 or 8 keep one (9 loads per 8).
+constexpr int kWideTileAvx2 = 6;
 template <typename T>
 constexpr int kStrip = 128 / sizeof(T);  // two zmm of rows
 template <int FG>
