@@ -236,8 +236,8 @@ struct CksConv {
   // 0.31), and up to kWideFAvx2 without lhs dilation (the 3-D atrous layer's
   // 32: 3.46 -> 2.47). Left on the GEMM there: the grouped k4 s2 layer (16
   // per group, 1.35x), 32 features with lhs dilation (U-Net 64->128 1.4x,
-  // V-Net 1.0x), 64-128 without (ResNet 3x3 1.1-1.2x, 64-channel atrous d2
-  // 1.1x, ResNet s2 1.0x). In tiles of 8 (as on AVX-512) the head was
+  // V-Net 1.0x), 64-128 without (ResNet 3x3 and the 64-channel atrous d2
+  // 1.1-1.2x, ResNet s2 1.0x). In tiles of 8 (as on AVX-512) the head was
   // unchanged and the 3-D atrous layer 0.9x: a tile of 7 or 8 features has
   // one ymm of rows per feature (load-bound, kWideTileAvx2's comment).
   static constexpr int64_t kWideFewF = 24, kWideF = 128, kWideMaxSubproblems = 27;
