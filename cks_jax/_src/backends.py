@@ -193,8 +193,9 @@ def kernel_narrow(params, lhs_shape, rhs_shape, dtype) -> bool:
 
   Mirrors ``CksConv::narrow()`` in ``ffi/cpu/conv_cpu.cc`` for those outputs. Wider
   filter gradients that the kernel runs on the same path in feature tiles
-  (``CksConv::wide_rows``: on AVX-512, and on AVX2 with narrower tiles) are not narrow outputs: no rule here
-  depends on them, and ``explain`` asks the kernel itself for its path.
+  (``CksConv::wide_rows``: on AVX-512, and on AVX2 with narrower tiles) are not
+  narrow outputs: no rule here depends on them, and ``explain`` asks the kernel
+  itself for its path.
   """
   dtype = _kernel_float(dtype)
   if dtype is None:
