@@ -807,7 +807,8 @@ def test_interleaved_taps(case, dtype):
 
 # Interleaved-tap filter gradients of at most 32 features (2 NR): on AVX2 (float32) the tasks
 # split the sub-problems, each task then every row and column of its taps (CksConv::tap_tasks;
-# AVX-512 too, where these stay on the interleaved taps); float64 splits rows.
+# AVX-512 too, for those it keeps on the interleaved taps: not the 2 groups of 20 features,
+# row-vectorised there); float64 splits rows.
 # test_narrower_kernels runs them on AVX2 on every x86-64 machine (CKS_CPU_ISA=1).
 TAPS_SPLIT_CASES = [
     # k2 s2 transposed (U-Net's up-sampling), 32 features: two whole panels, 4 sub-problems
