@@ -1748,22 +1748,14 @@ __attribute__((target("avx2,fma"))) void narrow_cols_avx2(const T* a, const T* b
   }
 }
 
-// Tiles of m = M, M + 1, ... columns; m * FG past the ISA's accumulators has
-// no tile (and would leave C unsummed): run_narrow_cols never asks for one, so trap.
-template <int FG, int M = 1, typename T>
-inline void narrow_cols_m(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
-  if constexpr (M * FG <= kColsAcc) {
-    if (m == M) return narrow_cols_avx512<M, FG>(a, b, k, C);
-    return narrow_cols_m<FG, M + 1>(m, a, b, k, C);
-  } else {
-    std::abort();
-  }
-}
-template <int FG, int M = 1, typename T>
-inline void narrow_cols_m_avx2(int m, const T* a, const T* b, const NarrowRuns& k, T* C) {
-  if constexpr (M * FG <= kColsAccAvx2) {
-    if (m == M) return narrow_cols_avx2<M, FG>(a, b, k, C);
-    return narrow_cols_m_avx2<FG, M + 1>(m, a, b, k, C);
+// fn(std::integral_constant<int, M>{}) for M = m in 1..N: a narrow_cols tile's
+// column count as a template argument. Past N there is no tile (and C would be
+// left unsummed): run_narrow_cols never asks for one, so trap.
+template <int N, int M = 1, typename Fn>
+inline void with_columns(int m, Fn&& fn) {
+  if constexpr (M <= N) {
+    if (m == M) return fn(std::integral_constant<int, M>{});
+    return with_columns<N, M + 1>(m, fn);
   } else {
     std::abort();
   }
@@ -1784,8 +1776,14 @@ template <typename T>
 inline void narrow_cols(int m, int fg, const T* a, const T* b, const NarrowRuns& k, T* C) {
 #ifdef CKS_X86_AVX2
   if (gemm_isa() == 2)
-    return with_features<kColsAcc / 2>(fg, [&](auto F) { narrow_cols_m<F()>(m, a, b, k, C); });
-  with_features<kColsAccAvx2 / 2>(fg, [&](auto F) { narrow_cols_m_avx2<F()>(m, a, b, k, C); });
+    return with_features<kColsAcc / 2>(fg, [&](auto F) {
+      constexpr int FG = decltype(F)::value;
+      with_columns<kColsAcc / FG>(m, [&](auto M) { narrow_cols_avx512<M(), FG>(a, b, k, C); });
+    });
+  with_features<kColsAccAvx2 / 2>(fg, [&](auto F) {
+    constexpr int FG = decltype(F)::value;
+    with_columns<kColsAccAvx2 / FG>(m, [&](auto M) { narrow_cols_avx2<M(), FG>(a, b, k, C); });
+  });
 #else
   (void)m, (void)fg, (void)a, (void)b, (void)k, (void)C;
 #endif
