@@ -796,6 +796,11 @@ TAPS_CASES = [
     # k4 s2 transposed (KS-deconv) with 2 feature groups: 16 sub-problems whose taps step by 2
     ((24, 16, 16, 128), (4, 4, 64, 64), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
      {"feature_group_count": 2}),
+    # 1D k4 s2 transposed (vocoder up-sampling), 48 features: two taps per residue class of the
+    # cotangent's positions, whose chunks (packed once for both on AVX2: packs_taps_b) cut
+    # its runs, each a whole batch entry, in the middle
+    ((4, 3000, 64), (4, 64, 48), ((1,), [(2, 2)], (2,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
 ]
 
 
@@ -1378,11 +1383,12 @@ def test_narrower_kernels(isa):
       import numpy as np, test_kernel_paths as k
       # PHASE_B_CASES[-5:-3]: 3x3 SAME (reduction blocks); [-3]: 16 channels; COLUMN_CASES 0
       # and 3: adjacent phases fused as columns (float32); DW_CASES: sliding rows (0, 4), lane
-      # tails, no taps; TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32);
+      # tails, no taps; TAPS_CASES[-1]: a chunk of the cotangent packed once for all taps (AVX2,
+      # 1-D, two residue classes); TAPS_SPLIT_CASES: sub-problems split among tasks (AVX2 float32);
       # COLS_CASES 0 and 2: taps as columns (AVX2: 1 and 2 features, 9 and 7 taps);
       # WIDE_CASES 5: row-vectorised (AVX2: tiles of 6 + 6 + 6 + 3 features)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
-               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_SPLIT_CASES
+               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_CASES[-1:] + k.TAPS_SPLIT_CASES
                + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
                + [c[:4] for c in (k.COLS_CASES[0], k.COLS_CASES[2])] + k.WIDE_CASES[5:6]
@@ -1392,4 +1398,4 @@ def test_narrower_kernels(isa):
           k.check_on_kernel(c, dtype, seed=i)
       print("ok", len(cases))
   """)
-  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 26)]
+  assert run_python(code, timeout=900, CKS_CPU_ISA=isa)[-2:] == ["ok", str(len(GEMM_CASES) + 27)]

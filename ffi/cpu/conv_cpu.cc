@@ -15,7 +15,9 @@
 //   the inner reduction index (pack_phase_b; trimmed sub-problems read runs
 //   of it), else once per sub-problem or block by block inside each task;
 //   on AVX-512, blocks that would be packed inside a task are read in place
-//   instead where the features are contiguous (reads_b_in_place).
+//   instead where the features are contiguous (reads_b_in_place); where
+//   interleaved taps would pack it tap by tap, each chunk of it is packed
+//   once for all taps instead (packs_taps_b).
 // - Outputs with at most 8 features per group and a contiguous lhs batch
 //   (filter gradients of few-channel layers) take a narrow path vectorised
 //   over the batch instead of the features (run_narrow), its reduction
@@ -1265,17 +1267,23 @@ struct CksConv {
     thread_local std::vector<TaskA> st;
     thread_local std::vector<Task> sub;
     thread_local std::vector<Acc> Ap, Bp, Cbuf;
-    thread_local std::vector<int64_t> chunk_off;  // packs_taps_b: a chunk's rhs offsets
+    // packs_taps_b: a chunk's rhs offsets; of each class, its first position
+    // in the chunk's packed B and in the class (-1: no sub-problem reads it)
+    thread_local std::vector<int64_t> chunk_off, at, first;
     if (st.size() < static_cast<size_t>(nsp())) st.resize(nsp());
     sub.resize(nsp());
     const int64_t mc_max = round_up(task.row1 - task.row0, MR);
     const int64_t nc_max = round_up(std::min(kNC, task.col1 - task.col0), NR);
     const bool once = packs_taps_b(task);
+    at.assign(once ? class_count() : 0, -1);
+    first.assign(at.size(), 0);
     for (int64_t s = s0; s < s1; ++s) {
       sub[s] = sub_task(task, s);
       if (sub[s].row1 <= sub[s].row0) continue;
       prepare_a(sub[s], !once, st[s]);
-      if (once) st[s].b_runs = position_runs(s, st[s].bra, st[s].brb);
+      if (!once) continue;
+      st[s].b_runs = position_runs(s, st[s].bra, st[s].brb);
+      at[rhs_class(plan.subproblems[s])] = 0;
     }
     // Sub-problem s's block: Cbuf + (s - s0) * mc_max * nc_max.
     Cbuf.resize((s1 - s0) * mc_max * nc_max);
@@ -1297,12 +1305,20 @@ struct CksConv {
       const int64_t nc_pad = round_up(nc, NR);
       std::fill(Cbuf.begin(), Cbuf.end(), Acc(0));
       for (int64_t g0 = 0; g0 < Cg * J; g0 += H) {
-        const int64_t g1 = std::min(g0 + H, Cg * J), inner = rhs_positions(nullptr) / J;
-        if (once) {  // all of the chunk's positions, [g0 inner, g1 inner)
-          chunk_off.resize((g1 - g0) * inner);
-          rhs_offsets(g0 * inner, g1 * inner, chunk_off.data());
-          Bp.resize(nc_pad * (g1 - g0) * inner);
-          pack_b_block(chunk_off, task.group, nc0, nc, 0, (g1 - g0) * inner, Bp.data());
+        const int64_t g1 = std::min(g0 + H, Cg * J);
+        int64_t n = 0;  // the chunk's positions of the classes read, class after class
+        for (int64_t r = 0; r < static_cast<int64_t>(at.size()); ++r) {
+          if (at[r] < 0) continue;
+          first[r] = class_start(r, g0);
+          const int64_t len = class_start(r, g1) - first[r];
+          chunk_off.resize(n + len);
+          class_offsets(r, first[r], first[r] + len, chunk_off.data() + n);
+          at[r] = n;
+          n += len;
+        }
+        if (once) {
+          Bp.resize(nc_pad * n);
+          pack_b_block(chunk_off, task.group, nc0, nc, 0, n, Bp.data());
         }
         for (int64_t s = s0; s < s1; s += step) {
           const int64_t l = lead[s / step];  // the sub-problem whose B comes first
@@ -1316,8 +1332,9 @@ struct CksConv {
             const int64_t kc = std::min(kKC, k1 - kc0);
             if (once) {
               const gemm::NarrowRuns& k = x.b_runs;
-              const gemm::PanelRunB<Acc> B(Bp.data(), k.rb, g0 * inner, k.R, k.sb,
-                                           (g1 - g0) * inner * NR, kc0 / k.R, kc0 % k.R);
+              const int64_t r = rhs_class(sp);
+              const gemm::PanelRunB<Acc> B(Bp.data() + at[r] * NR, k.rb, first[r], k.R, k.sb,
+                                           n * NR, kc0 / k.R, kc0 % k.R);
               multiply_a(x, mc, kc0, kc, B, nc, C, Ap);
             } else {
               multiply_b(x, mc, task.group, nc0, step * nc, kc0, kc, C, Ap, Bp);
@@ -1454,11 +1471,11 @@ struct CksConv {
     const int64_t R = sp.seg[pb.nd - 1].t_hi - sp.seg[pb.nd - 1].t_lo;
     return !run_starts ? sp.taps : R > 0 ? sp.taps / R : 0;
   }
-  // r_sp: the rhs strides (pb.rhs_sp), or rhs_positions' (positions).
+  // With class_sp, the rhs offsets are positions in sp's residue class
+  // (class_positions' strides) instead of elements.
   void tap_offsets(const SubProblem& sp, std::vector<int64_t>& tap_l,
                    std::vector<int64_t>& tap_r, bool run_starts = false,
-                   const int64_t* r_sp = nullptr) const {
-    if (r_sp == nullptr) r_sp = pb.rhs_sp;
+                   const int64_t* class_sp = nullptr) const {
     const int64_t n = tap_entries(sp, run_starts);
     const int inner = run_starts ? pb.nd - 2 : pb.nd - 1;  // the odometer's last digit
     tap_l.resize(n);
@@ -1469,7 +1486,8 @@ struct CksConv {
       for (int d = 0; d < pb.nd; ++d) {
         const Phase& ph = *sp.phase[d];
         li += ph.tstride * tt[d] * pb.lhs_sp[d];
-        ri += (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt[d])) * r_sp[d];
+        ri += class_sp ? (sp.seg[d].t_lo + tt[d]) * class_sp[d]
+                       : (ph.k0 + ph.kstep * (sp.seg[d].t_lo + tt[d])) * pb.rhs_sp[d];
       }
       tap_l[i] = li;
       tap_r[i] = ri;
@@ -1742,23 +1760,44 @@ struct CksConv {
            gemm::gemm_isa() == 2;
   }
   // An all-taps task (run_taps) that would pack B tap by tap (not read in
-  // place) packs each chunk of the cotangent once instead, all of its
-  // positions, and every tap walks its runs out of that (PanelRunB): where
-  // every tap reads consecutive positions (kstep 1: stride-1 and dilated
-  // layers), the taps read nearly the same ones (each trimmed at its own
-  // border), which a 3x3 layer's nine packed nine times. Measured in process
-  // (AVX2 Zen 3, 2 cores, 3 alternating rounds, minima): ResNet 3x3's filter
-  // gradient 0.91x the time, atrous 64-channel d2/d8 0.92x/0.93x, 256-channel
-  // d6/d18 1.00x/0.95x, ResNet 3x3 s2's 0.94x, WaveNet's 0.96x. Taps of
-  // strided phases (kstep 2: transposed layers) read every other position,
-  // runs that do not continue one another, and the chunk holds all phases'
-  // positions: slower (U-Net k2 s2 1.3-1.4x, DCGAN k4 s2 1.2-1.3x).
+  // place: AVX2, or a partial panel) packs each chunk of the cotangent once
+  // instead, and every tap walks its runs out of that (PanelRunB): the taps
+  // of a residue class (class_positions) read nearly the same positions,
+  // each trimmed at its own border, which a 3x3 layer's nine taps packed
+  // nine times, a k4 s2 layer's four taps of a phase four times. Each class's
+  // positions are packed together, so a tap's runs continue one another as
+  // in the cotangent (with the phases' positions interleaved, U-Net's k2 s2
+  // filter gradient took 1.3-1.4x the time: runs of a few positions two
+  // apart). Measured in process (AVX2 Zen 3, 2 cores, 3 alternating rounds,
+  // minima): ResNet 3x3's filter gradient 0.91-0.92x the time, atrous
+  // 64-channel d2/d4/d8 0.92-0.93x, 256-channel d6/d18 1.00x/0.95x, ResNet 3x3
+  // s2's 0.95-0.97x, WaveNet's 0.96-0.97x, the grouped k4 s2 layer's 0.87x,
+  // DCGAN 16->32's 0.98-0.99x, the 1-D k4 s2 layer's 0.98x. Where no class
+  // has two taps (k2 s2: nothing packed twice) it is not used, nor where the
+  // chunk and the task's output blocks pass the L2 (DCGAN 8->16: 768 KB,
+  // 1.02x the time with it).
   bool packs_taps_b(const Task& t) const {
     if (!t.all_taps || reads_b_in_place(t.col1 - t.col0) || fused_taps() > 1) return false;
-    for (const SubProblem& sp : plan.subproblems)
+    std::vector<char> read(class_count(), 0);
+    int64_t taps = 0, classes = 0;
+    for (int64_t s = t.sp; s < t.sp1; ++s) {
+      const SubProblem& sp = plan.subproblems[s];
       for (int d = 0; d < pb.nd; ++d)
-        if (sp.phase[d]->kstep != 1) return false;
-    return true;
+        if (sp.phase[d]->kstep != plan.subproblems[0].phase[d]->kstep) return false;
+      if (sp.taps == 0 || sp.rows == 0) continue;
+      ++taps;
+      char& seen = read[rhs_class(sp)];
+      classes += seen ? 0 : 1;
+      seen = 1;
+    }
+    // The chunk (about classes / class_count() of its rows' positions) and
+    // the task's output blocks within the L2.
+    int64_t positions = tap_chunk_rows() * classes / class_count();
+    for (int d = 1; d < pb.nd; ++d) positions *= pb.dim[d].k_size;
+    const int64_t out_rows = (t.sp1 - t.sp) * round_up(t.row1 - t.row0, MR);
+    const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
+    return taps > classes && (positions + out_rows) * nc_pad * static_cast<int64_t>(sizeof(Acc)) <=
+                                 gemm::l2_bytes();
   }
   // B in place as runs with a constant step (RunB) where every block of task
   // t reads it in place and its runs (reduction_runs) are at least kMinRun
@@ -1929,18 +1968,19 @@ struct CksConv {
   // of red_offsets: runs of the channels (channels inner) or of the last
   // dimension's taps at fixed channel and outer taps (channels outer). The
   // narrow kernel and RunA walk them.
-  // With `positions`, the B offsets are rhs positions (rb, sb), counted as
-  // rhs_positions counts them instead of rhs elements: where packs_taps_b.
+  // With `positions`, the B offsets are positions in the sub-problem's
+  // residue class (rb, sb; class_positions) instead of rhs elements: where
+  // packs_taps_b.
   gemm::NarrowRuns reduction_runs(int64_t s, std::vector<int64_t>& ra, std::vector<int64_t>& rb,
                                   bool positions = false) const {
     const SubProblem& sp = plan.subproblems[s];
     const int64_t Cg = pb.group_in(), last = pb.nd - 1;
-    int64_t pos_sp[kMaxSpatial], pos_i = 0;
-    if (positions) pos_i = rhs_positions(pos_sp);
+    int64_t n[kMaxSpatial], pos_sp[kMaxSpatial], per_c = 0;
+    if (positions) per_c = class_positions(rhs_class(sp), n, pos_sp);
     const int64_t* r_sp = positions ? pos_sp : pb.rhs_sp;
-    const int64_t r_i = positions ? pos_i : pb.rhs_i;
+    const int64_t r_i = positions ? per_c : pb.rhs_i;
     thread_local std::vector<int64_t> tap_l, tap_r;
-    tap_offsets(sp, tap_l, tap_r, !channels_inner(), r_sp);
+    tap_offsets(sp, tap_l, tap_r, !channels_inner(), positions ? pos_sp : nullptr);
     if (channels_inner()) {
       ra = tap_l;
       rb = tap_r;
@@ -1956,46 +1996,75 @@ struct CksConv {
         rb[c * outer + o] = tap_r[o] + c * r_i;
       }
     return {ra.data(), rb.data(), Cg * outer, R, wrap_mul(ph.tstride, pb.lhs_sp[last]),
-            wrap_mul(ph.kstep, r_sp[last]), pb.rhs_o};
+            positions ? 1 : wrap_mul(ph.kstep, r_sp[last]), pb.rhs_o};
   }
 
-  // The rhs's positions (channel, then spatial, the last dimension fastest)
-  // counted densely: position (c, t) is c J + sum_d t[d] pos_sp[d]; returns
-  // J, the positions per channel (pos_sp may be null). A chunk packed by
-  // packs_taps_b holds consecutive positions.
-  int64_t rhs_positions(int64_t* pos_sp) const {
+  // The rhs's positions (a filter gradient's cotangent's) fall into residue
+  // classes: every sub-problem reads, along dimension d, positions k0 + kstep t
+  // (k0 < kstep, kstep the same for all). Class r (its k0s, dimension 0's
+  // slowest, an index below the product of the ksteps) counts its positions
+  // densely: (c, t) is c per_c + sum_d t[d] pos_sp[d], the last dimension
+  // fastest, n[d] of them along d; returns per_c. A chunk packed by
+  // packs_taps_b holds each class's consecutive positions.
+  int64_t rhs_class(const SubProblem& sp) const {
+    int64_t r = 0;
+    for (int d = 0; d < pb.nd; ++d) r = r * sp.phase[d]->kstep + sp.phase[d]->k0;
+    return r;
+  }
+  int64_t class_count() const {
     int64_t n = 1;
-    for (int d = pb.nd - 1; d >= 0; --d) {
-      if (pos_sp) pos_sp[d] = n;
-      n *= pb.dim[d].k_size;
-    }
+    for (int d = 0; d < pb.nd; ++d) n *= plan.subproblems[0].phase[d]->kstep;
     return n;
   }
-  // The rhs element offsets (relative to a column) of positions [p0, p1).
-  void rhs_offsets(int64_t p0, int64_t p1, int64_t* dst) const {
-    int64_t pos_sp[kMaxSpatial], t[kMaxSpatial] = {0, 0, 0};
-    const int64_t per_c = rhs_positions(pos_sp);
-    int64_t c = p0 / per_c, off = c * pb.rhs_i;
+  int64_t class_positions(int64_t r, int64_t (&n)[kMaxSpatial], int64_t (&pos_sp)[kMaxSpatial],
+                          int64_t* k0 = nullptr) const {
+    int64_t per_c = 1;
+    for (int d = pb.nd - 1; d >= 0; --d) {
+      const int64_t kstep = plan.subproblems[0].phase[d]->kstep, r_d = r % kstep;
+      r /= kstep;
+      if (k0) k0[d] = r_d;
+      n[d] = ceil_div(pb.dim[d].k_size - r_d, kstep);
+      pos_sp[d] = per_c;
+      per_c *= n[d];
+    }
+    return per_c;
+  }
+  // The positions of class r in global rows [0, g) (g = c J + rhs index of
+  // dimension 0, as tap_index counts them).
+  int64_t class_start(int64_t r, int64_t g) const {
+    int64_t n[kMaxSpatial], pos_sp[kMaxSpatial], k0[kMaxSpatial];
+    const int64_t per_c = class_positions(r, n, pos_sp, k0), J = pb.dim[0].k_size;
+    const int64_t kstep = plan.subproblems[0].phase[0]->kstep;
+    const int64_t rows = std::min(n[0], std::max<int64_t>(0, ceil_div(g % J - k0[0], kstep)));
+    return g / J * per_c + rows * pos_sp[0];
+  }
+  // The rhs element offsets (relative to a column) of class r's positions
+  // [p0, p1).
+  void class_offsets(int64_t r, int64_t p0, int64_t p1, int64_t* dst) const {
+    int64_t n[kMaxSpatial], pos_sp[kMaxSpatial], k0[kMaxSpatial], t[kMaxSpatial] = {0, 0, 0};
+    const int64_t per_c = class_positions(r, n, pos_sp, k0);
+    int64_t step[kMaxSpatial], off = p0 / per_c * pb.rhs_i;
     for (int d = 0; d < pb.nd; ++d) {
-      t[d] = p0 % per_c / pos_sp[d] % pb.dim[d].k_size;
-      off += t[d] * pb.rhs_sp[d];
+      step[d] = plan.subproblems[0].phase[d]->kstep * pb.rhs_sp[d];
+      t[d] = p0 % per_c / pos_sp[d] % n[d];
+      off += k0[d] * pb.rhs_sp[d] + t[d] * step[d];
     }
     for (int64_t p = p0; p < p1; ++p) {  // an odometer over (c, t)
       *dst++ = off;
       int d = pb.nd - 1;
-      for (; d >= 0 && t[d] + 1 == pb.dim[d].k_size; --d) {
-        off -= t[d] * pb.rhs_sp[d];
+      for (; d >= 0 && t[d] + 1 == n[d]; --d) {
+        off -= t[d] * step[d];
         t[d] = 0;
       }
       if (d >= 0) {
         ++t[d];
-        off += pb.rhs_sp[d];
+        off += step[d];
       } else {
         off += pb.rhs_i;
       }
     }
   }
-  // reduction_runs of sub-problem s with B as rhs positions (rb, sb),
+  // reduction_runs of sub-problem s with B as positions of its class (rb, sb),
   // runs that continue one another merged as a_runs merges A's: what a
   // PanelRunB of a packed chunk walks.
   gemm::NarrowRuns position_runs(int64_t s, std::vector<int64_t>& ra,
@@ -2536,7 +2605,9 @@ struct CksConv {
       sum[7] = (t.sp1 - t.sp) * round_up(t.row1 - t.row0, MR) * nc_pad *
                static_cast<int64_t>(sizeof(Acc));
       if (packs_taps_b(t)) {  // a chunk's rhs offsets (with lhs_red's), its packed B
-        const int64_t positions = tap_chunk_rows() * (rhs_positions(nullptr) / pb.dim[0].k_size);
+        // at most every position of tap_chunk_rows() rows, each class's
+        int64_t positions = tap_chunk_rows();
+        for (int d = 1; d < pb.nd; ++d) positions *= pb.dim[d].k_size;
         sum[3] += positions * static_cast<int64_t>(sizeof(int64_t));
         sum[6] = nc_pad * positions * static_cast<int64_t>(sizeof(Acc));
       }

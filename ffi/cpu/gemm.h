@@ -277,8 +277,9 @@ struct RunB {
 // RunB over packed NR-column panels (ldb elements apart) whose rows are
 // positions: row k at base + (starts[k / len] - origin + (k % len) * pstep)
 // NR. A chunk of the cotangent packed once and read by every tap
-// (conv_cpu.cc, packs_taps_b): starts are positions from the cotangent's
-// first, origin the chunk's first, so one table serves every chunk.
+// (conv_cpu.cc, packs_taps_b): starts count a residue class's positions
+// from its first, origin is the chunk's first of that class, so one table
+// serves every chunk.
 template <typename T>
 struct PanelRunB {
   const T* base;
