@@ -1281,7 +1281,7 @@ struct CksConv {
       sub[s] = sub_task(task, s);
       if (sub[s].row1 <= sub[s].row0) continue;
       prepare_a(sub[s], !once, st[s]);
-      if (!once) continue;
+      if (!once || plan.subproblems[s].taps == 0) continue;
       st[s].b_runs = position_runs(s, st[s].bra, st[s].brb);
       at[rhs_class(plan.subproblems[s])] = 0;
     }
