@@ -1984,7 +1984,7 @@ struct CksConv {
     if (channels_inner()) {
       ra = tap_l;
       rb = tap_r;
-      return {ra.data(), rb.data(), sp.taps, Cg, pb.lhs_c, pb.rhs_i, pb.rhs_o};
+      return {ra.data(), rb.data(), sp.taps, Cg, pb.lhs_c, r_i, pb.rhs_o};
     }
     const Phase& ph = *sp.phase[last];
     const int64_t R = sp.seg[last].t_hi - sp.seg[last].t_lo, outer = R > 0 ? sp.taps / R : 0;
