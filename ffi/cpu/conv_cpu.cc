@@ -1767,15 +1767,15 @@ struct CksConv {
   // nine times, a k4 s2 layer's four taps of a phase four times. Each class's
   // positions are packed together, so a tap's runs continue one another as
   // in the cotangent (with the phases' positions interleaved, U-Net's k2 s2
-  // filter gradient took 1.3-1.4x the time: runs of a few positions two
+  // filter gradient took 1.27-1.35x the time: runs of a few positions two
   // apart). Measured in process (AVX2 Zen 3, 2 cores, 3 alternating rounds,
   // minima): ResNet 3x3's filter gradient 0.91-0.92x the time, atrous
-  // 64-channel d2/d4/d8 0.92-0.93x, 256-channel d6/d18 1.00x/0.95x, ResNet 3x3
-  // s2's 0.95-0.97x, WaveNet's 0.96-0.97x, the grouped k4 s2 layer's 0.87x,
-  // DCGAN 16->32's 0.98-0.99x, the 1-D k4 s2 layer's 0.98x. Where no class
-  // has two taps (k2 s2: nothing packed twice) it is not used, nor where the
-  // chunk and the task's output blocks pass the L2 (DCGAN 8->16: 768 KB,
-  // 1.02x the time with it).
+  // 64-channel d2/d4/d8 0.92-0.94x, 256-channel d6 0.99-1.01x and d18 0.96x,
+  // ResNet 3x3 s2's 0.94-0.97x, WaveNet's 0.96-0.98x, the grouped k4 s2
+  // layer's 0.87x, DCGAN 16->32's 0.98-0.99x, the 1-D k4 s2 layer's 0.98x.
+  // Where no class has two taps (k2 s2: nothing packed twice) it is not
+  // used, nor where the chunk and the task's output blocks pass the L2
+  // (DCGAN 8->16: 768 KB, 1.02x the time with it).
   bool packs_taps_b(const Task& t) const {
     if (!t.all_taps || reads_b_in_place(t.col1 - t.col0) || fused_taps() > 1) return false;
     std::vector<char> read(class_count(), 0);
