@@ -797,8 +797,8 @@ TAPS_CASES = [
     ((24, 16, 16, 128), (4, 4, 64, 64), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
      {"feature_group_count": 2}),
     # 1D k4 s2 transposed (vocoder up-sampling), 48 features: two taps per residue class of the
-    # cotangent's positions, whose chunks (packed once for both on AVX2: packs_taps_b) cut
-    # its runs, each a whole batch entry, in the middle
+    # cotangent's positions, whose chunks (packed once for both on AVX2: packs_taps_b) cut the
+    # taps' runs (a batch entry's positions, several entries' where they continue) in the middle
     ((4, 3000, 64), (4, 64, 48), ((1,), [(2, 2)], (2,)),
      {"dimension_numbers": ("NWC", "WIO", "NWC")}),
 ]
@@ -1388,8 +1388,8 @@ def test_narrower_kernels(isa):
       # COLS_CASES 0 and 2: taps as columns (AVX2: 1 and 2 features, 9 and 7 taps);
       # WIDE_CASES 5: row-vectorised (AVX2: tiles of 6 + 6 + 6 + 3 features)
       cases = (k.GEMM_CASES + k.CASES[:2] + k.CASES[-1:] + k.PHASE_B_CASES[:2]
-               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_CASES[-1:] + k.TAPS_SPLIT_CASES
-               + k.DOT_CASES[:4]
+               + k.PHASE_B_CASES[-5:-2] + k.TAPS_CASES[:1] + k.TAPS_CASES[-1:]
+               + k.TAPS_SPLIT_CASES + k.DOT_CASES[:4]
                + [c[:4] for c in (k.COLUMN_CASES[0], k.COLUMN_CASES[3])]
                + [c[:4] for c in (k.COLS_CASES[0], k.COLS_CASES[2])] + k.WIDE_CASES[5:6]
                + k.DW_CASES[:3] + k.DW_CASES[4:5] + k.DW_CASES[-1:])
