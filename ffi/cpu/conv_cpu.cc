@@ -172,7 +172,8 @@ struct CksConv {
     // fuses_phases: columns [col0, col1) of all sub-problems' nsp x Fg.
     bool fused = false;
     // A sub-problem's part of a run_taps task whose B is packed chunk by
-    // chunk (packs_taps_b): read as position runs, no B of its own.
+    // chunk (packs_taps_b): read as position runs, no B of its own. Set
+    // where task_buffers counts its buffers.
     bool b_chunks = false;
   };
 
@@ -1224,9 +1225,7 @@ struct CksConv {
   // where s has fewer).
   Task sub_task(const Task& t, int64_t s) const {
     const int64_t rows = plan.subproblems[s].rows;
-    Task u{s, t.group, std::min(t.row0, rows), std::min(t.row1, rows), t.col0, t.col1};
-    u.b_chunks = packs_taps_b(t);
-    return u;
+    return Task{s, t.group, std::min(t.row0, rows), std::min(t.row1, rows), t.col0, t.col1};
   }
   // Rows of a chunk of interleaved taps (run_taps, run_narrow_taps), in rhs
   // index of dimension 0: about `indices` reduction indices of the densest
@@ -2591,8 +2590,10 @@ struct CksConv {
     }
     if (t.all_taps) {  // run_taps: every sub-problem's tables and output block at once
       int64_t sum[kBuffers] = {};
+      const bool chunks = packs_taps_b(t);
       for (int64_t s = t.sp; s < t.sp1; ++s) {
-        const Task u = sub_task(t, s);
+        Task u = sub_task(t, s);
+        u.b_chunks = chunks;
         if (u.row1 <= u.row0) continue;
         int64_t one[kBuffers] = {};
         task_buffers(u, sb, one);
@@ -2604,7 +2605,7 @@ struct CksConv {
       const int64_t nc_pad = round_up(std::min(kNC, t.col1 - t.col0), NR);
       sum[7] = (t.sp1 - t.sp) * round_up(t.row1 - t.row0, MR) * nc_pad *
                static_cast<int64_t>(sizeof(Acc));
-      if (packs_taps_b(t)) {  // a chunk's rhs offsets (with lhs_red's), its packed B
+      if (chunks) {  // a chunk's rhs offsets (with lhs_red's), its packed B
         // at most every position of tap_chunk_rows() rows, each class's
         int64_t positions = tap_chunk_rows();
         for (int d = 1; d < pb.nd; ++d) positions *= pb.dim[d].k_size;
