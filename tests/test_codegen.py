@@ -38,7 +38,7 @@ TALL_TILES = [(2, 0), (1, 1), (1, 0)]
 AVX2_TILES = [2, 1]  # NV: ymm per row of panel_avx2
 PAIR_TILES = [4, 2, 1]  # P: zmm per row of pairs_avx512
 A_SOURCES = ["RunA", "ChannelRunA", "IndirectA", "PackedA"]
-B_SOURCES = ["PanelB", "TableB", "RunB"]
+B_SOURCES = ["PanelB", "TableB", "RunB", "PanelRunB"]
 C_DESTS = ["OutC", "BufC"]
 # The whole-panel tiles a fused GEMM (float32 on AVX-512: gemm_block for a PanelOutC) runs.
 PANEL_OUT_TILES = [(4, 0, 1), (2, 0, 1), (1, 0, 1)]

@@ -1332,8 +1332,10 @@ struct CksConv {
             if (once) {
               const gemm::NarrowRuns& k = x.b_runs;
               const int64_t r = rhs_class(sp);
-              const gemm::PanelRunB<Acc> B(Bp.data() + at[r] * NR, k.rb, first[r], k.R, k.sb,
-                                           n * NR, kc0 / k.R, kc0 % k.R);
+              const gemm::PanelRunB<Acc> B{
+                  {Bp.data() + at[r] * NR, k.rb, k.R, k.sb * NR, kc0 / k.R, kc0 % k.R},
+                  first[r],
+                  n * NR};
               multiply_a(x, mc, kc0, kc, B, nc, C, Ap);
             } else {
               multiply_b(x, mc, task.group, nc0, step * nc, kc0, kc, C, Ap, Bp);

@@ -275,36 +275,23 @@ struct RunB {
   RunB cols(int64_t j) const { return {base + j, starts, len, step, run0, q0}; }
 };
 // RunB over packed NR-column panels (ldb elements apart) whose rows are
-// positions: row k at base + (starts[k / len] - origin + (k % len) * pstep)
-// NR. A chunk of the cotangent packed once and read by every tap
-// (conv_cpu.cc, packs_taps_b): starts count a residue class's positions
-// from its first, origin is the chunk's first of that class, so one table
-// serves every chunk.
+// positions: row k at base + (starts[k / len] - origin) NR + (k % len) step.
+// A chunk of the cotangent packed once and read by every tap (conv_cpu.cc,
+// packs_taps_b): starts count a residue class's positions from its first,
+// origin is the chunk's first of that class, so one table serves every
+// chunk. The cursor (begin, advance) is RunB's.
 template <typename T>
-struct PanelRunB {
-  const T* base;
-  const int64_t* starts;
-  int64_t origin, len, pstep, ldb, run0, q0;
-  int64_t step;  // pstep NR: elements from one index's row to the next's
-  static constexpr bool kTable = false;
-  PanelRunB(const T* base, const int64_t* starts, int64_t origin, int64_t len, int64_t pstep,
-            int64_t ldb, int64_t run0, int64_t q0)
-      : base(base), starts(starts), origin(origin), len(len), pstep(pstep), ldb(ldb), run0(run0),
-        q0(q0), step(pstep * Tile<T>::NR) {}
-  struct Cursor {
-    int64_t run, q;
-  };
-  Cursor begin() const { return {run0, q0}; }
-  int64_t segment(const Cursor& c, int64_t left, const T** row) const {
-    *row = base + (starts[c.run] - origin + c.q * pstep) * Tile<T>::NR;
-    return std::min(len - c.q, left);
-  }
-  void advance(Cursor& c, int64_t n) const {
-    c.q += n;
-    if (c.q == len) c = {c.run + 1, 0};
+struct PanelRunB : RunB<T> {
+  int64_t origin, ldb;  // ldb hides RunB's NR: panels are a chunk apart
+  int64_t segment(const typename RunB<T>::Cursor& c, int64_t left, const T** row) const {
+    *row = this->base + (this->starts[c.run] - origin) * Tile<T>::NR + c.q * this->step;
+    return std::min(this->len - c.q, left);
   }
   PanelRunB cols(int64_t j) const {
-    return {base + j / Tile<T>::NR * ldb, starts, origin, len, pstep, ldb, run0, q0};
+    return {{this->base + j / Tile<T>::NR * ldb, this->starts, this->len, this->step, this->run0,
+             this->q0},
+            origin,
+            ldb};
   }
 };
 
