@@ -4,7 +4,7 @@ import itertools
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cks_jax._src import ffi, shapes
+from cks_jax._src import ffi, geometry, shapes
 
 
 def brute_force(N, K, O, s, a, d, lo):
@@ -72,3 +72,19 @@ def test_phase_counts():
   # Without the split: one phase whose taps step by 2 inputs (the same reads).
   phases, _ = ffi.extension().geometry_1d(16, 3, 12, 1, 1, 2, 0, False)
   assert len(phases) == 1 and phases[0][5] == 3 and phases[0][7:] == (1, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(N=st.integers(0, 3000), K=st.integers(1, 9), s=st.integers(1, 6), a=st.integers(1, 6),
+       d=st.integers(1, 40), lo=st.integers(-60, 200), extra=st.integers(-50, 200),
+       split=st.booleans())
+def test_long_segments_match_mirror(N, K, s, a, d, lo, extra, split):
+  # The header finds each run of equal tap ranges by bisection; the Python
+  # mirror walks output by output. Long dimensions, wide borders.
+  O = max(0, out_size(N, K, s, a, d, lo, 0) + extra)
+  dm = geometry.Dim(N, K, O, s, a, d, lo)
+  cpp_phases, cpp_segments = ffi.extension().geometry_1d(N, K, O, s, a, d, lo, split)
+  phases = [geometry.Phase(*p) for p in cpp_phases]
+  if split:
+    assert geometry.phases(dm) == phases
+  assert [tuple(g) for g in geometry.segments(dm, phases)] == [tuple(g) for g in cpp_segments]
