@@ -1309,18 +1309,21 @@ inline CpuFeatures cpu_features() {
 
 // 2: AVX-512F, 1: AVX2+FMA, 0: portable. CKS_CPU_ISA=0 or 1 caps it (to
 // test the narrower kernels on a wider machine); the cap is read once.
-inline int gemm_isa() {
-  static const int isa = [] {
-    int best = 0;
+// Detected out of line, so that gemm_isa, asked per row by some callers
+// (convert.h), inlines to a load (1 % of a bfloat16 forward as a call).
+__attribute__((noinline)) inline int detect_gemm_isa() {
+  int best = 0;
 #ifdef CKS_X86_AVX2
-    const CpuFeatures f = cpu_features();
-    if (f.avx2_fma) best = CKS_GEMM_AVX512 && f.avx512f ? 2 : 1;
+  const CpuFeatures f = cpu_features();
+  if (f.avx2_fma) best = CKS_GEMM_AVX512 && f.avx512f ? 2 : 1;
 #endif
-    const char* cap = std::getenv("CKS_CPU_ISA");
-    if (cap != nullptr && (std::strcmp(cap, "0") == 0 || std::strcmp(cap, "1") == 0))
-      best = std::min(best, cap[0] - '0');
-    return best;
-  }();
+  const char* cap = std::getenv("CKS_CPU_ISA");
+  if (cap != nullptr && (std::strcmp(cap, "0") == 0 || std::strcmp(cap, "1") == 0))
+    best = std::min(best, cap[0] - '0');
+  return best;
+}
+inline int gemm_isa() {
+  static const int isa = detect_gemm_isa();
   return isa;
 }
 
