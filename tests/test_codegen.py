@@ -95,6 +95,14 @@ def _instantiations(tall: bool = True) -> dict[str, int]:
       for p, h, rt in PANEL_OUT_TILES:
         out[f"template void cks::gemm::panels_avx512<{p}, {h}, {rt}, float, {srcs}>"
             f"(int64_t, {args});"] = MR * rt * p
+  # bfloat16 rounded as stored (RoundC), from packed B panels only: the tile's stores to a
+  # scratch tile, and up to 2 of the rounding's constants parked after them (objdump, GCC 12:
+  # one, past the reduction's last FMA).
+  for a in A_SOURCES:
+    for nv in AVX2_TILES:
+      out[f"template void cks::gemm::panel_avx2<{nv}, float, {a}<float>, PanelB<float>, RoundC>"
+          f"(int64_t, int64_t, int64_t, const {a}<float>&, const PanelB<float>&, "
+          "const RoundC&);"] = MR * nv + 2
   for p in PAIR_TILES:  # bfloat16 pairs: masked stores, no edge tile copy
     for to in ("uint16_t", "float"):
       for a in ("PairRunA", "PairPackedA"):

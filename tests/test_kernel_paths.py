@@ -349,6 +349,64 @@ def test_bf16_packed_pairs_interleaved_taps():
   check_on_kernel(case, jnp.bfloat16, seed=410)
 
 
+# (lhs shape, rhs shape, conv args, kwargs): bfloat16 outputs of the widened path. On AVX2
+# (gemm_isa 1) the tiles round their float32 sums as they store them (gemm::RoundC) where the
+# reduction is one block and B comes packed; elsewhere a float32 block is rounded as it is
+# copied out (convert::from_float). Either way the output is the float32 one rounded.
+ROUNDED_CASES = [
+    # U-Net's k2 s2 transposed layer: 38 rows per phase (a partial 6-row tile), 2 whole panels
+    ((2, 1, 19, 64), (2, 2, 64, 32), ((1, 1), [(1, 1), (1, 1)], (2, 2)), {}),
+    # k4 s2 transposed, 21 features: a whole panel, then a half one with 5 live columns
+    ((2, 5, 7, 16), (4, 4, 16, 21), ((1, 1), [(2, 2), (2, 2)], (2, 2)), {}),
+    # 2 groups of 24 features (a panel and a half panel each, the second group's columns
+    # offset in the output row)
+    ((2, 6, 5, 32), (3, 3, 16, 48), ((1, 1), "SAME"), {"feature_group_count": 2}),
+    # dilated 1-D (WaveNet-like): trimmed sub-problems, runs of 64 channels
+    ((2, 50, 64), (2, 64, 64), ((1,), [(8, 0)], (1,), (8,)),
+     {"dimension_numbers": ("NWC", "WIO", "NWC")}),
+    # runs of 2 taps x 600 channels: the untrimmed sub-problem's two reduction blocks go through a
+    # float32 block rounded on the way out, the trimmed ones' single block is rounded as stored
+    ((1, 4, 5, 600), (2, 2, 600, 32), ((1, 1), [(1, 0), (0, 1)]), {}),
+    # an NCHW output (features strided): a float32 block copied out element by element
+    ((2, 6, 7, 34), (3, 3, 34, 48), ((1, 1), "SAME"),
+     {"dimension_numbers": ("NHWC", "HWIO", "NCHW")}),
+]
+
+
+def bf16_output_is_rounded_f32(case, seed):
+  """The kernel's bfloat16 output of a case, NaN included, bit for bit its float32 output
+  (preferred_element_type: the same sums) rounded to nearest even."""
+  lhs_shape, rhs_shape, args, kw = case
+  kw = {"dimension_numbers": DN2, **kw}
+  rng = np.random.default_rng(seed)
+  l = rng.standard_normal(lhs_shape).astype(np.float32)
+  l.reshape(-1)[l.size // 3] = np.nan
+  l, r = jnp.asarray(l, jnp.bfloat16), jnp.asarray(rng.standard_normal(rhs_shape), jnp.bfloat16)
+  f = lambda pet: jax.jit(lambda l, r: cks_jax.conv_general_dilated(
+      l, r, *args, preferred_element_type=pet, backend="ffi", **kw))
+  b16, f32 = np.asarray(f(None)(l, r)), np.asarray(f(np.float32)(l, r))
+  assert b16.dtype == jnp.bfloat16 and np.isnan(f32).any() and not np.isnan(f32).all()
+  np.testing.assert_array_equal(b16.view(np.uint16), f32.astype(jnp.bfloat16).view(np.uint16))
+
+
+@pytest.mark.parametrize("case", range(len(ROUNDED_CASES)))
+def test_bf16_output_rounded(case):
+  bf16_output_is_rounded_f32(ROUNDED_CASES[case], seed=500 + case)
+
+
+@pytest.mark.skipif(backends.cpu_isa() != 2, reason="the machine's own kernels are the AVX2 ones "
+                    "or the portable ones: test_bf16_output_rounded runs them")
+def test_bf16_output_rounded_on_avx2():
+  # On AVX-512 machines, the AVX2 kernel's rounding tiles (CKS_CPU_ISA=1, read once per process)
+  code = textwrap.dedent("""
+      import test_kernel_paths as k
+      for i, c in enumerate(k.ROUNDED_CASES):
+        k.bf16_output_is_rounded_f32(c, seed=500 + i)
+      print("ok", len(k.ROUNDED_CASES))
+  """)
+  assert run_python(code, timeout=600, CKS_CPU_ISA="1")[-2:] == ["ok", str(len(ROUNDED_CASES))]
+
+
 @pytest.mark.skipif(not backends.cpu_bf16_pairs(), reason="needs AVX-512F and AVX512_BF16")
 def test_bf16_pairs_edges():
   # float32 output (preferred_element_type): the float32 block copied out unrounded

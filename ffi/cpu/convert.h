@@ -18,7 +18,7 @@
 namespace cks::convert {
 
 #ifdef CKS_X86_AVX2
-__attribute__((target("avx2"))) inline void widen_bf16_avx2(const bf16* src, int64_t n,
+__attribute__((target("avx2,fma"))) inline void widen_bf16_avx2(const bf16* src, int64_t n,
                                                             float* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -29,26 +29,12 @@ __attribute__((target("avx2"))) inline void widen_bf16_avx2(const bf16* src, int
   for (; i < n; ++i) dst[i] = bf16_to_float(src[i].bits);
 }
 
-// float_to_bf16 on 8 lanes: round to nearest even in integer arithmetic, a
-// NaN quieted (its top 16 bits with the quiet bit set).
-__attribute__((target("avx2"), always_inline)) inline __m128i round_bf16_avx2(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-  const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-  const __m256i w = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
-  // Each 128-bit lane packs its 4 words twice; keep the low 64 bits of each.
-  const __m256i p = _mm256_packus_epi32(w, w);
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
-}
-
-__attribute__((target("avx2"))) inline void round_bf16_avx2(const float* src, int64_t n,
+__attribute__((target("avx2,fma"))) inline void round_bf16_avx2(const float* src, int64_t n,
                                                            bf16* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), round_bf16_avx2(_mm256_loadu_ps(src + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     gemm::vround_bf16(_mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = bf16{float_to_bf16(src[i])};
 }
 #endif

@@ -353,6 +353,16 @@ struct PanelOutC : OutC<T> {
 template <typename CDst, typename T>
 constexpr bool kOutDst =
     std::is_same<CDst, OutC<T>>::value || std::is_same<CDst, PanelOutC<T>>::value;
+// RoundC: a bfloat16 output itself (its bits), row r at base + rows[r] with
+// its columns contiguous, each float32 sum rounded to nearest even as the
+// AVX2 tile stores it (conv_cpu.cc: rounds_out, where the reduction is one
+// block, so nothing is added to a rounded value). No scratch block to zero,
+// fill and round on the way out.
+struct RoundC {
+  uint16_t* base;
+  const int64_t* rows;  // mc entries
+  int64_t mc, nc;       // rows and columns that exist
+};
 
 // Stores an R x W tile t (row stride W) at (ir, jr) of an OutC, masked to
 // the rows and columns that exist.
@@ -448,6 +458,21 @@ CKS_AVX2_FN void vstream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
 CKS_AVX2_FN void vstream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
 CKS_AVX2_FN void vaddto(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_add_ps(vload(p), v)); }
 CKS_AVX2_FN void vaddto(double* p, __m256d v) { _mm256_storeu_pd(p, _mm256_add_pd(vload(p), v)); }
+// 8 floats rounded to bfloat16 bits as float_to_bf16 does (dtypes.h): to
+// nearest even in integer arithmetic, a NaN quieted (its top 16 bits with
+// the quiet bit set). convert.h's arrays and RoundC's tiles use it.
+CKS_AVX2_FN __m128i vround_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  const __m256i w = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+  // Each 128-bit lane packs its 4 words twice; keep the low 64 bits of each.
+  const __m256i p = _mm256_packus_epi32(w, w);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
+}
 // One reduction index of an MR x NV ymm tile: acc[i] += r[i][o] * b[0 : NV W].
 template <int MR, int NV, typename T, typename V>
 CKS_AVX2_FN void avx2_step(const T* const* r, int64_t o, const T* b, V (&acc)[MR][NV]) {
@@ -494,7 +519,30 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
       B.advance(bcur, n);
       p += n;
     }
-    if constexpr (kOut) {
+    if constexpr (std::is_same<CDst, RoundC>::value) {
+      static_assert(std::is_same<T, float>::value, "bfloat16 from float32 sums");
+      // The tile to t first (the edge tile's stores): rounded with every
+      // accumulator live, GCC spilled them (test_codegen).
+      T t[MR * NR];
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) vstore(t + i * NR + v * W, acc[i][v]);
+      const int64_t mi = std::min<int64_t>(MR, C.mc - ir), nj = std::min<int64_t>(NV * W, C.nc - jr);
+      for (int64_t i = 0; i < mi; ++i) {
+        uint16_t* c = C.base + C.rows[ir + i] + jr;
+        if (nj == NV * W) {
+          for (int v = 0; v < NV; ++v)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(c + v * W),
+                             vround_bf16(vload(t + i * NR + v * W)));
+        } else {  // the columns that exist
+          uint16_t r[NR];
+          for (int v = 0; v < NV; ++v)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(r + v * W),
+                             vround_bf16(vload(t + i * NR + v * W)));
+          std::memcpy(c, r, nj * sizeof(uint16_t));
+        }
+      }
+    } else if constexpr (kOut) {
       if (ir + MR <= C.mc && jr + NV * W <= C.nc) {
 #pragma GCC unroll 6
         for (int i = 0; i < MR; ++i) {
@@ -1453,6 +1501,18 @@ inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const A
   }
 #endif
   macro_kernel<T>(mc, nc, kc, A, B, C);
+}
+// A block into a RoundC: AVX2's tiles, the one ISA conv_cpu.cc rounds in
+// place on (rounds_out); no other kernel stores bfloat16 from float32 tiles.
+template <typename T, typename ASrc, typename BSrc>
+inline void gemm_block(int64_t mc, int64_t nc, int64_t live, int64_t kc, const ASrc& A,
+                       const BSrc& B, const RoundC& C) {
+#ifdef CKS_X86_AVX2
+  if constexpr (std::is_same<T, float>::value)
+    if (gemm_isa() == 1) return macro_kernel_avx2<T>(mc, nc, live, kc, A, B, C);
+#endif
+  (void)mc, (void)nc, (void)live, (void)kc, (void)A, (void)B, (void)C;
+  std::abort();  // unreachable: rounds_out asks for gemm_isa() == 1 and float sums
 }
 
 // ---------------------------------------------------------------- narrow
