@@ -527,7 +527,8 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
 #pragma GCC unroll 6
       for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) vstore(t + i * NR + v * W, acc[i][v]);
-      const int64_t mi = std::min<int64_t>(MR, C.mc - ir), nj = std::min<int64_t>(NV * W, C.nc - jr);
+      const int64_t mi = std::min<int64_t>(MR, C.mc - ir);
+      const int64_t nj = std::min<int64_t>(NV * W, C.nc - jr);
       for (int64_t i = 0; i < mi; ++i) {
         uint16_t* c = C.base + C.rows[ir + i] + jr;
         if (nj == NV * W) {

@@ -172,7 +172,8 @@ inline std::vector<Segment> segments(const Dim& dm, const std::vector<Phase>& ph
       }
       const TapRange r = trimmed_range(p, dm.in_size, u);
       const int64_t count = last + 1 - u;
-      // Two runs of empty ranges (before and after the taps) may meet.
+      // Runs of different empty bounds ([3, 3) then [2, 2): an input shorter
+      // than the tap stride) make one empty segment, as output by output.
       if (!out.empty() && out.back().phase == pi && out.back().t_lo == r.t_lo &&
           out.back().t_hi == r.t_hi && out.back().u0 + out.back().count == u) {
         out.back().count += count;
