@@ -9,16 +9,9 @@ columns) and compares every lane with float_to_bf16: the special values, vectors
 alone and mixed with normal values, ties, and random bit patterns. Needs x86-64 with AVX512_BF16
 and a C++ compiler; skipped elsewhere.
 """
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
-FFI = Path(__file__).resolve().parents[1] / "ffi"
-CXX = os.environ.get("CXX", "c++")
+from native import build_and_run, why_skip
 
 PROGRAM = r"""
 #include <cstdio>
@@ -74,29 +67,11 @@ int main() {
 """
 
 
-def _why_skip() -> str | None:
-  if platform.machine() not in ("x86_64", "AMD64"):
-    return f"the bfloat16 pair tiles are x86-64 only (this is {platform.machine()})"
-  if not (FFI / "cpu" / "gemm.h").exists():
-    return f"the kernel sources are not beside the tests ({FFI})"
-  if shutil.which(CXX) is None:
-    return f"needs a C++ compiler ({CXX}) on PATH"
-  try:
-    flags = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return "cannot read /proc/cpuinfo to tell whether this CPU has AVX512_BF16"
-  if "avx512_bf16" not in flags:
-    return "this CPU has no AVX512_BF16 (the pair tiles do not run here)"
-  return None
+SKIP = why_skip("cpu/gemm.h", ("avx512_bf16",), "the bfloat16 pair tiles")
 
 
-@pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
+@pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
 def test_store_rounds_as_float_to_bf16(tmp_path):
-  src = tmp_path / "round.cc"
-  src.write_text(PROGRAM)
-  exe = tmp_path / "round"
-  subprocess.run([CXX, "-O2", "-std=c++17", f"-I{FFI}", f"-I{FFI / 'include'}", str(src), "-o",
-                  str(exe)], check=True, capture_output=True, text=True)
-  run = subprocess.run([str(exe)], capture_output=True, text=True)
+  run = build_and_run(tmp_path, "round", PROGRAM)
   assert run.returncode == 0, run.stdout + run.stderr
   assert "0 wrong" in run.stdout

@@ -9,16 +9,9 @@ quiet and signalling NaNs of both signs), ties to even and random bit patterns. 
 and offsets are odd, so unaligned loads and stores are exercised. Needs x86-64 with AVX2 and a C++
 compiler; skipped elsewhere.
 """
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
-FFI = Path(__file__).resolve().parents[1] / "ffi"
-CXX = os.environ.get("CXX", "c++")
+from native import build_and_run, why_skip
 
 PROGRAM = r"""
 #include <cstdio>
@@ -90,30 +83,11 @@ int main() {
 """
 
 
-def _why_skip() -> str | None:
-  if platform.machine() not in ("x86_64", "AMD64"):
-    return f"the AVX2 conversions are x86-64 only (this is {platform.machine()})"
-  if not (FFI / "cpu" / "convert.h").exists():
-    return f"the kernel sources are not beside the tests ({FFI})"
-  if shutil.which(CXX) is None:
-    return f"needs a C++ compiler ({CXX}) on PATH"
-  try:
-    flags = Path("/proc/cpuinfo").read_text().split()
-  except OSError:
-    return "cannot read /proc/cpuinfo to tell whether this CPU has AVX2"
-  if "avx2" not in flags or "fma" not in flags:
-    return "this CPU has no AVX2 + FMA (the conversions run element by element)"
-  return None
+SKIP = why_skip("cpu/convert.h", ("avx2", "fma"), "the AVX2 conversions")
 
 
-@pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
+@pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
 def test_bf16_arrays_match_scalar(tmp_path):
-  src = tmp_path / "convert.cc"
-  src.write_text(PROGRAM)
-  exe = tmp_path / "convert"
-  subprocess.run([CXX, "-O2", "-std=c++17", f"-I{FFI}", f"-I{FFI / 'include'}", str(src), "-o",
-                  str(exe)], check=True, capture_output=True, text=True)
-  run = subprocess.run([str(exe)], capture_output=True, text=True, env={**os.environ,
-                                                                      "CKS_CPU_ISA": ""})
+  run = build_and_run(tmp_path, "convert", PROGRAM, CKS_CPU_ISA="")
   assert run.returncode == 0, run.stdout + run.stderr
   assert " 0 wrong" in run.stdout

@@ -531,17 +531,12 @@ __attribute__((target("avx2,fma"))) void panel_avx2(int64_t mc, int64_t jr, int6
       const int64_t nj = std::min<int64_t>(NV * W, C.nc - jr);
       for (int64_t i = 0; i < mi; ++i) {
         uint16_t* c = C.base + C.rows[ir + i] + jr;
-        if (nj == NV * W) {
-          for (int v = 0; v < NV; ++v)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(c + v * W),
-                             vround_bf16(vload(t + i * NR + v * W)));
-        } else {  // the columns that exist
-          uint16_t r[NR];
-          for (int v = 0; v < NV; ++v)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(r + v * W),
-                             vround_bf16(vload(t + i * NR + v * W)));
-          std::memcpy(c, r, nj * sizeof(uint16_t));
-        }
+        uint16_t r[NR];
+        uint16_t* d = nj == NV * W ? c : r;  // whole rows in place, else via r
+        for (int v = 0; v < NV; ++v)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + v * W),
+                           vround_bf16(vload(t + i * NR + v * W)));
+        if (d == r) std::memcpy(c, r, nj * sizeof(uint16_t));  // the columns that exist
       }
     } else if constexpr (kOut) {
       if (ir + MR <= C.mc && jr + NV * W <= C.nc) {
