@@ -746,11 +746,44 @@ def _dense_conv(x, w, pads, dimension_numbers, feature_group_count, precision, a
 _SPLIT_MAX_GROUPS = 32
 
 
+def crop_negative_padding(lhs, padding, lhs_dilation, lhs_spec):
+  """``(lhs, padding)`` for XLA's convolution with negative padding done as a
+  slice of ``lhs`` (:func:`shapes.cropped_window`), or None where nothing of
+  ``lhs`` is left (the output is zeros).
+
+  XLA:CPU's convolution reads past its input for some negative low paddings
+  (openxla/xla#48713: rows of other data or of uninitialised memory where the
+  padding's zeros belong, in jax 0.10), so every convolution this package
+  hands to XLA gets non-negative padding.
+  """
+  if all(lo >= 0 and hi >= 0 for lo, hi in padding):
+    return lhs, tuple(padding)
+  pads = []
+  for i, (lo, hi) in enumerate(padding):
+    axis = lhs_spec[2 + i]
+    window = shapes.cropped_window(lhs.shape[axis], lhs_dilation[i], lo, hi)
+    if window is None:
+      return None
+    start, stop, lo2, hi2 = window
+    if (start, stop) != (0, lhs.shape[axis]):
+      lhs = lax.slice_in_dim(lhs, start, stop, axis=axis)
+    pads.append((lo2, hi2))
+  return lhs, tuple(pads)
+
+
 def _xla_conv(x, w, window_strides, padding, dimension_numbers, feature_group_count,
               precision, acc_dtype):
   """XLA's own convolution (no dilation), one per feature group where that
-  is faster (:data:`_SPLIT_MAX_GROUPS`)."""
+  is faster (:data:`_SPLIT_MAX_GROUPS`); negative padding as a slice
+  (:func:`crop_negative_padding`)."""
   lhs_spec, rhs_spec, out_spec = dimension_numbers
+  nd = len(lhs_spec) - 2
+  cropped = crop_negative_padding(x, padding, (1,) * nd, lhs_spec)
+  if cropped is None:
+    spec = shapes.ConvSpec(tuple(window_strides), tuple(padding), (1,) * nd, (1,) * nd,
+                           dimension_numbers, feature_group_count, 1)
+    return jnp.zeros(shapes.out_shape(x.shape, w.shape, spec), acc_dtype)
+  x, padding = cropped
 
   def conv(a, b, g):
     if g == 1 and _windows_tile(b.shape, rhs_spec, window_strides):

@@ -82,9 +82,15 @@ def _unreversed(lhs, rhs, **params):
 
 
 def _reference(lhs, rhs, **params):
-  """XLA's own convolution with the same semantics (backend "xla")."""
+  """XLA's own convolution with the same semantics (backend "xla"), negative
+  padding as a slice (portable.crop_negative_padding: XLA:CPU's is wrong)."""
+  cropped = portable.crop_negative_padding(lhs, params["padding"], params["lhs_dilation"],
+                                           params["dimension_numbers"][0])
+  if cropped is None:
+    return _zeros(lhs, rhs, **params)
+  lhs, padding = cropped
   out = lax.conv_general_dilated(
-      lhs, rhs, params["window_strides"], params["padding"], params["lhs_dilation"],
+      lhs, rhs, params["window_strides"], padding, params["lhs_dilation"],
       params["rhs_dilation"], params["dimension_numbers"], params["feature_group_count"],
       params["batch_group_count"], precision=params["precision"],
       preferred_element_type=params["out_dtype"])

@@ -28,6 +28,31 @@ def stride_dim(padded: int, window: int, stride: int) -> int:
   return 0 if padded < window else (padded - window) // stride + 1
 
 
+def cropped_window(size: int, lhs_dilation: int, lo: int,
+                   hi: int) -> tuple[int, int, int, int] | None:
+  """A dimension's negative padding as a slice: ``(start, stop, lo2, hi2)``.
+
+  lax's padding ``(lo, hi)`` of a dimension of ``size`` elements with lhs
+  dilation ``a`` crops ``-lo`` (``-hi``) positions of the dilated input where
+  negative. Elements ``[start, stop)`` padded by ``(lo2, hi2) >= 0`` (the
+  dilation's zeros next to a cut turn into padding) give the same padded,
+  dilated dimension. None where the crop leaves no element (every window
+  reads padding only: the output is zeros). ``size`` 0 is returned as is.
+  """
+  if size == 0 or (lo >= 0 and hi >= 0):
+    return 0, size, lo, hi
+  a = lhs_dilation
+  start, stop, lo2, hi2 = 0, size, lo, hi
+  if lo < 0:
+    start = -(lo // a)  # the first element at or past dilated position -lo
+    lo2 = a * start + lo
+  if hi < 0:
+    last = a * (size - 1) + hi  # the last dilated position kept
+    stop = last // a + 1
+    hi2 = last - a * (stop - 1)
+  return None if stop <= start else (start, stop, lo2, hi2)
+
+
 def _vjp_sizes(in_sp, k_sp, out_sp, window_strides, padding, lhs_dilation, rhs_dilation):
   """Per spatial dimension of a convolution: its low padding and the dilated lhs, kernel and
   output sizes, from which both transposes' paddings follow."""
