@@ -70,6 +70,7 @@ def test_auto_runs_the_narrow_case_on_xla():
   lhs_shape, rhs_shape, padding, _, dn = CASES[3]
   e = cks_jax.explain(lhs_shape, rhs_shape, (1, 1), padding, dimension_numbers=dn)
   assert e.backend == "xla", e
+  assert "negative padding as a slice" in e.reason, e.reason
 
 
 def _padded(x, a, lo, hi):

@@ -215,7 +215,11 @@ def _backend(platform: str, params, lhs_shape, rhs_shape, dtype) -> tuple[str, s
   if chosen == "portable":
     return "portable", (f"{why}: the C-K-S decomposition as dense, undilated lax "
                         "convolutions and dot_generals (no zero-inserted tensor)")
-  return "xla", f"{why}: lowered to XLA's own convolution (same semantics, computes on zeros)"
+  how = "lowered to XLA's own convolution (same semantics, computes on zeros)"
+  if any(lo < 0 or hi < 0 for lo, hi in params["padding"]):
+    how += ("; its negative padding as a slice of the input (XLA:CPU's convolution reads past "
+            "its input for some: openxla/xla#48713)")
+  return "xla", f"{why}: {how}"
 
 
 def _pool_threads() -> int:
