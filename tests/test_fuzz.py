@@ -30,6 +30,7 @@ from hypothesis import assume, given, note, settings, strategies as st
 from jax import lax
 
 import cks_jax
+from fuzz_medium import arguments, check, draw_problem
 from oracle import TOL, assert_close, direct_conv
 
 F64 = np.dtype("float64")
@@ -269,3 +270,16 @@ def test_regression_zero_window_stride():
     jax.eval_shape(lambda l, r: lax.conv_general_dilated(l, r, (0,), "SAME"), *args)
   with pytest.raises(ValueError, match="window_strides must contain only positive"):
     jax.eval_shape(lambda l, r: cks_jax.conv_general_dilated(l, r, (0,), "SAME"), *args)
+
+
+# ------------------------------------------------------------------ medium sizes
+@pytest.mark.parametrize("seed", range(6))
+def test_medium_problems(seed):
+  """Problems of fuzz_medium.py (2e4-6e6 output elements: the sizes at which the
+  kernel changes path), value and both VJPs against the direct oracle; that
+  script runs them for as long as asked."""
+  rng = np.random.default_rng(seed)
+  p = draw_problem(rng)
+  while arguments(p) is None:
+    p = draw_problem(rng)
+  assert check(p, seed) == [], p
