@@ -182,18 +182,18 @@ def check_problem(p, backend="ffi"):
   # Negative padding: XLA:CPU's own convolution reads past its input for some
   # (openxla/xla#48713), so lax is no reference there; the direct oracle is,
   # where its padded, dilated input stays small (it holds the dilation's zeros).
-  negative = (not isinstance(kw["padding"], str)
-              and min(map(min, kw["padding"]), default=0) < 0
-              and _padded_positions(p["lhs"], kw) <= DIRECT_MAX_POSITIONS)
+  direct_ref = (not isinstance(kw["padding"], str)
+                and min(map(min, kw["padding"]), default=0) < 0
+                and _padded_positions(p["lhs"], kw) <= DIRECT_MAX_POSITIONS)
   direct = lambda l, r: direct_conv(l, r, **kw)
-  oracle = ref if nd < 3 and not negative else direct
+  oracle = ref if nd < 3 and not direct_ref else direct
 
   def both(conv, conv_drawn):
     def f(f64_ops, drawn_ops):
       out = {"f64": _derivatives(conv, p["order2"])(*f64_ops)}
       if drawn:
         out["drawn"] = _value_and_vjp(conv_drawn)(*drawn_ops)
-      if nd == 3 and conv is oracle and not negative:  # the oracle against lax's value
+      if nd == 3 and conv is oracle and not direct_ref:  # the oracle against lax's value
         out["lax"] = ref(*f64_ops[:2])
       return out
     return jax.jit(f)
@@ -201,7 +201,8 @@ def check_problem(p, backend="ffi"):
   f64_ops = (l64, r64, ct64, tl, tr)
   got = both(cks, lambda l, r: cks(l, r, preferred_element_type=pet))(
       f64_ops, (l, r, ct) if drawn else ())
-  want = both(oracle, direct if negative else ref)(f64_ops, tuple(np.asarray(x, F64) for x in (l, r, ct)) if drawn else ())
+  want = both(oracle, direct if direct_ref else ref)(
+      f64_ops, tuple(np.asarray(x, F64) for x in (l, r, ct)) if drawn else ())
   if drawn:
     tol_dtype = max(dtype, out_dtype, key=lambda d: TOL[d])
     for name, a, b, dt in zip(("value", "d lhs", "d rhs"), got["drawn"], want["drawn"],
