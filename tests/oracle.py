@@ -18,14 +18,28 @@ def random(shape, dtype, seed, scale=1.0):
   return jnp.asarray(x, dtype)
 
 
-def assert_close(out, ref, dtype, what):
+def relative_error(out, ref) -> float:
+  """max |out - ref| over max(1, max |ref|), the measure of every tolerance
+  here (same shapes; 0 for empty arrays)."""
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
   if ref.size == 0:
-    return
-  scale = max(1.0, float(np.max(np.abs(ref))))
-  err = float(np.max(np.abs(out - ref))) / scale
+    return 0.0
+  return float(np.max(np.abs(out - ref))) / max(1.0, float(np.max(np.abs(ref))))
+
+
+def assert_close(out, ref, dtype, what):
+  out, ref = np.asarray(out), np.asarray(ref)
+  assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
+  err = relative_error(out, ref)
   assert err <= TOL[np.dtype(dtype)], f"{what}: relative error {err:.3g} (dtype {dtype})"
+
+
+def value_and_vjp(conv):
+  """f(lhs, rhs, ct) -> (conv(lhs, rhs), d lhs, d rhs): the value and both VJPs of ct."""
+  def f(l, r, ct):
+    out, vjp = jax.vjp(conv, l, r)
+    return (out,) + vjp(ct)
+  return f
 
 
 def direct_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

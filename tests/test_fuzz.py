@@ -31,7 +31,7 @@ from jax import lax
 
 import cks_jax
 from fuzz_medium import arguments, check, draw_problem
-from oracle import TOL, assert_close, direct_conv
+from oracle import TOL, assert_close, direct_conv, value_and_vjp
 
 F64 = np.dtype("float64")
 DTYPES = [np.dtype("float32"), F64, np.dtype(jnp.bfloat16), np.dtype(jnp.float16)]
@@ -140,13 +140,6 @@ def _derivatives(conv, order2):
   return f
 
 
-def _value_and_vjp(conv):
-  def f(l, r, ct):
-    out, vjp = jax.vjp(conv, l, r)
-    return (out,) + vjp(ct)
-  return f
-
-
 DIRECT_MAX_POSITIONS = 1 << 16
 
 
@@ -192,7 +185,7 @@ def check_problem(p, backend="ffi"):
     def f(f64_ops, drawn_ops):
       out = {"f64": _derivatives(conv, p["order2"])(*f64_ops)}
       if drawn:
-        out["drawn"] = _value_and_vjp(conv_drawn)(*drawn_ops)
+        out["drawn"] = value_and_vjp(conv_drawn)(*drawn_ops)
       if nd == 3 and conv is oracle and not direct_ref:  # the oracle against lax's value
         out["lax"] = ref(*f64_ops[:2])
       return out
