@@ -2,6 +2,7 @@
 (on_cpu) also where the default backend is a GPU; the CUDA choice is in test_cuda."""
 import os
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from jax import lax
 
 import cks_jax
+from cks_jax._src import backends
 from oracle import assert_close, check, random
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -94,6 +96,43 @@ def test_use_backend_context_and_explain():
                          platform="tpu").backend == "xla"
   assert cks_jax.explain(*shapes, dimension_numbers=DN, platform="tpu",
                          backend="ffi").backend == "unavailable"
+
+
+def test_use_backend_is_part_of_the_jit_cache_key():
+  # A function jitted under one backend is traced again under another (as under
+  # jax's own contexts), not run on the trace of the first; so is a
+  # jax.checkpoint inside it, whose own trace cache jax keys the same way. Per
+  # thread: a thread started inside the context has the default.
+  l, r = random((2, 8, 8, 4), np.float32, 0), random((4, 4, 4, 6), np.float32, 1)
+  traced = []
+
+  def g(l, r):
+    traced.append(backends.current())
+    return cks_jax.conv_transpose(l, r, (2, 2), "SAME", dimension_numbers=DN)
+
+  f = jax.jit(g)
+  outs = [f(l, r)]
+  with cks_jax.use_backend("portable"):
+    outs.append(f(l, r))
+    assert "cks_conv_cpu" not in f.lower(l, r).as_text()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(backends.current()))
+    t.start()
+    t.join()
+    assert seen == ["auto"]
+  outs.append(f(l, r))
+  assert "cks_conv_cpu" in f.lower(l, r).as_text()
+  with cks_jax.use_backend("portable"):
+    outs.append(f(l, r))
+  assert traced == ["auto", "portable"]
+  for o in outs[1:]:
+    assert_close(o, outs[0], np.float32, "the same convolution")
+
+  loss = jax.grad(jax.checkpoint(lambda l, r: jnp.sum(g(l, r) ** 2)), (0, 1))
+  for backend, calls in (("xla", 0), ("ffi", 3), ("portable", 0), ("ffi", 3)):
+    with cks_jax.use_backend(backend):
+      text = jax.jit(loss).lower(l, r).as_text()
+    assert text.count("@cks_conv_cpu(") == calls, backend
 
 
 def test_unknown_backend():

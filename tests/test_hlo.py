@@ -173,3 +173,43 @@ def test_auto_on_cpu_routes_narrow_outputs(cin, isa, monkeypatch):
 
 def lax_conv(x, w, *args):
   return jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=DN)
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "everything_saveable",
+                                    "dots_with_no_batch_dims_saveable"])
+def test_remat_recomputes_on_the_kernel(policy):
+  # jax.checkpoint (Flax's nn.remat) around the network: its gradient recomputes (or saves,
+  # as the policy says) the forward, and the recomputation runs on the kernel too.
+  p, x = init(0), random((2, 16, 16, 3), jnp.float32, 10)
+  remat = jax.checkpoint(loss, policy=getattr(jax.checkpoint_policies, policy))
+  with cks_jax.use_backend("ffi"):
+    hlo = compiled_hlo(jax.grad(remat), p, x)
+    got, want = jax.jit(jax.grad(remat))(p, x), jax.jit(jax.grad(loss))(p, x)
+  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+  assert len(re.findall(r'custom_call_target="cks_conv_cpu"', hlo)) >= 4 + 3 + 4
+  for k in p:
+    assert_close(got[k], want[k], jnp.float32, f"{policy}: d {k}")
+
+
+def test_scan_over_layers_runs_on_the_kernel():
+  # A stack of same-shape dilated layers under lax.scan (Flax's nn.scan), remat
+  # inside: every convolution of the loop body, forward and both gradients, is a
+  # kernel call, and the gradients are lax's.
+  ws = random((5, 3, 3, 8, 8), jnp.float32, 0, scale=0.2)
+  x = random((2, 12, 12, 8), jnp.float32, 1)
+
+  def stack(conv):
+    def body(h, w):
+      return jnp.tanh(conv(h, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                           dimension_numbers=DN)), None
+    return lambda ws, x: jnp.sum(jax.lax.scan(jax.checkpoint(body), x, ws)[0] ** 2)
+
+  with cks_jax.use_backend("ffi"):
+    f = jax.grad(stack(cks_jax.conv_general_dilated), (0, 1))
+    hlo = compiled_hlo(f, ws, x)
+    got = jax.jit(f)(ws, x)
+  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+  assert "cks_conv_cpu" in hlo
+  want = jax.grad(stack(jax.lax.conv_general_dilated), (0, 1))(ws, x)
+  assert_close(got[0], want[0], jnp.float32, "d weights")
+  assert_close(got[1], want[1], jnp.float32, "d x")

@@ -23,6 +23,7 @@ import contextlib
 import math
 import threading
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -44,6 +45,10 @@ BACKENDS = ("auto", "ffi", "portable", "xla")
 AUTO_KERNEL_PLATFORMS = ("cpu",)
 
 _state = threading.local()
+# use_backend's setting: a jax user context, so part of jit's cache key (a
+# function jitted under one backend is traced again under another instead of
+# running the first one's trace). Per thread, as jax's own contexts.
+_BACKEND = jax.make_user_context(default_value="auto")
 
 
 def default_platform() -> str:
@@ -53,7 +58,6 @@ def default_platform() -> str:
   forced = getattr(_state, "platform", None)
   if forced is not None:
     return forced
-  import jax  # here: this module stays importable without initialising jax's backends
   dev = jax.config.jax_default_device
   if dev is None:
     return jax.default_backend()
@@ -106,27 +110,26 @@ def check(name: str) -> str:
 
 def current() -> str:
   """The backend used when a call passes ``backend=None``."""
-  return getattr(_state, "backend", "auto")
+  return _BACKEND.value
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
   """Context manager: run the cks convolutions traced inside on ``name``.
 
-  The backend is read when a function is traced. ``jax.jit`` caches traces
-  per function, so a function already traced outside keeps its backend.
+  The backend is read when a function is traced, and is part of ``jax.jit``'s
+  cache key, as jax's own contexts are: a jitted function called under
+  another backend than before is traced again for it. The setting is per
+  thread (a thread started inside does not inherit it).
 
   Example::
 
       with cks_jax.use_backend("portable"):
-        y = jax.jit(model)(x)   # traced here, so lowered to the portable path
+        y = jax.jit(model)(x)   # traced here for the portable path
+      y = jax.jit(model)(x)     # "auto" again: the cached trace is not reused
   """
-  prev = current()
-  _state.backend = check(name)
-  try:
+  with _BACKEND(check(name)):
     yield
-  finally:
-    _state.backend = prev
 
 
 # On the CPU the kernel's GEMM pads its columns (output features per group) to
