@@ -267,7 +267,7 @@ def test_regression_zero_window_stride():
 
 
 # ------------------------------------------------------------------ medium sizes
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_medium_problems(seed):
   """Problems of fuzz_medium.py (2e4-6e6 output elements: the sizes at which the
   kernel changes path), value and both VJPs against the direct oracle; that
