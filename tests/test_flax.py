@@ -294,6 +294,42 @@ def test_linen_training_step_matches_flax():
     _assert_trees_close((p1, l1), (p2, l2), jnp.float32, type(flax_model).__name__)
 
 
+class _ResBlock(fnn.Module):
+  conv: type = fnn.Conv
+
+  @fnn.compact
+  def __call__(self, h, _):
+    return h + jnp.tanh(self.conv(8, (3, 3), kernel_dilation=2)(h)), None
+
+
+class ScannedNet(fnn.Module):
+  """WaveNet-style stack: one remat'd dilated block, nn.scan'd over 3 layers."""
+  conv: type = fnn.Conv
+
+  @fnn.compact
+  def __call__(self, x):
+    stack = fnn.scan(fnn.remat(_ResBlock), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=3)
+    return stack(conv=self.conv)(x, None)[0]
+
+
+@runs_on_cpu
+def test_linen_scan_and_remat_match_flax_on_the_kernel():
+  # nn.scan over nn.remat'd cks layers: Flax's params load unchanged, the training
+  # step matches Flax's own layers, and the loop body (recomputed forward included)
+  # has no XLA convolution.
+  flax_model, cks_model = ScannedNet(), ScannedNet(cnn.Conv)
+  x = random((2, 12, 12, 8), jnp.float32, 3)
+  params = _init(flax_model, x)
+  assert _shapes(params) == _shapes(jax.eval_shape(cks_model.init, jax.random.PRNGKey(1), x))
+  (p1, l1), (p2, l2) = (jax.jit(_train_step(m))(params, x) for m in (cks_model, flax_model))
+  _assert_trees_close((p1, l1), (p2, l2), jnp.float32, "scanned, remat'd step")
+  with cks_jax.use_backend("ffi"):
+    hlo = jax.jit(_train_step(cks_model)).lower(params, x).compile().as_text()
+  assert not re.search(r"\bconvolution\(", hlo), "an XLA convolution survived"
+  assert "cks_conv_cpu" in hlo
+
+
 # ------------------------------------------------------------------ nnx
 
 _NNX_RENAME = {"features": "out_features"}
