@@ -1,6 +1,7 @@
 """Public convolution functions: drop-in replacements for their ``jax.lax`` namesakes."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -39,6 +40,14 @@ def _check_dtypes(lhs, rhs, preferred_element_type):
   if preferred_element_type is None:
     return np.dtype(lhs.dtype)
   pet = np.dtype(preferred_element_type)
+  canonical = np.dtype(jax.dtypes.canonicalize_dtype(pet))
+  if canonical != pet:  # float64 without jax_enable_x64: float32, with lax's warning
+    warnings.warn(
+        f"Explicitly requested dtype {pet} requested in conv_general_dilated is not available, "
+        f"and will be truncated to dtype {canonical}. To enable more dtypes, set the "
+        "jax_enable_x64 configuration option or the JAX_ENABLE_X64 shell environment variable.",
+        stacklevel=3)
+    pet = canonical
   if not shapes.is_supported_dtype(pet):
     raise TypeError(
         f"preferred_element_type must be float32, float64, bfloat16 or float16, got {pet}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 MIN_JAX = (0, 10, 0)
-TESTED = ("0.10.2", "0.12.0.1")
+TESTED = ("0.10.2", "0.12.0.1", "0.12.1")
 
 
 def _parse(version: str) -> tuple[int, ...]:
