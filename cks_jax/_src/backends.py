@@ -47,7 +47,8 @@ AUTO_KERNEL_PLATFORMS = ("cpu",)
 _state = threading.local()
 # use_backend's setting: a jax user context, so part of jit's cache key (a
 # function jitted under one backend is traced again under another instead of
-# running the first one's trace). Per thread, as jax's own contexts.
+# running the first one's trace). Per thread, as jax's own contexts. Made once,
+# at import: jax asks that none be made while other threads call jax.
 _BACKEND = jax.make_user_context(default_value="auto")
 
 
