@@ -45,13 +45,17 @@ def compiled_hlo(fn, *args):
   return jax.jit(fn).lower(*args).compile().as_text()
 
 
+def assert_no_xla_convolution(hlo):
+  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+
+
 def test_training_step_has_no_xla_convolution():
   # backend "ffi": the kernel covers every convolution ("auto" sends the
   # 2-feature grouped layer to XLA, tested below).
   p, x = init(0), jnp.ones((2, 16, 16, 3), jnp.float32)
   with cks_jax.use_backend("ffi"):
     hlo = compiled_hlo(jax.grad(loss), p, x)
-  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+  assert_no_xla_convolution(hlo)
   calls = re.findall(r'custom_call_target="cks_conv_cpu"', hlo)
   # 4 forward convolutions + d lhs of the last 3 + d rhs of all 4.
   assert len(calls) >= 4 + 3 + 4, f"expected >= 11 cks calls, got {len(calls)}"
@@ -183,9 +187,9 @@ def test_remat_recomputes_on_the_kernel(policy):
   p, x = init(0), random((2, 16, 16, 3), jnp.float32, 10)
   remat = jax.checkpoint(loss, policy=getattr(jax.checkpoint_policies, policy))
   with cks_jax.use_backend("ffi"):
-    hlo = compiled_hlo(jax.grad(remat), p, x)
-    got, want = jax.jit(jax.grad(remat))(p, x), jax.jit(jax.grad(loss))(p, x)
-  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+    compiled = jax.jit(jax.grad(remat)).lower(p, x).compile()
+    hlo, got, want = compiled.as_text(), compiled(p, x), jax.jit(jax.grad(loss))(p, x)
+  assert_no_xla_convolution(hlo)
   assert len(re.findall(r'custom_call_target="cks_conv_cpu"', hlo)) >= 4 + 3 + 4
   for k in p:
     assert_close(got[k], want[k], jnp.float32, f"{policy}: d {k}")
@@ -205,10 +209,10 @@ def test_scan_over_layers_runs_on_the_kernel():
     return lambda ws, x: jnp.sum(jax.lax.scan(jax.checkpoint(body), x, ws)[0] ** 2)
 
   with cks_jax.use_backend("ffi"):
-    f = jax.grad(stack(cks_jax.conv_general_dilated), (0, 1))
-    hlo = compiled_hlo(f, ws, x)
-    got = jax.jit(f)(ws, x)
-  assert not re.search(r"=\s*\S+\s+convolution\(", hlo), "an XLA convolution survived"
+    compiled = jax.jit(jax.grad(stack(cks_jax.conv_general_dilated), (0, 1))).lower(
+        ws, x).compile()
+    hlo, got = compiled.as_text(), compiled(ws, x)
+  assert_no_xla_convolution(hlo)
   assert "cks_conv_cpu" in hlo
   want = jax.grad(stack(jax.lax.conv_general_dilated), (0, 1))(ws, x)
   assert_close(got[0], want[0], jnp.float32, "d weights")

@@ -40,6 +40,9 @@ def _check_dtypes(lhs, rhs, preferred_element_type):
   if preferred_element_type is None:
     return np.dtype(lhs.dtype)
   pet = np.dtype(preferred_element_type)
+  if not shapes.is_supported_dtype(pet):
+    raise TypeError(
+        f"preferred_element_type must be float32, float64, bfloat16 or float16, got {pet}")
   canonical = np.dtype(jax.dtypes.canonicalize_dtype(pet))
   if canonical != pet:  # float64 without jax_enable_x64: float32, with lax's warning
     warnings.warn(
@@ -48,9 +51,6 @@ def _check_dtypes(lhs, rhs, preferred_element_type):
         "jax_enable_x64 configuration option or the JAX_ENABLE_X64 shell environment variable.",
         stacklevel=3)
     pet = canonical
-  if not shapes.is_supported_dtype(pet):
-    raise TypeError(
-        f"preferred_element_type must be float32, float64, bfloat16 or float16, got {pet}")
   if pet.itemsize < np.dtype(lhs.dtype).itemsize:
     raise TypeError(
         f"preferred_element_type {pet} must not be narrower than the operand dtype {lhs.dtype}")
