@@ -326,6 +326,12 @@ PACKED_PAIRS_CASES = [
      {"dimension_numbers": ("NDHWC", "DHWIO", "NDHWC")}),
     ((2, 6, 6, 128), (4, 4, 64, 32), ((1, 1), [(2, 2), (2, 2)], (2, 2)),
      {"feature_group_count": 2}),
+    # a strided filter gradient with several taps per sub-problem, so that a task's rows
+    # (channel, tap) are packed in memory order (segments of channels): 72 channels x 4 taps
+    # (row blocks of 96 cut the channels), 20 features (a second panel with 4 live columns);
+    # and 65 channels with a 3x3 s2 window and 48 features (three panels)
+    ((2, 12, 12, 72), (4, 4, 72, 20), ((2, 2), [(1, 1), (1, 1)]), {}),
+    ((2, 13, 11, 65), (3, 3, 65, 48), ((2, 2), [(1, 1), (1, 1)]), {}),
 ]
 
 

@@ -3005,7 +3005,16 @@ struct Bf16Pairs {
 // waste most of a 16-column panel, and with 32 rows (input channels per
 // group) the float32 row-vectorised kernel, vectorised over those rows with
 // its taps interleaved, was faster (3D U-Net and atrous 0.75-0.98x, grouped
-// k4 s2 0.87-1.11x): those stay widened.
+// k4 s2 0.87-1.11x): those stay widened. Packing took most of the time
+// (profiled on the discriminator's: the pair kernel 21 % of the samples,
+// packing 52 %): A's rows are packed in memory order (prepare) and B's rows
+// a pair of reduction indices at a time into every panel
+// (interleave_pair_panels), where A went element by element and B panel by
+// panel. In process on Zen 4 (2 cores, 8 alternating rounds, medians, same
+// bits): DCGAN's discriminator 39.1 -> 17.6 ms, ResNet's stride-2 3x3 7.7
+// -> 3.3, the 3x3 8.3 -> 6.7, the 7x7 16.9 -> 12.9, DCGAN 16->32 5.0 ->
+// 3.9, U-Net 64->128 3.5 -> 2.9, the atrous d2 12.2 -> 10.6, the k8 s4
+// head 10.0 -> 9.2.
 template <typename Tout>
 struct Bf16PackedPairs {
   using Conv = CksConv<bf16, float, Tout>;
@@ -3047,18 +3056,40 @@ struct Bf16PackedPairs {
   }
 
   // How one task reads a sub-problem: its rows' offsets and its reduction's
-  // runs (reduction_runs), and whether its rows are adjacent in memory.
+  // runs (reduction_runs), and its rows as segments adjacent in memory
+  // (seg: the first row of each, then the row count).
   struct SubA {
-    std::vector<int64_t> lhs_row, out_row, ra, rb;
+    std::vector<int64_t> lhs_row, out_row, ra, rb, seg, order;
     gemm::NarrowRuns k;
-    bool contiguous = true;
   };
+  // A task's rows are (channel, tap) with the taps fastest, so a filter
+  // gradient of several taps per sub-problem (a strided or dilated layer's)
+  // has no two rows adjacent in memory, and A was packed element by element
+  // (a third of the DCGAN discriminator's bfloat16 filter gradient). The rows
+  // are put in memory order instead (lhs_row and out_row alike: each row's
+  // sums are the same, only their place in the block moves), so that each
+  // tap's channels are one segment, packed 32 at a time.
   void prepare(const Task& t, SubA& x) const {
     c.row_offsets(t, x.lhs_row, x.out_row);
     x.k = c.reduction_runs(t.sp, x.ra, x.rb);
-    x.contiguous = true;
-    for (int64_t r = 1; r < t.row1 - t.row0; ++r)
-      x.contiguous = x.contiguous && x.lhs_row[r] == x.lhs_row[0] + r;
+    const int64_t mc = t.row1 - t.row0;
+    bool sorted = true;
+    for (int64_t r = 1; r < mc; ++r) sorted = sorted && x.lhs_row[r] > x.lhs_row[r - 1];
+    if (!sorted) {
+      x.order.resize(mc);
+      for (int64_t r = 0; r < mc; ++r) x.order[r] = r;
+      std::sort(x.order.begin(), x.order.end(),
+                [&](int64_t a, int64_t b) { return x.lhs_row[a] < x.lhs_row[b]; });
+      thread_local std::vector<int64_t> tmp;
+      tmp.assign(x.lhs_row.begin(), x.lhs_row.begin() + mc);
+      for (int64_t r = 0; r < mc; ++r) x.lhs_row[r] = tmp[x.order[r]];
+      tmp.assign(x.out_row.begin(), x.out_row.begin() + mc);
+      for (int64_t r = 0; r < mc; ++r) x.out_row[r] = tmp[x.order[r]];
+    }
+    x.seg.clear();
+    for (int64_t r = 0; r < mc; ++r)
+      if (r == 0 || x.lhs_row[r] != x.lhs_row[r - 1] + 1) x.seg.push_back(r);
+    x.seg.push_back(mc);
   }
 
   // Reduction indices [kc0, kc0 + kc) (kc <= kKC) of a task's rows (mc of
@@ -3088,39 +3119,44 @@ struct Bf16PackedPairs {
     for (int64_t p = 0; p < kp; ++p) {
       uint16_t* dst = Ap.data() + p * 2 * mc_pad;
       const bool odd = 2 * p + 1 == kc;  // the block's last index has no partner
-      if (x.contiguous) {
-        const uint16_t* a0 = lhs + x.lhs_row[0] + ao[2 * p];
-        const uint16_t* a1 = odd ? nullptr : lhs + x.lhs_row[0] + ao[2 * p + 1];
-        for (int64_t r = 0; r < mc; r += 32)
-          gemm::interleave_pairs(a0 + r, a1 ? a1 + r : nullptr, std::min<int64_t>(32, mc - r),
-                                 dst + 2 * r);
-      } else {
-        for (int64_t r = 0; r < mc; ++r) {
-          dst[2 * r] = lhs[x.lhs_row[r] + ao[2 * p]];
-          dst[2 * r + 1] = odd ? 0 : lhs[x.lhs_row[r] + ao[2 * p + 1]];
+      for (size_t i = 0; i + 1 < x.seg.size(); ++i) {
+        const int64_t r0 = x.seg[i], r1 = x.seg[i + 1];
+        const uint16_t* a0 = lhs + x.lhs_row[r0] + ao[2 * p];
+        const uint16_t* a1 = odd ? nullptr : lhs + x.lhs_row[r0] + ao[2 * p + 1];
+        if (r1 - r0 == 1) {
+          dst[2 * r0] = *a0;
+          dst[2 * r0 + 1] = odd ? 0 : *a1;
+          continue;
         }
+        for (int64_t r = r0; r < r1; r += 32)
+          gemm::interleave_pairs(a0 + (r - r0), a1 ? a1 + (r - r0) : nullptr,
+                                 std::min<int64_t>(32, r1 - r), dst + 2 * r);
       }
       std::fill(dst + 2 * mc, dst + 2 * mc_pad, uint16_t{0});
     }
     // B: panel j's pair p at Bp[j * ldb + p * 2 NR], columns past nc zero.
     const int64_t ldb = kp * 2 * NR;
     Bp.resize(nc_pad / NR * ldb);
-    for (int64_t j = 0; j < nc_pad / NR; ++j) {
-      const int64_t n = std::min<int64_t>(NR, nc - j * NR);
+    if (pb.rhs_o == 1) {
       for (int64_t p = 0; p < kp; ++p) {
-        uint16_t* dst = Bp.data() + j * ldb + p * 2 * NR;
         const bool odd = 2 * p + 1 == kc;
-        const uint16_t* b0 = cols + bo[2 * p] + j * NR * pb.rhs_o;
-        const uint16_t* b1 = odd ? nullptr : cols + bo[2 * p + 1] + j * NR * pb.rhs_o;
-        if (pb.rhs_o == 1) {
-          gemm::interleave_pairs(b0, b1, n, dst);
-        } else {
+        gemm::interleave_pair_panels(cols + bo[2 * p], odd ? nullptr : cols + bo[2 * p + 1], nc,
+                                     Bp.data() + p * 2 * NR, ldb);
+      }
+    } else {
+      for (int64_t j = 0; j < nc_pad / NR; ++j) {
+        const int64_t n = std::min<int64_t>(NR, nc - j * NR);
+        for (int64_t p = 0; p < kp; ++p) {
+          uint16_t* dst = Bp.data() + j * ldb + p * 2 * NR;
+          const bool odd = 2 * p + 1 == kc;
+          const uint16_t* b0 = cols + bo[2 * p] + j * NR * pb.rhs_o;
+          const uint16_t* b1 = odd ? nullptr : cols + bo[2 * p + 1] + j * NR * pb.rhs_o;
           for (int64_t e = 0; e < n; ++e) {
             dst[2 * e] = b0[e * pb.rhs_o];
             dst[2 * e + 1] = odd ? 0 : b1[e * pb.rhs_o];
           }
+          std::fill(dst + 2 * n, dst + 2 * NR, uint16_t{0});
         }
-        std::fill(dst + 2 * n, dst + 2 * NR, uint16_t{0});
       }
     }
     gemm::pairs_block(mc_pad, nc_pad, 2 * kp, gemm::PairPackedA{Ap.data(), mc_pad, 2 * mc_pad},
@@ -3227,8 +3263,10 @@ struct Bf16PackedPairs {
         const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
         const int64_t runs = R > 0 ? c.pb.group_in() * (sp.taps / R) : 0;
         const int64_t kc = round_up(std::min(kKC, c.red_size(s)), 2);
-        held += (mc_pad + rows + 2 * runs) * I + mc_pad * nc_pad * F;
-        tables = std::max(tables, 2 * c.tap_entries(sp, true) * I);  // reused
+        // lhs_row, out_row, the runs, the segments and the memory order
+        held += (mc_pad + rows + 2 * runs + 2 * rows + 1) * I + mc_pad * nc_pad * F;
+        // the tap tables and the sort's copy of the row offsets, reused
+        tables = std::max(tables, 2 * c.tap_entries(sp, true) * I + rows * I);
         blocks = std::max(blocks, 2 * kKC * I + kc * (mc_pad + nc_pad) * H +
                                       gemm::amx_block_bytes(mc_pad, kc, nc_pad));
       }

@@ -1009,6 +1009,30 @@ __attribute__((target(CKS_BF16_TARGET))) inline void interleave_pairs(const uint
   }
 }
 
+// A pair of rows of n columns (b null: zeros) as pair panels of kPairNR
+// columns: panel j's pairs at dst[j * ldp, + 2 kPairNR), columns past n zero.
+// One call per pair of reduction indices (B of the packed pairs path: a
+// filter gradient's cotangent rows), 32 columns (two panels) a step, where
+// one interleave_pairs call per panel and a fill of its tail took several
+// times longer.
+__attribute__((target(CKS_BF16_TARGET))) inline void interleave_pair_panels(
+    const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst, int64_t ldp) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                   11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  static_assert(kPairNR == 16, "two panels of 16 columns per 32 loaded");
+  const __m512i lo_idx = _mm512_load_si512(kLo);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int64_t c = 0, j = 0; c < n; c += 32, j += 2) {
+    const int64_t m = n - c;
+    const __mmask32 in = m >= 32 ? ~__mmask32{0} : (__mmask32{1} << m) - 1;
+    const __m512i va = _mm512_maskz_loadu_epi16(in, a + c);
+    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(in, b + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + j * ldp, _mm512_permutex2var_epi16(va, lo_idx, vb));
+    if (m > 16) _mm512_storeu_si512(dst + (j + 1) * ldp, _mm512_permutex2var_epi16(va, hi_idx, vb));
+  }
+}
+
 // ---------------------------------------------------------------- AMX
 // Intel AMX (Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32
 // bfloat16 A tile by a 32 x 16 B tile held as 16 rows of pairs, into a
