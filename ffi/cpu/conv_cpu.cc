@@ -3065,10 +3065,10 @@ struct Bf16PackedPairs {
   // A task's rows are (channel, tap) with the taps fastest, so a filter
   // gradient of several taps per sub-problem (a strided or dilated layer's)
   // has no two rows adjacent in memory, and A was packed element by element
-  // (a third of the DCGAN discriminator's bfloat16 filter gradient). The rows
-  // are put in memory order instead (lhs_row and out_row alike: each row's
-  // sums are the same, only their place in the block moves), so that each
-  // tap's channels are one segment, packed 32 at a time.
+  // (a sixth of the samples of the DCGAN discriminator's bfloat16 filter
+  // gradient). The rows are put in memory order instead (lhs_row and out_row
+  // alike: each row's sums are the same, only their place in the block
+  // moves), so that each tap's channels are one segment, packed 32 at a time.
   void prepare(const Task& t, SubA& x) const {
     c.row_offsets(t, x.lhs_row, x.out_row);
     x.k = c.reduction_runs(t.sp, x.ra, x.rb);

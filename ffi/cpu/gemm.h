@@ -1010,7 +1010,8 @@ __attribute__((target(CKS_BF16_TARGET))) inline void interleave_pairs(const uint
 }
 
 // A pair of rows of n columns (b null: zeros) as pair panels of kPairNR
-// columns: panel j's pairs at dst[j * ldp, + 2 kPairNR), columns past n zero.
+// columns: panel j's pairs at dst[j * ldp + i], i < 2 kPairNR; columns past n
+// zero.
 // One call per pair of reduction indices (B of the packed pairs path: a
 // filter gradient's cotangent rows), 32 columns (two panels) a step, where
 // one interleave_pairs call per panel and a fill of its tail took several
@@ -1027,9 +1028,11 @@ __attribute__((target(CKS_BF16_TARGET))) inline void interleave_pair_panels(
     const int64_t m = n - c;
     const __mmask32 in = m >= 32 ? ~__mmask32{0} : (__mmask32{1} << m) - 1;
     const __m512i va = _mm512_maskz_loadu_epi16(in, a + c);
-    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(in, b + c) : _mm512_setzero_si512();
+    const __m512i vb =
+        b != nullptr ? _mm512_maskz_loadu_epi16(in, b + c) : _mm512_setzero_si512();
     _mm512_storeu_si512(dst + j * ldp, _mm512_permutex2var_epi16(va, lo_idx, vb));
-    if (m > 16) _mm512_storeu_si512(dst + (j + 1) * ldp, _mm512_permutex2var_epi16(va, hi_idx, vb));
+    if (m > 16)
+      _mm512_storeu_si512(dst + (j + 1) * ldp, _mm512_permutex2var_epi16(va, hi_idx, vb));
   }
 }
 
