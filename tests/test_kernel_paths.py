@@ -586,21 +586,27 @@ def _tall_outputs(dtype: str) -> list:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_tall_tiles_same_bits(tmp_path, dtype):
   # A 12-row tile sums each element in the order of a 6-row one: the AVX-512 kernel's values
-  # equal, bit for bit, the AVX2 kernel's (CKS_CPU_ISA=1, in a subprocess: 6-row tiles), and
-  # lax's within tolerance.
-  code = textwrap.dedent(f"""
-      import jax
-      jax.config.update("jax_enable_x64", True)
-      import numpy as np, test_kernel_paths as k
-      np.savez(r"{tmp_path}/avx2.npz", *k._tall_outputs("{dtype}"))
-      print("ok")
-  """)
-  assert run_python(code, CKS_CPU_ISA="1")[-1] == "ok"
+  # with 12-row tiles (CKS_CPU_TALL_TILES=1; GCC builds) and with 6-row ones (=0; Zen 4's
+  # default) equal, bit for bit, the AVX2 kernel's (CKS_CPU_ISA=1: 6-row tiles) and this
+  # process's (the machine's default), and lax's within tolerance. Each setting is read once
+  # per process: subprocesses.
+  runs = {"avx2": {"CKS_CPU_ISA": "1"}, "tall": {"CKS_CPU_TALL_TILES": "1"},
+          "short": {"CKS_CPU_TALL_TILES": "0"}}
+  for name, env in runs.items():
+    code = textwrap.dedent(f"""
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import numpy as np, test_kernel_paths as k
+        np.savez(r"{tmp_path}/{name}.npz", *k._tall_outputs("{dtype}"))
+        print("ok")
+    """)
+    assert run_python(code, **env)[-1] == "ok"
   outs = _tall_outputs(dtype)  # (conftest enables float64)
-  avx2 = np.load(tmp_path / "avx2.npz")
-  assert len(outs) == len(avx2.files) == 2 * len(TALL_CASES)
-  for i, out in enumerate(outs):
-    np.testing.assert_array_equal(out, avx2[f"arr_{i}"], err_msg=f"output {i}")
+  for name in runs:
+    other = np.load(tmp_path / f"{name}.npz")
+    assert len(outs) == len(other.files) == 2 * len(TALL_CASES)
+    for i, out in enumerate(outs):
+      np.testing.assert_array_equal(out, other[f"arr_{i}"], err_msg=f"output {i} ({name})")
   for i, case in enumerate(TALL_CASES):
     check_on_kernel(case, np.dtype(dtype).type, seed=1100 + i)
 

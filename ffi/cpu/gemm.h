@@ -750,14 +750,19 @@ constexpr bool kTallTiles = false;
 #else
 constexpr bool kTallTiles = true;
 #endif
+inline bool tall_tiles();  // below, with the CPU features
 template <int P, int H, typename T, typename ASrc, typename BSrc, typename CDst>
 inline void panels(int64_t mc, int64_t jr, int64_t kc, const ASrc& A, const BSrc& B,
                    const CDst& C) {
   constexpr int MR = Tile<T>::MR;
   if constexpr (kTallTiles && P >= 1 && P <= 2 && std::is_same<BSrc, PanelB<T>>::value &&
                 !std::is_same<CDst, PanelOutC<T>>::value) {
-    panels_avx512<P, H, 2, T>(0, mc, jr, kc, A, B, C);
-    if (mc % (2 * MR)) panels_avx512<P, H, 1, T>(mc - MR, mc, jr, kc, A, B, C);
+    if (tall_tiles()) {
+      panels_avx512<P, H, 2, T>(0, mc, jr, kc, A, B, C);
+      if (mc % (2 * MR)) panels_avx512<P, H, 1, T>(mc - MR, mc, jr, kc, A, B, C);
+    } else {
+      panels_avx512<P, H, 1, T>(0, mc, jr, kc, A, B, C);
+    }
   } else {
     panels_avx512<P, H, 1, T>(0, mc, jr, kc, A, B, C);
   }
@@ -1338,13 +1343,17 @@ struct CpuFeatures {
   bool avx512bw_vl = false;  // and AVX-512BW and VL
   bool avx512_bf16 = false;  // and AVX-512BW, VL and BF16
   bool amx_bf16 = false;     // and AMX-TILE and AMX-BF16, their state granted by Linux
+  bool zen4 = false;         // AMD family 19h with AVX-512F: zmm FMAs as two 256-bit halves
 };
 inline CpuFeatures cpu_features() {
   static const CpuFeatures features = [] {
     CpuFeatures f;
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_max(0, nullptr) < 7) return f;
+    __cpuid_count(0, 0, a, b, c, d);
+    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // AuthenticAMD
     __cpuid_count(1, 0, a, b, c, d);
+    const unsigned family = ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
     const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
     if (!osxsave || !avx) return f;
     unsigned xcr0 = 0, xcr0_hi = 0;
@@ -1357,6 +1366,7 @@ inline CpuFeatures cpu_features() {
     f.avx512f = f.avx2_fma && zmm_saved && (b & (1u << 16));
     const bool bw = b & (1u << 30), vl = b & (1u << 31);
     f.avx512bw_vl = f.avx512f && bw && vl;
+    f.zen4 = f.avx512f && amd && family == 0x19;
     const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
     if (max_subleaf >= 1) {
       __cpuid_count(7, 1, a, b, c, d);
@@ -1411,6 +1421,26 @@ inline int64_t l2_bytes() {
   }();
   return bytes;
 }
+
+// Whether panels() runs tiles of one or two panels 12 rows at a time
+// (kTallTiles): not on Zen 4, whose zmm FMAs issue as two 256-bit halves,
+// one a cycle, so a 6-row tile's 6-12 chains of FMAs already cover their
+// latency, and the 12-row tiles' row pointers spilled to the stack cost
+// more. Zen 4 VM (2 cores), 6 rows against 12, 10-12 alternating rounds in
+// one process, medians: the 3-D atrous forward 0.96-0.97x the time and input
+// gradient 0.95-0.98x, the k8 s4 head's forward 0.93-0.95x, the grouped
+// transposed input gradient 0.95-0.99x, V-Net's 0.98-0.99x, 3-D U-Net's
+// input gradient 0.93x. CKS_CPU_TALL_TILES=0 or 1 overrides (read once).
+#ifdef CKS_X86_AVX2
+inline bool tall_tiles() {
+  static const bool on = [] {
+    const char* v = std::getenv("CKS_CPU_TALL_TILES");
+    if (v != nullptr && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0)) return v[0] == '1';
+    return !cpu_features().zen4;
+  }();
+  return on;
+}
+#endif
 
 // Whether the bfloat16 paths that read bfloat16 in place may run: on
 // AVX-512 (unless CKS_CPU_ISA caps the ISA below it), unless
