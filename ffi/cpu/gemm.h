@@ -743,8 +743,8 @@ __attribute__((target("avx512f,avx2,fma"))) void panels_avx512(int64_t ir0, int6
 // general register: GCC's innermost loops read 0.18-0.71 stack operands per
 // FMA in the 12-row tiles from TableB or RunB (more pointers and steps),
 // into a PanelOutC, and in the half-panel one (P = 0); clang 22's 0.2-2.7 in
-// nearly all (test_codegen). Those, and clang builds, keep 6 rows. Each
-// element is summed in the same order either way.
+// nearly all (test_codegen). Those, clang builds and Zen 4 (tall_tiles) keep
+// 6 rows. Each element is summed in the same order either way.
 #if defined(__clang__)
 constexpr bool kTallTiles = false;
 #else
