@@ -40,7 +40,9 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cks/dtypes.h"
@@ -3059,7 +3061,7 @@ struct Bf16PackedPairs {
   // runs (reduction_runs), and its rows as segments adjacent in memory
   // (seg: the first row of each, then the row count).
   struct SubA {
-    std::vector<int64_t> lhs_row, out_row, ra, rb, seg, order;
+    std::vector<int64_t> lhs_row, out_row, ra, rb, seg;
     gemm::NarrowRuns k;
   };
   // A task's rows are (channel, tap) with the taps fastest, so a filter
@@ -3076,15 +3078,11 @@ struct Bf16PackedPairs {
     bool sorted = true;
     for (int64_t r = 1; r < mc; ++r) sorted = sorted && x.lhs_row[r] > x.lhs_row[r - 1];
     if (!sorted) {
-      x.order.resize(mc);
-      for (int64_t r = 0; r < mc; ++r) x.order[r] = r;
-      std::sort(x.order.begin(), x.order.end(),
-                [&](int64_t a, int64_t b) { return x.lhs_row[a] < x.lhs_row[b]; });
-      thread_local std::vector<int64_t> tmp;
-      tmp.assign(x.lhs_row.begin(), x.lhs_row.begin() + mc);
-      for (int64_t r = 0; r < mc; ++r) x.lhs_row[r] = tmp[x.order[r]];
-      tmp.assign(x.out_row.begin(), x.out_row.begin() + mc);
-      for (int64_t r = 0; r < mc; ++r) x.out_row[r] = tmp[x.order[r]];
+      thread_local std::vector<std::pair<int64_t, int64_t>> rows;  // (lhs_row, out_row)
+      rows.resize(mc);
+      for (int64_t r = 0; r < mc; ++r) rows[r] = {x.lhs_row[r], x.out_row[r]};
+      std::sort(rows.begin(), rows.end());
+      for (int64_t r = 0; r < mc; ++r) std::tie(x.lhs_row[r], x.out_row[r]) = rows[r];
     }
     x.seg.clear();
     for (int64_t r = 0; r < mc; ++r)
@@ -3263,10 +3261,10 @@ struct Bf16PackedPairs {
         const int64_t R = sp.seg[c.pb.nd - 1].t_hi - sp.seg[c.pb.nd - 1].t_lo;
         const int64_t runs = R > 0 ? c.pb.group_in() * (sp.taps / R) : 0;
         const int64_t kc = round_up(std::min(kKC, c.red_size(s)), 2);
-        // lhs_row, out_row, the runs, the segments and the memory order
-        held += (mc_pad + rows + 2 * runs + 2 * rows + 1) * I + mc_pad * nc_pad * F;
-        // the tap tables and the sort's copy of the row offsets, reused
-        tables = std::max(tables, 2 * c.tap_entries(sp, true) * I + rows * I);
+        // lhs_row, out_row, the runs and the segments
+        held += (mc_pad + rows + 2 * runs + rows + 1) * I + mc_pad * nc_pad * F;
+        // the tap tables and the sort's (lhs_row, out_row) pairs, reused
+        tables = std::max(tables, 2 * c.tap_entries(sp, true) * I + 2 * rows * I);
         blocks = std::max(blocks, 2 * kKC * I + kc * (mc_pad + nc_pad) * H +
                                       gemm::amx_block_bytes(mc_pad, kc, nc_pad));
       }
